@@ -1,0 +1,400 @@
+"""Adapter files: what a trained (or imported, or merged) LoRA is, and how it is saved and loaded.
+
+The native file is a safetensors file in diffusers' PEFT layout, so `pipe.load_lora_weights(path)` loads it
+unchanged: `unet.<module>.lora_A.weight` [rank, in] and `.lora_B.weight` [out, rank];
+`text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_A.weight`; `text_encoder_2.` for SDXL.
+Alpha travels in the header's `lora_adapter_metadata` (diffusers builds its LoraConfig from it), and every
+`difflora.*` header key says how the adapter was made: base model identity, rank/alpha per component,
+targets, trigger words and the full configuration as TOML.
+
+Writes are atomic (temporary file, then rename); loading is safetensors only unless pickle is explicitly
+allowed, and a damaged file gets a message that says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from difflora import __version__
+from difflora.errors import AdapterFormatError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass
+class LoraWeights:
+    """One adapted module: ΔW = (alpha / rank) · up @ down (down = peft lora_A, up = lora_B)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """ΔW in float32, shaped like the adapted module's weight (Linear [out, in] or Conv [out, in, k, k])."""
+        product = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        if self.down.ndim == 4:
+            product = product.reshape(self.up.shape[0], *self.down.shape[1:])
+        return product * self.scale
+
+
+@dataclass
+class AdapterMeta:
+    """Everything an adapter says about itself besides its tensors."""
+
+    name: str = ""
+    base_model: str = ""
+    base_family: str = ""
+    base_architecture: str = ""
+    base_hash: str = ""
+    prediction_type: str = "epsilon"
+    trigger_words: list[str] = field(default_factory=list)
+    config_toml: str = ""
+    source_format: str = "difflora"
+    created_at: str = ""
+    difflora_version: str = __version__
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: modules keyed "<component>.<classic module path>" plus metadata."""
+
+    modules: dict[str, LoraWeights]
+    meta: AdapterMeta = field(default_factory=AdapterMeta)
+
+    def component_modules(self, component: str) -> dict[str, LoraWeights]:
+        """This component's modules, keyed by module path without the component prefix."""
+        prefix = component + "."
+        return {key[len(prefix) :]: w for key, w in self.modules.items() if key.startswith(prefix)}
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per component: module count, ranks, alphas, target suffixes, parameter count."""
+        result = {}
+        for component in self.components:
+            modules = self.component_modules(component)
+            ranks = Counter(w.rank for w in modules.values())
+            alphas = Counter(_round(w.alpha) for w in modules.values())
+            suffixes = sorted({_target_suffix(name) for name in modules})
+            params = sum(w.down.numel() + w.up.numel() for w in modules.values())
+            result[component] = {
+                "modules": len(modules),
+                "rank": _single_or_counts(ranks),
+                "alpha": _single_or_counts(alphas),
+                "targets": suffixes,
+                "parameters": params,
+            }
+        return result
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(w.down.numel() + w.up.numel() for w in self.modules.values())
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _single_or_counts(counter: Counter) -> Any:
+    return next(iter(counter)) if len(counter) == 1 else dict(sorted(counter.items()))
+
+
+def _target_suffix(module_path: str) -> str:
+    parts = module_path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def adapter_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for key, weights in adapter.modules.items():
+        tensors[f"{key}.lora_A.weight"] = weights.down.contiguous()
+        tensors[f"{key}.lora_B.weight"] = weights.up.contiguous()
+    return tensors
+
+
+def peft_metadata(adapter: Adapter) -> dict[str, Any]:
+    """diffusers' `lora_adapter_metadata`: a LoraConfig per component, keys packed with the component prefix.
+    Per-module ranks/alphas that differ from the most common go into rank/alpha patterns (anchored regexes).
+    Text-encoder names drop `text_model.`: peft matches them as suffixes, so they fit both the flattened
+    (transformers 5) and the classic module tree."""
+    metadata: dict[str, Any] = {}
+    for component in adapter.components:
+        modules = {_peft_name(component, n): w for n, w in adapter.component_modules(component).items()}
+        rank = Counter(w.rank for w in modules.values()).most_common(1)[0][0]
+        alpha = Counter(w.alpha for w in modules.values()).most_common(1)[0][0]
+        config = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": sorted(modules),
+            "rank_pattern": {_anchor(n): w.rank for n, w in modules.items() if w.rank != rank},
+            "alpha_pattern": {_anchor(n): w.alpha for n, w in modules.items() if w.alpha != alpha},
+            "use_dora": False,
+            "lora_bias": False,
+        }
+        metadata.update({f"{component}.{key}": value for key, value in config.items()})
+    return metadata
+
+
+def _peft_name(component: str, name: str) -> str:
+    return name.removeprefix("text_model.") if component.startswith("text_encoder") else name
+
+
+def _anchor(name: str) -> str:
+    return "^" + name.replace(".", r"\.") + "$"
+
+
+def header_metadata(adapter: Adapter) -> dict[str, str]:
+    meta = adapter.meta
+    header = {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps(peft_metadata(adapter), indent=2, sort_keys=True),
+        "difflora.format_version": FORMAT_VERSION,
+        "difflora.version": meta.difflora_version or __version__,
+        "difflora.name": meta.name,
+        "difflora.base_model": meta.base_model,
+        "difflora.base_family": meta.base_family,
+        "difflora.base_architecture": meta.base_architecture,
+        "difflora.base_hash": meta.base_hash,
+        "difflora.prediction_type": meta.prediction_type,
+        "difflora.trigger_words": json.dumps(meta.trigger_words),
+        "difflora.config": meta.config_toml,
+        "difflora.source_format": meta.source_format,
+        "difflora.created_at": meta.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "difflora.components": json.dumps(adapter.summary(), sort_keys=True),
+    }
+    for key, value in meta.extra.items():
+        header.setdefault(key, str(value))
+    return header
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
+    """Write `adapter` to `path` atomically: a reader never sees a half-written file, and an existing file
+    is replaced only once the new one is complete."""
+    if not adapter.modules:
+        raise AdapterFormatError("Refusing to save an adapter with no LoRA modules.")
+    payload = save_safetensors_bytes(adapter_state_dict(adapter), metadata=header_metadata(adapter))
+    return write_atomic(Path(path), payload)
+
+
+def write_atomic(path: Path, payload: bytes) -> Path:
+    """Write bytes to a temporary file beside `path`, flush to disk, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file, with a precise message for each way it can be bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"Adapter file not found: {path}")
+    data = path.read_bytes()
+    header = _parse_header(path, data)
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as error:  # safetensors raises its own error type for every kind of damage
+        raise AdapterFormatError(
+            f"{path} is a damaged safetensors file ({error}). Re-export or re-download it."
+        ) from None
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise AdapterFormatError(f"{path} is not a safetensors file: it is only {len(data)} bytes long.")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > _MAX_HEADER_BYTES or not data[8:9] == b"{":
+        raise AdapterFormatError(
+            f"{path} is not a safetensors file (no safetensors header). LoRA files must be .safetensors; "
+            "convert pickled .ckpt/.pt/.bin files, or pass --allow-pickle if you trust their source."
+        )
+    if len(data) < 8 + length:
+        raise AdapterFormatError(
+            f"{path} is truncated: its header announces {length} bytes but the file ends after {len(data) - 8}. "
+            "The download or copy was interrupted; fetch or export the file again."
+        )
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterFormatError(f"{path} is not a safetensors file (its header is not JSON).") from None
+    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    if ends and len(data) < 8 + length + max(ends):
+        raise AdapterFormatError(
+            f"{path} is truncated: its tensors need {max(ends)} bytes of data but only "
+            f"{len(data) - 8 - length} are present. Fetch or export the file again."
+        )
+    return header
+
+
+def read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a pickled state dict; only reached when the user explicitly allowed pickle. Still restricted to
+    tensors (weights_only) so a malicious file cannot run code through torch's unpickler."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise AdapterFormatError(f"{path} does not hold a state dict of tensors.")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adapter:
+    """Load any LoRA file difflora understands (its own, diffusers/PEFT, kohya/A1111/ComfyUI) as an Adapter."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise AdapterFormatError(
+                f"{path.name} is a pickled file, and unpickling can run arbitrary code. Convert it to "
+                ".safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source."
+            )
+        tensors, metadata = read_pickle(path)
+    else:
+        tensors, metadata = read_safetensors(path)
+    adapter = parse_state_dict(tensors, metadata, source=str(path))
+    if not adapter.meta.name:
+        adapter.meta.name = path.stem
+    return adapter
+
+
+def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str) -> Adapter:
+    """Native/PEFT layout here; every other layout is delegated to difflora.formats."""
+    if not any(".lora_" in key or "lora_" in key.split(".")[0] for key in tensors):
+        raise AdapterFormatError(
+            f"{source} holds no LoRA tensors ({len(tensors)} tensors, none named lora_*)."
+        )
+    if is_native_layout(tensors):
+        return _parse_native(tensors, metadata, source=source)
+    from difflora import formats
+
+    return formats.read_foreign(tensors, metadata, source=source)
+
+
+def is_native_layout(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(
+        key.split(".")[0] in COMPONENTS and key.endswith((".lora_A.weight", ".lora_B.weight"))
+        for key in tensors
+    )
+
+
+def _parse_native(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str) -> Adapter:
+    peft_config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    modules: dict[str, LoraWeights] = {}
+    for key in sorted(tensors):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        up = tensors.get(f"{module}.lora_B.weight")
+        if up is None:
+            raise AdapterFormatError(f"{source}: {module} has lora_A but no lora_B.")
+        down = tensors[key]
+        modules[module] = LoraWeights(down=down, up=up, alpha=_alpha_for(module, down.shape[0], peft_config))
+    orphans = [
+        k for k in tensors if k.endswith(".lora_B.weight") and k.replace("lora_B", "lora_A") not in tensors
+    ]
+    if orphans:
+        raise AdapterFormatError(f"{source}: lora_B without lora_A for {orphans[:3]}")
+    return Adapter(
+        modules=modules, meta=_meta_from_header(metadata, native="difflora.format_version" in metadata)
+    )
+
+
+def _alpha_for(module: str, rank: int, peft_config: dict[str, Any]) -> float:
+    """Alpha from diffusers' metadata (pattern first, then the component default). A PEFT file without
+    metadata means scale 1 (alpha = rank), as diffusers loads it."""
+    component, _, name = module.partition(".")
+    name = _peft_name(component, name)
+    patterns = peft_config.get(f"{component}.alpha_pattern") or {}
+    if _anchor(name) in patterns:
+        return float(patterns[_anchor(name)])
+    for pattern, value in patterns.items():  # patterns written by other tools: peft's suffix rule
+        if name == pattern or name.endswith("." + pattern):
+            return float(value)
+    alpha = peft_config.get(f"{component}.lora_alpha")
+    if alpha is None:
+        return float(rank)
+    scale_root = bool(peft_config.get(f"{component}.use_rslora"))
+    return float(alpha) * (rank**0.5) if scale_root else float(alpha)
+
+
+def _meta_from_header(metadata: dict[str, str], *, native: bool) -> AdapterMeta:
+    def get(key: str, default: str = "") -> str:
+        return metadata.get(f"difflora.{key}", default)
+
+    known = {
+        f"difflora.{k}"
+        for k in (
+            "format_version",
+            "version",
+            "name",
+            "base_model",
+            "base_family",
+            "base_architecture",
+            "base_hash",
+            "prediction_type",
+            "trigger_words",
+            "config",
+            "source_format",
+            "created_at",
+            "components",
+        )
+    }
+    extra = {
+        k: v for k, v in metadata.items() if k not in known and k not in ("format", "lora_adapter_metadata")
+    }
+    return AdapterMeta(
+        name=get("name"),
+        base_model=get("base_model"),
+        base_family=get("base_family"),
+        base_architecture=get("base_architecture"),
+        base_hash=get("base_hash"),
+        prediction_type=get("prediction_type", "epsilon"),
+        trigger_words=json.loads(get("trigger_words", "[]") or "[]"),
+        config_toml=get("config"),
+        source_format=get("source_format", "difflora") if native else "diffusers-peft",
+        created_at=get("created_at"),
+        difflora_version=get("version", ""),
+        extra=extra,
+    )

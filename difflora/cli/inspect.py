@@ -1,0 +1,23 @@
+"""`difflora inspect FILE...`: what an adapter file is, what made it, and where it will load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from difflora.adapter import load_adapter
+from difflora.describe import adapter_facts_json, describe_adapter
+
+
+@click.command("inspect")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .ckpt/.pt/.bin files (unsafe).")
+def inspect_command(files: tuple[Path, ...], as_json: bool, allow_pickle: bool) -> None:
+    """Print format, base model, rank/alpha per component, targets, trigger words and the stored config."""
+    adapters = [load_adapter(path, allow_pickle=allow_pickle) for path in files]
+    for index, (path, adapter) in enumerate(zip(files, adapters, strict=True)):
+        if index:
+            click.echo()
+        click.echo(adapter_facts_json(adapter) if as_json else describe_adapter(adapter, path))

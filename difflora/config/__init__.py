@@ -1,0 +1,158 @@
+"""Configuration: one dataclass per job, filled from defaults < a TOML file < command-line flags.
+
+Every job (train, generate, export, ...) has a dataclass in this package whose fields are its knobs; the
+field's docstring-comment is the flag's help. `load_config` applies the precedence, refuses unknown keys with
+the nearest valid name (a typo must never be silently ignored), and lets the dataclass's own validation list
+every problem at once in one ConfigError. `to_toml` writes the effective config back out, so that any adapter
+says how it was made and `--config` on that text reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from difflora.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+C = TypeVar("C")
+
+
+class Problems:
+    """Collects validation problems so a config reports all of them at once, naming the flag of each."""
+
+    def __init__(self) -> None:
+        self._items: list[str] = []
+
+    def add(self, field: str, message: str) -> None:
+        self._items.append(f"--{field.replace('_', '-')}: {message}")
+
+    def check(self, condition: bool, field: str, message: str) -> None:
+        if not condition:
+            self.add(field, message)
+
+    def raise_if_any(self, what: str) -> None:
+        if self._items:
+            listing = "\n  ".join(self._items)
+            raise ConfigError(f"Invalid {what} configuration:\n  {listing}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; a [section] table (e.g. [train]) is flattened if it is the only content."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"Config file {path} is not valid TOML: {error}") from None
+    return data
+
+
+def load_config(
+    cls: type[C],
+    *,
+    toml_path: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    section: str | None = None,
+) -> C:
+    """Build `cls` from its defaults, then the TOML file (optionally its [section] table), then the
+    overrides whose value is not None (click options default to None so "given" is detectable)."""
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        data = read_toml(Path(toml_path))
+        if section is not None and isinstance(data.get(section), dict):
+            data = data[section]
+        _refuse_unknown(cls, data, source=str(toml_path))
+        values.update({key: _coerce(cls, key, value) for key, value in data.items()})
+    if overrides:
+        given = {key: value for key, value in overrides.items() if value is not None}
+        _refuse_unknown(cls, given, source="command line")
+        values.update(given)
+    try:
+        return cls(**values)
+    except TypeError as error:  # a value of the wrong shape reaching a dataclass without validation
+        raise ConfigError(f"Invalid configuration for {cls.__name__}: {error}") from None
+
+
+def _refuse_unknown(cls: type, data: Mapping[str, Any], *, source: str) -> None:
+    names = [field.name for field in dataclasses.fields(cls)]
+    problems = []
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"unknown key '{key}' (from {source}).{hint}")
+    if problems:
+        valid = ", ".join(sorted(names))
+        raise ConfigError("\n  ".join(["Unknown configuration keys:", *problems]) + f"\nValid keys: {valid}")
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """TOML has no tuples or paths: turn lists into tuples where the field is a tuple."""
+    field_type = _field_types(cls).get(key)
+    origin = typing.get_origin(field_type)
+    if origin in (types.UnionType, typing.Union):
+        origins = {typing.get_origin(arg) for arg in typing.get_args(field_type)}
+        origin = tuple if tuple in origins else origin
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain TOML-able values (paths as strings, tuples as lists, None dropped)."""
+    result: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        result[field.name] = value
+    return result
+
+
+def to_toml(config: Any, *, section: str | None = None) -> str:
+    """Serialise a config dataclass as TOML (flat scalars and lists of scalars)."""
+    lines = [f"[{section}]"] if section else []
+    for key, value in config_to_dict(config).items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def parse_toml_text(text: str) -> dict[str, Any]:
+    """Parse TOML text (e.g. a config stored in an adapter's metadata)."""
+    return tomllib.loads(text)

@@ -1,0 +1,225 @@
+"""Resolve `--model` and load a Stable Diffusion model, offline first.
+
+`--model` may be omitted (the embedded tiny model shipped inside the package), a local diffusers folder,
+a single-file `.safetensors` checkpoint, or a hub id (only where there is a network). Whatever was given,
+callers get a diffusers pipeline and a `ModelIdentity`: the architecture family and a hash that tells two
+bases apart, which adapters record so that applying one to another base is caught with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from difflora.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "embedded" / "model"
+EMBEDDED_NAME = "embedded"
+
+SourceKind = Literal["embedded", "folder", "single_file", "hub"]
+Family = Literal["sd1", "sd2", "sdxl", "tiny", "custom"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    location: str
+
+    @property
+    def display(self) -> str:
+        return "embedded tiny model" if self.kind == "embedded" else self.location
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an adapter records about its base. `architecture` is a readable family name plus a hash of the
+    component configs (two models with the same architecture accept each other's adapters); `base_hash`
+    also covers the weights (a different hash on the same architecture only earns a warning)."""
+
+    family: Family
+    architecture: str
+    base_hash: str
+    prediction_type: str
+    name: str
+
+    @property
+    def text_encoder_count(self) -> int:
+        return 2 if self.family == "sdxl" else 1
+
+
+def resolve_model(ref: str | os.PathLike | None) -> ModelSource:
+    """Decide what kind of model reference `ref` is, without loading it."""
+    if ref is None or str(ref) in ("", EMBEDDED_NAME):
+        if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            raise ModelError(
+                f"The embedded model is missing from {EMBEDDED_MODEL_DIR}: the installation is incomplete. "
+                "Reinstall difflora, or pass --model with a diffusers folder."
+            )
+        return ModelSource("embedded", str(EMBEDDED_MODEL_DIR))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(
+                f"{path} is a folder but not a diffusers model (no model_index.json). Pass the folder that "
+                "contains model_index.json, a single-file .safetensors checkpoint, or omit --model."
+            )
+        return ModelSource("folder", str(path))
+    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if not path.is_file():
+            raise ModelError(f"Model file not found: {path}")
+        return ModelSource("single_file", str(path))
+    text = str(ref)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists():
+        return ModelSource("hub", text)
+    raise ModelError(
+        f"--model {text!r} is neither a diffusers folder, a .safetensors checkpoint, nor a hub id "
+        "(owner/name). Omit --model to use the embedded tiny model."
+    )
+
+
+def load_pipeline(
+    ref: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> Any:
+    """Load a text-to-image pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline)."""
+    source = resolve_model(ref)
+    pipe = _load(source, dtype=dtype, allow_pickle=allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    pipe._difflora_source = source  # read by model_identity(); diffusers pipelines accept attributes
+    return pipe.to(device)
+
+
+def _load(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    from diffusers import DiffusionPipeline
+
+    common: dict[str, Any] = {"torch_dtype": dtype}
+    if source.kind in ("embedded", "folder"):
+        try:
+            return DiffusionPipeline.from_pretrained(
+                source.location, local_files_only=True, safety_checker=None, **common
+            )
+        except (OSError, ValueError) as error:
+            raise ModelError(f"Could not load the diffusers model in {source.location}: {error}") from None
+    if source.kind == "single_file":
+        return _load_single_file(Path(source.location), dtype=dtype, allow_pickle=allow_pickle)
+    try:
+        return DiffusionPipeline.from_pretrained(source.location, **common)
+    except OSError as error:
+        raise ModelError(
+            f"Could not load {source.location!r} from the model hub: {error}\nThere may be no network here. "
+            "Download the model elsewhere and pass its local diffusers folder or .safetensors file with "
+            "--model, or omit --model to use the embedded tiny model."
+        ) from None
+
+
+def _load_single_file(path: Path, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    if path.suffix.lower() != ".safetensors" and not allow_pickle:
+        raise ModelError(
+            f"{path.name} is a pickled checkpoint, which can run arbitrary code when loaded. Convert it to "
+            ".safetensors, or pass --allow-pickle if you trust its source."
+        )
+    is_sdxl = False
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            is_sdxl = any(key.startswith("conditioner.embedders.1") for key in handle.keys())  # noqa: SIM118
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    try:
+        return pipeline_class.from_single_file(str(path), torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"Could not load the single-file checkpoint {path}: {error}\nLoading a single file needs its "
+            "diffusers configuration, fetched from the hub on first use; without a network, convert the "
+            "checkpoint to a diffusers folder where you have one and pass that folder."
+        ) from None
+
+
+def model_identity(pipe: Any) -> ModelIdentity:
+    """Family, architecture fingerprint and base hash of a loaded pipeline. Computed once per pipeline
+    (before any adapter is fused into its weights) and remembered on it."""
+    cached = getattr(pipe, "_difflora_identity", None)
+    if cached is not None:
+        return cached
+    identity = _compute_identity(pipe)
+    pipe._difflora_identity = identity
+    return identity
+
+
+def _compute_identity(pipe: Any) -> ModelIdentity:
+    unet_config = dict(pipe.unet.config)
+    family = _family(unet_config, pipe)
+    configs = {"unet": _stable_config(unet_config)}
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            configs[name] = _stable_config(encoder.config.to_dict())
+    structure = _sha256_json(configs)[:12]
+    source: ModelSource | None = getattr(pipe, "_difflora_source", None)
+    name = source.display if source else str(getattr(pipe, "name_or_path", "unknown"))
+    return ModelIdentity(
+        family=family,
+        architecture=f"{family}-{structure}",
+        base_hash=weights_fingerprint(pipe),
+        prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
+        name=name,
+    )
+
+
+def _family(unet_config: dict[str, Any], pipe: Any) -> Family:
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    cross = unet_config.get("cross_attention_dim")
+    channels = tuple(unet_config.get("block_out_channels", ()))
+    if channels == (320, 640, 1280, 1280) and cross == 768:
+        return "sd1"
+    if channels == (320, 640, 1280, 1280) and cross == 1024:
+        return "sd2"
+    source: ModelSource | None = getattr(pipe, "_difflora_source", None)
+    return "tiny" if source is not None and source.kind == "embedded" else "custom"
+
+
+def _stable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Config entries that define the architecture (not paths, versions or dtypes)."""
+    volatile = ("_name_or_path", "_diffusers_version", "transformers_version", "torch_dtype", "dtype")
+    cleaned = {k: v for k, v in config.items() if k not in volatile and not k.startswith("_")}
+    return json.loads(json.dumps(cleaned, sort_keys=True, default=str))
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_fingerprint(pipe: Any, *, sample: int = 256) -> str:
+    """A hash of the UNet and text-encoder weights that is cheap even for multi-GB models: every tensor's
+    name and shape, plus its first and last `sample` values in float32. Two different fine-tunes differ
+    there; hashing every byte of a 2 GB model on each load would cost seconds for no practical gain."""
+    digest = hashlib.sha256()
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        for key, tensor in sorted(module.state_dict().items()):
+            if ".lora_" in key:
+                continue  # adapters injected at run time are not part of the base
+            key = key.replace(".base_layer", "")
+            flat = tensor.detach().reshape(-1)
+            head = flat[:sample].to(torch.float32).cpu().numpy().tobytes()
+            tail = flat[-sample:].to(torch.float32).cpu().numpy().tobytes()
+            digest.update(f"{name}.{key}:{tuple(tensor.shape)}".encode())
+            digest.update(head)
+            digest.update(tail)
+    return digest.hexdigest()[:16]
