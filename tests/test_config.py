@@ -1,0 +1,66 @@
+"""Config precedence (defaults < TOML < flags), unknown keys with suggestions, all problems at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from difflora.config import Problems, load_config, parse_toml_text, to_toml
+from difflora.errors import ConfigError
+
+
+@dataclass
+class JobConfig:
+    data_dir: str = "."
+    rank: int = 8
+    learning_rate: float = 1e-4
+    targets: tuple[str, ...] = ("to_q", "to_k")
+    trigger: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        problems.check(self.rank > 0, "rank", f"must be positive, got {self.rank}")
+        problems.check(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        problems.raise_if_any("job")
+
+
+def test_flags_override_file_override_defaults(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('rank = 4\nlearning_rate = 0.001\ntargets = ["to_v"]\n')
+    config = load_config(JobConfig, toml_path=path, overrides={"rank": 16, "learning_rate": None})
+    assert config.rank == 16  # flag wins
+    assert config.learning_rate == 0.001  # file wins over default; a None flag means "not given"
+    assert config.targets == ("to_v",)  # TOML list becomes the field's tuple
+    assert config.data_dir == "."
+
+
+def test_unknown_key_suggests_nearest(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text("learnig_rate = 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'learnig_rate'.*Did you mean 'learning_rate'"):
+        load_config(JobConfig, toml_path=path)
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as caught:
+        load_config(JobConfig, overrides={"rank": 0, "learning_rate": -1.0})
+    assert "--rank: must be positive" in str(caught.value)
+    assert "--learning-rate: must be positive" in str(caught.value)
+
+
+def test_toml_round_trip_reproduces_the_config(tmp_path):
+    config = JobConfig(rank=3, trigger='say "hi"', targets=("a", "b"))
+    path = tmp_path / "again.toml"
+    path.write_text(to_toml(config))
+    assert load_config(JobConfig, toml_path=path) == config
+    assert parse_toml_text(to_toml(config, section="train"))["train"]["rank"] == 3
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(JobConfig, toml_path=tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rank = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(JobConfig, toml_path=bad)
