@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment and install difflora into it. Sourced by demo.sh and test.sh.
+#
+# - An already active virtual environment ($VIRTUAL_ENV) is used as it is; otherwise ./.venv is created.
+# - torch is installed first, and only where none is importable: torch==2.13.0, the CPU build on a
+#   machine without CUDA, so a plain dependency resolution never pulls a multi-GB CUDA build by accident.
+#   A torch that is already there (for example your CUDA build) is respected.
+# - Then difflora itself, editable, with the extras given as arguments (e.g. "dev").
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+extras="${1:-}"
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  venv="$VIRTUAL_ENV"
+else
+  venv="$repo_root/.venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+  fi
+fi
+python="$venv/bin/python"
+"$python" -m pip install --quiet --upgrade pip
+
+if ! "$python" -c "import torch" >/dev/null 2>&1; then
+  echo "Installing torch==2.13.0 (no torch found in $venv)"
+  "$python" -m pip install --quiet "torch==2.13.0"
+fi
+
+target="$repo_root"
+[ -n "$extras" ] && target="$repo_root[$extras]"
+"$python" -m pip install --quiet -e "$target"
+export PATH="$venv/bin:$PATH"
+export DIFFLORA_PYTHON="$python"
