@@ -1,0 +1,101 @@
+"""The training plan: how many optimizer steps, and why, derived from the data (no hidden fixed default).
+
+Counting: an epoch shows every image ``repeats`` times (its folder's ``N_`` prefix). Draws are batched
+within their aspect-ratio bucket, so ``batches_per_epoch`` = Σ over buckets of ceil(draws / batch size)
+(floor with ``drop_last``), and an optimizer step takes ``gradient_accumulation`` batches:
+``steps_per_epoch`` = ceil(batches_per_epoch / gradient_accumulation).
+
+Length, in order of precedence:
+- ``max_steps`` given: that many steps; epochs = ceil(max_steps / steps_per_epoch), the last maybe partial.
+- ``epochs`` given: epochs × steps_per_epoch steps.
+- neither (the derived rule): **10 epochs, but at least 100 and at most 2000 steps**, in whole epochs:
+  epochs = max(10, ceil(100 / steps_per_epoch)); if that exceeds 2000 steps, as many whole epochs as fit
+  in 2000 (at least one); an epoch longer than 2000 steps alone is cut at 2000. Ten passes is where
+  small LoRA datasets (5-50 images) usually converge at the usual learning rates (1e-4 for AdamW, rank
+  4-32); the 100-step floor keeps a 3-image set from stopping after 30 steps, and the 2000-step ceiling
+  keeps a 1000-image set from running for a day when a few epochs suffice. The plan says which rule it
+  used (``rule``), and ``difflora check`` prints it before anyone trains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from difflora.errors import ConfigError
+
+DEFAULT_EPOCHS = 10
+MIN_DERIVED_STEPS = 100
+MAX_DERIVED_STEPS = 2000
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    images: int  # usable images
+    examples_per_epoch: int  # images × repeats
+    batch_size: int
+    gradient_accumulation: int
+    batches_per_epoch: int
+    steps_per_epoch: int  # optimizer steps
+    epochs: int  # epochs started (the last may be partial when max_steps decides)
+    max_steps: int  # optimizer steps in the whole run
+    rule: str  # how max_steps was chosen, in words
+
+    def describe(self) -> str:
+        return (
+            f"{self.images} images, {self.examples_per_epoch} examples per epoch (with repeats), "
+            f"batch size {self.batch_size} × accumulation {self.gradient_accumulation}: "
+            f"{self.steps_per_epoch} steps per epoch; {self.epochs} epoch(s), {self.max_steps} steps ({self.rule})"
+        )
+
+
+def make_plan(
+    *,
+    images: int,
+    examples_per_epoch: int,
+    batches_per_epoch: int,
+    batch_size: int,
+    gradient_accumulation: int = 1,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+) -> TrainingPlan:
+    """Plan a run from the dataset's counts (see the module docstring for the rule).
+
+    ``batches_per_epoch`` comes from ``BucketBatchSampler.batches_per_epoch`` (bucketing makes it more than
+    examples / batch size when buckets hold partial batches).
+    """
+    if max_steps is not None and epochs is not None:
+        raise ConfigError(
+            "--max-steps and --epochs both given: choose one (the other is derived from the data)"
+        )
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1, not {max_steps}")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, not {epochs}")
+    if batches_per_epoch < 1:
+        raise ConfigError("the dataset gives no batch per epoch: lower --batch-size or turn off drop_last")
+    steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation)
+    if max_steps is not None:
+        total, count, rule = max_steps, math.ceil(max_steps / steps_per_epoch), "--max-steps given"
+    elif epochs is not None:
+        total, count, rule = epochs * steps_per_epoch, epochs, "--epochs given"
+    else:
+        count = max(DEFAULT_EPOCHS, math.ceil(MIN_DERIVED_STEPS / steps_per_epoch))
+        if count * steps_per_epoch > MAX_DERIVED_STEPS:
+            count = max(1, MAX_DERIVED_STEPS // steps_per_epoch)
+        total = min(count * steps_per_epoch, MAX_DERIVED_STEPS)
+        rule = (
+            f"derived: {DEFAULT_EPOCHS} epochs, at least {MIN_DERIVED_STEPS} and at most "
+            f"{MAX_DERIVED_STEPS} steps, whole epochs"
+        )
+    return TrainingPlan(
+        images=images,
+        examples_per_epoch=examples_per_epoch,
+        batch_size=batch_size,
+        gradient_accumulation=gradient_accumulation,
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        epochs=count,
+        max_steps=total,
+        rule=rule,
+    )
