@@ -58,9 +58,11 @@ def main() -> None:
 
 def _register() -> None:
     """Each command module registers itself here (one line each)."""
+    from difflora.cli.check import check_command
     from difflora.cli.inspect import inspect_command
 
     cli.add_command(inspect_command)
+    cli.add_command(check_command)
 
 
 _register()
