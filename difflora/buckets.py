@@ -10,7 +10,8 @@ needs less: ``bucket_step(vae_scale_factor, unet_downsamplings)``.
 Assignment (``assign_bucket``): the bucket whose aspect ratio is nearest the image's (in log space; ties to
 the larger area). The image is then scaled to cover the bucket and cropped (centre or random). With
 ``no_upscale``, an image smaller than that bucket gets a bucket of its own: its size (shrunk to at most
-resolution² pixels) rounded down to multiples of ``step``, so it is cropped but never enlarged.
+resolution² pixels) rounded down to multiples of ``step``, so it is cropped but never enlarged (except a
+side shorter than one ``step``, which is enlarged to one step: the model cannot take less).
 """
 
 from __future__ import annotations
