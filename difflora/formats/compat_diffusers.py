@@ -1,0 +1,171 @@
+"""diffusers' LoRA loading rules (load_lora_weights and its kohya converter), re-implemented for
+`difflora.formats.compat`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from difflora.formats.compat import Verdict
+from difflora.formats.naming import NameTable, flat
+
+# ----------------------------------------------------------------------------------------------- diffusers
+
+_KOHYA_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")
+_SGM_INNER = {
+    "in_layers.2": "conv1",
+    "out_layers.3": "conv2",
+    "emb_layers.1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+    "op": "conv",
+}
+# Compound words diffusers' kohya converter re-joins after turning every '_' into '.'.
+_DIFFUSERS_COMPOUNDS = frozenset(
+    {
+        "down_blocks",
+        "mid_block",
+        "up_blocks",
+        "transformer_blocks",
+        "proj_in",
+        "proj_out",
+        "conv_in",
+        "conv_out",
+        "time_emb_proj",
+        "conv_shortcut",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "time_embedding",
+        "add_embedding",
+        "linear_1",
+        "linear_2",
+        "text_model",
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "text_projection",
+    }
+)
+
+
+def diffusers(keys: Sequence[str], table: NameTable) -> Verdict:
+    if not keys or not all(key.startswith(_KOHYA_PREFIXES) for key in keys):
+        return _diffusers_peft(keys, table)
+    names = {key.split(".")[0] for key in keys}
+    has_sgm = any(_is_sgm(n) for n in names)
+    has_diffusers_unet = any(n.startswith("lora_unet_") and not _is_sgm(n) for n in names)
+    dropped: dict[str, str] = {}
+    consumed: set[str] = set()
+    for name in names:
+        if has_sgm and has_diffusers_unet and _is_sgm(name):
+            dropped.update(
+                {
+                    k: "SGM-named key dropped: the file also has diffusers-named UNet keys"
+                    for k in keys
+                    if k.split(".")[0] == name
+                }
+            )
+            continue
+        if f"{name}.lora_down.weight" in keys:
+            consumed.update(
+                k
+                for k in (
+                    f"{name}.lora_down.weight",
+                    f"{name}.lora_up.weight",
+                    f"{name}.alpha",
+                    f"{name}.dora_scale",
+                )
+                if k in keys
+            )
+            if f"{name}.lora_up.weight" not in keys:
+                return Verdict(
+                    "diffusers", len(keys), 0, fatal=f"{name} has lora_down but no lora_up (KeyError)"
+                )
+            if _diffusers_module(name, table) is None:
+                dropped.update(
+                    {
+                        k: "diffusers' converted name is no module of the model (PEFT drops it)"
+                        for k in keys
+                        if k.split(".")[0] == name
+                    }
+                )
+    leftover = [k for k in keys if k not in consumed and k not in dropped]
+    if leftover:
+        return Verdict(
+            "diffusers",
+            len(keys),
+            0,
+            fatal=f"ValueError: keys not correctly renamed: {', '.join(sorted(leftover)[:5])}",
+        )
+    return Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)
+
+
+def _is_sgm(name: str) -> bool:
+    return bool(
+        re.match(r"lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_", name)
+    )
+
+
+def _diffusers_module(name: str, table: NameTable) -> str | None:
+    """The module diffusers' converter reaches for kohya module `name`, or None."""
+    prefix = next(p for p in _KOHYA_PREFIXES if name.startswith(p))
+    component = {"lora_unet_": "unet", "lora_te2_": "text_encoder_2"}.get(prefix, "text_encoder")
+    body = name[len(prefix) :]
+    if component == "unet" and _is_sgm(name):
+        path = _sgm_positional(body, table)
+    else:
+        target = table.from_kohya.get(name) or table.from_kohya.get(
+            f"lora_te_{body}" if component == "text_encoder" else name
+        )
+        path = target.partition(".")[2] if target and target.startswith(component + ".") else None
+        if path is not None and any("_" in s and s not in _DIFFUSERS_COMPOUNDS for s in path.split(".")):
+            return None
+    return f"{component}.{path}" if path is not None and f"{component}.{path}" in table.modules else None
+
+
+def _sgm_positional(body: str, table: NameTable) -> str | None:
+    """diffusers' `_maybe_map_sgm_blocks_to_diffusers`: block numbers by layers_per_block, inner slot 0 =
+    resnets, 1 = attentions, 2 = upsamplers (positional, whatever the block really holds)."""
+    inverse = {sgm: key.partition(".")[2] for key, sgm in table.sgm.items()}
+    sgm_path = next((s for s in inverse if flat(s) == body), None)
+    if sgm_path is None:
+        return None
+    match = re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(\d+)\.(.+)", sgm_path)
+    if not match:
+        return inverse[sgm_path]  # conv_in, time_embed, label_emb, out: mapped directly
+    kind, block, slot, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+    rest = _SGM_INNER.get(rest, rest)
+    per = 3  # layers_per_block + 1 for every SD1/SD2/SDXL UNet
+    if kind == "middle_block":
+        inner = {0: "resnets.0", 1: "attentions.0", 2: "resnets.1"}.get(block)
+        return f"mid_block.{inner}.{rest}" if inner else None
+    inner = ("resnets", "attentions", "upsamplers")[slot] if slot < 3 else None
+    if kind == "input_blocks":
+        if rest == "conv" and sgm_path.endswith(".op"):
+            return f"down_blocks.{(block - 1) // per}.downsamplers.0.conv"
+        return f"down_blocks.{(block - 1) // per}.{inner}.{(block - 1) % per}.{rest}"
+    layer = block % per if slot < 2 else 0
+    return f"up_blocks.{block // per}.{inner}.{layer}.{rest}"
+
+
+def _diffusers_peft(keys: Sequence[str], table: NameTable) -> Verdict:
+    from difflora.formats.diffusers_formats import _split
+
+    dropped: dict[str, str] = {}
+    for key in keys:
+        component = key.split(".")[0]
+        if component not in ("unet", "text_encoder", "text_encoder_2"):
+            reason = (
+                "kohya key in a file that is not all-kohya: not converted"
+                if key.startswith(("lora_",))
+                else "no unet./text_encoder. prefix: not read"
+            )
+            dropped[key] = reason
+            continue
+        parsed = _split(key)
+        if parsed is None or parsed[0] not in table.modules:
+            dropped[key] = "no such module in the model (PEFT drops it)"
+    return Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)
