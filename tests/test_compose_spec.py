@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from difflora.adapter import save_adapter
-from difflora.compose import check_compatible, compose
+from difflora.compat import check_compatible
+from difflora.compose import compose
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
 from difflora.spec import GRAMMAR, AdapterWeight, find_adapter, parse_adapter_weights
 from tests.conftest import tiny_pipeline, tiny_unet
@@ -101,7 +102,7 @@ def test_adapter_whose_shapes_do_not_fit_is_refused_and_the_model_is_untouched(t
 def test_same_architecture_other_base_hash_is_a_warning(pipeline, caplog):
     adapter = random_adapter(pipeline, seed=0, unet=("to_q",))
     adapter.meta.base_hash = "ffffffffffffffff"
-    with caplog.at_level(logging.WARNING, logger="difflora.compose"):
+    with caplog.at_level(logging.WARNING, logger="difflora"):
         composer = compose(pipeline)
         composer.add(adapter, 0.5, name="drifted")
     assert "ffffffffffffffff" in caplog.text and "drifted" in caplog.text

@@ -59,10 +59,14 @@ def main() -> None:
 def _register() -> None:
     """Each command module registers itself here (one line each)."""
     from difflora.cli.check import check_command
+    from difflora.cli.generate import generate_command
     from difflora.cli.inspect import inspect_command
+    from difflora.cli.merge import merge_command
 
     cli.add_command(inspect_command)
     cli.add_command(check_command)
+    cli.add_command(generate_command)
+    cli.add_command(merge_command)
 
 
 _register()

@@ -15,9 +15,21 @@ from difflora.describe import adapter_facts_json, describe_adapter
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .ckpt/.pt/.bin files (unsafe).")
 def inspect_command(files: tuple[Path, ...], as_json: bool, allow_pickle: bool) -> None:
-    """Print format, base model, rank/alpha per component, targets, trigger words and the stored config."""
+    """Print format, base model, rank/alpha per component, targets, trigger words and the stored config.
+
+    With several files, also print their composition report (per-layer overlap at weight 1 each)."""
     adapters = [load_adapter(path, allow_pickle=allow_pickle) for path in files]
     for index, (path, adapter) in enumerate(zip(files, adapters, strict=True)):
         if index:
             click.echo()
         click.echo(adapter_facts_json(adapter) if as_json else describe_adapter(adapter, path))
+    if len(adapters) > 1 and not as_json:
+        from difflora.report import composition_report
+        from difflora.spec import AdapterWeight
+
+        click.echo()  # several files: how they would interact if composed at weight 1 each
+        names = (
+            [p.stem for p in files] if len({p.stem for p in files}) == len(files) else [str(p) for p in files]
+        )
+        pairs = [(AdapterWeight(n), a) for n, a in zip(names, adapters, strict=True)]
+        click.echo(composition_report(pairs).text())

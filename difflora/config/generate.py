@@ -1,0 +1,131 @@
+"""GenerateConfig and MergeConfig: every knob of `difflora generate` and `difflora merge`, one field each.
+
+Flag and TOML key names map 1:1 (`--negative-prompt` <-> `negative_prompt`); the string under a field is
+its help. Validation collects every problem into one ConfigError naming the flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difflora.config import Problems
+from difflora.errors import AdapterSpecError, DiffloraError
+from difflora.spec import AdapterWeight, parse_adapter_weights
+
+MAX_SWEEPS = 2
+
+
+@dataclass
+class GenerateConfig:
+    prompt: str = ""
+    """The text prompt."""
+    adapters: tuple[str, ...] = ()
+    """Adapters to compose: NAME[:WEIGHT[:TE_WEIGHT]],... (--adapters and repeatable --adapter)."""
+    adapter_dir: tuple[str, ...] = ()
+    """Extra folders searched for adapters by name (./adapters, where `difflora train` writes, always is)."""
+    model: str | None = None
+    """Base model: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the embedded model."""
+    negative_prompt: str = ""
+    """What the image should not show (used with guidance > 1)."""
+    steps: int = 20
+    """Denoising steps."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale (1 or less turns it off)."""
+    seed: int | None = None
+    """Seed of the first image (image i uses seed + i). Default: a random seed, written into each PNG."""
+    num_images: int = 1
+    """How many images (a contact sheet is added when more than one)."""
+    width: int | None = None
+    """Image width in pixels, a multiple of 8. Default: the model's native size."""
+    height: int | None = None
+    """Image height in pixels, a multiple of 8. Default: the model's native size."""
+    scheduler: str = "euler"
+    """Sampler: euler, euler-a, dpm++-2m, dpm++-2m-karras, ddim, pndm, heun, unipc."""
+    out: str = "outputs"
+    """Folder for the PNG files, their JSON sidecars and contact sheets."""
+    fuse: bool = True
+    """Fuse the composed update into the weights (generation costs what the base model costs); --no-fuse
+    keeps peft's per-adapter forward instead (fast switching of weights)."""
+    report: bool = False
+    """Print (and save beside the images) the per-layer composition report."""
+    sweep: tuple[str, ...] = ()
+    """NAME:V1,V2,... renders a labelled grid over that adapter's weight (repeat once for a 2-D grid)."""
+    device: str | None = None
+    """torch device. Default: cuda when available, else cpu."""
+
+    def __post_init__(self) -> None:
+        self.adapters = tuple(self.adapters)
+        self.adapter_dir = tuple(self.adapter_dir)
+        self.sweep = tuple(self.sweep)
+        p = Problems()
+        p.check(bool(self.prompt.strip()), "prompt", "give a prompt")
+        for name in ("steps", "num_images"):
+            p.check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        p.check(self.guidance >= 0, "guidance", f"must be 0 or more, got {self.guidance}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                p.add(name, f"must be a positive multiple of 8, got {value}")
+        from difflora.pipeline import SCHEDULER_NAMES
+
+        if self.scheduler not in SCHEDULER_NAMES:
+            p.add("scheduler", f"unknown {self.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+        _check_spec(p, "adapters", lambda: self.adapter_weights)
+        _check_spec(p, "sweep", lambda: self.sweeps)
+        p.check(
+            len(self.sweep) <= MAX_SWEEPS, "sweep", f"at most {MAX_SWEEPS} (rows and columns of the grid)"
+        )
+        p.raise_if_any("generate")
+
+    @property
+    def adapter_weights(self) -> list[AdapterWeight]:
+        return parse_adapter_weights(self.adapters)
+
+    @property
+    def sweeps(self) -> list[tuple[str, list[float]]]:
+        """[(adapter name, weights)] from NAME:V1,V2,... entries."""
+        return [parse_sweep(text) for text in self.sweep]
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """ "style:0,0.5,1" -> ("style", [0.0, 0.5, 1.0]). Each value sets the UNet and text-encoder weight."""
+    name, sep, values = text.rpartition(":")
+    try:
+        weights = [float(v) for v in values.split(",")]
+    except ValueError:
+        weights = []
+    if not sep or not name.strip() or not weights:
+        raise AdapterSpecError(f"Malformed --sweep {text!r}.\nGrammar: NAME:W1,W2,...  e.g. style:0,0.5,1")
+    return name.strip(), weights
+
+
+def _check_spec(p: Problems, field: str, parse) -> None:
+    try:
+        parse()
+    except DiffloraError as error:
+        p.add(field, str(error))
+
+
+@dataclass
+class MergeConfig:
+    adapters: tuple[str, ...] = ()
+    """Adapters to merge with their weights: NAME[:WEIGHT[:TE_WEIGHT]],..."""
+    output: str = ""
+    """The merged adapter file (.safetensors)."""
+    rank: int | None = None
+    """Truncate each layer to this rank by SVD and report its error. Default: exact (ranks concatenated)."""
+    adapter_dir: tuple[str, ...] = ()
+    """Extra folders searched for adapters by name (./adapters always is)."""
+
+    def __post_init__(self) -> None:
+        self.adapters = tuple(self.adapters)
+        self.adapter_dir = tuple(self.adapter_dir)
+        p = Problems()
+        _check_spec(p, "adapters", lambda: parse_adapter_weights(self.adapters))
+        p.check(bool(self.adapters), "adapters", "give at least one adapter to merge")
+        p.check(bool(self.output), "output", "give the output file (-o merged.safetensors)")
+        if self.output:
+            p.check(self.output.endswith(".safetensors"), "output", "must end with .safetensors")
+        if self.rank is not None:
+            p.check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")
+        p.raise_if_any("merge")
