@@ -1,0 +1,252 @@
+"""TrainConfig: every knob of `difflora train`, one field each; the string under a field is its flag's help.
+
+Flag and TOML key names map 1:1 (`--learning-rate` <-> `learning_rate`). Fields whose default is None are
+derived from the data or the model when the run starts (steps, resolution, alpha, warm-up, save cadence,
+sample prompts), and the plan printed before training says what they became and why: there is no hidden
+fixed default. The defaults make `difflora train sample_data/style` produce a visibly working adapter on
+the embedded model in a few minutes on two CPU cores (see `difflora/trainer.py` for the measured run).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+from difflora.config import Problems
+
+Precision = Literal["no", "fp16", "bf16"]
+Schedule = Literal["constant", "cosine", "linear"]
+Optimizer = Literal["auto", "adamw", "adamw8bit"]
+
+PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
+OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = ""
+    """Folder of images with same-name .txt/.caption captions (kohya `N_name/` subfolders give N repeats)."""
+
+    # ---------------------------------------------------------------- output
+    name: str | None = None
+    """Adapter name: writes <output-dir>/<name>.safetensors. Default: the data folder's name."""
+    output_dir: str = "adapters"
+    """Where the adapter goes; checkpoints, logs and samples go in <output-dir>/<name>.run/ beside it."""
+
+    # ---------------------------------------------------------------- model and LoRA
+    model: str | None = None
+    """Base model: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the embedded tiny model."""
+    rank: int = 8
+    """LoRA rank (inner dimension of each adapter)."""
+    alpha: float | None = None
+    """LoRA alpha; the update is scaled by alpha/rank. Default: equal to --rank (scale 1)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input during training."""
+    unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet module names that get LoRA layers (suffixes of module paths)."""
+    train_text_encoder: bool = False
+    """Also train LoRA layers on the text encoder(s) (disables the text-embedding cache)."""
+    text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    """Text-encoder module names that get LoRA layers with --train-text-encoder."""
+    text_encoder_lr: float | None = None
+    """Learning rate of the text-encoder LoRA. Default: --learning-rate."""
+
+    # ---------------------------------------------------------------- data
+    resolution: int | None = None
+    """Training resolution in pixels (buckets hold about resolution² pixels). Default: the model's native size."""
+    trigger: str | None = None
+    """Trigger word put first in every caption (and used as the caption of images that have none)."""
+    caption_extension: str = ".txt"
+    """Caption file extension looked for first (.txt or .caption; the other is also read)."""
+    caption_dropout: float = 0.0
+    """Probability of training a draw with an empty caption (helps classifier-free guidance)."""
+    shuffle_tags: bool = False
+    """Shuffle comma-separated tags after the first --keep-tokens (disables the text-embedding cache)."""
+    keep_tokens: int = 0
+    """Tags kept in place at the start of the caption when shuffling or dropping tags."""
+    tag_dropout: float = 0.0
+    """Probability of dropping each tag after the kept ones (disables the text-embedding cache)."""
+    flip: bool = False
+    """Mirror images horizontally at random (both orientations are cached)."""
+    random_crop: bool = False
+    """Crop at a random position instead of the centre (one window per image when latents are cached)."""
+    no_upscale: bool = False
+    """Never enlarge small images: they get a bucket of their own size."""
+    cache_latents: bool = True
+    """Encode every image with the VAE once and reuse the latents (on disk, reused across runs)."""
+    cache_dir: str | None = None
+    """Where latent and text-embedding caches live. Default: <output-dir>/.cache."""
+
+    # ---------------------------------------------------------------- length and optimisation
+    max_steps: int | None = None
+    """Optimizer steps to train. Default: derived from the data (10 epochs, 100 to 2000 steps)."""
+    epochs: int | None = None
+    """Passes over the data (instead of --max-steps)."""
+    batch_size: int = 4
+    """Images per batch (per process)."""
+    gradient_accumulation: int = 1
+    """Batches accumulated per optimizer step."""
+    learning_rate: float = 1e-3
+    """Learning rate of the UNet LoRA."""
+    lr_scheduler: Schedule = "cosine"
+    """Learning-rate schedule after warm-up: constant, cosine or linear (decay to 0)."""
+    lr_warmup_steps: int | None = None
+    """Steps of linear learning-rate warm-up. Default: 5% of the steps."""
+    optimizer: Optimizer = "auto"
+    """adamw, adamw8bit (needs bitsandbytes and CUDA) or auto (8-bit when both are available)."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this value (0 disables clipping)."""
+    mixed_precision: Precision = "no"
+    """no, fp16 (CUDA only) or bf16: frozen weights in that precision, LoRA weights in float32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, slower steps."""
+    noise_offset: float = 0.0
+    """Add this much per-channel offset noise (helps very dark/bright images; 0.05-0.1 typical)."""
+    min_snr_gamma: float = 5.0
+    """Min-SNR-γ loss weighting (Hang et al. 2023); 0 disables it."""
+    seed: int = 0
+    """Seed for LoRA initialisation, data order, noise and timesteps."""
+    num_threads: int | None = None
+    """CPU threads for torch. Default: torch's own choice (all cores), divided among processes."""
+
+    # ---------------------------------------------------------------- checkpoints, samples, guard
+    save_every: int | None = None
+    """Save a checkpoint every N steps (0: only at the end). Default: a quarter of the run."""
+    keep_checkpoints: int = 3
+    """How many of the most recent checkpoints to keep."""
+    resume: bool = False
+    """Continue from the last checkpoint in the run directory (optimizer, schedule, RNG, data position)."""
+    sample_every: int | None = None
+    """Render the sample grid every N steps (0: never). Default: at each checkpoint."""
+    sample_prompts: tuple[str, ...] = ()
+    """Prompts of the sample grid. Default: up to 3 distinct captions of the data set."""
+    sample_seeds: tuple[int, ...] = (1, 2)
+    """Seeds of the sample grid (one column each)."""
+    sample_steps: int = 20
+    """Denoising steps per sample image."""
+    sample_guidance: float = 5.0
+    """Classifier-free guidance scale of the samples."""
+    sample_scheduler: str = "euler"
+    """Scheduler of the samples (the same names as `difflora generate --scheduler`)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each such step is skipped)."""
+
+    def __post_init__(self) -> None:
+        self.unet_targets = tuple(self.unet_targets)
+        self.text_encoder_targets = tuple(self.text_encoder_targets)
+        self.sample_prompts = tuple(self.sample_prompts)
+        self.sample_seeds = tuple(int(s) for s in self.sample_seeds)
+        problems = Problems()
+        problems.check(bool(self.data_dir), "data_dir", "give the folder of training images")
+        self._check_counts(problems)
+        self._check_rates(problems)
+        self._check_choices(problems)
+        problems.raise_if_any("train")
+
+    def _check_counts(self, p: Problems) -> None:
+        positive = ("rank", "batch_size", "gradient_accumulation", "keep_checkpoints", "sample_steps")
+        for name in positive:
+            p.check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        p.check(self.max_bad_steps >= 1, "max_bad_steps", f"must be at least 1, got {self.max_bad_steps}")
+        for name in ("max_steps", "epochs", "resolution", "num_threads"):
+            value = getattr(self, name)
+            p.check(value is None or value >= 1, name, f"must be at least 1, got {value}")
+        for name in ("save_every", "sample_every", "lr_warmup_steps"):
+            value = getattr(self, name)
+            p.check(value is None or value >= 0, name, f"must be 0 or more, got {value}")
+        p.check(self.keep_tokens >= 0, "keep_tokens", f"must be 0 or more, got {self.keep_tokens}")
+        if self.max_steps is not None and self.epochs is not None:
+            p.add("max_steps", "--max-steps and --epochs both given: choose one (the other is derived)")
+        if self.resolution is not None and self.resolution % 8:
+            p.add("resolution", f"must be a multiple of 8 (the VAE's factor), got {self.resolution}")
+        p.check(bool(self.unet_targets), "unet_targets", "name at least one module")
+        p.check(bool(self.sample_seeds), "sample_seeds", "give at least one seed")
+
+    def _check_rates(self, p: Problems) -> None:
+        p.check(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        if self.text_encoder_lr is not None:
+            p.check(self.text_encoder_lr >= 0, "text_encoder_lr", "must be 0 or more")
+        if self.alpha is not None:
+            p.check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        for name in ("lora_dropout", "caption_dropout", "tag_dropout"):
+            value = getattr(self, name)
+            p.check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+        for name in ("weight_decay", "max_grad_norm", "noise_offset", "min_snr_gamma"):
+            value = getattr(self, name)
+            p.check(value >= 0, name, f"must be 0 or more, got {value}")
+        p.check(self.sample_guidance >= 0, "sample_guidance", "must be 0 or more")
+
+    def _check_choices(self, p: Problems) -> None:
+        for name, choices in (
+            ("mixed_precision", PRECISIONS),
+            ("lr_scheduler", SCHEDULES),
+            ("optimizer", OPTIMIZERS),
+        ):
+            value = getattr(self, name)
+            p.check(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
+        extension = self.caption_extension.lower()
+        p.check(
+            extension.lstrip(".") in ("txt", "caption"),
+            "caption_extension",
+            f"must be .txt or .caption, got {self.caption_extension!r}",
+        )
+
+    # Derived values: the plan prints these next to the rule that produced them.
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+
+
+# Fields that may change between a run and its resumption without changing what is trained.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "save_every",
+        "keep_checkpoints",
+        "sample_every",
+        "sample_prompts",
+        "sample_seeds",
+        "sample_steps",
+        "sample_guidance",
+        "sample_scheduler",
+        "max_bad_steps",
+        "num_threads",
+        "cache_dir",
+        "max_steps",
+        "epochs",
+    }
+)
+
+
+@cache
+def field_help(cls: type = TrainConfig) -> dict[str, str]:
+    """Each field's help: the string literal under its annotation in the class body (read with ast)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    helps: dict[str, str] = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            helps[node.target.id] = " ".join(following.value.value.split())
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in helps]
+    if missing:
+        raise AssertionError(f"TrainConfig fields without help: {missing}")
+    return helps

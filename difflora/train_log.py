@@ -1,0 +1,176 @@
+"""What a training run tells its user while it runs and leaves behind: a progress bar (step, smoothed loss,
+it/s, ETA), `loss.csv`, `loss.png` (drawn with PIL: matplotlib is not a dependency) and, when tensorboard is
+installed, TensorBoard event files. Only the main process creates a TrainLog.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from difflora.adapter import write_atomic
+
+logger = logging.getLogger(__name__)
+
+CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "skipped", "seconds")
+SMOOTHING = 0.9  # exponential moving average factor of the displayed loss
+
+
+@dataclass
+class LossPoint:
+    step: int
+    loss: float
+    smoothed: float
+
+
+def read_loss_csv(path: Path, *, up_to_step: int | None = None) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [r for r in rows if up_to_step is None or int(r["step"]) <= up_to_step]
+
+
+class TrainLog:
+    """Progress bar + CSV + TensorBoard. `start_step` > 0 continues a resumed run: CSV rows written after
+    the checkpoint (by the interrupted run) are dropped, so the log reads as one uninterrupted run."""
+
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, progress: bool = True) -> None:
+        self.csv_path = run_dir / "loss.csv"
+        self.png_path = run_dir / "loss.png"
+        rows = read_loss_csv(self.csv_path, up_to_step=start_step) if start_step else []
+        self.points = [LossPoint(int(r["step"]), float(r["loss"]), float(r["smoothed_loss"])) for r in rows]
+        self._rewrite_csv(rows)
+        self.smoothed: float | None = self.points[-1].smoothed if self.points else None
+        self.bar = _progress_bar(total_steps, start_step) if progress else None
+        self.tensorboard = _tensorboard_writer(run_dir / "tensorboard")
+
+    def _rewrite_csv(self, rows: list[dict[str, str]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.csv_path, buffer.getvalue().encode())
+        self._handle = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self._writer = csv.DictWriter(self._handle, fieldnames=CSV_FIELDS)
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, *, skipped: bool, seconds: float) -> None:
+        if math.isfinite(loss):
+            self.smoothed = (
+                loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
+            )
+            self.points.append(LossPoint(step, loss, self.smoothed))
+        smoothed = self.smoothed if self.smoothed is not None else float("nan")
+        self._writer.writerow(
+            {
+                "step": step,
+                "epoch": epoch,
+                "loss": f"{loss:.6g}",
+                "smoothed_loss": f"{smoothed:.6g}",
+                "lr": f"{lr:.6g}",
+                "skipped": int(skipped),
+                "seconds": f"{seconds:.4f}",
+            }
+        )
+        self._handle.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss/step", loss, step)
+            self.tensorboard.add_scalar("loss/smoothed", smoothed, step)
+            self.tensorboard.add_scalar("lr", lr, step)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"epoch {epoch}, loss {smoothed:.4f}, lr {lr:.2e}", refresh=False)
+            self.bar.update(1)
+
+    def write_curve(self) -> Path | None:
+        if not self.points:
+            return None
+        buffer = io.BytesIO()
+        draw_loss_curve(self.points).save(buffer, format="PNG")
+        return write_atomic(self.png_path, buffer.getvalue())
+
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
+        if self.tensorboard is not None:
+            import numpy as np
+
+            self.tensorboard.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def write(self, message: str) -> None:
+        """A message that does not break the progress bar."""
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            logger.info("%s", message)
+
+    def close(self) -> None:
+        self._handle.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _tensorboard_writer(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; the CSV and PNG always exist
+        logger.debug("tensorboard is not installed: no TensorBoard logs")
+        return None
+    return SummaryWriter(log_dir=str(directory))
+
+
+# ------------------------------------------------------------------------------------------ the PNG
+
+
+def draw_loss_curve(points: list[LossPoint], size: tuple[int, int] = (640, 360)) -> Image.Image:
+    """Raw loss (light) and its moving average (dark) against the step, on a log-free linear axis whose
+    top is the 98th percentile of the raw loss, so one spike does not flatten the whole curve."""
+    width, height = size
+    left, right, top, bottom = 64, 16, 28, 36
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    steps = [p.step for p in points]
+    losses = sorted(p.loss for p in points)
+    low = min(min(losses), min(p.smoothed for p in points))
+    high = losses[min(len(losses) - 1, int(0.98 * len(losses)))]
+    high = max(high, max(p.smoothed for p in points))
+    if high <= low:
+        high = low + 1e-6
+    first, last = min(steps), max(max(steps), min(steps) + 1)
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        x = left + (step - first) / (last - first) * (width - left - right)
+        clipped = min(max(value, low), high)
+        y = top + (1 - (clipped - low) / (high - low)) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for fraction in (0.0, 0.5, 1.0):
+        value = low + fraction * (high - low)
+        _, y = xy(first, value)
+        draw.text((4, y - 6), f"{value:.4g}", fill="black", font=font)
+        step = first + fraction * (last - first)
+        x, _ = xy(step, low)
+        draw.text((x - 12, height - bottom + 6), f"{int(step)}", fill="black", font=font)
+    draw.text(
+        (left, 8),
+        f"loss (light: per step, dark: moving average) — {len(points)} steps",
+        fill="black",
+        font=font,
+    )
+    if len(points) > 1:
+        draw.line([xy(p.step, p.loss) for p in points], fill=(170, 190, 230), width=1)
+        draw.line([xy(p.step, p.smoothed) for p in points], fill=(20, 50, 140), width=2)
+    return image

@@ -1,0 +1,213 @@
+"""Training on a tiny kwargs-built model: outputs and metadata, bit-exact resume, the NaN guard, samples
+that do not perturb training, and resume refusing changed settings. Each run is a few steps (seconds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import difflora.trainer as trainer
+from difflora.adapter import load_adapter
+from difflora.config import parse_toml_text
+from difflora.config.train import TrainConfig
+from difflora.errors import ConfigError, TrainingDivergedError
+from difflora.models import load_pipeline, model_identity
+from tests.conftest import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A saved tiny model and an 8-image folder of the embedded world's style concept."""
+    from difflora.embedded.shapes import style_batch
+
+    root = tmp_path_factory.mktemp("train")
+    tiny_pipeline(root / "tok").save_pretrained(root / "model")
+    images, captions = style_batch(0, 8)
+    data = root / "stripes"
+    data.mkdir()
+    for index, (pixels, caption) in enumerate(zip(images, captions, strict=True)):
+        Image.fromarray(pixels).resize((16, 16)).save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text(caption)
+    return root
+
+
+def _config(workspace: Path, out: Path, **changes) -> TrainConfig:
+    values = dict(
+        data_dir=str(workspace / "stripes"),
+        model=str(workspace / "model"),
+        output_dir=str(out),
+        cache_dir=str(workspace / "cache"),
+        resolution=16,
+        batch_size=4,
+        max_steps=6,
+        save_every=2,
+        sample_every=0,
+        learning_rate=1e-2,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _losses(run_dir: Path) -> list[str]:
+    with open(run_dir / "loss.csv", newline="") as handle:
+        return [row["loss"] for row in csv.DictReader(handle)]
+
+
+def test_train_writes_adapter_run_directory_and_metadata(workspace, tmp_path):
+    path = trainer.train(_config(workspace, tmp_path, trigger="zebra"), progress=False)
+    assert path == tmp_path / "stripes.safetensors"  # default name: the data folder's
+    adapter = load_adapter(path)
+    assert adapter.components == ["unet"] and len(adapter.modules) == 56  # 14 attentions x 4 targets
+    base = load_pipeline(str(workspace / "model"))
+    identity = model_identity(base)
+    meta = adapter.meta
+    assert (meta.base_hash, meta.base_architecture) == (identity.base_hash, identity.architecture)
+    assert meta.trigger_words == ["zebra"]
+    assert parse_toml_text(meta.config_toml)["rank"] == 8
+    extra = meta.extra
+    assert extra["difflora.train.steps"] == "6" and extra["difflora.train.num_train_images"] == "8"
+    assert json.loads(extra["difflora.train.dataset_dirs"]) == {".": {"n_repeats": 1, "img_count": 8}}
+    assert "zebra" in json.loads(extra["difflora.train.tag_frequency"])["."]
+    assert len(extra["difflora.train.dataset_hash"]) == 64
+    # The adapter really changed the UNet: B is no longer zero.
+    assert any(float(w.up.abs().max()) > 0 for w in adapter.modules.values())
+    run = tmp_path / "stripes.run"
+    assert len(_losses(run)) == 6
+    assert Image.open(run / "loss.png").size == (640, 360)
+    assert parse_toml_text((run / "config.toml").read_text())["train"]["max_steps"] == 6
+    assert "6 steps" in (run / "plan.txt").read_text()
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step-000002", "step-000004", "step-000006"]  # keep_checkpoints = 3
+    final = _tensors(run / "checkpoints" / "step-000006" / "adapter.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in _tensors(path).items())
+    # The file loads into diffusers unchanged (the PEFT layout).
+    base.load_lora_weights(str(path))
+
+
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit(workspace, tmp_path, monkeypatch):
+    straight = trainer.train(_config(workspace, tmp_path / "a", keep_checkpoints=5), progress=False)
+    calls = {"n": 0}
+    real = trainer.step_loss
+
+    def interrupted(batch, run, generator):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 4, after the checkpoint at step 2... and step 3 done
+            raise KeyboardInterrupt
+        return real(batch, run, generator)
+
+    monkeypatch.setattr(trainer, "step_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_config(workspace, tmp_path / "b", keep_checkpoints=5), progress=False)
+    run_b = tmp_path / "b" / "stripes.run"
+    assert not (tmp_path / "b" / "stripes.safetensors").exists()
+    assert len(_losses(run_b)) == 3  # the interrupted run logged step 3 past its checkpoint
+    monkeypatch.setattr(trainer, "step_loss", real)
+    resumed = trainer.train(
+        _config(workspace, tmp_path / "b", keep_checkpoints=5, resume=True), progress=False
+    )
+    a, b = _tensors(straight), _tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(run_b) == _losses(tmp_path / "a" / "stripes.run")  # the log reads as one run
+    state_a = load_file(str(tmp_path / "a/stripes.run/checkpoints/step-000006/state.safetensors"))
+    state_b = load_file(str(run_b / "checkpoints/step-000006/state.safetensors"))
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a if not k.startswith("rng."))
+
+
+def test_nan_guard_skips_steps_then_stops_with_advice_and_keeps_the_checkpoint(
+    workspace, tmp_path, monkeypatch
+):
+    real = trainer.step_loss
+    calls = {"n": 0}
+
+    def poisoned(batch, run, generator):
+        calls["n"] += 1
+        loss = real(batch, run, generator)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(trainer, "step_loss", poisoned)
+    with pytest.raises(TrainingDivergedError) as caught:
+        trainer.train(_config(workspace, tmp_path, max_bad_steps=3), progress=False)
+    message = str(caught.value)
+    assert "not finite for 3 consecutive steps" in message
+    assert "step-000002" in message and "--resume" in message and "--learning-rate" in message
+    run = tmp_path / "stripes.run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (tmp_path / "stripes.safetensors").exists()
+    kept = load_adapter(run / "checkpoints" / "step-000002" / "adapter.safetensors")
+    assert all(torch.isfinite(w.up).all() and torch.isfinite(w.down).all() for w in kept.modules.values())
+    with open(run / "loss.csv", newline="") as handle:
+        skipped = [row["skipped"] for row in csv.DictReader(handle)]
+    assert skipped == ["0", "0", "1", "1", "1"]
+
+
+def test_a_single_bad_step_is_skipped_and_training_continues(workspace, tmp_path, monkeypatch):
+    real = trainer.step_loss
+    calls = {"n": 0}
+
+    def one_nan(batch, run, generator):
+        calls["n"] += 1
+        loss = real(batch, run, generator)
+        return loss + float("inf") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(trainer, "step_loss", one_nan)
+    path = trainer.train(_config(workspace, tmp_path, max_steps=3, save_every=0), progress=False)
+    adapter = load_adapter(path)
+    assert all(torch.isfinite(w.up).all() for w in adapter.modules.values())
+    with open(tmp_path / "stripes.run" / "loss.csv", newline="") as handle:
+        assert [row["skipped"] for row in csv.DictReader(handle)] == ["0", "1", "0"]
+
+
+def test_samples_are_rendered_without_changing_training(workspace, tmp_path):
+    plain = trainer.train(_config(workspace, tmp_path / "plain", max_steps=2, save_every=0), progress=False)
+    sampled = trainer.train(
+        _config(
+            workspace,
+            tmp_path / "sampled",
+            max_steps=2,
+            save_every=0,
+            sample_every=1,
+            sample_prompts=("zebrastripes style",),
+            sample_seeds=(1, 2),
+            sample_steps=2,
+        ),
+        progress=False,
+    )
+    a, b = _tensors(plain), _tensors(sampled)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    samples = tmp_path / "sampled" / "stripes.run" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step-000001.png", "step-000002.png"]
+    grid = np.asarray(Image.open(samples / "step-000002.png"))
+    assert grid.shape[1] > 2 * 16  # two seed columns of 16-px images
+
+
+def test_resume_refuses_changed_settings_and_data(workspace, tmp_path):
+    trainer.train(_config(workspace, tmp_path, max_steps=2, save_every=1), progress=False)
+    with pytest.raises(ConfigError, match=r"rank: checkpoint 8, now 4"):
+        trainer.train(_config(workspace, tmp_path, max_steps=2, rank=4, resume=True), progress=False)
+
+
+def test_lr_schedule_shapes():
+    from difflora.train_setup import lr_factor
+
+    assert [lr_factor(s, kind="constant", warmup=4, total=10) for s in range(5)] == [
+        0.25,
+        0.5,
+        0.75,
+        1.0,
+        1.0,
+    ]
+    assert lr_factor(4, kind="cosine", warmup=4, total=10) == 1.0
+    assert lr_factor(7, kind="cosine", warmup=4, total=10) == pytest.approx(0.5)
+    assert lr_factor(10, kind="cosine", warmup=4, total=10) == pytest.approx(0.0)
+    assert lr_factor(7, kind="linear", warmup=4, total=10) == pytest.approx(0.5)
