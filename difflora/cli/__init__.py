@@ -62,11 +62,13 @@ def _register() -> None:
     from difflora.cli.generate import generate_command
     from difflora.cli.inspect import inspect_command
     from difflora.cli.merge import merge_command
+    from difflora.cli.train import train_command
 
     cli.add_command(inspect_command)
     cli.add_command(check_command)
     cli.add_command(generate_command)
     cli.add_command(merge_command)
+    cli.add_command(train_command)
 
 
 _register()
