@@ -59,13 +59,14 @@ _COMFY_SINGLES += tuple(f".{n}.weight" for n in ("a1", "a2", "b1", "b2"))
 
 def comfyui(keys: Sequence[str], table: NameTable) -> Verdict:
     known = comfyui_names(table.family)
+    present = set(keys)
     loaded: set[str] = set()
     for name in {_module_part(key) for key in keys} & known:
         for up, down in _COMFY_PAIRS:
-            if name + up in keys:
+            if name + up in present:
                 loaded.update({name + up, name + down})
                 break
-        loaded.update(name + single for single in _COMFY_SINGLES if name + single in keys)
+        loaded.update(name + single for single in _COMFY_SINGLES if name + single in present)
     dropped = {
         key: "lora key not loaded: no such layer in ComfyUI's key map" for key in keys if key not in loaded
     }

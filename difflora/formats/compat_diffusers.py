@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import cache
 
 from difflora.formats.compat import Verdict
-from difflora.formats.naming import NameTable, flat
+from difflora.formats.naming import NameTable, flat, reference_table
 
 # ----------------------------------------------------------------------------------------------- diffusers
 
@@ -52,54 +53,36 @@ _DIFFUSERS_COMPOUNDS = frozenset(
 
 
 def diffusers(keys: Sequence[str], table: NameTable) -> Verdict:
+    keys = list(keys)
     if not keys or not all(key.startswith(_KOHYA_PREFIXES) for key in keys):
         return _diffusers_peft(keys, table)
-    names = {key.split(".")[0] for key in keys}
-    has_sgm = any(_is_sgm(n) for n in names)
-    has_diffusers_unet = any(n.startswith("lora_unet_") and not _is_sgm(n) for n in names)
-    dropped: dict[str, str] = {}
-    consumed: set[str] = set()
-    for name in names:
-        if has_sgm and has_diffusers_unet and _is_sgm(name):
-            dropped.update(
-                {
-                    k: "SGM-named key dropped: the file also has diffusers-named UNet keys"
-                    for k in keys
-                    if k.split(".")[0] == name
-                }
-            )
+    groups: dict[str, set[str]] = {}
+    for key in keys:
+        name, _, part = key.partition(".")
+        groups.setdefault(name, set()).add(part)
+    has_sgm = any(_is_sgm(n) for n in groups)
+    mixed = has_sgm and any(n.startswith("lora_unet_") and not _is_sgm(n) for n in groups)
+    why: dict[str, str] = {}  # module name -> why its keys are dropped
+    leftover: list[str] = []
+    for name, parts in groups.items():
+        if mixed and _is_sgm(name):
+            why[name] = "SGM-named key dropped: the file also has diffusers-named UNet keys"
             continue
-        if f"{name}.lora_down.weight" in keys:
-            consumed.update(
-                k
-                for k in (
-                    f"{name}.lora_down.weight",
-                    f"{name}.lora_up.weight",
-                    f"{name}.alpha",
-                    f"{name}.dora_scale",
-                )
-                if k in keys
-            )
-            if f"{name}.lora_up.weight" not in keys:
-                return Verdict(
-                    "diffusers", len(keys), 0, fatal=f"{name} has lora_down but no lora_up (KeyError)"
-                )
-            if _diffusers_module(name, table) is None:
-                dropped.update(
-                    {
-                        k: "diffusers' converted name is no module of the model (PEFT drops it)"
-                        for k in keys
-                        if k.split(".")[0] == name
-                    }
-                )
-    leftover = [k for k in keys if k not in consumed and k not in dropped]
+        if "lora_down.weight" not in parts:
+            leftover += [f"{name}.{part}" for part in sorted(parts)]
+            continue
+        if "lora_up.weight" not in parts:
+            return Verdict("diffusers", len(keys), 0, fatal=f"{name} has lora_down but no lora_up (KeyError)")
+        leftover += [
+            f"{name}.{p}"
+            for p in sorted(parts - {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"})
+        ]
+        if _diffusers_module(name, table) is None:
+            why[name] = "diffusers' converted name is no module of the model (PEFT drops it)"
     if leftover:
-        return Verdict(
-            "diffusers",
-            len(keys),
-            0,
-            fatal=f"ValueError: keys not correctly renamed: {', '.join(sorted(leftover)[:5])}",
-        )
+        listing = ", ".join(leftover[:5])
+        return Verdict("diffusers", len(keys), 0, fatal=f"ValueError: keys not correctly renamed: {listing}")
+    dropped = {key: why[key.split(".")[0]] for key in keys if key.split(".")[0] in why}
     return Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)
 
 
@@ -126,16 +109,23 @@ def _diffusers_module(name: str, table: NameTable) -> str | None:
     return f"{component}.{path}" if path is not None and f"{component}.{path}" in table.modules else None
 
 
+@cache
+def _sgm_inverse(family: str) -> dict[str, tuple[str, str]]:
+    """flattened SGM path -> (SGM path, diffusers path) of the family's UNet modules."""
+    table = reference_table(family)
+    return {flat(sgm): (sgm, key.partition(".")[2]) for key, sgm in table.sgm.items()}
+
+
 def _sgm_positional(body: str, table: NameTable) -> str | None:
     """diffusers' `_maybe_map_sgm_blocks_to_diffusers`: block numbers by layers_per_block, inner slot 0 =
     resnets, 1 = attentions, 2 = upsamplers (positional, whatever the block really holds)."""
-    inverse = {sgm: key.partition(".")[2] for key, sgm in table.sgm.items()}
-    sgm_path = next((s for s in inverse if flat(s) == body), None)
-    if sgm_path is None:
+    inverse = _sgm_inverse(table.family)
+    if body not in inverse:
         return None
+    sgm_path, diffusers_path = inverse[body]
     match = re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(\d+)\.(.+)", sgm_path)
     if not match:
-        return inverse[sgm_path]  # conv_in, time_embed, label_emb, out: mapped directly
+        return diffusers_path  # conv_in, time_embed, label_emb, out: mapped directly
     kind, block, slot, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
     rest = _SGM_INNER.get(rest, rest)
     per = 3  # layers_per_block + 1 for every SD1/SD2/SDXL UNet
