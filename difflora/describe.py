@@ -33,6 +33,12 @@ def describe_adapter(adapter: Adapter, path: Path | str | None = None) -> str:
             f"alpha {_counts(facts['alpha'])}  params {facts['parameters']:,}"
         )
         lines.append(f"  {'':<14} targets: {', '.join(facts['targets'])}")
+    if path is not None and Path(path).is_file() and Path(path).suffix.lower() == ".safetensors":
+        from difflora.formats.compat import file_verdicts, format_verdicts
+
+        lines.append("Compatibility (each consumer's loading rules applied to every key):")
+        verdicts = file_verdicts(path, family=meta.base_family or "custom")
+        lines += ["  " + line for line in format_verdicts(verdicts)]
     if meta.created_at:
         lines.append(f"Created:        {meta.created_at} (difflora {meta.difflora_version or '?'})")
     if meta.config_toml.strip():
