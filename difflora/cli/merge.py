@@ -39,12 +39,13 @@ def merge_command(adapters: tuple[str, ...], config_file: Path | None, **flags: 
     """
     from difflora.config.generate import MergeConfig
     from difflora.merge import merge
+    from difflora.spec import parse_adapter_weights
 
     overrides = {key: (value if value != () else None) for key, value in flags.items()}
     overrides["adapters"] = adapters or None
     config = load_config(MergeConfig, toml_path=config_file, overrides=overrides, section="merge")
     result = merge(
-        config.adapters,
+        parse_adapter_weights(config.adapters),
         config.output,
         rank=config.rank,
         adapter_dirs=config.adapter_dir,
