@@ -1,0 +1,75 @@
+"""`difflora train` flags and --config files: precedence, unknown keys, every field reachable as a flag."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+import difflora.trainer as trainer
+from difflora.cli import cli
+from difflora.config.train import TrainConfig, field_help
+
+
+@pytest.fixture
+def captured(monkeypatch, tmp_path):
+    """Replace training by a recorder: these tests are about turning flags and files into a TrainConfig."""
+    seen: list[TrainConfig] = []
+
+    def fake_train(config: TrainConfig, **_) -> object:
+        seen.append(config)
+        return tmp_path / "adapter.safetensors"
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    return seen
+
+
+def test_flags_override_the_file_which_overrides_defaults(captured, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nrank = 4\nlearning_rate = 0.002\nsample_prompts = ["a", "b"]\nflip = true\n')
+    result = CliRunner().invoke(
+        cli, ["train", "images", "--config", str(path), "--rank", "16", "--no-flip", "--sample-prompts", "c"]
+    )
+    assert result.exit_code == 0, result.output
+    config = captured[0]
+    assert config.rank == 16 and config.flip is False and config.sample_prompts == ("c",)  # flags win
+    assert config.learning_rate == 0.002  # the file wins over the default
+    assert config.batch_size == TrainConfig.batch_size and config.data_dir == "images"  # defaults remain
+
+
+def test_the_data_folder_may_come_from_the_file(captured, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('data_dir = "from_file"\nmax_steps = 10\n')
+    assert CliRunner().invoke(cli, ["train", "--config", str(path)]).exit_code == 0
+    assert captured[0].data_dir == "from_file" and captured[0].max_steps == 10
+
+
+def test_unknown_key_is_refused_with_the_nearest_name(captured, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("learnig_rate = 0.1\n")
+    result = CliRunner().invoke(cli, ["train", "images", "--config", str(path)])
+    assert result.exit_code == 2 and not captured
+    assert "unknown key 'learnig_rate'" in result.output and "Did you mean 'learning_rate'" in result.output
+
+
+def test_invalid_values_are_all_reported_naming_flags(captured):
+    result = CliRunner().invoke(cli, ["train", "images", "--rank", "0", "--max-steps", "5", "--epochs", "2"])
+    assert result.exit_code == 2 and not captured
+    assert "--rank: must be at least 1" in result.output
+    assert "--max-steps and --epochs both given" in result.output
+    missing = CliRunner().invoke(cli, ["train"])
+    assert missing.exit_code == 2 and "--data-dir: give the folder of training images" in missing.output
+
+
+def test_every_config_field_is_a_flag_with_help():
+    help_text = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200).output
+    helps = field_help(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name != "data_dir":
+            assert "--" + field.name.replace("_", "-") in help_text
+        assert helps[field.name]
+    for issue_flag in ("--name", "--output-dir", "--max-steps", "--epochs", "--rank", "--alpha", "--resolution",
+                       "--batch-size", "--learning-rate", "--seed", "--save-every", "--resume",
+                       "--train-text-encoder", "--trigger", "--model", "--config"):  # fmt: skip
+        assert issue_flag in help_text
