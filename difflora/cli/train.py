@@ -6,6 +6,7 @@ be a key without a flag (or the reverse). Every flag defaults to None, so load_c
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -82,4 +83,7 @@ def train_command(data_dir: Path | None, config_file: Path | None, **flags: Any)
     overrides[_POSITIONAL] = str(data_dir) if data_dir is not None else None
     config = load_config(TrainConfig, toml_path=config_file, overrides=overrides, section="train")
     adapter = train(config)
-    click.echo(f"Adapter: {adapter}")
+    if (
+        os.environ.get("RANK", "0") == "0"
+    ):  # under accelerate launch / torchrun: one line, not one per process
+        click.echo(f"Adapter: {adapter}")
