@@ -62,7 +62,7 @@ def adapter_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pipe():
+def pipe(adapter_dir):  # adapter_dir first: it skips when the model or the data are missing
     from difflora.models import load_pipeline
 
     return load_pipeline(None)
