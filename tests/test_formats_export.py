@@ -225,3 +225,14 @@ def test_export_refuses_to_overwrite_silently(exported):
     assert export_adapter(ExportConfig(adapter=str(native), overwrite=True)) == files["fp16"]
     with pytest.raises(ConfigError, match="--dtype"):
         ExportConfig(adapter="x", dtype="int8")  # type: ignore[arg-type]
+
+
+def test_diffusers_format_export_keeps_the_native_layout_in_the_chosen_dtype(exported):
+    _, adapter, native, _ = exported
+    path = export_adapter(ExportConfig(adapter=str(native), format="diffusers", dtype="bf16"))
+    assert path.name == "style.diffusers.safetensors"
+    back = load_adapter(path)
+    assert back.meta.source_format == "difflora" and set(back.modules) == set(adapter.modules)
+    assert all(w.down.dtype == torch.bfloat16 for w in back.modules.values())
+    for key, weights in adapter.modules.items():
+        assert back.modules[key].alpha == pytest.approx(weights.alpha)

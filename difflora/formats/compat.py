@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difflora.formats.naming import NameTable, reference_table
+from difflora.formats.reference import reference_families
 
 CONSUMERS = ("ComfyUI", "A1111/Forge", "diffusers")
 CLIP_SUFFIXES = {  # ComfyUI LORA_CLIP_MAP
@@ -70,7 +71,7 @@ def verdicts(keys: Sequence[str], metadata: Mapping[str, str], family: str) -> l
     from difflora.formats.compat_comfyui import comfyui
     from difflora.formats.compat_diffusers import diffusers
 
-    known = family in ("sd1", "sd2", "sdxl")
+    known = family in reference_families()
     table = reference_table(family if known else "sd1")
     results = [comfyui(keys, table), a1111(keys, metadata, table), diffusers(keys, table)]
     if not known:

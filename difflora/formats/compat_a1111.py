@@ -24,7 +24,7 @@ def a1111_modules(family: str) -> frozenset[str]:
         for b in range(len(te_layer_names(table, component)) // len(CLIP_SUFFIXES)):
             stem = f"{prefix}model_transformer_resblocks_{b}"
             names.update({f"{stem}_attn", f"{stem}_attn_out_proj", f"{stem}_mlp_c_fc", f"{stem}_mlp_c_proj"})
-    clip_prefix = {"sd1": "", "sdxl": "0_"}.get(family)
+    clip_prefix = {"sd2": None, "sdxl": "0_"}.get(family, "")  # SD1-style models hold HF CLIP unprefixed
     if clip_prefix is not None:
         names.update(
             f"{clip_prefix}transformer_{flat(key.partition('.')[2])}"
