@@ -1,0 +1,284 @@
+"""Training speed and memory: difflora's trainer side by side with the reference diffusers LoRA loop.
+
+The reference is a faithful re-implementation of the training loop of diffusers'
+`examples/text_to_image/train_text_to_image_lora.py` (peft version): `unet.add_adapter(LoraConfig(r, alpha=r,
+init_lora_weights="gaussian", targets to_k/to_q/to_v/to_out.0))`, AdamW(betas 0.9/0.999, weight decay 1e-2,
+eps 1e-8) over the LoRA parameters, a shuffling DataLoader whose transform decodes each image every time it
+is drawn (Resize shorter side bilinear, CenterCrop, ToTensor, Normalize(0.5, 0.5): done here with PIL and
+numpy because torchvision is not a dependency) and tokenizes the caption; every step VAE-encodes the pixels
+(`latent_dist.sample() * scaling_factor`), text-encodes the tokens, adds DDPM noise at uniform timesteps,
+predicts with the UNet, takes the min-SNR-γ weighted MSE (`--snr_gamma`, set to difflora's default 5 so both
+compute the same loss), `accelerator.backward`, clips the gradient norm to 1, steps the optimizer and the
+constant LR schedule. Nothing is cached.
+
+Both run in their own subprocess (so peak memory is each one's own) on the same model, image folder, batch
+size, resolution, LoRA rank, number of steps and torch thread count. Reported per side: steady-state
+steps/s (median step time after `--warmup` steps, times measured around each step), end-to-end seconds
+(process start to adapter written: model load, difflora's one-time caching included) and peak resident
+memory (ru_maxrss; on CUDA also torch's peak allocated memory).
+
+    python scripts/bench_train.py [DATA_DIR] [--model M] [--steps 60] [--batch-size 4] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _peak_memory() -> dict[str, float]:
+    import torch
+
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+# ------------------------------------------------------------------------------------------ difflora
+
+
+def run_difflora(args: argparse.Namespace, began: float) -> dict:
+    import csv
+
+    from difflora.config.train import TrainConfig
+    from difflora.trainer import train
+
+    out = Path(args.workdir) / "difflora"
+    config = TrainConfig(
+        data_dir=args.data,
+        model=args.model,
+        output_dir=str(out),
+        name="bench",
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        resolution=args.resolution,
+        save_every=0,
+        sample_every=0,
+        num_threads=args.threads,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+    )
+    train(config, progress=False)
+    with open(out / "bench.run" / "loss.csv", newline="") as handle:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
+    return {"step_seconds": seconds, "end_to_end_s": time.perf_counter() - began, **_peak_memory()}
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+def _reference_dataset(data_dir: Path, resolution: int, tokenizer):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    files = sorted(p for p in data_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    captions = [p.with_suffix(".txt").read_text().strip() for p in files]
+
+    class ImageFolder(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(files)
+
+        def __getitem__(self, index: int) -> dict:
+            image = Image.open(files[index]).convert(
+                "RGB"
+            )  # decoded on every draw, like datasets' imagefolder
+            scale = resolution / min(image.size)
+            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BILINEAR)
+            left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            ids = tokenizer(
+                captions[index],
+                max_length=tokenizer.model_max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids[0]
+            return {"pixel_values": (pixels - 0.5) / 0.5, "input_ids": ids}
+
+    return ImageFolder()
+
+
+def run_reference(args: argparse.Namespace, began: float) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+    from peft import LoraConfig
+
+    from difflora.models import load_pipeline
+
+    torch.set_num_threads(args.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(0)
+    pipe = load_pipeline(args.model)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.to(accelerator.device)
+    unet.add_adapter(
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.rank,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
+    lora_layers = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-08)
+    resolution = args.resolution or int(unet.config.sample_size) * int(pipe.vae_scale_factor)
+    dataset = _reference_dataset(Path(args.data), resolution, tokenizer)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        shuffle=True,
+        batch_size=args.batch_size,
+        num_workers=0,
+        collate_fn=lambda items: {
+            "pixel_values": torch.stack([i["pixel_values"] for i in items]).float(),
+            "input_ids": torch.stack([i["input_ids"] for i in items]),
+        },
+    )
+    lr_scheduler = get_scheduler(
+        "constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=args.steps
+    )
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    seconds = _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler, optimizer, loader,
+                              lr_scheduler, lora_layers, compute_snr, F)  # fmt: skip
+    return {"step_seconds": seconds, "end_to_end_s": time.perf_counter() - began, **_peak_memory()}
+
+
+def _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler, optimizer, loader,
+                    lr_scheduler, lora_layers, compute_snr, F) -> list[float]:  # fmt: skip
+    import torch
+
+    seconds: list[float] = []
+    global_step = 0
+    unet.train()
+    while global_step < args.steps:
+        for batch in _timed(loader, seconds):
+            with accelerator.accumulate(unet):
+                latents = vae.encode(batch["pixel_values"]).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                bsz = latents.shape[0]
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device
+                )
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                target = noise  # epsilon prediction (the embedded model's)
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                snr = compute_snr(noise_scheduler, timesteps)
+                weights = torch.stack([snr, 5.0 * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
+                loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+                loss = (loss.mean(dim=list(range(1, len(loss.shape)))) * weights).mean()
+                accelerator.gather(loss.repeat(bsz)).mean().item()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_layers, 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            global_step += 1
+            if global_step >= args.steps:
+                break
+    return seconds[: args.steps]
+
+
+def _timed(loader, seconds: list[float]):
+    """Yield the loader's batches, recording the wall time of each step including its data loading."""
+    began = time.perf_counter()
+    for batch in loader:
+        yield batch
+        now = time.perf_counter()
+        seconds.append(now - began)
+        began = now
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+def _child(kind: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, args.data, "--child", kind, "--workdir", args.workdir]
+    command += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank)]
+    command += ["--threads", str(args.threads)]
+    if args.model:
+        command += ["--model", args.model]
+    if args.resolution:
+        command += ["--resolution", str(args.resolution)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{kind} run failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _summary(result: dict, warmup: int) -> dict:
+    steady = result["step_seconds"][warmup:] or result["step_seconds"]
+    return {
+        "steps_per_s": 1.0 / statistics.median(steady),
+        "end_to_end_s": result["end_to_end_s"],
+        "peak_rss_mib": result["peak_rss_mib"],
+        **({"peak_cuda_mib": result["peak_cuda_mib"]} if "peak_cuda_mib" in result else {}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", nargs="?", default=str(REPO / "sample_data" / "style"))
+    parser.add_argument("--model", default=None, help="default: the embedded model")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--child", choices=["difflora", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    began = time.perf_counter()
+    if args.child:
+        result = (run_difflora if args.child == "difflora" else run_reference)(args, began)
+        print(json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory() as workdir:
+        args.workdir = workdir
+        ours = _summary(_child("difflora", args), args.warmup)
+        reference = _summary(_child("reference", args), args.warmup)
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {
+            k: getattr(args, k)
+            for k in ("data", "model", "steps", "batch_size", "rank", "resolution", "threads")
+        },
+        "difflora": ours,
+        "reference": reference,
+        "throughput_ratio": ours["steps_per_s"] / reference["steps_per_s"],
+        "peak_rss_ratio": ours["peak_rss_mib"] / reference["peak_rss_mib"],
+        "end_to_end_ratio": reference["end_to_end_s"] / ours["end_to_end_s"],
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
