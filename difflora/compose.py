@@ -130,15 +130,17 @@ class Composer:
         """Make the composed set exactly `specs`: re-weight those present, load the new, drop the others."""
         specs = parse_adapter_weights(specs) if isinstance(specs, str) else list(specs)
         wanted = {spec.name for spec in specs}
-        for name in [n for n in self._entries if n not in wanted]:
-            self._remove(name)
-        for spec in specs:
-            if spec.name in self._entries:
-                self._entries[spec.name].spec = spec
-            else:
-                path = find_adapter(spec.name, self.directories)
-                self._add(spec, load_adapter(path), path)
-        self._apply()
+        try:
+            for name in [n for n in self._entries if n not in wanted]:
+                self._remove(name)
+            for spec in specs:
+                if spec.name in self._entries:
+                    self._entries[spec.name].spec = spec
+                else:
+                    path = find_adapter(spec.name, self.directories)
+                    self._add(spec, load_adapter(path), path)
+        finally:  # an adapter refused half-way: the model still matches the adapters registered so far
+            self._apply()
 
     def set_weights(self, specs: Sequence[AdapterWeight] | str) -> None:
         """Change the weights of adapters already composed (others keep theirs)."""
