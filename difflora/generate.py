@@ -191,7 +191,7 @@ def _save(
         "difflora_version": __version__,
         **(extra or {}),
     }
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)
     return save_png(image, path, parameters=parameters, sidecar=sidecar)
 
 
