@@ -337,7 +337,7 @@ def _parse_native(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
     if orphans:
         raise AdapterFormatError(f"{source}: lora_B without lora_A for {orphans[:3]}")
     return Adapter(
-        modules=modules, meta=_meta_from_header(metadata, native="difflora.format_version" in metadata)
+        modules=modules, meta=meta_from_header(metadata, native="difflora.format_version" in metadata)
     )
 
 
@@ -359,7 +359,7 @@ def _alpha_for(module: str, rank: int, peft_config: dict[str, Any]) -> float:
     return float(alpha) * (rank**0.5) if scale_root else float(alpha)
 
 
-def _meta_from_header(metadata: dict[str, str], *, native: bool) -> AdapterMeta:
+def meta_from_header(metadata: dict[str, str], *, native: bool) -> AdapterMeta:
     def get(key: str, default: str = "") -> str:
         return metadata.get(f"difflora.{key}", default)
 

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from difflora.adapter import Adapter, AdapterMeta, LoraWeights, _meta_from_header, header_metadata
+from difflora.adapter import Adapter, AdapterMeta, LoraWeights, meta_from_header, header_metadata
 from difflora.config import parse_toml_text
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError
 from difflora.formats import family as families
@@ -351,7 +351,7 @@ def _meta_from_kohya(metadata: dict[str, str], family: str) -> AdapterMeta:
     """A file difflora exported gives back its adapter's metadata exactly; any other file keeps all of its
     metadata in `extra` (for `difflora inspect`) and the facts difflora uses in the fields."""
     if "difflora.format_version" in metadata:
-        meta = _meta_from_header(metadata, native=True)
+        meta = meta_from_header(metadata, native=True)
         meta.extra = {k: v for k, v in meta.extra.items() if not k.startswith(FOREIGN_METADATA_PREFIXES)}
         meta.source_format = "kohya"
         return meta
