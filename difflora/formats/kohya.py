@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from difflora.adapter import Adapter, AdapterMeta, LoraWeights, meta_from_header, header_metadata
+from difflora.adapter import Adapter, AdapterMeta, LoraWeights, header_metadata, meta_from_header
 from difflora.config import parse_toml_text
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError
 from difflora.formats import family as families
