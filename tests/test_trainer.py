@@ -211,3 +211,26 @@ def test_lr_schedule_shapes():
     assert lr_factor(7, kind="cosine", warmup=4, total=10) == pytest.approx(0.5)
     assert lr_factor(10, kind="cosine", warmup=4, total=10) == pytest.approx(0.0)
     assert lr_factor(7, kind="linear", warmup=4, total=10) == pytest.approx(0.5)
+
+
+def test_text_encoder_lora_has_its_own_learning_rate(workspace, tmp_path):
+    path = trainer.train(
+        _config(
+            workspace,
+            tmp_path,
+            max_steps=2,
+            save_every=0,
+            train_text_encoder=True,
+            text_encoder_lr=0.0,  # frozen in effect: its B matrices must stay exactly zero
+            gradient_accumulation=2,
+            gradient_checkpointing=True,
+        ),
+        progress=False,
+    )
+    adapter = load_adapter(path)
+    assert adapter.components == ["unet", "text_encoder"]
+    text = adapter.component_modules("text_encoder")
+    assert "text_model.encoder.layers.0.self_attn.q_proj" in text  # classic names in files
+    assert all(float(w.up.abs().max()) == 0 for w in text.values())
+    assert any(float(w.up.abs().max()) > 0 for w in adapter.component_modules("unet").values())
+    assert "accumulation 2 = 8 images per step" in (tmp_path / "stripes.run" / "plan.txt").read_text()
