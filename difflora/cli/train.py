@@ -32,7 +32,9 @@ def _option(field: dataclasses.Field, hint: Any, help_text: str):
     flag = "--" + field.name.replace("_", "-")
     base = _base_type(hint)
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-    shown = f" [default: {default}]" if default not in (None, (), "") else ""
+    text = " ".join(str(d) for d in default) if isinstance(default, tuple) else str(default)
+    hidden = default is None or default is False or default in ((), "")
+    shown = "" if hidden else f" [default: {text}]"
     if base is bool:
         no_flag = "--no-" + field.name.replace("_", "-")
         return click.option(f"{flag}/{no_flag}", field.name, default=None, help=help_text + shown)
