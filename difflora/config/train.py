@@ -116,7 +116,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for LoRA initialisation, data order, noise and timesteps."""
     num_threads: int | None = None
-    """CPU threads for torch. Default: torch's own choice (all cores), divided among processes."""
+    """CPU threads for torch. Default: measured at start: all cores (shared among processes) or 1, whichever
+    runs the UNet faster (on a busy machine one thread can be many times faster)."""
 
     # ---------------------------------------------------------------- checkpoints, samples, guard
     save_every: int | None = None
