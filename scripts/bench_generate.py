@@ -116,6 +116,7 @@ def run(args) -> dict:
     per_image = {key: statistics.median(values) for key, values in samples.items()}
     return {
         "per_image_s": per_image,
+        "min_per_image_s": {key: min(values) for key, values in samples.items()},
         "samples_s": samples,
         "reweight_8_s": reweight,
         "identity": model_identity(pipe).name,
