@@ -143,6 +143,9 @@ class Run:
                     params[key].copy_(value)
             self.optimizer.load_state_dict(loaded.optimizer)
             self.scheduler.load_state_dict(loaded.scheduler)
+            threads = loaded.info.get("torch_threads")
+            if self.config.num_threads is None and threads and self.accelerator.device.type == "cpu":
+                torch.set_num_threads(int(threads))  # same reduction order as before the interruption
             own = loaded.rng.get(str(self.accelerator.process_index))
             if own is not None:
                 restore_rng(own)
@@ -301,6 +304,7 @@ def save_state(run: Run, step: int, epoch: int, *, finished: bool = False) -> Ch
                 "dataset_hash": run.data.scan.dataset_hash,
                 "epoch": epoch,
                 "started_at": run.started_at,
+                "torch_threads": torch.get_num_threads(),
             },
             adapter_bytes=to_bytes(adapter_state_dict(adapter), metadata=header_metadata(adapter)),
             extra_files={"samples.png": grid} if grid else None,

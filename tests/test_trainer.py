@@ -50,6 +50,7 @@ def _config(workspace: Path, out: Path, **changes) -> TrainConfig:
         save_every=2,
         sample_every=0,
         learning_rate=1e-2,
+        num_threads=1,  # bit-exact comparisons between runs need the same reduction order
     )
     values.update(changes)
     return TrainConfig(**values)
