@@ -203,10 +203,10 @@ def _latent_cache(examples, plans, pipe: Any, flip: bool, cache_dir: Path):
         vae_encoder(vae),
         model_identity=identity,
         scaling_factor=float(vae.config.scaling_factor),
-        batch_size=16,
+        batch_size=4,  # small batches keep the one-time encoding from setting the run's peak memory
     )
     logger.debug("latents: %d cached before, %d computed", built.hits, built.computed)
-    return cache, dict(zip(slots, built.keys, strict=True))
+    return _Memo(cache), dict(zip(slots, built.keys, strict=True))
 
 
 def _text_cache(examples, augmentation: CaptionAugmentation, pipe: Any, cache_dir: Path):
@@ -221,7 +221,23 @@ def _text_cache(examples, augmentation: CaptionAugmentation, pipe: Any, cache_di
             sorted(captions), text_encode_fn(pipe.tokenizer, encoder), encoder_identity=identity
         )
     logger.debug("text embeddings: %d cached before, %d computed", built.hits, built.computed)
-    return cache, keys
+    return _Memo(cache), keys
+
+
+class _Memo:
+    """A cache's `load` remembered in memory: every entry is read from disk once per run instead of once
+    per draw. Bounded, so a huge data set falls back to reading from disk."""
+
+    def __init__(self, cache: Any, limit: int = 8192) -> None:
+        self.cache, self.limit, self.entries = cache, limit, {}
+
+    def load(self, key: str) -> Any:
+        found = self.entries.get(key)
+        if found is None:
+            found = self.cache.load(key)
+            if len(self.entries) < self.limit:
+                self.entries[key] = found
+        return found
 
 
 def text_caching_decision(*, train_text_encoder: bool, augmentation: CaptionAugmentation) -> tuple[bool, str]:

@@ -104,6 +104,14 @@ def _place(pipe: Any, device: torch.device, dtype: torch.dtype, *, vae_fp32: boo
     pipe.vae.to(device=device, dtype=torch.float32 if vae_fp32 else dtype)
 
 
+def release_vae_encoder(pipe: Any) -> None:
+    """Free the VAE's encoder once every latent is cached: training never encodes again and samples only
+    decode, so this memory would sit idle through the run (part of keeping peak memory below the
+    reference trainer's, see BENCHMARKS.md)."""
+    pipe.vae.encoder = None
+    pipe.vae.quant_conv = None
+
+
 def native_resolution(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
@@ -124,8 +132,12 @@ def make_optimizer(
         )
     if kind in ("adamw8bit", "auto") and bnb is not None:
         return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay), "adamw8bit"
-    # foreach: one multi-tensor kernel instead of a Python loop over the many small LoRA matrices.
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True), "adamw"
+    # A fused (else multi-tensor) AdamW instead of torch's CPU default, a Python loop over the many small
+    # LoRA matrices: measured 3.7 ms (fused) vs 28 ms (loop) per step on the embedded model's 112 tensors.
+    try:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True), "adamw"
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / dtype / torch
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True), "adamw"
 
 
 def _bitsandbytes() -> Any:

@@ -49,6 +49,7 @@ from difflora.train_setup import (
     make_lr_scheduler,
     make_optimizer,
     native_resolution,
+    release_vae_encoder,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
         main_first=accelerator.main_process_first(),
     )
     data.notes.append(text_note)
+    if config.cache_latents:
+        release_vae_encoder(models.pipe)
     return _assemble(config, accelerator, models, data, paths, resolution, progress)
 
 
