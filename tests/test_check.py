@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from difflora.captions import clip_token_counter
 from difflora.check import run_check
 from difflora.cli import cli
-from tests.conftest import tiny_tokenizer
+from difflora.cli.check import model_geometry
+from tests.conftest import tiny_pipeline, tiny_tokenizer
 from tests.fixtures_images import make_messy_folder, make_simple_folder
 
 
@@ -70,7 +71,8 @@ def test_token_limit_uses_the_tokenizer_when_given(tmp_path):
 def test_cli_exit_codes(tmp_path):
     make_simple_folder(tmp_path / "ok", count=2)
     runner = CliRunner()
-    result = runner.invoke(cli, ["check", str(tmp_path / "ok"), "--resolution", "64", "--epochs", "3"])
+    args = ["check", str(tmp_path / "ok"), "--resolution", "64", "--epochs", "3", "--batch-size", "1"]
+    result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "2 images, 2 examples per epoch" in result.output and "3 epoch(s), 6 steps" in result.output
 
@@ -83,4 +85,18 @@ def test_cli_exit_codes(tmp_path):
     assert result.exit_code == 1 and "no image found" in result.output
 
     result = runner.invoke(cli, ["check", str(tmp_path / "ok"), "--resolution", "100"])
-    assert result.exit_code == 2 and "multiple of the bucket step" in result.output
+    assert result.exit_code == 2 and "--resolution" in result.output
+    result = runner.invoke(cli, ["check", str(tmp_path / "ok"), "--epochs", "2", "--max-steps", "5"])
+    assert result.exit_code == 2 and "choose one" in result.output
+
+
+def test_cli_reads_the_model_geometry_and_tokenizer(tmp_path):
+    """Buckets, step and token limit come from the model's config files, as training will use them."""
+    tiny_pipeline(tmp_path / "build").save_pretrained(tmp_path / "model")
+    geometry = model_geometry(str(tmp_path / "model"))
+    # tiny VAE: 2 blocks -> factor 2; tiny UNet: 2 blocks -> 1 downsampling; sample_size 8
+    assert (geometry.resolution, geometry.step, geometry.max_tokens) == (16, 4, 14)
+    make_simple_folder(tmp_path / "data", count=2, size=(24, 16))
+    result = CliRunner().invoke(cli, ["check", str(tmp_path / "data"), "--model", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert "Buckets (resolution 16, step 4" in result.output and "Note:" not in result.output

@@ -1,22 +1,41 @@
 """`difflora check FOLDER`: the training data scan as a report (usable images, skipped files, captions,
-buckets, duplicates, the training plan), without training. Exit code 1 when training would refuse the data."""
+buckets, duplicates, the training plan), without training. Exit code 1 when training would refuse the data.
+
+It reads the same TrainConfig as `difflora train` (defaults < --config < flags), and the model's config
+files and tokenizer only (no weights), so the buckets and plan it prints are the ones training will use.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from difflora.buckets import bucket_step
 from difflora.captions import TokenCounter, clip_token_counter
 from difflora.check import run_check
+from difflora.config import load_config
+from difflora.config.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+FALLBACK_RESOLUTION, FALLBACK_STEP, FALLBACK_TOKENS = 512, 64, 75  # SD1 geometry when the model is not read
 
-def _tokenizer_counter(model: str | None) -> tuple[TokenCounter | None, int | None]:
-    """Exact token counting from the model's own tokenizer when it is a local folder (or the embedded
-    model); otherwise None, and the report says its counts are estimates."""
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    resolution: int | None  # native: UNet sample size × VAE factor
+    step: int
+    count_tokens: TokenCounter | None
+    max_tokens: int
+    note: str | None  # why a fallback was used
+
+
+def model_geometry(model: str | None) -> ModelGeometry:
+    """Native resolution, bucket step and token counter from a local model's config files and tokenizer."""
     try:
         from transformers import AutoTokenizer
 
@@ -24,56 +43,68 @@ def _tokenizer_counter(model: str | None) -> tuple[TokenCounter | None, int | No
 
         source = resolve_model(model)
         if source.kind not in ("embedded", "folder"):
-            return None, None
-        tokenizer = AutoTokenizer.from_pretrained(Path(source.location) / "tokenizer")
-    except Exception as exc:  # no model at hand is fine for a data check: fall back to an estimate
-        logger.debug("no tokenizer for exact caption lengths (%s); estimating", exc)
-        return None, None
-    return clip_token_counter(tokenizer), tokenizer.model_max_length - 2
+            raise ValueError(f"{source.kind} models are not read by check")
+        folder = Path(source.location)
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    except Exception as exc:  # a data check must work without a model at hand
+        logger.debug("model not read (%s)", exc)
+        note = (
+            f"model not read ({exc}); assuming SD1 geometry: step {FALLBACK_STEP}, {FALLBACK_TOKENS} tokens"
+        )
+        return ModelGeometry(None, FALLBACK_STEP, None, FALLBACK_TOKENS, note)
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    step = bucket_step(vae_factor, len(unet["block_out_channels"]) - 1)
+    sample_size = unet["sample_size"]
+    native = (sample_size if isinstance(sample_size, int) else sample_size[0]) * vae_factor
+    return ModelGeometry(native, step, clip_token_counter(tokenizer), tokenizer.model_max_length - 2, None)
 
 
 @click.command("check")
 @click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
 @click.option(
-    "--caption-extension", default=".txt", show_default=True, help="Preferred sidecar caption file."
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML file of train settings ([train] table or top level), as for `difflora train`.",
+)
+@click.option("--model", default=None, help="Base model (its geometry and tokenizer) [default: embedded].")
+@click.option(
+    "--resolution", type=int, default=None, help="Bucket area is about this squared [default: model's]."
 )
 @click.option(
     "--trigger", default=None, help="Word put first in every caption (and used when one is missing)."
 )
-@click.option(
-    "--resolution", default=512, show_default=True, type=int, help="Bucket area is about this squared."
-)
-@click.option(
-    "--bucket-step", default=64, show_default=True, type=int, help="Bucket sides are multiples of this."
-)
-@click.option("--no-upscale", is_flag=True, help="Never enlarge an image to fit its bucket.")
-@click.option("--batch-size", default=1, show_default=True, type=int)
-@click.option("--gradient-accumulation", default=1, show_default=True, type=int)
-@click.option("--max-steps", default=None, type=int, help="Plan this many steps instead of deriving them.")
-@click.option("--epochs", default=None, type=int, help="Plan this many epochs instead of deriving them.")
-@click.option(
-    "--max-tokens", default=None, type=int, help="Caption token limit [default: the tokenizer's, or 75]."
-)
-@click.option(
-    "--model", default=None, help="Model whose tokenizer counts caption tokens [default: embedded]."
-)
-def check_command(folder: Path, model: str | None, max_tokens: int | None, **options) -> None:
+@click.option("--caption-extension", default=None, help="Caption file looked for first: .txt or .caption.")
+@click.option("--no-upscale", is_flag=True, flag_value=True, default=None, help="Never enlarge small images.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--gradient-accumulation", type=int, default=None)
+@click.option("--max-steps", type=int, default=None, help="Plan this many steps instead of deriving them.")
+@click.option("--epochs", type=int, default=None, help="Plan this many epochs instead of deriving them.")
+def check_command(folder: Path, config_path: Path | None, **flags) -> None:  # fmt: skip
     """Check an image folder before training: what will be used, what will not, and why."""
-    counter, limit = _tokenizer_counter(model)
+    config = load_config(TrainConfig, toml_path=config_path, overrides={"data_dir": str(folder), **flags},
+                         section="train")  # fmt: skip
+    geometry = model_geometry(config.model)
+    resolution = config.resolution or geometry.resolution or FALLBACK_RESOLUTION
     report = run_check(
         folder,
-        caption_extension=options["caption_extension"],
-        trigger=options["trigger"],
-        resolution=options["resolution"],
-        step=options["bucket_step"],
-        no_upscale=options["no_upscale"],
-        batch_size=options["batch_size"],
-        gradient_accumulation=options["gradient_accumulation"],
-        max_steps=options["max_steps"],
-        epochs=options["epochs"],
-        max_tokens=max_tokens or limit or 75,
-        count_tokens=counter,
+        caption_extension=config.caption_extension,
+        trigger=config.trigger,
+        resolution=resolution,
+        step=geometry.step,
+        no_upscale=config.no_upscale,
+        batch_size=config.batch_size,
+        gradient_accumulation=config.gradient_accumulation,
+        max_steps=config.max_steps,
+        epochs=config.epochs,
+        max_tokens=geometry.max_tokens,
+        count_tokens=geometry.count_tokens,
     )
+    if geometry.note:
+        click.echo(f"Note: {geometry.note}\n")
     click.echo(report.render())
     if not report.ok:
         click.get_current_context().exit(1)
