@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,6 +84,30 @@ def evaluate(pipe, seeds: list[int], steps: int, guidance: float, subset: int | 
     }
 
 
+def signature_report(pipe, steps: int, guidance: float, n_captions: int = 8) -> dict:
+    """Sample concepts' signatures: in the sample images, and in base generations of their captions."""
+    report = {}
+    for folder, name, measure in (
+        ("style", "stripe_energy", signatures.stripe_energy),
+        ("subject", "cross_score", signatures.cross_score),
+    ):
+        pngs = sorted((ROOT / "sample_data" / folder).glob("*.png"))
+        sample = [measure(np.asarray(Image.open(p).convert("RGB"))) for p in pngs]
+        base = [
+            measure(im)
+            for p in pngs[:n_captions]
+            for im in generate(pipe, p.with_suffix(".txt").read_text().strip(), [0], steps, guidance)
+        ]
+        report[folder] = {
+            "measure": name,
+            "sample_min": min(sample),
+            "sample_median": float(np.median(sample)),
+            "base_max": max(base),
+            "base_median": float(np.median(base)),
+        }
+    return report
+
+
 def time_one_image(pipe, steps: int, guidance: float, repeats: int = 5) -> float:
     """Median seconds for one 64x64 image at `steps` steps, batch 1, after one warm-up."""
     generate(pipe, "a red circle on a white background", [0], steps, guidance)
@@ -106,6 +131,11 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (GPU), torch {torch.__version__}"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def model_megabytes() -> float:
+    model = ROOT / "difflora" / "embedded" / "model"
+    return sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
 
 
 def write_section(path: Path, section: str) -> None:
@@ -132,17 +162,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="the timing is reported for this device")
     parser.add_argument("--json", type=Path, help="write the full result (per prompt) here")
     parser.add_argument("--write-benchmarks", action="store_true", help="update BENCHMARKS.md's section")
     args = parser.parse_args()
     from diffusers import StableDiffusionPipeline
 
+    if args.threads:
+        # On a shared machine, 2 spinning OpenMP threads per process slow down several-fold.
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     result = evaluate(pipe, list(range(args.seeds)), args.steps, args.guidance)
+    result["signatures"] = signature_report(pipe, args.steps, args.guidance)
+    result["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs on the machine during timing
     result["seconds_per_image"] = time_one_image(pipe, args.steps, args.guidance)
     result["machine"] = machine()
     result["eval_seconds"] = round(time.time() - t0, 1)
@@ -157,7 +193,29 @@ def main() -> None:
 
 
 def benchmark_section(r: dict, cmd: str) -> str:
+    t = json.loads((ROOT / "difflora" / "embedded" / "pretraining_report.json").read_text())
+    sig = r["signatures"]
     return f"""## Embedded model
+
+A tiny SD 1.x trained from scratch (`scripts/pretrain_embedded_model.py`, {t["device"]}, {t["date"]}):
+UNet {t["params"]["unet"] / 1e6:.2f} M params, CLIP text encoder {t["params"]["text_encoder"] / 1e6:.2f} M
+(real 49,408-token vocabulary, {t["max_tokens"]} tokens), VAE {t["params"]["vae"] / 1e6:.2f} M;
+latents {"x".join(map(str, t["latents"]))}; fp16 on disk, {model_megabytes():.1f} MB.
+
+| stage | steps x batch | time | result |
+| --- | --- | --- | --- |
+| VAE | {t["vae"]["steps"]} x {t["vae"]["batch"]} | {t["vae"]["seconds"]:.0f} s | PSNR held-out {t["vae"]["psnr_db_base_heldout"]:.1f} dB, stripes {t["vae"]["psnr_db_style_stripes"]:.1f} dB, crosses {t["vae"]["psnr_db_subject_cross"]:.1f} dB (bar 28); scaling_factor {t["vae"]["scaling_factor"]} |
+| text encoder + UNet | {t["text_encoder_unet"]["steps"]} x {t["text_encoder_unet"]["batch"]} | {t["text_encoder_unet"]["seconds"]} s | min-SNR-5 loss {t["text_encoder_unet"]["final_loss_min_snr5"]} |
+
+Commands: `{"`; `".join(t["commands"])}`.
+
+Sample concepts' signatures (`sample_data/`, thresholds in `difflora/embedded/signatures.py`); "base" = the
+base model prompted with the first 8 sample captions, trigger words included, seed 0:
+
+| concept | measure | threshold | sample images min / median | base generations median / max |
+| --- | --- | --- | --- | --- |
+| style (stripes) | stripe energy | {signatures.STRIPE_THRESHOLD} | {sig["style"]["sample_min"]:.3f} / {sig["style"]["sample_median"]:.3f} | {sig["style"]["base_median"]:.3f} / {sig["style"]["base_max"]:.3f} |
+| subject (cross) | cross score | {signatures.CROSS_THRESHOLD} | {sig["subject"]["sample_min"]:.3f} / {sig["subject"]["sample_median"]:.3f} | {sig["subject"]["base_median"]:.3f} / {sig["subject"]["base_max"]:.3f} |
 
 Prompt following of the embedded base model (`difflora/embedded/model/`), measured by
 `scripts/eval_embedded_model.py`: every colour x shape x background prompt (54), {len(r["seeds"])} seeds each,
@@ -169,7 +227,8 @@ Prompt following of the embedded base model (`difflora/embedded/model/`), measur
 | shape class (bbox fill ratio) == prompt shape | {r["shape_accuracy"]:.1%} of {r["images"]} | >= {SHAPE_BAR:.0%} |
 | one 64x64 image, {r["steps"]} steps, batch 1 (median of 5) | {r["seconds_per_image"]:.3f} s | < 1 s |
 
-Machine: {r["machine"]}. Whole evaluation: {r["eval_seconds"]} s.
+Machine: {r["machine"]}; 1-minute load average {r["load_average_1min"]} when the timing started
+(the machine is shared: other jobs slow the timing). Whole evaluation: {r["eval_seconds"]} s.
 
 Command: `{cmd}`
 """
