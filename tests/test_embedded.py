@@ -38,9 +38,13 @@ def _generate(pipe, prompt: str, seeds: list[int], steps: int = 20) -> np.ndarra
 def pipe():
     from diffusers import StableDiffusionPipeline
 
+    # One thread: on a shared 2-core machine two spinning OpenMP threads run several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     p = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_DIR)
     p.set_progress_bar_config(disable=True)
-    return p
+    yield p
+    torch.set_num_threads(threads)
 
 
 def _sample(folder: str) -> list[tuple[np.ndarray, str]]:
