@@ -166,7 +166,7 @@ def draw_loss_curve(points: list[LossPoint], size: tuple[int, int] = (640, 360))
         draw.text((x - 12, height - bottom + 6), f"{int(step)}", fill="black", font=font)
     draw.text(
         (left, 8),
-        f"loss (light: per step, dark: moving average) — {len(points)} steps",
+        f"loss (light: per step, dark: moving average), {len(points)} steps",
         fill="black",
         font=font,
     )

@@ -109,6 +109,8 @@ class Run:
     sample_every: int
     sample_prompts: list[str]
     optimizer_name: str
+    learning_rate: float
+    text_encoder_lr: float
     start_step: int = 0
     final_epoch: int = 0
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -169,7 +171,8 @@ def describe_plan(run: Run) -> str:
     alpha_note = " (= rank)" if config.alpha is None else ""
     resolution_note = " (the model's native size)" if config.resolution is None else ""
     warmup_note = " (5% of the steps)" if config.lr_warmup_steps is None else ""
-    te = f", text encoder lr {config.effective_text_encoder_lr:g}" if config.train_text_encoder else ""
+    te = f", text encoder lr {run.text_encoder_lr:g}" if config.train_text_encoder else ""
+    lr_note = f" (default for a {identity.family} model)" if config.learning_rate is None else ""
     world = run.accelerator.num_processes
     lines = [
         "Training plan",
@@ -183,7 +186,7 @@ def describe_plan(run: Run) -> str:
         f"  batch       {config.batch_size} per process x {world} process(es) x accumulation "
         f"{config.gradient_accumulation} = {config.batch_size * world * config.gradient_accumulation} images per step",
         f"  length      {plan.max_steps} steps, {plan.epochs} epoch(s) of {plan.steps_per_epoch} steps ({plan.rule})",
-        f"  optimizer   {run.optimizer_name}, lr {config.learning_rate:g}{te}, {config.lr_scheduler} schedule, "
+        f"  optimizer   {run.optimizer_name}, lr {run.learning_rate:g}{lr_note}{te}, {config.lr_scheduler} schedule, "
         f"warm-up {run.warmup} steps{warmup_note}, grad clip {config.max_grad_norm:g}, "
         f"min-SNR-γ {config.min_snr_gamma:g}, noise offset {config.noise_offset:g}, precision {config.mixed_precision}",
         f"  saves       every {run.save_every} steps + at the end -> {run.paths.checkpoints} (keep {config.keep_checkpoints})",
@@ -220,8 +223,8 @@ def build_adapter(run: Run, *, step: int, finished: bool) -> Adapter:
     facts = {
         "steps": step,
         "epochs": run.final_epoch + 1 if finished else step // max(1, data.plan.steps_per_epoch),
-        "learning_rate": config.learning_rate,
-        "text_encoder_lr": config.effective_text_encoder_lr if config.train_text_encoder else 0,
+        "learning_rate": run.learning_rate,
+        "text_encoder_lr": run.text_encoder_lr,
         "seed": config.seed,
         "batch_size": config.batch_size * run.accelerator.num_processes * config.gradient_accumulation,
         "resolution": run.resolution,

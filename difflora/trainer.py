@@ -156,12 +156,12 @@ def _assemble(config, accelerator, models, data, paths, resolution, progress) ->
     groups = [
         {
             "params": [p for k, p in models.trainable.items() if k.startswith("unet.")],
-            "lr": config.learning_rate,
+            "lr": config.effective_learning_rate(models.identity.family),
         }
     ]
     if config.train_text_encoder:
         te_params = [p for k, p in models.trainable.items() if k.startswith("text_encoder.")]
-        groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
+        groups.append({"params": te_params, "lr": config.effective_text_encoder_lr(models.identity.family)})
     optimizer, optimizer_name = make_optimizer(
         groups,
         kind=config.optimizer,
@@ -191,6 +191,8 @@ def _assemble(config, accelerator, models, data, paths, resolution, progress) ->
         sample_every=config.sample_every if config.sample_every is not None else save_every,
         sample_prompts=list(config.sample_prompts) or _default_prompts(data),
         optimizer_name=optimizer_name,
+        learning_rate=groups[0]["initial_lr"],  # "lr" already holds the warm-up's first value
+        text_encoder_lr=groups[1]["initial_lr"] if config.train_text_encoder else 0.0,
     )
     run.start_step = run.restore_or_start()
     if accelerator.is_main_process:
@@ -323,9 +325,7 @@ def _diverged(run: Run, step: int, streak: int) -> None:
         if last
         else "No checkpoint had been saved yet; nothing was written."
     )
-    hints = [
-        f"lower the learning rate (--learning-rate {config.learning_rate:g} -> {config.learning_rate / 10:g})"
-    ]
+    hints = [f"lower the learning rate (--learning-rate {run.learning_rate:g} -> {run.learning_rate / 10:g})"]
     if config.mixed_precision == "fp16":
         hints.insert(0, "fp16 overflowed: use --mixed-precision bf16 (or no)")
     if config.noise_offset > 0.2:

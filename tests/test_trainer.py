@@ -69,8 +69,10 @@ def test_train_writes_adapter_run_directory_and_metadata(workspace, tmp_path):
     path = trainer.train(_config(workspace, tmp_path, trigger="zebra"), progress=False)
     assert path == tmp_path / "stripes.safetensors"  # default name: the data folder's
     adapter = load_adapter(path)
-    assert adapter.components == ["unet"] and len(adapter.modules) == 56  # 14 attentions x 4 targets
     base = load_pipeline(str(workspace / "model"))
+    convs = [n for n, _ in base.unet.named_modules() if n.endswith((".conv1", ".conv2")) and "resnets" in n]
+    assert adapter.components == ["unet"] and len(adapter.modules) == 14 * 4 + len(convs) == 72
+    assert adapter.modules["unet.down_blocks.0.resnets.0.conv1"].down.ndim == 4  # LoCon: a 3x3 conv LoRA
     identity = model_identity(base)
     meta = adapter.meta
     assert (meta.base_hash, meta.base_architecture) == (identity.base_hash, identity.architecture)
