@@ -83,24 +83,35 @@ def test_style_signature_appears_and_grows_with_its_weight(pipe, adapter_dir):
     assert energy[0] < energy[1] < energy[2], energy
 
 
-# Measured 2026-11-22 with the trainer's default run (102 steps, rank 8, UNet attention): the subject adapter
-# does not yet draw a cross. cross_score over seeds 0-3 at weights 0/0.5/1: 0.29/0.34/0.38 (threshold 0.70;
-# shapes classified circle/square, as without it); 400 steps: 0.29/0.45/0.34. The composition is exact (see
-# test_compose_exact.py); what is missing is a subject adapter that learned the cross. Non-strict xfail: these
-# turn into passes, unchanged, once the sample subject trains to its signature.
+# Measured 2026-11-22 with the trainer's default run (LoCon targets, ~100 steps): cross_score over seeds 0-3 at
+# subject weights 0 / 0.5 / 1 is 0.29 / 0.47 / 0.58: it grows with the weight (asserted below) but stays under
+# the 0.70 cross threshold (shapes still mostly classified circle). Composition itself is exact
+# (test_compose_exact.py); what is missing is a sample subject adapter that fully learned the cross. The
+# threshold tests are non-strict xfails: they pass unchanged once the default training gets there.
 SUBJECT_NOT_LEARNED = pytest.mark.xfail(
-    reason="the default-trained sample subject adapter does not draw a cross yet (cross_score 0.38 < 0.70)",
+    reason="the default-trained sample subject adapter reaches cross_score 0.58 at weight 1 (threshold 0.70)",
     strict=False,
 )
 
 
+@pytest.fixture(scope="module")
+def subject_scores(pipe, adapter_dir) -> list[float]:
+    """cross_score at subject weights 0, 0.5, 1 (measured once for the two tests below)."""
+    return [measure(pipe, adapter_dir, f"subject:{w}", SUBJECT_PROMPT, "cross_score") for w in (0, 0.5, 1)]
+
+
+def test_subject_signature_grows_with_its_weight(subject_scores):
+    score = subject_scores
+    assert score[0] < score[1] < score[2], score
+    assert score[2] > score[0] + 0.1, score
+
+
 @SUBJECT_NOT_LEARNED
-def test_subject_signature_appears_and_grows_with_its_weight(pipe, adapter_dir):
+def test_subject_signature_reaches_the_cross_threshold(subject_scores):
     from difflora.embedded.signatures import CROSS_THRESHOLD
 
-    score = [measure(pipe, adapter_dir, f"subject:{w}", SUBJECT_PROMPT, "cross_score") for w in (0, 0.5, 1)]
+    score = subject_scores
     assert score[0] < CROSS_THRESHOLD < score[2], score
-    assert score[0] < score[1] < score[2], score
 
 
 def test_style_signature_holds_when_composed_with_the_subject(pipe, adapter_dir):
