@@ -34,10 +34,23 @@ pytestmark = [
 SEEDS = list(range(8))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Rendering and scoring run in this process: pin one thread (on a shared 2-core machine two threads
+    can run many times slower); training picks its own thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train(concept: str, out: Path) -> Path:
     from difflora.cli import cli
 
-    result = CliRunner().invoke(cli, ["train", str(SAMPLE_DATA / concept), "--output-dir", str(out)])
+    # The README's command with its defaults; only the sample grids are skipped (tested on the tiny model)
+    # to keep this test's time to training proper.
+    command = ["train", str(SAMPLE_DATA / concept), "--output-dir", str(out), "--sample-every", "0"]
+    result = CliRunner().invoke(cli, command)
     assert result.exit_code == 0, result.output
     return out / f"{concept}.safetensors"
 
