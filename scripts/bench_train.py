@@ -12,7 +12,7 @@ compute the same loss), `accelerator.backward`, clips the gradient norm to 1, st
 constant LR schedule. Nothing is cached.
 
 Both run in their own subprocess (so peak memory is each one's own) on the same model, image folder, batch
-size, resolution, LoRA rank, number of steps and torch thread count. Reported per side: steady-state
+size, resolution, LoRA rank and targets (the attention projections), number of steps and torch thread count. Reported per side: steady-state
 steps/s (median step time after `--warmup` steps, times measured around each step), end-to-end seconds
 (process start to adapter written: model load, difflora's one-time caching included) and peak resident
 memory (ru_maxrss; on CUDA also torch's peak allocated memory).
@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+REFERENCE_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 def _peak_memory() -> dict[str, float]:
@@ -64,6 +65,7 @@ def run_difflora(args: argparse.Namespace, began: float) -> dict:
         max_steps=args.steps,
         batch_size=args.batch_size,
         rank=args.rank,
+        unet_targets=REFERENCE_TARGETS,  # the reference's targets (difflora's default adds the ResNet convs)
         resolution=args.resolution,
         save_every=0,
         sample_every=0,
@@ -139,7 +141,7 @@ def run_reference(args: argparse.Namespace, began: float) -> dict:
             r=args.rank,
             lora_alpha=args.rank,
             init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            target_modules=list(REFERENCE_TARGETS),
         )
     )
     lora_layers = [p for p in unet.parameters() if p.requires_grad]
