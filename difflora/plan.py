@@ -8,11 +8,12 @@ within their aspect-ratio bucket, so ``batches_per_epoch`` = Σ over buckets of 
 Length, in order of precedence:
 - ``max_steps`` given: that many steps; epochs = ceil(max_steps / steps_per_epoch), the last maybe partial.
 - ``epochs`` given: epochs × steps_per_epoch steps.
-- neither (the derived rule): **10 epochs, but at least 100 and at most 2000 steps**, in whole epochs:
-  epochs = max(10, ceil(100 / steps_per_epoch)); if that exceeds 2000 steps, as many whole epochs as fit
+- neither (the derived rule): **10 epochs, but at least 300 and at most 2000 steps**, in whole epochs:
+  epochs = max(10, ceil(300 / steps_per_epoch)); if that exceeds 2000 steps, as many whole epochs as fit
   in 2000 (at least one); an epoch longer than 2000 steps alone is cut at 2000. Ten passes is where
   small LoRA datasets (5-50 images) usually converge at the usual learning rates (1e-4 for AdamW, rank
-  4-32); the 100-step floor keeps a 3-image set from stopping after 30 steps, and the 2000-step ceiling
+  4-32); the 300-step floor keeps a small set from stopping before it has learned (the embedded model's
+  24-image sample subject needs ~300 steps), and the 2000-step ceiling
   keeps a 1000-image set from running for a day when a few epochs suffice. The plan says which rule it
   used (``rule``), and ``difflora check`` prints it before anyone trains.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from difflora.errors import ConfigError
 
 DEFAULT_EPOCHS = 10
-MIN_DERIVED_STEPS = 100
+MIN_DERIVED_STEPS = 300
 MAX_DERIVED_STEPS = 2000
 
 

@@ -182,6 +182,8 @@ def describe_plan(run: Run) -> str:
         f"{run.resolution} px{resolution_note}",
         f"  LoRA        rank {config.rank}, alpha {config.effective_alpha:g}{alpha_note}; UNet "
         f"{len(models.unet_modules)} modules"
+        + f" ({', '.join(config.effective_unet_targets(identity.family))}"
+        + (f"; default for a {identity.family} model)" if config.unet_targets is None else ")")
         + (f", text encoder {len(models.text_encoder_modules)} modules" if config.train_text_encoder else ""),
         f"  batch       {config.batch_size} per process x {world} process(es) x accumulation "
         f"{config.gradient_accumulation} = {config.batch_size * world * config.gradient_accumulation} images per step",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,7 @@ def load_models(
     rank: int,
     alpha: float,
     dropout: float,
-    unet_targets: Sequence[str],
+    unet_targets: Callable[[str], Sequence[str]],
     text_encoder_targets: Sequence[str],
     train_text_encoder: bool,
     gradient_checkpointing: bool,
@@ -69,7 +69,12 @@ def load_models(
     pipe.text_encoder.requires_grad_(False)
     torch.manual_seed(seed)
     unet_modules = add_lora(
-        pipe.unet, component="unet", rank=rank, alpha=alpha, targets=unet_targets, dropout=dropout
+        pipe.unet,
+        component="unet",
+        rank=rank,
+        alpha=alpha,
+        targets=unet_targets(identity.family),
+        dropout=dropout,
     )
     text_modules: list[str] = []
     if train_text_encoder:

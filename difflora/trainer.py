@@ -74,6 +74,7 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
+    _forget_previous_accelerator()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
@@ -91,7 +92,7 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
         rank=config.rank,
         alpha=config.effective_alpha,
         dropout=config.lora_dropout,
-        unet_targets=config.unet_targets,
+        unet_targets=config.effective_unet_targets,
         text_encoder_targets=config.text_encoder_targets,
         train_text_encoder=config.train_text_encoder,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -134,6 +135,17 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
     if config.cache_latents:
         release_vae_encoder(models.pipe)
     return _assemble(config, accelerator, models, data, paths, resolution, progress)
+
+
+def _forget_previous_accelerator() -> None:
+    """Accelerate keeps its state in a process-wide singleton that refuses a second, different set-up
+    (e.g. train() called again with another --mixed-precision from the same Python session). In a single
+    process nothing else depends on it, so start afresh; under `accelerate launch` the state belongs to the
+    launcher and stays."""
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _set_threads(threads: int | None, accelerator, pipe, batch: int, resolution: int) -> None:

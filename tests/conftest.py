@@ -134,3 +134,24 @@ def tiny_pipeline(tmp_path: Path, seed: int = 0):
 @pytest.fixture
 def pipeline(tmp_path: Path):
     return tiny_pipeline(tmp_path)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO_ROOT / "sample_data"
+
+
+@pytest.fixture(scope="session")
+def sample_adapters(tmp_path_factory) -> Path:
+    """The README's `difflora train sample_data/style` and `difflora train sample_data/subject`, with their
+    defaults on the embedded model (only the sample grids are off), trained once per test session and shared
+    by the end-to-end tests: `<dir>/<concept>.safetensors` and its run directory `<dir>/<concept>.run/`."""
+    from click.testing import CliRunner
+
+    from difflora.cli import cli
+
+    out = tmp_path_factory.mktemp("sample_adapters")
+    for concept in ("style", "subject"):
+        command = ["train", str(SAMPLE_DATA / concept), "--output-dir", str(out), "--sample-every", "0"]
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0, result.output
+    return out

@@ -65,14 +65,23 @@ def _losses(run_dir: Path) -> list[str]:
         return [row["loss"] for row in csv.DictReader(handle)]
 
 
+def test_conv_targets_train_3x3_conv_lora(workspace, tmp_path):
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+    adapter = load_adapter(trainer.train(_config(workspace, tmp_path, unet_targets=targets), progress=False))
+    base = load_pipeline(str(workspace / "model"))
+    convs = [n for n, _ in base.unet.named_modules() if n.endswith((".conv1", ".conv2")) and "resnets" in n]
+    assert len(adapter.modules) == 14 * 4 + len(convs)
+    assert adapter.modules["unet.down_blocks.0.resnets.0.conv1"].down.ndim == 4  # LoCon: a 3x3 conv LoRA
+
+
 def test_train_writes_adapter_run_directory_and_metadata(workspace, tmp_path):
     path = trainer.train(_config(workspace, tmp_path, trigger="zebra"), progress=False)
     assert path == tmp_path / "stripes.safetensors"  # default name: the data folder's
     adapter = load_adapter(path)
     base = load_pipeline(str(workspace / "model"))
-    convs = [n for n, _ in base.unet.named_modules() if n.endswith((".conv1", ".conv2")) and "resnets" in n]
-    assert adapter.components == ["unet"] and len(adapter.modules) == 14 * 4 + len(convs) == 72
-    assert adapter.modules["unet.down_blocks.0.resnets.0.conv1"].down.ndim == 4  # LoCon: a 3x3 conv LoRA
+    # default targets on a full-size-style model: the 4 attention projections of its 14 attention layers
+    assert adapter.components == ["unet"] and len(adapter.modules) == 14 * 4
+    assert {key.rsplit(".", 1)[-1] for key in adapter.modules} == {"to_q", "to_k", "to_v", "0"}
     identity = model_identity(base)
     meta = adapter.meta
     assert (meta.base_hash, meta.base_architecture) == (identity.base_hash, identity.architecture)

@@ -16,20 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from difflora.models import EMBEDDED_MODEL_DIR, load_pipeline
+from difflora.models import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (EMBEDDED_MODEL_DIR / "model_index.json").is_file() or not (SAMPLE_DATA / "style").is_dir(),
-        reason="needs the embedded model and sample_data/",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 SEEDS = list(range(8))
 
@@ -42,17 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _train(concept: str, out: Path) -> Path:
-    from difflora.cli import cli
-
-    # The README's command with its defaults; only the sample grids are skipped (tested on the tiny model)
-    # to keep this test's time to training proper.
-    command = ["train", str(SAMPLE_DATA / concept), "--output-dir", str(out), "--sample-every", "0"]
-    result = CliRunner().invoke(cli, command)
-    assert result.exit_code == 0, result.output
-    return out / f"{concept}.safetensors"
 
 
 def _fixed_noise_loss(pipe, folder: Path) -> float:
@@ -109,12 +91,12 @@ def _loss_trend(run_dir: Path) -> tuple[float, float]:
         ("subject", "a red crossglyph on a white background", "cross_score"),
     ],
 )
-def test_default_training_learns_the_folders_concept(tmp_path, concept, prompt, measure_name):
+def test_default_training_learns_the_folders_concept(sample_adapters, concept, prompt, measure_name):
     from difflora.embedded import signatures
 
     measure = getattr(signatures, measure_name)
-    adapter = _train(concept, tmp_path)
-    first, last = _loss_trend(tmp_path / f"{concept}.run")
+    adapter = sample_adapters / f"{concept}.safetensors"  # trained by the README's command (conftest)
+    first, last = _loss_trend(sample_adapters / f"{concept}.run")
     assert last < first, f"training loss went from {first:.4f} to {last:.4f}"
     base = load_pipeline(None)
     base_loss = _fixed_noise_loss(base, SAMPLE_DATA / concept)
