@@ -78,8 +78,9 @@ def test_plan_rule_and_explicit_lengths():
             images=batches, examples_per_epoch=batches, batches_per_epoch=batches, batch_size=1, **kw
         )
 
-    assert (plan(2).epochs, plan(2).max_steps) == (50, 100)  # floor of 100 steps
-    assert (plan(20).epochs, plan(20).max_steps) == (10, 200)  # 10 epochs
+    assert (plan(2).epochs, plan(2).max_steps) == (150, 300)  # floor of 300 steps
+    assert (plan(20).epochs, plan(20).max_steps) == (15, 300)  # 10 epochs would be under the floor
+    assert (plan(40).epochs, plan(40).max_steps) == (10, 400)  # 10 epochs
     assert (plan(300).epochs, plan(300).max_steps) == (6, 1800)  # whole epochs under 2000
     assert (plan(5000).epochs, plan(5000).max_steps) == (1, 2000)  # one epoch, cut
     assert (plan(20, epochs=3).max_steps, plan(20, max_steps=45).epochs) == (60, 3)
