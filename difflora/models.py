@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +103,27 @@ def load_pipeline(
 
 
 def _load(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    _quiet_loading()
+    with warnings.catch_warnings():
+        # diffusers >= 0.36 renamed torch_dtype to dtype and warns on the old name; older releases, which
+        # pyproject still allows, know only torch_dtype. The warning says nothing the user can act on.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return _load_pipeline(source, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def _quiet_loading() -> None:
+    """diffusers and transformers draw a progress bar per component even for a local 30 MB folder; the
+    CLI has its own progress display, so keep theirs for --debug runs only."""
+    if logger.isEnabledFor(logging.DEBUG):
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _load_pipeline(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
     from diffusers import DiffusionPipeline
 
     common: dict[str, Any] = {"torch_dtype": dtype}

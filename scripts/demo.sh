@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1
 difflora train sample_data/style
 difflora train sample_data/subject
 difflora generate "a red crossglyph on a white background, zebrastripes style" \
-  --adapters style:0.7,subject:0.3 --num-images 4 --out outputs/composed
+  --adapters style:1,subject:0.8 --num-images 4 --out outputs/composed
 difflora generate "a blue crossglyph on a white background, zebrastripes style" \
   --sweep style:0,0.5,1 --sweep subject:0,0.5,1 --out outputs/sweep
 echo "Done: adapters in ./adapters, images in ./outputs/composed and ./outputs/sweep"
