@@ -128,9 +128,23 @@ def _single_or_counts(counter: Counter) -> Any:
     return next(iter(counter)) if len(counter) == 1 else dict(sorted(counter.items()))
 
 
+_CONTAINERS = ("transformer_blocks", "resnets", "attentions", "layers", "down_blocks", "up_blocks")
+_ATTENTION_LEVELS = ("attn1", "attn2", "self_attn", "mlp")
+
+
 def _target_suffix(module_path: str) -> str:
+    """The target name a user would pass for this module: the path after its innermost numbered block,
+    without the attention/MLP level ("...transformer_blocks.0.attn1.to_out.0" -> "to_out.0",
+    "...transformer_blocks.0.ff.net.0.proj" -> "ff.net.0.proj", "...resnets.1.conv2" -> "conv2")."""
     parts = module_path.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+    start = 0
+    for index in range(len(parts) - 1):
+        if parts[index] in _CONTAINERS and parts[index + 1].isdigit():
+            start = index + 2
+    tail = parts[start:]
+    if len(tail) > 1 and tail[0] in _ATTENTION_LEVELS:
+        tail = tail[1:]
+    return ".".join(tail)
 
 
 # ----------------------------------------------------------------------------------------------- saving
