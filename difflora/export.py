@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from difflora.adapter import Adapter, adapter_state_dict, header_metadata, load_adapter, write_atomic
+from difflora.adapter import Adapter, adapter_state_dict, header_metadata, load_adapter
 from difflora.config.export import ExportConfig
 from difflora.errors import ConfigError
 from difflora.formats import family as families
 from difflora.formats.compat import verdicts
 from difflora.formats.kohya import to_kohya
+from difflora.safe_io import write_atomic
 
 logger = logging.getLogger(__name__)
 

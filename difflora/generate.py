@@ -215,7 +215,7 @@ def _next_index(out: Path) -> int:
 
 
 def _write_report(composer: Composer, out: Path) -> None:
-    from difflora.adapter import write_atomic
+    from difflora.safe_io import write_atomic
 
     text = composer.report().text()
     logger.info("%s", text)

@@ -258,7 +258,7 @@ def save_png(
 ) -> Path:
     """Write `image` as PNG with a `parameters` text chunk, plus `<name>.json` beside it when `sidecar` is
     given. Both writes are atomic."""
-    from difflora.adapter import write_atomic
+    from difflora.safe_io import write_atomic
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from difflora.adapter import write_atomic
+from difflora.safe_io import write_atomic
 
 logger = logging.getLogger(__name__)
 

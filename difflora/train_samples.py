@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from difflora.adapter import write_atomic
+from difflora.safe_io import write_atomic
 
 logger = logging.getLogger(__name__)
 

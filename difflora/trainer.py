@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from difflora.adapter import write_atomic
 from difflora.batches import derived_rng
 from difflora.captions import CaptionAugmentation
 from difflora.config import config_to_dict, to_toml
 from difflora.config.train import RESUMABLE_CHANGES, TrainConfig
 from difflora.errors import ConfigError, TrainingDivergedError
 from difflora.loss import diffusion_loss, noised_batch
+from difflora.safe_io import write_atomic
 from difflora.train_data import prepare_data, text_caching_decision, text_encode_fn
 from difflora.train_log import TrainLog
 from difflora.train_run import (

@@ -91,7 +91,8 @@ def te_layer_names(table: NameTable, component: str) -> list[tuple[int, str]]:
 
 def file_verdicts(path: str | Path, family: str | None = None) -> list[Verdict]:
     """Verdicts for a LoRA file on disk; the family is the file's own (as `load_adapter` reads it) if not given."""
-    from difflora.adapter import load_adapter, read_safetensors
+    from difflora.adapter import load_adapter
+    from difflora.safe_io import read_safetensors
 
     tensors, metadata = read_safetensors(path)
     if family is None:
