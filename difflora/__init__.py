@@ -1,30 +1,75 @@
 """difflora: LoRA adapters for Stable Diffusion models, trained, composed and exported.
 
-The data flow, one module per stage:
+The data flow, one package per stage (each package's docstring says what it takes in and hands on):
 
-    image folder --data.scan_folder (images, captions)--> [Example]
-          --buckets / batches--> bucketed batches --cache--> cached latents (+ text embeddings)
-          --trainer.train (train_setup, train_data, loss, checkpoint, train_log, train_samples)-->
-          adapter.safetensors (adapter.save_adapter; lora.py wires peft)
-          --compose.compose (spec, compat, report)--> pipeline.render / generate.generate --> PNG + parameters
-    adapters --merge.merge_adapters--> one adapter (exact rank concatenation or SVD)
-    adapter.safetensors --formats.kohya (export.export_adapter)--> ComfyUI / A1111 / Forge file
-    foreign LoRA file   --formats.read_foreign--> Adapter (composable like our own)
+    image folder --data (scan, images, captions, buckets, batches, cache)--> examples, cached latents
+          --training (trainer: setup -> loop -> outputs; loss, checkpoint, log, samples)--> adapter file
+    adapter file --composition (spec, fit, composer, report, merge)--> W = W0 + Σ wᵢ·ΔWᵢ on the model
+          --generation (generate, pipeline, schedulers)--> PNG files with their parameters
+    adapter file <--formats (read, native, kohya, diffusers_peft, export, consumers)--> ComfyUI / A1111 /
+          Forge / diffusers files, both ways
 
-Around it: config/ (one dataclass per job, TOML + flags), models.py (--model and base identity),
-check.py + plan.py (`difflora check`), describe.py (`difflora inspect`), cli/ (one module per command),
-embedded/ (the shipped tiny model, its drawing code and signature measures).
+Beside the flow: models/ (--model in, a pipeline and its identity out), adapter/ (the in-memory adapter
+and its peft layers), config/ (one dataclass per job, TOML + flags), embedded/ (the shipped tiny model),
+cli/ (one thin module per command). Imports point one way: cli -> training / generation -> composition
+-> formats -> adapter, models, data -> config, errors.
+
+The public Python API, importable from here (each name is imported on first use, so `import difflora`
+and `difflora --help` do not pay for torch):
+
+    train(TrainConfig) -> Path               difflora.training.trainer.train
+    compose(pipe, "style:0.7,...") -> Composer  difflora.composition.composer.compose
+    generate(GenerateConfig) -> [Path]       difflora.generation.generate.generate
+    merge(weights, output, ...)              difflora.composition.merge.merge
+    export_adapter(ExportConfig) -> Path     difflora.formats.export.export_adapter
+    load_adapter(path) / save_adapter(...)   difflora.formats.read / difflora.formats.native
+    load_pipeline(model=None), render(...)   difflora.models.loading / difflora.generation.pipeline
+    parse_adapter_weights("style:0.7")       difflora.composition.spec
+    TrainConfig, GenerateConfig, MergeConfig, ExportConfig, Adapter, AdapterMeta, LoraWeights, Composer
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
-__all__ = ["__version__", "compose", "generate"]
+
+# public name -> the module that defines it
+_API: dict[str, str] = {
+    "train": "difflora.training.trainer",
+    "compose": "difflora.composition.composer",
+    "Composer": "difflora.composition.composer",
+    "generate": "difflora.generation.generate",
+    "render": "difflora.generation.pipeline",
+    "merge": "difflora.composition.merge",
+    "export_adapter": "difflora.formats.export",
+    "load_adapter": "difflora.formats.read",
+    "save_adapter": "difflora.formats.native",
+    "load_pipeline": "difflora.models.loading",
+    "parse_adapter_weights": "difflora.composition.spec",
+    "AdapterWeight": "difflora.composition.spec",
+    "Adapter": "difflora.adapter.types",
+    "AdapterMeta": "difflora.adapter.types",
+    "LoraWeights": "difflora.adapter.types",
+    "TrainConfig": "difflora.config.train",
+    "GenerateConfig": "difflora.config.generate",
+    "MergeConfig": "difflora.config.merge",
+    "ExportConfig": "difflora.config.export",
+    "DiffloraError": "difflora.errors",
+}
+
+__all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str):
-    """`difflora.compose(pipe, "style:0.7,subject:0.3")` and `difflora.generate(GenerateConfig(...))`,
-    imported on first use so that `import difflora` (and `difflora --help`) does not pay for torch."""
-    if name in ("compose", "generate"):
-        import importlib
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'difflora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # imported once; later lookups bypass __getattr__
+    return value
 
-        return importlib.import_module(f"difflora.{name}")
-    raise AttributeError(f"module 'difflora' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

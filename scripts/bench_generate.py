@@ -30,12 +30,14 @@ for _name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
 
 import torch  # noqa: E402
 
-from difflora.adapter import Adapter, AdapterMeta, LoraWeights  # noqa: E402
-from difflora.compose import Composer  # noqa: E402
-from difflora.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, adaptable_modules, classic_name  # noqa: E402
-from difflora.models import load_pipeline, model_identity  # noqa: E402
-from difflora.pipeline import render  # noqa: E402
-from difflora.spec import AdapterWeight  # noqa: E402
+from difflora.adapter.names import adaptable_modules, classic_name  # noqa: E402
+from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS  # noqa: E402
+from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights  # noqa: E402
+from difflora.composition.composer import Composer  # noqa: E402
+from difflora.composition.spec import AdapterWeight  # noqa: E402
+from difflora.generation.pipeline import render  # noqa: E402
+from difflora.models.identity import model_identity  # noqa: E402
+from difflora.models.loading import load_pipeline  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square, striped", "a green triangle", "a yellow cross"]
 COUNTS = (1, 2, 4, 8)

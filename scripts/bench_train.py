@@ -56,7 +56,7 @@ def run_difflora(args: argparse.Namespace, began: float) -> dict:
     import csv
 
     from difflora.config.train import TrainConfig
-    from difflora.trainer import train
+    from difflora.training.trainer import train
 
     out = Path(args.workdir) / "difflora"
     config = TrainConfig(
@@ -127,7 +127,7 @@ def run_reference(args: argparse.Namespace, began: float) -> dict:
     from diffusers.training_utils import compute_snr
     from peft import LoraConfig
 
-    from difflora.models import load_pipeline
+    from difflora.models.loading import load_pipeline
 
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from difflora.adapter import Adapter, AdapterMeta, LoraWeights
+from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.formats.reference import components_of, reference_modules
-from difflora.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
 
 ATTENTION = (*UNET_TARGETS, *TEXT_ENCODER_TARGETS)
 

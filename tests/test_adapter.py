@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from difflora.adapter import Adapter, AdapterMeta, load_adapter, save_adapter
+from difflora.adapter.inject import add_lora, extract_weights
+from difflora.adapter.types import Adapter, AdapterMeta
 from difflora.errors import AdapterFormatError
-from difflora.lora import add_lora, extract_weights
+from difflora.formats.native import save_adapter
+from difflora.formats.read import load_adapter
 from tests.conftest import tiny_pipeline
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from difflora.batches import BucketBatchSampler, TrainingDataset, collate, plan_examples
-from difflora.buckets import Bucket, make_buckets
-from difflora.captions import CaptionAugmentation
-from difflora.data import scan_folder
+from difflora.data.batches import BucketBatchSampler, TrainingDataset, collate, plan_examples
+from difflora.data.buckets import Bucket, make_buckets
+from difflora.data.captions import CaptionAugmentation
+from difflora.data.scan import scan_folder
 from difflora.errors import ConfigError
-from difflora.plan import make_plan
+from difflora.training.plan import make_plan
 from tests.fixtures_images import make_simple_folder, noise_rgb
 
 WIDE, TALL, SQUARE = Bucket(96, 32), Bucket(32, 96), Bucket(64, 64)

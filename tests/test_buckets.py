@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from difflora.buckets import Bucket, assign_bucket, make_buckets, plan_crop, prepare_pixels, render_pixels
+from difflora.data.buckets import (
+    Bucket,
+    assign_bucket,
+    make_buckets,
+    plan_crop,
+    prepare_pixels,
+    render_pixels,
+)
 from tests.fixtures_images import noise_rgb
 
 

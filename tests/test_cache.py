@@ -7,16 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from difflora.batches import BucketBatchSampler, TrainingDataset, collate, latent_requests, plan_examples
-from difflora.buckets import make_buckets, render_pixels
-from difflora.cache import (
-    LatentCache,
-    TextEmbeddingCache,
-    text_cache_allowed,
-    vae_encoder,
-)
-from difflora.captions import CaptionAugmentation
-from difflora.data import load_image, scan_folder
+from difflora.data.batches import BucketBatchSampler, TrainingDataset, collate, latent_requests, plan_examples
+from difflora.data.buckets import make_buckets, render_pixels
+from difflora.data.cache import LatentCache, TextEmbeddingCache, text_cache_allowed, vae_encoder
+from difflora.data.captions import CaptionAugmentation
+from difflora.data.scan import load_image, scan_folder
 from tests.conftest import tiny_vae
 from tests.fixtures_images import make_simple_folder, noise_rgb
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from difflora.captions import clip_token_counter
-from difflora.check import run_check
 from difflora.cli import cli
-from difflora.cli.check import model_geometry
+from difflora.data.captions import clip_token_counter
+from difflora.models.geometry import model_geometry
+from difflora.training.check import run_check
 from tests.conftest import tiny_pipeline, tiny_tokenizer
 from tests.fixtures_images import make_messy_folder, make_simple_folder
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from difflora import __version__
-from difflora.adapter import save_adapter
 from difflora.cli import cli
+from difflora.formats.native import save_adapter
 from tests.conftest import tiny_pipeline
 from tests.test_adapter import _trained_adapter
 

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from difflora.adapter import Adapter, AdapterMeta, LoraWeights, save_adapter
-from difflora.compose import Composer, compose
-from difflora.lora import adaptable_modules, classic_name
-from difflora.models import model_identity
-from difflora.pipeline import render
-from difflora.spec import parse_adapter_weights
+from difflora.adapter.names import adaptable_modules, classic_name
+from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
+from difflora.composition.composer import Composer, compose
+from difflora.composition.spec import parse_adapter_weights
+from difflora.formats.native import save_adapter
+from difflora.generation.pipeline import render
+from difflora.models.identity import model_identity
 from tests.conftest import tiny_pipeline
 
 SPEC = "style:0.8:0.3,subject:-0.6,detail:1.3"

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from difflora.adapter import Adapter, LoraWeights
-from difflora.report import OVERDRIVE, composition_report
-from difflora.spec import parse_adapter_weights
+from difflora.adapter.types import Adapter, LoraWeights
+from difflora.composition.report import OVERDRIVE, composition_report
+from difflora.composition.spec import parse_adapter_weights
 from tests.test_compose_exact import random_adapter
 
 
@@ -69,7 +69,7 @@ def test_aligned_adapters_overdrive_and_orthogonal_ones_do_not():
 
 
 def test_composer_report_uses_the_current_weights(pipeline):
-    from difflora.compose import compose
+    from difflora.composition.composer import compose
 
     composer = compose(pipeline)
     adapter = random_adapter(pipeline, seed=1, unet=("to_q",))

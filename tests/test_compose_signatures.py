@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from difflora.compose import compose
-from difflora.pipeline import render
+from difflora.composition.composer import compose
+from difflora.generation.pipeline import render
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def adapter_dir(sample_adapters) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe(adapter_dir):
-    from difflora.models import load_pipeline
+    from difflora.models.loading import load_pipeline
 
     return load_pipeline(None)
 

@@ -7,11 +7,11 @@ import logging
 import pytest
 import torch
 
-from difflora.adapter import save_adapter
-from difflora.compat import check_compatible
-from difflora.compose import compose
+from difflora.composition.composer import compose
+from difflora.composition.fit import check_compatible
+from difflora.composition.spec import GRAMMAR, AdapterWeight, find_adapter, parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
-from difflora.spec import GRAMMAR, AdapterWeight, find_adapter, parse_adapter_weights
+from difflora.formats.native import save_adapter
 from tests.conftest import tiny_pipeline, tiny_unet
 from tests.test_compose_exact import random_adapter
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from difflora.captions import augment_caption, decode_text, rough_token_count
-from difflora.data import load_image, scan_folder
+from difflora.data.captions import augment_caption, decode_text, rough_token_count
+from difflora.data.scan import load_image, scan_folder
 from difflora.errors import DatasetError
 from tests.fixtures_images import BLUE, RED, make_messy_folder, make_simple_folder, noise_rgb
 

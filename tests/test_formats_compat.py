@@ -7,11 +7,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from difflora.adapter import adapter_state_dict, save_adapter
 from difflora.cli import cli
-from difflora.formats.compat import verdicts
-from difflora.formats.compat_a1111 import a1111_listing
+from difflora.formats.consumers.a1111 import a1111_listing
+from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.kohya import to_kohya
+from difflora.formats.native import adapter_state_dict, save_adapter
 from difflora.formats.reference import reference_model
 from tests.formats_support import synthetic_adapter
 
@@ -110,8 +110,8 @@ def test_cli_export_and_inspect_print_the_verdicts(tmp_path):
 
 
 def test_a_file_with_a_damaged_pair_is_refused_on_import(tmp_path):
-    from difflora.adapter import load_adapter
     from difflora.errors import AdapterFormatError
+    from difflora.formats.read import load_adapter
 
     save_file(
         {

@@ -14,11 +14,13 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
-from difflora.adapter import Adapter, AdapterMeta, load_adapter, save_adapter
+from difflora.adapter.inject import add_lora, extract_weights, inject_weights
+from difflora.adapter.types import Adapter, AdapterMeta
 from difflora.config.export import ExportConfig
 from difflora.errors import AdapterCompatibilityError, ConfigError
-from difflora.export import export_adapter
-from difflora.lora import add_lora, extract_weights, inject_weights
+from difflora.formats.export import export_adapter
+from difflora.formats.native import save_adapter
+from difflora.formats.read import load_adapter
 from tests.conftest import tiny_pipeline
 from tests.formats_support import synthetic_adapter
 

@@ -10,10 +10,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
-from difflora.adapter import load_adapter
+from difflora.adapter.inject import inject_weights
 from difflora.errors import AdapterFormatError
+from difflora.formats.read import load_adapter
 from difflora.formats.reference import reference_modules
-from difflora.lora import inject_weights
 from tests.conftest import tiny_unet
 
 

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from difflora.adapter import save_adapter
 from difflora.cli import cli
-from difflora.models import load_pipeline
-from difflora.pipeline import read_png_parameters
+from difflora.formats.native import save_adapter
+from difflora.generation.pipeline import read_png_parameters
+from difflora.models.loading import load_pipeline
 from tests.conftest import tiny_pipeline
 from tests.test_compose_exact import random_adapter
 

@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
+from difflora.adapter.inject import add_lora, extract_weights, parameter_report
+from difflora.adapter.names import classic_name
+from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from difflora.errors import TargetNotFoundError
-from difflora.lora import (
-    TEXT_ENCODER_TARGETS,
-    UNET_TARGETS,
-    add_lora,
-    classic_name,
-    extract_weights,
-    parameter_report,
-)
 from tests.conftest import tiny_text_encoder, tiny_unet
 
 UNET_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"

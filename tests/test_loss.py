@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from difflora.loss import (
+from difflora.training.loss import (
     add_noise,
     diffusion_loss,
     min_snr_weights,

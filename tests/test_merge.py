@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from difflora.adapter import load_adapter, save_adapter
-from difflora.compose import compose
+from difflora.composition.composer import compose
+from difflora.composition.merge import merge, merge_adapters
+from difflora.composition.spec import parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
-from difflora.merge import merge, merge_adapters
-from difflora.spec import parse_adapter_weights
+from difflora.formats.native import save_adapter
+from difflora.formats.read import load_adapter
 from tests.test_compose_exact import base_weights, module_of, read_file_deltas, write_sample_adapters
 
 SPEC = "style:0.7:0.2,subject:-0.4,detail:1.5"

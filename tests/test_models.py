@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from difflora.errors import ModelError
-from difflora.models import load_pipeline, model_identity, resolve_model
+from difflora.models.identity import model_identity
+from difflora.models.loading import load_pipeline, resolve_model
 from tests.conftest import tiny_pipeline
 
 
@@ -29,7 +30,7 @@ def test_identity_tells_two_bases_apart_but_not_two_architectures(tmp_path):
 
 
 def test_identity_ignores_injected_adapters(tmp_path):
-    from difflora.lora import add_lora
+    from difflora.adapter.inject import add_lora
 
     plain = model_identity(tiny_pipeline(tmp_path))
     adapted_pipe = tiny_pipeline(tmp_path)

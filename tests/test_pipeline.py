@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difflora import pipeline as P
 from difflora.errors import ConfigError
+from difflora.generation import pipeline as P
+from difflora.generation import schedulers as S
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "euler-a", "dpm++-2m", "ddim"])
@@ -44,8 +45,8 @@ def test_render_refuses_unknown_scheduler_with_suggestion(pipeline):
 
 
 def test_schedulers_map_names_to_diffusers_classes():
-    assert P.SCHEDULERS["euler"].__name__ == "EulerDiscreteScheduler"
-    assert set(P.SCHEDULERS) == set(P.SCHEDULER_NAMES)
+    assert S.SCHEDULERS["euler"].__name__ == "EulerDiscreteScheduler"
+    assert set(S.SCHEDULERS) == set(S.SCHEDULER_NAMES)
 
 
 def test_image_grid_places_each_image_in_its_cell():

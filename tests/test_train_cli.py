@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from click.testing import CliRunner
 
-import difflora.trainer as trainer
+import difflora.training.trainer as trainer
 from difflora.cli import cli
 from difflora.config.train import TrainConfig, field_help
 

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import difflora.trainer as trainer
-from difflora.adapter import load_adapter
+import difflora.training.trainer as trainer
 from difflora.config import parse_toml_text
 from difflora.config.train import TrainConfig
 from difflora.errors import ConfigError, TrainingDivergedError
-from difflora.models import load_pipeline, model_identity
+from difflora.formats.read import load_adapter
+from difflora.models.identity import model_identity
+from difflora.models.loading import load_pipeline
 from tests.conftest import tiny_pipeline
 
 
@@ -210,7 +211,7 @@ def test_resume_refuses_changed_settings_and_data(workspace, tmp_path):
 
 
 def test_lr_schedule_shapes():
-    from difflora.train_setup import lr_factor
+    from difflora.training.setup import lr_factor
 
     assert [lr_factor(s, kind="constant", warmup=4, total=10) for s in range(5)] == [
         0.25,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from difflora.adapter import load_adapter
+from difflora.formats.read import load_adapter
 from tests.conftest import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

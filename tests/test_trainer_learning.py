@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from difflora.models import load_pipeline
+from difflora.models.loading import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
@@ -41,7 +41,7 @@ def _fixed_noise_loss(pipe, folder: Path) -> float:
     """Mean ε-prediction MSE over the folder's images at 4 fixed timesteps and fixed noise."""
     from diffusers import DDPMScheduler
 
-    from difflora.images import load_image
+    from difflora.data.images import load_image
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     images = sorted(p for p in folder.rglob("*.png"))[:16]
@@ -71,7 +71,7 @@ def _fixed_noise_loss(pipe, folder: Path) -> float:
 
 
 def _measure(pipe, prompt: str, measure) -> float:
-    from difflora.pipeline import render
+    from difflora.generation.pipeline import render
 
     images = render(pipe, [prompt] * len(SEEDS), seeds=SEEDS, steps=20, guidance=5.0)
     return float(np.mean([measure(image) for image in images]))

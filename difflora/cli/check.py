@@ -7,58 +7,14 @@ files and tokenizer only (no weights), so the buckets and plan it prints are the
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from difflora.buckets import bucket_step
-from difflora.captions import TokenCounter, clip_token_counter
-from difflora.check import run_check
 from difflora.config import load_config
 from difflora.config.train import TrainConfig
-
-logger = logging.getLogger(__name__)
-
-FALLBACK_RESOLUTION, FALLBACK_STEP, FALLBACK_TOKENS = 512, 64, 75  # SD1 geometry when the model is not read
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    resolution: int | None  # native: UNet sample size × VAE factor
-    step: int
-    count_tokens: TokenCounter | None
-    max_tokens: int
-    note: str | None  # why a fallback was used
-
-
-def model_geometry(model: str | None) -> ModelGeometry:
-    """Native resolution, bucket step and token counter from a local model's config files and tokenizer."""
-    try:
-        from transformers import AutoTokenizer
-
-        from difflora.models import resolve_model
-
-        source = resolve_model(model)
-        if source.kind not in ("embedded", "folder"):
-            raise ValueError(f"{source.kind} models are not read by check")
-        folder = Path(source.location)
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    except Exception as exc:  # a data check must work without a model at hand
-        logger.debug("model not read (%s)", exc)
-        note = (
-            f"model not read ({exc}); assuming SD1 geometry: step {FALLBACK_STEP}, {FALLBACK_TOKENS} tokens"
-        )
-        return ModelGeometry(None, FALLBACK_STEP, None, FALLBACK_TOKENS, note)
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    step = bucket_step(vae_factor, len(unet["block_out_channels"]) - 1)
-    sample_size = unet["sample_size"]
-    native = (sample_size if isinstance(sample_size, int) else sample_size[0]) * vae_factor
-    return ModelGeometry(native, step, clip_token_counter(tokenizer), tokenizer.model_max_length - 2, None)
+from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
+from difflora.training.check import run_check
 
 
 @click.command("check")

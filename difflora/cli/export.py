@@ -31,8 +31,8 @@ from difflora.config.export import EXPORT_DTYPES, EXPORT_FORMATS, ExportConfig
 def export_command(adapter: Path, output: str | None, format_: str | None, dtype: str | None,
                    overwrite: bool | None, config_path: Path | None) -> None:  # fmt: skip
     """Export ADAPTER for ComfyUI / A1111 / Forge (default) or diffusers, and say where it loads."""
-    from difflora.export import export_adapter
-    from difflora.formats.compat import file_verdicts, format_verdicts
+    from difflora.formats.consumers.verdicts import file_verdicts, format_verdicts
+    from difflora.formats.export import export_adapter
 
     overrides = {
         "adapter": str(adapter),

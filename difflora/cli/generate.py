@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from difflora.config import load_config
-from difflora.pipeline import SCHEDULER_NAMES
+from difflora.generation.schedulers import SCHEDULER_NAMES
 
 
 @click.command("generate")
@@ -74,7 +74,7 @@ def generate_command(
     Example: difflora generate "a striped cat" --adapters style:0.7,subject:0.5 -n 4 --seed 1
     """
     from difflora.config.generate import GenerateConfig
-    from difflora.generate import generate
+    from difflora.generation.generate import generate
 
     overrides = {key: (value if value != () else None) for key, value in flags.items()}
     overrides["prompt"] = prompt

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from difflora.adapter import load_adapter
-from difflora.describe import adapter_facts_json, describe_adapter
+from difflora.formats.describe import adapter_facts_json, describe_adapter
+from difflora.formats.read import load_adapter
 
 
 @click.command("inspect")
@@ -24,8 +24,8 @@ def inspect_command(files: tuple[Path, ...], as_json: bool, allow_pickle: bool) 
             click.echo()
         click.echo(adapter_facts_json(adapter) if as_json else describe_adapter(adapter, path))
     if len(adapters) > 1 and not as_json:
-        from difflora.report import composition_report
-        from difflora.spec import AdapterWeight
+        from difflora.composition.report import composition_report
+        from difflora.composition.spec import AdapterWeight
 
         click.echo()  # several files: how they would interact if composed at weight 1 each
         names = (

@@ -37,9 +37,9 @@ def merge_command(adapters: tuple[str, ...], config_file: Path | None, **flags: 
     Exact by default: the file's update equals the weighted sum of the adapters' updates (ranks are
     concatenated). --rank K makes it smaller and reports each layer's relative error.
     """
-    from difflora.config.generate import MergeConfig
-    from difflora.merge import merge
-    from difflora.spec import parse_adapter_weights
+    from difflora.composition.merge import merge
+    from difflora.composition.spec import parse_adapter_weights
+    from difflora.config.merge import MergeConfig
 
     overrides = {key: (value if value != () else None) for key, value in flags.items()}
     overrides["adapters"] = adapters or None

@@ -79,7 +79,7 @@ def train_command(data_dir: Path | None, config_file: Path | None, **flags: Any)
     Writes <output-dir>/<name>.safetensors (default ./adapters/<folder name>.safetensors) and a run
     directory beside it with the plan, loss log and curve, samples and checkpoints.
     """
-    from difflora.trainer import train
+    from difflora.training.trainer import train
 
     overrides = {k: (v if v != () else None) for k, v in flags.items()}
     overrides[_POSITIONAL] = str(data_dir) if data_dir is not None else None

@@ -1,4 +1,4 @@
-"""GenerateConfig and MergeConfig: every knob of `difflora generate` and `difflora merge`, one field each.
+"""GenerateConfig: every knob of `difflora generate`, one field each.
 
 Flag and TOML key names map 1:1 (`--negative-prompt` <-> `negative_prompt`); the string under a field is
 its help. Validation collects every problem into one ConfigError naming the flags.
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from difflora.composition.spec import AdapterWeight, parse_adapter_weights, parse_sweep
 from difflora.config import Problems
-from difflora.errors import AdapterSpecError, DiffloraError
-from difflora.spec import AdapterWeight, parse_adapter_weights
+from difflora.errors import DiffloraError
+from difflora.generation.schedulers import SCHEDULER_NAMES
 
 MAX_SWEEPS = 2
 
@@ -66,12 +67,10 @@ class GenerateConfig:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 p.add(name, f"must be a positive multiple of 8, got {value}")
-        from difflora.pipeline import SCHEDULER_NAMES
-
         if self.scheduler not in SCHEDULER_NAMES:
             p.add("scheduler", f"unknown {self.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-        _check_spec(p, "adapters", lambda: self.adapter_weights)
-        _check_spec(p, "sweep", lambda: self.sweeps)
+        check_spec(p, "adapters", lambda: self.adapter_weights)
+        check_spec(p, "sweep", lambda: self.sweeps)
         p.check(
             len(self.sweep) <= MAX_SWEEPS, "sweep", f"at most {MAX_SWEEPS} (rows and columns of the grid)"
         )
@@ -87,45 +86,8 @@ class GenerateConfig:
         return [parse_sweep(text) for text in self.sweep]
 
 
-def parse_sweep(text: str) -> tuple[str, list[float]]:
-    """ "style:0,0.5,1" -> ("style", [0.0, 0.5, 1.0]). Each value sets the UNet and text-encoder weight."""
-    name, sep, values = text.rpartition(":")
-    try:
-        weights = [float(v) for v in values.split(",")]
-    except ValueError:
-        weights = []
-    if not sep or not name.strip() or not weights:
-        raise AdapterSpecError(f"Malformed --sweep {text!r}.\nGrammar: NAME:W1,W2,...  e.g. style:0,0.5,1")
-    return name.strip(), weights
-
-
-def _check_spec(p: Problems, field: str, parse) -> None:
+def check_spec(p: Problems, field: str, parse) -> None:
     try:
         parse()
     except DiffloraError as error:
         p.add(field, str(error))
-
-
-@dataclass
-class MergeConfig:
-    adapters: tuple[str, ...] = ()
-    """Adapters to merge with their weights: NAME[:WEIGHT[:TE_WEIGHT]],..."""
-    output: str = ""
-    """The merged adapter file (.safetensors)."""
-    rank: int | None = None
-    """Truncate each layer to this rank by SVD and report its error. Default: exact (ranks concatenated)."""
-    adapter_dir: tuple[str, ...] = ()
-    """Extra folders searched for adapters by name (./adapters always is)."""
-
-    def __post_init__(self) -> None:
-        self.adapters = tuple(self.adapters)
-        self.adapter_dir = tuple(self.adapter_dir)
-        p = Problems()
-        _check_spec(p, "adapters", lambda: parse_adapter_weights(self.adapters))
-        p.check(bool(self.adapters), "adapters", "give at least one adapter to merge")
-        p.check(bool(self.output), "output", "give the output file (-o merged.safetensors)")
-        if self.output:
-            p.check(self.output.endswith(".safetensors"), "output", "must end with .safetensors")
-        if self.rank is not None:
-            p.check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")
-        p.raise_if_any("merge")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from difflora.adapter import Adapter, LoraWeights
+from difflora.adapter.types import Adapter, LoraWeights
 from difflora.errors import AdapterCompatibilityError
 from difflora.formats.naming import NameTable, reference_table
 from difflora.formats.reference import ModuleInfo, reference_families

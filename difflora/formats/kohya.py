@@ -52,11 +52,12 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from difflora.adapter import Adapter, AdapterMeta, LoraWeights, header_metadata, meta_from_header
+from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.config import parse_toml_text
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError
 from difflora.formats import family as families
 from difflora.formats.naming import READ_PREFIXES, reference_table, resolve_kohya_name, table_for_keys
+from difflora.formats.native import header_metadata, meta_from_header
 from difflora.formats.reference import reference_families
 
 logger = logging.getLogger(__name__)

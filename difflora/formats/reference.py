@@ -56,7 +56,7 @@ def components_of(family: str) -> tuple[str, ...]:
 
 
 def _embedded_config(component: str) -> Path | None:
-    from difflora.models import EMBEDDED_MODEL_DIR
+    from difflora.models.loading import EMBEDDED_MODEL_DIR
 
     path = EMBEDDED_MODEL_DIR / component / "config.json"
     return path if path.is_file() else None
@@ -98,7 +98,7 @@ def reference_model(family: str, component: str) -> nn.Module:
 
 def adaptable(component: str, model: nn.Module) -> dict[str, ModuleInfo]:
     """Every Linear/Conv2d of `model` by its classic name (the names LoRA files use)."""
-    from difflora.lora import adaptable_modules, classic_name
+    from difflora.adapter.names import adaptable_modules, classic_name
 
     return {
         classic_name(component, name, model): module_info(module)

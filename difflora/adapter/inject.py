@@ -1,0 +1,176 @@
+"""LoRA layers on the UNet and text encoders, through peft.
+
+peft owns the layer math: an adapted Linear computes W0·x + (alpha/rank)·B·A·dropout(x), with B zero-initialised
+so a fresh adapter changes nothing. This module only decides *where* adapters go (the attention projections
+by default, `targets.py`), validates the request against the live model with a helpful error, moves weights
+between peft layers and `LoraWeights` (by classic names, `names.py`), and reports parameter counts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from difflora.adapter.names import adaptable_modules, classic_name, live_name
+from difflora.adapter.targets import default_targets
+from difflora.adapter.types import LoraWeights
+from difflora.errors import TargetNotFoundError
+
+DEFAULT_ADAPTER = "default"
+
+
+def resolve_targets(model: nn.Module, targets: Sequence[str], *, component: str) -> list[str]:
+    """Live names of the modules matching `targets` (suffix match on whole name segments, as peft does).
+    Raises TargetNotFoundError for a target that matches nothing, listing valid names and close matches."""
+    names = list(adaptable_modules(model))
+    matched: list[str] = []
+    for target in targets:
+        hits = [name for name in names if name == target or name.endswith("." + target)]
+        if not hits:
+            raise TargetNotFoundError(_missing_target_message(target, names, component))
+        matched.extend(hit for hit in hits if hit not in matched)
+    return matched
+
+
+def _missing_target_message(target: str, names: Iterable[str], component: str) -> str:
+    suffixes = sorted(
+        {
+            ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
+            for name in names
+        }
+    )
+    close = difflib.get_close_matches(target, suffixes, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return (
+        f"LoRA target {target!r} matches no Linear/Conv2d module in the {component}.{hint}\n"
+        f"Valid target names here: {', '.join(suffixes)}"
+    )
+
+
+def add_lora(
+    model: nn.Module,
+    *,
+    component: str,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str] | None = None,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> list[str]:
+    """Inject trainable LoRA layers (A: kaiming-uniform, B: zeros) into `model` in place and freeze the rest.
+    Returns the live names of the adapted modules."""
+    targets = tuple(targets) if targets else default_targets(component)
+    matched = resolve_targets(model, targets, component=component)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        init_lora_weights=True,
+        use_rslora=use_rslora,
+    )
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name and f".{adapter_name}." in name + ".")
+    return matched
+
+
+def inject_weights(
+    model: nn.Module,
+    *,
+    component: str,
+    modules: Mapping[str, LoraWeights],
+    adapter_name: str,
+) -> None:
+    """Add a peft adapter named `adapter_name` whose layers hold exactly `modules` (classic names relative to
+    the component, e.g. "down_blocks.0...to_q"). Ranks and alphas may differ per module (merged or imported
+    adapters): they become peft rank/alpha patterns. Used by dynamic composition."""
+    live = {live_name(component, name, model): weights for name, weights in modules.items()}
+    ranks = {name: weights.rank for name, weights in live.items()}
+    config = LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=1.0,
+        target_modules=sorted(live),
+        rank_pattern={f"^{_escape(name)}$": rank for name, rank in ranks.items()},
+        alpha_pattern={f"^{_escape(name)}$": w.alpha for name, w in live.items()},
+        init_lora_weights=False,
+    )
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    set_weights(model, component=component, modules=modules, adapter_name=adapter_name)
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
+def set_weights(
+    model: nn.Module, *, component: str, modules: Mapping[str, LoraWeights], adapter_name: str
+) -> None:
+    """Copy A, B and alpha into already-injected peft layers."""
+    layers = dict(model.named_modules())
+    with torch.no_grad():
+        for name, weights in modules.items():
+            layer = layers[live_name(component, name, model)]
+            layer.lora_A[adapter_name].weight.copy_(weights.down)
+            layer.lora_B[adapter_name].weight.copy_(weights.up)
+            layer.lora_alpha[adapter_name] = weights.alpha
+            layer.scaling[adapter_name] = weights.alpha / weights.rank
+
+
+def extract_weights(
+    model: nn.Module, *, component: str, adapter_name: str = DEFAULT_ADAPTER
+) -> dict[str, LoraWeights]:
+    """The adapter's tensors by classic module name. Alpha is stored so that alpha/rank is peft's scaling:
+    an rsLoRA layer (scaling alpha/sqrt(rank)) is written with alpha·sqrt(rank), so files need no flag."""
+    result: dict[str, LoraWeights] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        down = module.lora_A[adapter_name].weight.detach().clone()
+        up = module.lora_B[adapter_name].weight.detach().clone()
+        rank = down.shape[0]
+        alpha = float(module.scaling[adapter_name]) * rank
+        result[classic_name(component, name, model)] = LoraWeights(down=down, up=up, alpha=alpha)
+    return result
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    component: str
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def parameter_report(models: Mapping[str, nn.Module]) -> list[ParameterCount]:
+    """Trainable and total parameters per component (and a 'total' row)."""
+    rows = []
+    for component, model in models.items():
+        params = list(model.parameters())
+        rows.append(
+            ParameterCount(
+                component,
+                trainable=sum(p.numel() for p in params if p.requires_grad),
+                total=sum(p.numel() for p in params),
+            )
+        )
+    rows.append(ParameterCount("total", sum(r.trainable for r in rows), sum(r.total for r in rows)))
+    return rows
+
+
+def format_parameter_report(rows: Sequence[ParameterCount]) -> str:
+    lines = [f"{'component':<16}{'trainable':>14}{'total':>16}{'%':>9}"]
+    for row in rows:
+        lines.append(f"{row.component:<16}{row.trainable:>14,}{row.total:>16,}{row.percent:>8.3f}%")
+    return "\n".join(lines)

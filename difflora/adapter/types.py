@@ -1,0 +1,125 @@
+"""What an adapter is in memory: LoraWeights per adapted module, AdapterMeta, and the Adapter holding both.
+
+Modules are keyed "<component>.<classic module path>" (components: unet, text_encoder, text_encoder_2), the
+names every LoRA consumer writes; how they are laid out on disk is difflora.formats' business.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from difflora import __version__
+
+COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class LoraWeights:
+    """One adapted module: ΔW = (alpha / rank) · up @ down (down = peft lora_A, up = lora_B)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """ΔW in float32, shaped like the adapted module's weight (Linear [out, in] or Conv [out, in, k, k])."""
+        product = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        if self.down.ndim == 4:
+            product = product.reshape(self.up.shape[0], *self.down.shape[1:])
+        return product * self.scale
+
+
+@dataclass
+class AdapterMeta:
+    """Everything an adapter says about itself besides its tensors."""
+
+    name: str = ""
+    base_model: str = ""
+    base_family: str = ""
+    base_architecture: str = ""
+    base_hash: str = ""
+    prediction_type: str = "epsilon"
+    trigger_words: list[str] = field(default_factory=list)
+    config_toml: str = ""
+    source_format: str = "difflora"
+    created_at: str = ""
+    difflora_version: str = __version__
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: modules keyed "<component>.<classic module path>" plus metadata."""
+
+    modules: dict[str, LoraWeights]
+    meta: AdapterMeta = field(default_factory=AdapterMeta)
+
+    def component_modules(self, component: str) -> dict[str, LoraWeights]:
+        """This component's modules, keyed by module path without the component prefix."""
+        prefix = component + "."
+        return {key[len(prefix) :]: w for key, w in self.modules.items() if key.startswith(prefix)}
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per component: module count, ranks, alphas, target suffixes, parameter count."""
+        result = {}
+        for component in self.components:
+            modules = self.component_modules(component)
+            ranks = Counter(w.rank for w in modules.values())
+            alphas = Counter(_round(w.alpha) for w in modules.values())
+            suffixes = sorted({_target_suffix(name) for name in modules})
+            params = sum(w.down.numel() + w.up.numel() for w in modules.values())
+            result[component] = {
+                "modules": len(modules),
+                "rank": _single_or_counts(ranks),
+                "alpha": _single_or_counts(alphas),
+                "targets": suffixes,
+                "parameters": params,
+            }
+        return result
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(w.down.numel() + w.up.numel() for w in self.modules.values())
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _single_or_counts(counter: Counter) -> Any:
+    return next(iter(counter)) if len(counter) == 1 else dict(sorted(counter.items()))
+
+
+_CONTAINERS = ("transformer_blocks", "resnets", "attentions", "layers", "down_blocks", "up_blocks")
+_ATTENTION_LEVELS = ("attn1", "attn2", "self_attn", "mlp")
+
+
+def _target_suffix(module_path: str) -> str:
+    """The target name a user would pass for this module: the path after its innermost numbered block,
+    without the attention/MLP level ("...transformer_blocks.0.attn1.to_out.0" -> "to_out.0",
+    "...transformer_blocks.0.ff.net.0.proj" -> "ff.net.0.proj", "...resnets.1.conv2" -> "conv2")."""
+    parts = module_path.split(".")
+    start = 0
+    for index in range(len(parts) - 1):
+        if parts[index] in _CONTAINERS and parts[index + 1].isdigit():
+            start = index + 2
+    tail = parts[start:]
+    if len(tail) > 1 and tail[0] in _ATTENTION_LEVELS:
+        tail = tail[1:]
+    return ".".join(tail)

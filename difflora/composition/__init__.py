@@ -1,0 +1,7 @@
+"""Stage 4, composition: saved adapters and weights in, a model whose layers are W0 + Σ wᵢ·ΔWᵢ out.
+
+`spec` parses "style:0.7,subject:0.3" and finds the files; `fit` checks each adapter against the model
+(architecture, shapes, base hash); `composer` applies them, fused from a kept W0 or as peft's dynamic
+adapters; `report` tells how the adapters' updates overlap per layer; `merge` writes several adapters as
+one file. Hands the composed pipeline to `difflora.generation`.
+"""

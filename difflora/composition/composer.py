@@ -1,0 +1,319 @@
+"""Composing saved adapters on a model: exact, additive, and reversible.
+
+The contract. For every adapted module (a Linear or Conv2d weight W0 of the UNet or a text encoder),
+with adapters i = 1..n applied at weights wᵢ:
+
+    W = W0 + Σᵢ wᵢ · (αᵢ / rᵢ) · Bᵢ · Aᵢ
+
+where Aᵢ = lora_A (down, [rᵢ, in]), Bᵢ = lora_B (up, [out, rᵢ]), αᵢ and rᵢ are adapter i's alpha and rank
+*for that module* (adapters may differ in rank, alpha and target modules), and wᵢ is adapter i's weight:
+its UNet weight for UNet modules, its text-encoder weight for text-encoder modules. The sum runs over the
+adapters that adapt that module; a module adapted by none keeps W0 exactly.
+
+Two modes compute the same W (tests/test_compose_exact.py checks both against this formula, computed from
+the tensors read out of the files):
+
+* fused (default): Σ wᵢ ΔWᵢ is computed in float32 and written into the weights once, always from a kept
+  copy of the original W0 — never by subtracting a previous update — so re-weighting, adding or removing
+  adapters never drifts (diffusers' `unfuse_lora` does: #5604, #5170), weight 0 restores W0 bit for bit,
+  and generating costs exactly what the base model costs. Each adapter's ΔWᵢ is computed once (float32,
+  while it fits `delta_cache_bytes`), so re-weighting is a weighted sum and a copy.
+* dynamic: each adapter is a peft adapter (difflora.lora.inject_weights); peft's forward adds
+  Σ scalingᵢ · Bᵢ Aᵢ x with scalingᵢ = wᵢ αᵢ / rᵢ. Switching weights only changes scalars, at the price of
+  extra matmuls in every forward.
+
+Before anything touches the model, each adapter is checked against it (`check_compatible`): another
+architecture, or a module whose shape does not fit, is refused naming both models; the same architecture
+with a different base hash is a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from difflora.adapter.inject import inject_weights
+from difflora.adapter.names import live_name
+from difflora.adapter.types import Adapter
+from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
+from difflora.composition.spec import AdapterWeight, find_adapter, parse_adapter_weights
+from difflora.composition.spec import adapter_dirs as search_dirs
+from difflora.errors import AdapterSpecError, ConfigError
+from difflora.formats.read import load_adapter
+from difflora.models.identity import model_identity
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["fused", "dynamic"]
+MODES: tuple[str, ...] = ("fused", "dynamic")
+DELTA_CACHE_BYTES = 2 * 1024**3
+
+
+# ---------------------------------------------------------------------------------------------- composer
+
+
+@dataclass
+class _Entry:
+    spec: AdapterWeight
+    adapter: Adapter
+    key: str  # peft adapter name (dynamic mode): must be a valid ModuleDict key
+    path: Path | None = None
+
+
+class Composer:
+    """The set of adapters composed on one pipeline, and their weights. One per pipeline (see `compose`).
+
+    `load`/`add` adapters, `set_weights` to re-weight, `remove` or `set` to change the set, `clear` to
+    return to the base model. Every change leaves the model satisfying the module docstring's contract."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        mode: Mode = "fused",
+        *,
+        adapter_dirs: Sequence[str | os.PathLike] = (),
+        delta_cache_bytes: int = DELTA_CACHE_BYTES,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"Unknown composition mode {mode!r}; choose 'fused' or 'dynamic'.")
+        self.pipe, self.mode = pipe, mode
+        self.identity = model_identity(pipe)  # fingerprint the base before any weight changes
+        self.directories = search_dirs(adapter_dirs)
+        self.warnings: list[str] = []
+        self._entries: dict[str, _Entry] = {}
+        self._pristine: dict[tuple[str, str], torch.Tensor] = {}
+        self._deltas: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
+        self._cache_left = delta_cache_bytes
+        self._counter = 0
+
+    # ------------------------------------------------------------------ the set of adapters
+
+    @property
+    def adapters(self) -> list[AdapterWeight]:
+        return [entry.spec for entry in self._entries.values()]
+
+    def adapter(self, name: str) -> Adapter:
+        return self._entry(name).adapter
+
+    def path(self, name: str) -> Path | None:
+        return self._entry(name).path
+
+    def load(self, spec: AdapterWeight) -> None:
+        """Find the file `spec.name` names, load, check and apply it."""
+        path = find_adapter(spec.name, self.directories)
+        self._add(spec, load_adapter(path), path)
+        self._apply()
+
+    def add(
+        self,
+        adapter: Adapter,
+        weight: float = 1.0,
+        te_weight: float | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        """Apply an in-memory adapter (named `name`, else its metadata name)."""
+        name = name or adapter.meta.name or f"adapter{len(self._entries)}"
+        self._add(AdapterWeight(name, weight, te_weight), adapter, None)
+        self._apply()
+
+    def set(self, specs: Sequence[AdapterWeight] | str) -> None:
+        """Make the composed set exactly `specs`: re-weight those present, load the new, drop the others."""
+        specs = parse_adapter_weights(specs) if isinstance(specs, str) else list(specs)
+        wanted = {spec.name for spec in specs}
+        try:
+            for name in [n for n in self._entries if n not in wanted]:
+                self._remove(name)
+            for spec in specs:
+                if spec.name in self._entries:
+                    self._entries[spec.name].spec = spec
+                else:
+                    path = find_adapter(spec.name, self.directories)
+                    self._add(spec, load_adapter(path), path)
+        finally:  # an adapter refused half-way: the model still matches the adapters registered so far
+            self._apply()
+
+    def set_weights(self, specs: Sequence[AdapterWeight] | str) -> None:
+        """Change the weights of adapters already composed (others keep theirs)."""
+        specs = parse_adapter_weights(specs) if isinstance(specs, str) else list(specs)
+        for spec in specs:
+            self._entry(spec.name).spec = spec
+        self._apply()
+
+    def remove(self, name: str) -> None:
+        self._entry(name)
+        self._remove(name)
+        self._apply()
+
+    def clear(self) -> None:
+        """Remove every adapter: the model is the base model again, bit for bit."""
+        for name in list(self._entries):
+            self._remove(name)
+        self._apply()
+
+    def report(self) -> Any:
+        """The composition report (difflora.report) for the current set and weights."""
+        from difflora.composition.report import composition_report
+
+        return composition_report([(entry.spec, entry.adapter) for entry in self._entries.values()])
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _entry(self, name: str) -> _Entry:
+        if name not in self._entries:
+            listing = ", ".join(self._entries) or "none"
+            raise AdapterSpecError(f"Adapter {name!r} is not composed here (composed: {listing}).")
+        return self._entries[name]
+
+    def _add(self, spec: AdapterWeight, adapter: Adapter, path: Path | None) -> None:
+        if spec.name in self._entries:
+            raise AdapterSpecError(
+                f"Adapter {spec.name!r} is already composed; use set_weights to re-weight it."
+            )
+        self.warnings += check_compatible(adapter, self.pipe, name=spec.name)
+        adapter = fit_to_modules(adapter, self.pipe)
+        self._counter += 1
+        entry = _Entry(spec=spec, adapter=adapter, key=f"difflora{self._counter}", path=path)
+        self._entries[spec.name] = entry
+        if self.mode == "dynamic":
+            for component in adapter.components:
+                with warnings.catch_warnings():  # peft warns that a model holds several adapters: intended
+                    warnings.simplefilter("ignore", UserWarning)
+                    inject_weights(
+                        getattr(self.pipe, component),
+                        component=component,
+                        modules=adapter.component_modules(component),
+                        adapter_name=entry.key,
+                    )
+        logger.debug("composed %s (%d modules, %s mode)", spec, len(adapter.modules), self.mode)
+
+    def _remove(self, name: str) -> None:
+        entry = self._entries.pop(name)
+        self._deltas.pop(entry.key, None)
+        if self.mode == "dynamic":
+            for component in entry.adapter.components:
+                _delete_peft_adapter(getattr(self.pipe, component), entry.key)
+
+    def _apply(self) -> None:
+        if self.mode == "fused":
+            self._apply_fused()
+        else:
+            self._apply_dynamic()
+
+    # ------------------------------------------------------------------ fused mode
+
+    def _users(self) -> dict[tuple[str, str], list[tuple[_Entry, str]]]:
+        """(component, live module name) -> [(entry, module key in the adapter)] for every adapted module."""
+        users: dict[tuple[str, str], list[tuple[_Entry, str]]] = {}
+        for entry in self._entries.values():
+            for key in entry.adapter.modules:
+                component, _, classic = key.partition(".")
+                live = live_name(component, classic, getattr(self.pipe, component))
+                users.setdefault((component, live), []).append((entry, key))
+        return users
+
+    def _apply_fused(self) -> None:
+        users = self._users()
+        for target in [t for t in self._pristine if t not in users]:
+            with torch.no_grad():
+                self._param(target).copy_(self._pristine.pop(target))
+        for target, entries in users.items():
+            param = self._param(target)
+            if target not in self._pristine:
+                self._pristine[target] = param.detach().clone()
+            w0 = self._pristine[target]
+            active = [
+                (e, k, e.spec.weight_for(target[0])) for e, k in entries if e.spec.weight_for(target[0])
+            ]
+            with torch.no_grad():
+                if not active:
+                    param.copy_(w0)
+                    continue
+                total = w0.to(torch.float32, copy=True)
+                for entry, key, weight in active:
+                    total.add_(self._delta(entry, key, target, param), alpha=weight)
+                param.copy_(total)
+
+    def _param(self, target: tuple[str, str]) -> torch.Tensor:
+        component, live = target
+        module = getattr(self.pipe, component).get_submodule(live)
+        return base_layer(module).weight
+
+    def _delta(self, entry: _Entry, key: str, target: tuple[str, str], param: torch.Tensor) -> torch.Tensor:
+        cached = self._deltas.get(entry.key, {}).get(target)
+        if cached is not None:
+            return cached
+        delta = entry.adapter.modules[key].delta().to(param.device).reshape(param.shape)
+        if self._cache_left >= delta.numel() * 4:
+            self._cache_left -= delta.numel() * 4
+            self._deltas.setdefault(entry.key, {})[target] = delta
+        return delta
+
+    # ------------------------------------------------------------------ dynamic mode
+
+    def _apply_dynamic(self) -> None:
+        keys = {entry.key: entry for entry in self._entries.values()}
+        for component in ("unet", "text_encoder", "text_encoder_2"):
+            model = getattr(self.pipe, component, None)
+            if model is None:
+                continue
+            for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+                ours = [k for k in keys if k in layer.lora_A]
+                for key in ours:
+                    layer.set_scale(key, keys[key].spec.weight_for(component))
+                others = [a for a in layer.active_adapters if a not in keys and not a.startswith("difflora")]
+                layer.set_adapter(others + ours, inference_mode=True)
+
+
+def _delete_peft_adapter(model: nn.Module, key: str) -> None:
+    """Delete peft adapter `key` from every layer; a layer left without adapters is replaced by its base
+    layer, so a model whose adapters were all removed is the plain model again."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoraLayer) or key not in module.lora_A:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module.delete_adapter(key)
+        if not module.lora_A:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict):
+        config.pop(key, None)
+        if not config:
+            del model.peft_config
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def compose(
+    pipe: Any,
+    adapters: str | Sequence[AdapterWeight] = (),
+    *,
+    mode: Mode = "fused",
+    adapter_dirs: Sequence[str | os.PathLike] = (),
+) -> Composer:
+    """Compose adapters (a spec such as "style:0.7,subject:0.3", or AdapterWeights) on `pipe` and return
+    the pipeline's Composer. A pipeline has one Composer: composing again replaces the previous set (from
+    the kept original weights, never on top of fused ones)."""
+    specs = parse_adapter_weights(adapters) if isinstance(adapters, str) else list(adapters)
+    previous: Composer | None = getattr(pipe, "_difflora_composer", None)
+    if previous is not None and previous.mode != mode:
+        previous.clear()
+        previous = None
+    composer = previous or Composer(pipe, mode, adapter_dirs=adapter_dirs)
+    composer.directories = search_dirs(adapter_dirs)
+    pipe._difflora_composer = composer
+    composer.set(specs)
+    return composer

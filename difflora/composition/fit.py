@@ -1,0 +1,108 @@
+"""Does an adapter fit a model? Refuse clearly before anything touches the weights.
+
+Another architecture (recorded in the adapter's metadata), a module the model lacks, or a module whose shape
+differs is an AdapterCompatibilityError naming both models (LANDSCAPE pain 17: today users get a shape
+error deep inside a layer, or "lora key not loaded"). The same architecture with different base weights
+is only a warning: a LoRA trained on one fine-tune usually works on a sibling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from difflora.adapter.names import live_name
+from difflora.adapter.types import Adapter, LoraWeights
+from difflora.errors import AdapterCompatibilityError
+from difflora.models.identity import model_identity
+
+logger = logging.getLogger(__name__)
+
+_KNOWN_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def check_compatible(adapter: Adapter, pipe: Any, *, name: str) -> list[str]:
+    """Refuse an adapter made for another architecture, or one whose modules are missing from or do not
+    fit the model (AdapterCompatibilityError naming both models). Returns warnings (same architecture,
+    different base weights)."""
+    identity = model_identity(pipe)
+    meta = adapter.meta
+    made_for = f"{meta.base_model or 'an unknown base'} ({meta.base_architecture or meta.base_family or '?'})"
+    this = f"{identity.name} ({identity.architecture})"
+    other_family = meta.base_family in _KNOWN_FAMILIES and identity.family in _KNOWN_FAMILIES
+    if (meta.base_architecture and meta.base_architecture != identity.architecture) or (
+        other_family and meta.base_family != identity.family
+    ):
+        raise AdapterCompatibilityError(
+            f"Adapter {name!r} was made for {made_for}, but the model is {this}: another architecture. "
+            "Use an adapter trained on this model's architecture, or pass the matching --model."
+        )
+    problems = _shape_problems(adapter, pipe)
+    if problems:
+        listing = "\n  ".join(problems[:5]) + (
+            f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise AdapterCompatibilityError(
+            f"Adapter {name!r} (made for {made_for}) does not fit the model {this}: {len(problems)} of its "
+            f"{len(adapter.modules)} modules are missing or have other shapes:\n  {listing}\n"
+            "It was most likely trained for another base model; pass the matching --model."
+        )
+    if meta.base_hash and meta.base_hash != identity.base_hash:
+        message = (
+            f"Adapter {name!r} was trained on {made_for} with base hash {meta.base_hash}; this model "
+            f"{this} has hash {identity.base_hash}. Same architecture, so it applies, but results may differ."
+        )
+        logger.warning(message)
+        return [message]
+    return []
+
+
+def _shape_problems(adapter: Adapter, pipe: Any) -> list[str]:
+    problems = []
+    for component in adapter.components:
+        model = getattr(pipe, component, None)
+        if model is None:
+            problems.append(f"{component}: the model has no {component}")
+            continue
+        modules = dict(model.named_modules())
+        for classic, weights in adapter.component_modules(component).items():
+            module = modules.get(live_name(component, classic, model))
+            weight = getattr(base_layer(module), "weight", None) if module is not None else None
+            if weight is None:
+                problems.append(f"{component}.{classic}: no such module in the model")
+            elif not _fits(weights, weight):
+                adapter_shape = f"{weights.down[0].numel()}->{weights.up.shape[0]}"
+                model_shape = f"{weight[0].numel()}->{weight.shape[0]}"
+                problems.append(f"{component}.{classic}: adapter {adapter_shape}, model {model_shape}")
+    return problems
+
+
+def _fits(weights: LoraWeights, weight: torch.Tensor) -> bool:
+    return weights.up.shape[0] == weight.shape[0] and weights.down[0].numel() == weight[0].numel()
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
+
+
+def fit_to_modules(adapter: Adapter, pipe: Any) -> Adapter:
+    """Reshape A/B to the module kind they adapt (a 1x1-conv LoRA on a Linear, or the reverse, as foreign
+    files sometimes hold) so fused and dynamic modes see the same tensors."""
+    modules = {}
+    for key, weights in adapter.modules.items():
+        component, _, classic = key.partition(".")
+        model = getattr(pipe, component)
+        module = base_layer(model.get_submodule(live_name(component, classic, model)))
+        down, up = weights.down, weights.up
+        if isinstance(module, nn.Linear) and down.ndim == 4:
+            down, up = down.flatten(1), up.flatten(1)
+        elif isinstance(module, nn.Conv2d) and down.ndim == 2:
+            down = down.reshape(down.shape[0], *module.weight.shape[1:])
+            up = up.reshape(*up.shape, 1, 1)
+        modules[key] = weights if down is weights.down else replace(weights, down=down, up=up)
+    return Adapter(modules=modules, meta=adapter.meta)

@@ -1,0 +1,151 @@
+"""Composition report: how adapters interact, layer by layer, before you look at a single image.
+
+For each module adapted by the composed set, with ΔWᵢ = (αᵢ/rᵢ)·Bᵢ·Aᵢ and weights wᵢ (text-encoder weight for
+text-encoder modules), everything follows from the Gram matrix G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩ (Frobenius inner product):
+
+* cosine(i, j) = G[i, j] / sqrt(G[i, i]·G[j, j]): 0 for adapters that change the layer in unrelated
+  directions, ±1 when they push the same (or opposite) direction — the layers where styles bleed.
+* ‖Σ wᵢ ΔWᵢ‖ / ‖ΔWᵢ‖ = sqrt(wᵀGw) / sqrt(G[i, i]): the composed update's size relative to what adapter i
+  was trained to do on its own.
+* drive along i = (Gw)[i] / G[i, i]: how strongly the composed update pushes along adapter i's own
+  direction, in units of adapter i at weight 1. Two orthogonal adapters at weight 1 each drive 1.0 (each
+  gets what it was trained for); two aligned ones drive ~2.0 (the layer is pushed twice as far as either
+  adapter ever pushed it). A drive above OVERDRIVE (1.5) is flagged as over-driving that layer.
+
+G is computed from the low-rank factors (⟨BᵢAᵢ, BⱼAⱼ⟩ = Σ (BᵢᵀBⱼ) ∘ (AᵢAⱼᵀ)), never from full ΔW matrices,
+so the report costs little even on SDXL.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from difflora.adapter.types import Adapter, LoraWeights
+from difflora.composition.spec import AdapterWeight
+
+OVERDRIVE = 1.5
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    module: str
+    adapters: tuple[str, ...]
+    weights: tuple[float, ...]
+    norms: tuple[float, ...]  # ‖ΔWᵢ‖ of each adapter at weight 1
+    cosines: dict[tuple[str, str], float]
+    composed_norm: float  # ‖Σ wᵢ ΔWᵢ‖
+    drives: tuple[float, ...]
+
+    def relative_norm(self, index: int) -> float:
+        return self.composed_norm / self.norms[index] if self.norms[index] else float("inf")
+
+    @property
+    def overdriven(self) -> list[str]:
+        return [
+            name for name, drive in zip(self.adapters, self.drives, strict=True) if abs(drive) > OVERDRIVE
+        ]
+
+
+@dataclass
+class CompositionReport:
+    adapters: list[AdapterWeight]
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        result = []
+        for layer in self.layers:
+            for name in layer.overdriven:
+                drive = layer.drives[layer.adapters.index(name)]
+                result.append(
+                    f"{layer.module}: drives {name!r} at {drive:.2f}x its trained strength "
+                    f"(weights {_weights(layer)}); lower the weights of adapters that overlap here."
+                )
+        return result
+
+    def text(self, *, max_layers: int | None = 40) -> str:
+        """The report as a table, one line per layer (shared layers first, by decreasing overlap)."""
+        names = [spec.name for spec in self.adapters]
+        lines = [
+            f"Composition of {', '.join(str(s) for s in self.adapters)} over {len(self.layers)} adapted layers"
+        ]
+        shared = [layer for layer in self.layers if len(layer.adapters) > 1]
+        lines.append(_summary(shared, names))
+        ordered = sorted(
+            self.layers, key=lambda la: (-len(la.adapters), -max(map(abs, la.cosines.values()), default=0))
+        )
+        shown = ordered if max_layers is None else ordered[:max_layers]
+        lines.append(f"{'layer':<58} {'cosine':>14}  {'|composed|/|own|':>22}  {'drive':>16}")
+        for layer in shown:
+            cos = ", ".join(f"{v:+.2f}" for v in layer.cosines.values()) or "-"
+            rel = ", ".join(f"{layer.relative_norm(i):.2f}" for i in range(len(layer.adapters)))
+            drive = ", ".join(f"{d:.2f}" for d in layer.drives)
+            flag = "  OVER-DRIVEN" if layer.overdriven else ""
+            lines.append(f"{_short(layer.module, 58):<58} {cos:>14}  {rel:>22}  {drive:>16}{flag}")
+        if len(shown) < len(self.layers):
+            lines.append(f"... {len(self.layers) - len(shown)} more layers not shown")
+        warnings = self.warnings
+        lines.append(f"{len(warnings)} over-driven layer warnings" + (":" if warnings else "."))
+        lines += [f"  warning: {w}" for w in warnings[:20]]
+        return "\n".join(lines)
+
+
+def _weights(layer: LayerReport) -> str:
+    return ", ".join(f"{n}={w:g}" for n, w in zip(layer.adapters, layer.weights, strict=True))
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _summary(shared: list[LayerReport], names: list[str]) -> str:
+    if len(names) < 2:
+        return "One adapter: no overlap to measure; drive shows how far its weight pushes each layer."
+    parts = []
+    for a, b in itertools.combinations(names, 2):
+        values = [abs(la.cosines[(a, b)]) for la in shared if (a, b) in la.cosines]
+        if values:
+            parts.append(
+                f"{a}/{b}: {len(values)} shared layers, mean |cosine| {sum(values) / len(values):.3f}"
+            )
+        else:
+            parts.append(f"{a}/{b}: no shared layers")
+    return "; ".join(parts)
+
+
+def inner(a: LoraWeights, b: LoraWeights) -> float:
+    """⟨ΔWa, ΔWb⟩ from the factors: trace((Ba Aa)ᵀ (Bb Ab)) = Σ (BaᵀBb) ∘ (Aa Abᵀ), in float64."""
+    up_a, down_a = a.up.double().flatten(1), a.down.double().flatten(1)
+    up_b, down_b = b.up.double().flatten(1), b.down.double().flatten(1)
+    return float(((up_a.T @ up_b) * (down_a @ down_b.T)).sum()) * a.scale * b.scale
+
+
+def composition_report(pairs: Sequence[tuple[AdapterWeight, Adapter]]) -> CompositionReport:
+    """Per adapted module: cosines between the adapters' updates, the composed update's norm relative to
+    each adapter's own, and the drive along each adapter (see the module docstring)."""
+    report = CompositionReport(adapters=[spec for spec, _ in pairs])
+    modules = sorted({key for _, adapter in pairs for key in adapter.modules})
+    for module in modules:
+        here = [(spec, adapter.modules[module]) for spec, adapter in pairs if module in adapter.modules]
+        component = module.partition(".")[0]
+        names = tuple(spec.name for spec, _ in here)
+        weights = torch.tensor([spec.weight_for(component) for spec, _ in here], dtype=torch.float64)
+        gram = torch.tensor([[inner(a, b) for _, b in here] for _, a in here], dtype=torch.float64)
+        diag = gram.diagonal()
+        norms = tuple(float(v) for v in diag.clamp_min(0).sqrt())
+        cosines = {
+            (names[i], names[j]): float(gram[i, j] / (norms[i] * norms[j])) if norms[i] * norms[j] else 0.0
+            for i, j in itertools.combinations(range(len(here)), 2)
+        }
+        composed = float((weights @ gram @ weights).clamp_min(0).sqrt())
+        drives = tuple(
+            float(v) for v in torch.where(diag > 0, (gram @ weights) / diag, torch.zeros_like(diag))
+        )
+        report.layers.append(
+            LayerReport(module, names, tuple(float(w) for w in weights), norms, cosines, composed, drives)
+        )
+    return report

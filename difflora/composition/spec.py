@@ -1,0 +1,163 @@
+"""`--adapters NAME[:WEIGHT[:TE_WEIGHT]],...`: parsing the spec and finding the adapter files it names.
+
+NAME is a path to a `.safetensors` file or the name of one found in the adapter directories (`./adapters`
+by default, where `difflora train` writes `<name>.safetensors`). WEIGHT defaults to 1.0 and may be negative;
+TE_WEIGHT (the text-encoder weight) defaults to WEIGHT and may also be written `te=0.5`, as A1111 users
+know it. A Windows drive letter (`C:\\loras\\x.safetensors:0.5`) is part of the name, not a weight.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from difflora.errors import AdapterSpecError
+
+GRAMMAR = "NAME[:WEIGHT[:TE_WEIGHT]][,NAME[:WEIGHT[:TE_WEIGHT]]...]  e.g. style:0.7,subject:0.3:0.5"
+DEFAULT_ADAPTER_DIR = Path("adapters")
+ADAPTER_SUFFIX = ".safetensors"
+_DRIVE = re.compile(r"^[A-Za-z]$")
+
+
+@dataclass(frozen=True)
+class AdapterWeight:
+    """One entry of an adapter spec: which adapter, at which UNet weight and text-encoder weight."""
+
+    name: str
+    weight: float = 1.0
+    te_weight: float | None = None
+
+    @property
+    def text_encoder_weight(self) -> float:
+        return self.weight if self.te_weight is None else self.te_weight
+
+    def weight_for(self, component: str) -> float:
+        """The weight that applies to a component's modules ("unet", "text_encoder", "text_encoder_2")."""
+        return self.weight if component == "unet" else self.text_encoder_weight
+
+    def __str__(self) -> str:
+        text = f"{self.name}:{self.weight:g}"
+        return text + (f":{self.te_weight:g}" if self.te_weight is not None else "")
+
+
+def parse_adapter_weights(spec: str | Sequence[str]) -> list[AdapterWeight]:
+    """Parse `style:0.7,subject:0.3` (or several such strings, from repeated --adapter flags).
+    Raises AdapterSpecError showing the grammar and the bad fragment; the same adapter twice is refused."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    result: list[AdapterWeight] = []
+    for text in specs:
+        for fragment in text.split(","):
+            if not fragment.strip():
+                if text.strip():
+                    raise _spec_error(text, fragment, "empty entry (two commas, or a trailing comma)")
+                continue
+            result.append(_parse_fragment(fragment.strip()))
+    seen: set[str] = set()
+    for entry in result:
+        if entry.name in seen:
+            raise AdapterSpecError(
+                f"Adapter {entry.name!r} appears twice in the adapter spec. Give each adapter once, with "
+                f"the sum of its weights.\nGrammar: {GRAMMAR}"
+            )
+        seen.add(entry.name)
+    return result
+
+
+def _parse_fragment(fragment: str) -> AdapterWeight:
+    parts = fragment.split(":")
+    if len(parts) > 1 and _DRIVE.match(parts[0]) and parts[1][:1] in ("\\", "/"):
+        parts = [parts[0] + ":" + parts[1], *parts[2:]]
+    name, numbers = parts[0].strip(), parts[1:]
+    if not name:
+        raise _spec_error(fragment, fragment, "missing adapter name before ':'")
+    if len(numbers) > 2:
+        raise _spec_error(fragment, fragment, f"{len(numbers)} weights given; at most WEIGHT and TE_WEIGHT")
+    weight = _number(numbers[0], fragment, "WEIGHT") if numbers else 1.0
+    te_weight = None
+    if len(numbers) == 2:
+        te_text = numbers[1].strip()
+        te_text = te_text[3:] if te_text.lower().startswith("te=") else te_text
+        te_weight = _number(te_text, fragment, "TE_WEIGHT")
+    return AdapterWeight(name=name, weight=weight, te_weight=te_weight)
+
+
+def _number(text: str, fragment: str, what: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise _spec_error(fragment, text, f"{what} must be a number") from None
+    if not math.isfinite(value):
+        raise _spec_error(fragment, text, f"{what} must be finite")
+    return value
+
+
+def _spec_error(fragment: str, bad: str, why: str) -> AdapterSpecError:
+    return AdapterSpecError(f"Malformed adapter spec {fragment!r}: {why} (at {bad!r}).\nGrammar: {GRAMMAR}")
+
+
+# ------------------------------------------------------------------------------------ finding adapter files
+
+
+def adapter_dirs(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """The directories searched for adapters by name: those given, then ./adapters (difflora train's
+    default output directory). Duplicates removed, order kept."""
+    result: list[Path] = []
+    for directory in [*(Path(d) for d in extra), DEFAULT_ADAPTER_DIR]:
+        if directory.expanduser().resolve() not in [d.expanduser().resolve() for d in result]:
+            result.append(directory)
+    return result
+
+
+def available_adapters(directories: Sequence[Path]) -> dict[str, Path]:
+    """Adapter name -> file, for every `.safetensors` file directly in the directories (first one wins)."""
+    found: dict[str, Path] = {}
+    for directory in directories:
+        if directory.is_dir():
+            for path in sorted(directory.glob("*" + ADAPTER_SUFFIX)):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def find_adapter(name: str, directories: Sequence[Path]) -> Path:
+    """The file an adapter spec NAME refers to: an existing path, else `<dir>/<name>.safetensors` in the
+    first directory that has it. An unknown name lists the available adapters and the closest matches."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    for directory in directories:
+        candidate = directory / (name if name.endswith(ADAPTER_SUFFIX) else name + ADAPTER_SUFFIX)
+        if candidate.is_file():
+            return candidate
+    raise AdapterSpecError(_unknown_message(name, directories))
+
+
+def _unknown_message(name: str, directories: Sequence[Path]) -> str:
+    available = available_adapters(directories)
+    searched = ", ".join(str(d) for d in directories)
+    if not available:
+        return (
+            f"Unknown adapter {name!r}: it is not a file, and no adapters were found in {searched}. "
+            "Pass a path to a .safetensors file, or --adapter-dir with the folder holding your adapters."
+        )
+    close = difflib.get_close_matches(Path(name).stem, list(available), n=3, cutoff=0.4)
+    hint = f" Closest: {', '.join(close)}." if close else ""
+    return (
+        f"Unknown adapter {name!r}.{hint}\nAvailable adapters (in {searched}): {', '.join(sorted(available))}"
+    )
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """ "style:0,0.5,1" -> ("style", [0.0, 0.5, 1.0]). Each value sets the UNet and text-encoder weight."""
+    name, sep, values = text.rpartition(":")
+    try:
+        weights = [float(v) for v in values.split(",")]
+    except ValueError:
+        weights = []
+    if not sep or not name.strip() or not weights:
+        raise AdapterSpecError(f"Malformed --sweep {text!r}.\nGrammar: NAME:W1,W2,...  e.g. style:0,0.5,1")
+    return name.strip(), weights

@@ -1,0 +1,34 @@
+"""MergeConfig: every knob of `difflora merge`, one field each; the string under a field is its flag's help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difflora.composition.spec import parse_adapter_weights
+from difflora.config import Problems
+from difflora.config.generate import check_spec
+
+
+@dataclass
+class MergeConfig:
+    adapters: tuple[str, ...] = ()
+    """Adapters to merge with their weights: NAME[:WEIGHT[:TE_WEIGHT]],..."""
+    output: str = ""
+    """The merged adapter file (.safetensors)."""
+    rank: int | None = None
+    """Truncate each layer to this rank by SVD and report its error. Default: exact (ranks concatenated)."""
+    adapter_dir: tuple[str, ...] = ()
+    """Extra folders searched for adapters by name (./adapters always is)."""
+
+    def __post_init__(self) -> None:
+        self.adapters = tuple(self.adapters)
+        self.adapter_dir = tuple(self.adapter_dir)
+        p = Problems()
+        check_spec(p, "adapters", lambda: parse_adapter_weights(self.adapters))
+        p.check(bool(self.adapters), "adapters", "give at least one adapter to merge")
+        p.check(bool(self.output), "output", "give the output file (-o merged.safetensors)")
+        if self.output:
+            p.check(self.output.endswith(".safetensors"), "output", "must end with .safetensors")
+        if self.rank is not None:
+            p.check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")
+        p.raise_if_any("merge")

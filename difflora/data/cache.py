@@ -1,0 +1,266 @@
+"""On-disk caches of VAE latents and text embeddings, so each is computed once and reused across runs.
+
+Each entry is one safetensors file named by a sha256 key over everything that changes its content, so
+entries invalidate themselves: the image's content hash (not its path: renaming keeps the cache, editing
+the pixels does not), the bucket, the resize and crop window, the flip, the model identity string (pass
+one that covers the VAE / text-encoder weights, e.g. ``ModelIdentity.base_hash``), the VAE scaling factor
+and this module's format version. Files are written atomically (temp file + ``os.replace``) and an
+unreadable entry is recomputed, so an interrupted run never leaves a cache that breaks the next one.
+
+Latents: the cache stores the VAE posterior's ``mean`` and ``std`` (float32, before the scaling factor),
+not one sample. Training then draws ``mean + std * noise`` each step (``LatentMoments.sample``), exactly
+like uncached training with ``latent_dist.sample()``, at twice the disk space of one sample.
+
+Random crops and caching: each cached entry holds one crop window, chosen once from (seed, image content)
+by the caller; the image is not re-cropped each epoch. ``random_crop_with_cache_message`` says so, for a
+warning rather than kohya's assertion. Flip augmentation caches both orientations.
+
+Text embeddings: only valid when the text encoder is frozen and captions do not change between epochs.
+Whole-caption dropout is fine (the "" embedding is cached too); tag shuffling or tag dropout is not:
+``text_cache_allowed`` returns the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from difflora.data.buckets import CropPlan, render_pixels
+from difflora.data.captions import CaptionAugmentation
+from difflora.data.images import load_image
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+VaeEncode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # pixels [B,3,H,W] -> (mean, std)
+TextEncode = Callable[[list[str]], dict[str, torch.Tensor]]  # captions -> batch-first tensors by name
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class LatentRequest:
+    """One latent to have: an image (by content hash; path to read it from), its crop window, its flip."""
+
+    content_hash: str
+    path: Path
+    plan: CropPlan
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class LatentMoments:
+    """The VAE posterior of one image: latents are ``mean + std * noise``, times the scaling factor."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+
+@dataclass(frozen=True)
+class CacheBuild:
+    keys: list[str]  # one per request, in request order
+    hits: int  # distinct entries found on disk
+    computed: int  # distinct entries computed and written now
+
+
+def vae_encoder(vae: torch.nn.Module) -> VaeEncode:
+    """A VaeEncode for a diffusers AutoencoderKL, on the VAE's own device and dtype, without gradients."""
+    parameter = next(vae.parameters())
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist
+        return posterior.mean.float().cpu(), posterior.std.float().cpu()
+
+    return encode
+
+
+def _sha256_json(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def latent_key(request: LatentRequest, *, model_identity: str, scaling_factor: float) -> str:
+    """The cache key of one latent (see the module docstring for what it covers)."""
+    plan = request.plan
+    return _sha256_json(
+        {
+            "kind": "latent",
+            "format": CACHE_FORMAT,
+            "content": request.content_hash,
+            "bucket": [plan.bucket.width, plan.bucket.height],
+            "resized": list(plan.resized),
+            "crop": [plan.left, plan.top],
+            "flip": request.flip,
+            "model": model_identity,
+            "scaling_factor": scaling_factor,
+        }
+    )
+
+
+class _SafetensorsStore:
+    """Key -> one safetensors file under ``directory/<kind>/<key[:2]>/``; atomic writes."""
+
+    def __init__(self, directory: Path, kind: str) -> None:
+        self.directory = Path(directory) / kind
+
+    def path_for(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        path = self.path_for(key)
+        if not path.is_file():
+            return False
+        try:  # a truncated or foreign file fails here (header or size mismatch): recompute it
+            with safe_open(str(path), framework="pt") as handle:
+                return bool(list(handle.keys()))
+        except Exception as exc:
+            logger.warning("cache entry %s is unreadable (%s); recomputing it", path, exc)
+            return False
+
+    def write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        path = self.path_for(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def read(self, key: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path_for(key)))
+
+
+def _batched(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class LatentCache:
+    """VAE latents (posterior mean and std) on disk, keyed by image content, crop, flip and model."""
+
+    def __init__(self, directory: Path) -> None:
+        self.store = _SafetensorsStore(directory, "latents")
+
+    def build(
+        self,
+        requests: Sequence[LatentRequest],
+        encode: VaeEncode,
+        *,
+        model_identity: str,
+        scaling_factor: float,
+        batch_size: int = 4,
+        progress: Progress | None = None,
+    ) -> CacheBuild:
+        """Make sure every request has an entry; encode only the missing ones (batched per bucket)."""
+        keys = [latent_key(r, model_identity=model_identity, scaling_factor=scaling_factor) for r in requests]
+        distinct = dict(zip(keys, requests, strict=True))
+        missing = [(key, request) for key, request in distinct.items() if not self.store.has(key)]
+        # Same-bucket entries batch together; both flips of one image sit side by side (one decode).
+        missing.sort(key=lambda item: (item[1].plan.bucket, str(item[1].path), item[1].flip))
+        by_bucket: dict = {}
+        for key, request in missing:
+            by_bucket.setdefault(request.plan.bucket, []).append((key, request))
+        done = 0
+        for group in by_bucket.values():
+            for chunk in _batched(group, batch_size):
+                self._encode_chunk(
+                    chunk, encode, model_identity=model_identity, scaling_factor=scaling_factor
+                )
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, len(missing))
+        if missing:
+            logger.info(
+                "cached %d latent(s); %d were already cached", len(missing), len(distinct) - len(missing)
+            )
+        return CacheBuild(keys=keys, hits=len(distinct) - len(missing), computed=len(missing))
+
+    def _encode_chunk(self, chunk, encode: VaeEncode, *, model_identity: str, scaling_factor: float) -> None:
+        images: dict[Path, object] = {}
+        pixels = []
+        for _, request in chunk:
+            if request.path not in images:
+                images[request.path] = load_image(request.path)
+            pixels.append(render_pixels(images[request.path], request.plan, flip=request.flip))
+        means, stds = encode(torch.stack(pixels))
+        for index, (key, request) in enumerate(chunk):
+            metadata = {
+                "difflora.cache": json.dumps(
+                    {"format": CACHE_FORMAT, "content": request.content_hash, "flip": request.flip,
+                     "bucket": str(request.plan.bucket), "model": model_identity,
+                     "scaling_factor": scaling_factor, "source": request.path.name}
+                )
+            }  # fmt: skip
+            self.store.write(key, {"mean": means[index].float(), "std": stds[index].float()}, metadata)
+
+    def load(self, key: str) -> LatentMoments:
+        tensors = self.store.read(key)
+        return LatentMoments(mean=tensors["mean"], std=tensors["std"])
+
+
+def text_key(caption: str, *, encoder_identity: str) -> str:
+    return _sha256_json(
+        {"kind": "text", "format": CACHE_FORMAT, "caption": caption, "model": encoder_identity}
+    )
+
+
+class TextEmbeddingCache:
+    """Text-encoder outputs per caption (whatever tensors ``encode`` returns, e.g. hidden states and the
+    pooled output for SDXL), keyed by the exact caption and the text encoders' identity."""
+
+    def __init__(self, directory: Path) -> None:
+        self.store = _SafetensorsStore(directory, "text")
+
+    def build(
+        self, captions: Iterable[str], encode: TextEncode, *, encoder_identity: str, batch_size: int = 16
+    ) -> tuple[dict[str, str], CacheBuild]:
+        """Returns ({caption: key}, stats); encodes only captions not cached yet."""
+        keys = {caption: text_key(caption, encoder_identity=encoder_identity) for caption in captions}
+        missing = sorted(caption for caption, key in keys.items() if not self.store.has(key))
+        for chunk in _batched(missing, batch_size):
+            outputs = encode(list(chunk))
+            for index, caption in enumerate(chunk):
+                tensors = {name: value[index].float() for name, value in outputs.items()}
+                meta = {"difflora.cache": json.dumps({"format": CACHE_FORMAT, "model": encoder_identity})}
+                self.store.write(keys[caption], tensors, meta)
+        stats = CacheBuild(keys=list(keys.values()), hits=len(keys) - len(missing), computed=len(missing))
+        return keys, stats
+
+    def load(self, key: str) -> dict[str, torch.Tensor]:
+        return self.store.read(key)
+
+
+def text_cache_allowed(*, train_text_encoder: bool, augmentation: CaptionAugmentation) -> tuple[bool, str]:
+    """Whether text embeddings can be cached, and why not when they cannot (for a message, not an assert)."""
+    if train_text_encoder:
+        return False, "text embeddings are not cached: the text encoder is being trained"
+    if augmentation.changes_tags:
+        return (
+            False,
+            "text embeddings are not cached: tag shuffling / tag dropout change captions every epoch",
+        )
+    return True, "text embeddings cached (captions are fixed; dropped captions use the cached '' embedding)"
+
+
+def random_crop_with_cache_message() -> str:
+    return (
+        "random crop with latent caching: each image keeps one random crop window (chosen from the seed) "
+        "for the whole run; disable the latent cache to draw a new window every epoch"
+    )

@@ -1,0 +1,68 @@
+"""Will this LoRA file load completely in ComfyUI, A1111/Forge and diffusers? One verdict per consumer.
+
+Each consumer's loader is re-implemented from its published behaviour (see ../shared/FORMATS.md), over
+the module names of the architecture the file is for (the reference trees of `reference.py`):
+- ComfyUI (`comfy/lora.py`): a key map from the model's own names (SGM `lora_unet_input_blocks_...`, diffusers
+  `lora_unet_down_blocks_...`, old `unet.….processor.to_q`, CLIP `lora_te_/lora_te1_/lora_te2_text_model_
+  encoder_layers_{i}_{q,k,v,out_proj|mlp_fc1|mlp_fc2}` and `text_encoder(_2).…`), then each mapped name consumes
+  its tensors (`lora_up/lora_down`, `lora_A/lora_B`, `_lora.up`, `.lora.up`, `lora_linear_layer`, alpha,
+  dora_scale, LoHa, LoKr, ...); every other key is logged "lora key not loaded" and silently dropped.
+- A1111 (`extensions-builtin/Lora/networks.py`): the name before the first '.' goes through
+  `convert_diffusers_name_to_compvis`, then the `_[qkv]_proj` and `lora_unet`->`diffusion_model`,
+  `lora_te1_text_model`->`(0_)transformer_text_model` fallbacks, against the compvis module names; unmatched keys
+  are reported as "Failed to match keys"; a matched module whose tensors no network type accepts makes the
+  whole file fail. Listing: `ss_base_model_version`/`ss_v2` decide the version A1111 shows the LoRA for.
+  Forge's loader is ComfyUI's, so the ComfyUI verdict describes Forge's loading.
+- diffusers (`load_lora_weights`): kohya conversion only if every key starts with lora_te_/lora_unet_/
+  lora_te1_/lora_te2_ (else only `unet.`/`text_encoder.` keys are read); SGM blocks remapped positionally with
+  layers_per_block (SGM keys are dropped if diffusers-named UNet keys are also present); any tensor the
+  converter does not consume is a ValueError for the whole file; names rebuilt by turning '_' into '.' and
+  re-joining a fixed set of compound words must name a module of the model, else PEFT drops them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from difflora.formats.consumers.a1111 import a1111
+from difflora.formats.consumers.comfyui import comfyui
+from difflora.formats.consumers.diffusers import diffusers
+from difflora.formats.consumers.rules import Verdict
+from difflora.formats.naming import reference_table
+from difflora.formats.read import load_adapter
+from difflora.formats.reference import reference_families
+from difflora.safe_io import read_safetensors
+
+
+def verdicts(keys: Sequence[str], metadata: Mapping[str, str], family: str) -> list[Verdict]:
+    """Every consumer's verdict on a file with these tensor `keys`, for a model of `family`. Families no
+    consumer ships (the embedded model, custom ones) are checked against SD1.x, whose naming they share."""
+    known = family in reference_families()
+    table = reference_table(family if known else "sd1")
+    results = [comfyui(keys, table), a1111(keys, metadata, table), diffusers(keys, table)]
+    if not known:
+        for result in results:
+            result.notes.append(f"no consumer ships a {family!r} model; names checked against SD1.x's")
+    return results
+
+
+def file_verdicts(path: str | Path, family: str | None = None) -> list[Verdict]:
+    """Verdicts for a LoRA file on disk; the family is the file's own (as `load_adapter` reads it) if not given."""
+    tensors, metadata = read_safetensors(path)
+    if family is None:
+        family = load_adapter(path).meta.base_family or "custom"
+    return verdicts(list(tensors), metadata, family)
+
+
+def format_verdicts(results: Sequence[Verdict], *, limit: int = 10) -> list[str]:
+    """Lines for `difflora inspect`: one summary per consumer, then each dropped key and why."""
+    lines = []
+    for verdict in results:
+        lines.append(verdict.summary())
+        for key, why in list(verdict.dropped.items())[:limit]:
+            lines.append(f"    not loaded: {key}: {why}")
+        if len(verdict.dropped) > limit:
+            lines.append(f"    ... and {len(verdict.dropped) - limit} more")
+        lines += [f"    {note}" for note in verdict.notes]
+    return lines

@@ -1,0 +1,74 @@
+"""`export_adapter(config)`: write an adapter where other programs load it completely.
+
+`comfyui` (the default) is kohya's naming, which ComfyUI, A1111/Forge and diffusers all load
+(`difflora.formats.kohya`); `diffusers` is difflora's native diffusers PEFT layout. Before writing, the file's
+keys go through each consumer's loading rules (`difflora.formats.compat`): a key some consumer would drop is
+logged with the reason, so "lora key not loaded" is found here rather than in a user's workflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as save_safetensors_bytes
+
+from difflora.adapter.types import Adapter
+from difflora.config.export import ExportConfig
+from difflora.errors import ConfigError
+from difflora.formats import family as families
+from difflora.formats.consumers.verdicts import verdicts
+from difflora.formats.kohya import to_kohya
+from difflora.formats.native import adapter_state_dict, header_metadata
+from difflora.formats.read import load_adapter
+from difflora.safe_io import write_atomic
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def export_adapter(config: ExportConfig) -> Path:
+    """Write the adapter named by `config` in the requested format and dtype; returns the written path."""
+    source = Path(config.adapter)
+    adapter = load_adapter(source)
+    output = (
+        Path(config.output)
+        if config.output
+        else source.with_name(f"{source.stem}.{config.format}.safetensors")
+    )
+    if output.resolve() == source.resolve():
+        raise ConfigError(f"--output {output} is the adapter itself; choose another file name.")
+    if output.exists() and not config.overwrite:
+        raise ConfigError(
+            f"{output} already exists; pass --overwrite to replace it, or choose another --output."
+        )
+    payload = export_bytes(adapter, config.format, DTYPES[config.dtype])
+    write_atomic(output, payload)
+    logger.info("Wrote %s (%s, %s, %d modules)", output, config.format, config.dtype, len(adapter.modules))
+    return output
+
+
+def export_bytes(adapter: Adapter, format: str, dtype: torch.dtype) -> bytes:
+    """The exported file's bytes (safetensors), after checking every consumer would load every key."""
+    if format == "comfyui":
+        tensors, metadata = to_kohya(adapter, dtype=dtype)
+    else:
+        tensors = {
+            k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter_state_dict(adapter).items()
+        }
+        metadata = header_metadata(adapter)
+    _report_consumers(list(tensors), metadata, families.export_family(adapter), format)
+    return save_safetensors_bytes(tensors, metadata=metadata)
+
+
+def _report_consumers(keys: list[str], metadata: dict[str, str], family: str, format: str) -> None:
+    for verdict in verdicts(keys, metadata, family):
+        if format == "diffusers" and verdict.consumer != "diffusers":
+            continue  # the diffusers layout is for diffusers; ComfyUI/A1111 users export comfyui
+        if verdict.complete:
+            logger.debug("%s", verdict.summary())
+            continue
+        examples = "; ".join(f"{key} ({why})" for key, why in list(verdict.dropped.items())[:3])
+        logger.warning("%s. %s", verdict.summary(), examples)

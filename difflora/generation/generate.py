@@ -1,0 +1,220 @@
+"""`generate(config)`: load the model, compose the adapters, render, and write PNGs that say how they were made.
+
+Every PNG carries A1111-style `parameters` (readable by A1111/Forge "PNG Info") and has a JSON sidecar with
+the full record (model identity, adapter files and weights, composition mode). Several images get a contact
+sheet; `--sweep` renders a labelled grid over adapter weights with the same seed in every cell, re-weighting
+the fused model between cells (a weighted sum of precomputed updates, no reload).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from difflora import __version__
+from difflora.composition.composer import Composer, compose
+from difflora.composition.spec import AdapterWeight
+from difflora.config.generate import GenerateConfig
+from difflora.generation.pipeline import a1111_parameters, image_grid, render, save_png
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Job:
+    """What one call renders: the settings shared by every image, plus a progress counter."""
+
+    config: GenerateConfig
+    pipe: Any
+    composer: Composer
+    out: Path
+    total_steps: int
+    progress: Progress | None
+    done: int = 0
+
+
+def generate(config: GenerateConfig, *, pipe: Any = None, progress: Progress | None = None) -> list[Path]:
+    """Render `config` and return the PNG paths written (images first, then the contact sheet or sweep
+    grid). With `pipe`, that pipeline is used and keeps the composed adapters afterwards."""
+    if pipe is None:
+        from difflora.models.loading import load_pipeline
+
+        pipe = load_pipeline(config.model, device=config.device or _default_device())
+    seed = config.seed if config.seed is not None else random.randrange(2**31)
+    mode = "fused" if config.fuse else "dynamic"
+    specs = _with_sweep_adapters(config.adapter_weights, config.sweeps)
+    composer = compose(pipe, specs, mode=mode, adapter_dirs=config.adapter_dir)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.report:
+        _write_report(composer, out)
+    cells = max(1, _grid_size(config.sweeps))
+    job = _Job(config, pipe, composer, out, config.steps * config.num_images * cells, progress)
+    seeds = [seed + i for i in range(config.num_images)]
+    if config.sweeps:
+        return [path for s in seeds for path in _sweep(job, s)]
+    images = _render(job, seeds)
+    first = _next_index(out)
+    paths = [_save(job, image, s, first + i) for i, (image, s) in enumerate(zip(images, seeds, strict=True))]
+    if len(images) > 1:
+        cols = min(len(images), 4)
+        sheet = image_grid(
+            images, rows=-(-len(images) // cols), cols=cols, labels=[f"seed {s}" for s in seeds]
+        )
+        paths.append(_save(job, sheet, seeds[0], first + len(images), name="sheet", extra={"seeds": seeds}))
+    return paths
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _with_sweep_adapters(
+    specs: list[AdapterWeight], sweeps: list[tuple[str, list[float]]]
+) -> list[AdapterWeight]:
+    """Adapters named only by --sweep are composed too (their weight is set per cell)."""
+    names = {spec.name for spec in specs}
+    return specs + [AdapterWeight(name, values[0]) for name, values in sweeps if name not in names]
+
+
+def _grid_size(sweeps: Sequence[tuple[str, list[float]]]) -> int:
+    size = 1
+    for _, values in sweeps:
+        size *= len(values)
+    return size if sweeps else 0
+
+
+def _render(job: _Job, seeds: list[int]) -> list[Image.Image]:
+    config = job.config
+    offset = job.done
+
+    def report(done: int, total: int) -> None:
+        if job.progress:
+            job.progress(offset + done, job.total_steps)
+
+    images = render(
+        job.pipe,
+        [config.prompt] * len(seeds),
+        seeds=seeds,
+        steps=config.steps,
+        guidance=config.guidance,
+        negative_prompt=config.negative_prompt,
+        width=config.width,
+        height=config.height,
+        scheduler=config.scheduler,
+        progress=report,
+    )
+    job.done += config.steps * len(seeds)
+    return images
+
+
+def _sweep(job: _Job, seed: int) -> list[Path]:
+    """One image per combination of sweep weights, same seed everywhere; columns = first sweep, rows =
+    second. Returns the cells' PNGs, then the labelled grid."""
+    sweeps = job.config.sweeps
+    base = {spec.name: spec for spec in job.composer.adapters}
+    images, labels, paths = [], [], []
+    first = _next_index(job.out)
+    combos = list(itertools.product(*[values for _, values in reversed(sweeps)]))
+    for index, combo in enumerate(combos):
+        cell = dict(zip([name for name, _ in reversed(sweeps)], combo, strict=True))
+        job.composer.set_weights([AdapterWeight(name, w) for name, w in cell.items()])
+        image = _render(job, [seed])[0]
+        images.append(image)
+        labels.append(" ".join(f"{name}={cell[name]:g}" for name, _ in sweeps))
+        paths.append(_save(job, image, seed, first + index))
+    job.composer.set_weights(list(base.values()))
+    cols = len(sweeps[0][1])
+    grid = image_grid(images, rows=len(combos) // cols, cols=cols, labels=labels)
+    sweep_record = {name: values for name, values in sweeps}
+    paths.append(_save(job, grid, seed, first + len(combos), name="sweep", extra={"sweep": sweep_record}))
+    return paths
+
+
+def _save(
+    job: _Job,
+    image: Image.Image,
+    seed: int,
+    index: int,
+    *,
+    name: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    path = job.out / f"{index:05d}-{name or seed}.png"
+    config, composer = job.config, job.composer
+    identity = composer.identity
+    adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in composer.adapters]
+    width, height = config.width or image.width, config.height or image.height
+    parameters = a1111_parameters(
+        prompt=config.prompt,
+        negative_prompt=config.negative_prompt,
+        steps=config.steps,
+        scheduler=config.scheduler,
+        guidance=config.guidance,
+        seed=seed,
+        width=width,
+        height=height,
+        model=identity.name,
+        model_hash=identity.base_hash,
+        adapters=adapters,
+    )
+    sidecar = {
+        "prompt": config.prompt,
+        "negative_prompt": config.negative_prompt,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "scheduler": config.scheduler,
+        "model": {
+            "name": identity.name,
+            "architecture": identity.architecture,
+            "base_hash": identity.base_hash,
+        },
+        "adapters": [_adapter_record(composer, spec) for spec in composer.adapters],
+        "composition": composer.mode,
+        "parameters": parameters,
+        "difflora_version": __version__,
+        **(extra or {}),
+    }
+    logger.debug("wrote %s", path)
+    return save_png(image, path, parameters=parameters, sidecar=sidecar)
+
+
+def _adapter_record(composer: Composer, spec: AdapterWeight) -> dict[str, Any]:
+    path = composer.path(spec.name)
+    meta = composer.adapter(spec.name).meta
+    return {
+        "name": spec.name,
+        "weight": spec.weight,
+        "te_weight": spec.text_encoder_weight,
+        "file": str(path) if path else None,
+        "base_hash": meta.base_hash,
+        "trigger_words": meta.trigger_words,
+    }
+
+
+def _next_index(out: Path) -> int:
+    """A1111-style numbering: one past the highest NNNNN- prefix in the folder, so nothing is overwritten."""
+    numbers = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def _write_report(composer: Composer, out: Path) -> None:
+    from difflora.safe_io import write_atomic
+
+    text = composer.report().text()
+    logger.info("%s", text)
+    write_atomic(out / "composition-report.txt", (text + "\n").encode())

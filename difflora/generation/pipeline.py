@@ -1,0 +1,215 @@
+"""Rendering images with a diffusers pipeline: schedulers by name, deterministic `render()`, contact sheets,
+and PNG files that carry their generation parameters.
+
+`difflora generate` and the trainer's samples both render through `render()`, so a sample seen during
+training is exactly what `generate` produces with the same adapter, scheduler, seed and size (kohya's
+samples default to another sampler than inference, a known source of confusion).
+
+Determinism: each image gets its own CPU `torch.Generator` seeded with its seed and is rendered on its own,
+so an image depends only on (model weights, prompt, seed, settings), never on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from difflora.errors import ConfigError
+from difflora.generation.schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_label
+
+logger = logging.getLogger(__name__)
+
+
+def default_size(pipe: Any) -> tuple[int, int]:
+    """(width, height) the model was made for: UNet sample size times the VAE's downscale factor."""
+    size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    return size, size
+
+
+def render(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    steps: int = 20,
+    guidance: float = 5.0,
+    negative_prompt: str = "",
+    width: int | None = None,
+    height: int | None = None,
+    scheduler: str = DEFAULT_SCHEDULER,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in order. Deterministic per seed (CPU generator, one image per
+    pipeline call). The pipeline's scheduler is swapped for `scheduler` and restored afterwards.
+    `progress(done_steps, total_steps)` is called after every denoising step."""
+    if len(prompts) != len(seeds):
+        raise ConfigError(
+            f"render(): {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt."
+        )
+    default_w, default_h = default_size(pipe)
+    width, height = width or default_w, height or default_h
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(scheduler, original.config)
+    total = steps * len(prompts)
+    images: list[Image.Image] = []
+    try:
+        for index, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+            callback = _step_callback(progress, index * steps, total) if progress else None
+            with torch.no_grad():
+                result = pipe(
+                    prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    width=width,
+                    height=height,
+                    generator=torch.Generator("cpu").manual_seed(int(seed)),
+                    output_type="pil",
+                    callback_on_step_end=callback,
+                )
+            images.append(result.images[0])
+    finally:
+        pipe.scheduler = original
+    return images
+
+
+def _step_callback(progress: Callable[[int, int], None], offset: int, total: int) -> Callable:
+    def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        progress(offset + step + 1, total)
+        return {}
+
+    return on_step_end
+
+
+# ------------------------------------------------------------------------------------------- contact sheets
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def image_grid(
+    images: Sequence[Image.Image],
+    rows: int,
+    cols: int,
+    labels: Sequence[str] | None = None,
+    *,
+    padding: int = 2,
+) -> Image.Image:
+    """Images laid out row by row on a white sheet; with `labels`, each cell gets its caption underneath
+    (long captions are cut to the cell width). Cells take the size of the largest image."""
+    if not images:
+        raise ValueError("image_grid() needs at least one image")
+    if len(images) > rows * cols:
+        raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    cell_w = max(img.width for img in images)
+    cell_h = max(img.height for img in images)
+    font_size = max(8, min(14, cell_w // 8))
+    label_h = font_size + 4 if labels else 0
+    sheet = Image.new(
+        "RGB",
+        (cols * (cell_w + padding) + padding, rows * (cell_h + label_h + padding) + padding),
+        "white",
+    )
+    draw = ImageDraw.Draw(sheet)
+    font = _font(font_size)
+    for index, img in enumerate(images):
+        row, col = divmod(index, cols)
+        x = padding + col * (cell_w + padding)
+        y = padding + row * (cell_h + label_h + padding)
+        sheet.paste(img.convert("RGB"), (x, y))
+        if labels:
+            draw.text(
+                (x + 1, y + cell_h + 1), _fit(labels[index], draw, font, cell_w), fill="black", font=font
+            )
+    return sheet
+
+
+def _fit(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    return text
+
+
+# ----------------------------------------------------------------------------------- PNG with parameters
+
+
+def a1111_parameters(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    scheduler: str,
+    guidance: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str = "",
+    model_hash: str = "",
+    adapters: Sequence[tuple[str, float, float]] = (),
+) -> str:
+    """The `parameters` text A1111/Forge write into PNGs (and read back with "PNG Info"). Adapters appear as
+    `<lora:name:weight>` in the prompt, as A1111 writes them, and in a `difflora adapters` field with both
+    weights (UNet and text encoder)."""
+    lora_tags = " ".join(f"<lora:{name}:{_num(weight)}>" for name, weight, _ in adapters)
+    lines = [f"{prompt} {lora_tags}".strip()]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = [
+        f"Steps: {steps}",
+        f"Sampler: {scheduler_label(scheduler)}",
+        f"CFG scale: {_num(guidance)}",
+        f"Seed: {seed}",
+        f"Size: {width}x{height}",
+    ]
+    if model_hash:
+        fields.append(f"Model hash: {model_hash}")
+    if model:
+        fields.append(f"Model: {model}")
+    if adapters:
+        spec = ",".join(f"{name}:{_num(w)}:{_num(te)}" for name, w, te in adapters)
+        fields.append(f'difflora adapters: "{spec}"')
+    fields.append("Version: difflora")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    return f"{float(value):g}"
+
+
+def save_png(
+    image: Image.Image, path: Path, *, parameters: str, sidecar: dict[str, Any] | None = None
+) -> Path:
+    """Write `image` as PNG with a `parameters` text chunk, plus `<name>.json` beside it when `sidecar` is
+    given. Both writes are atomic."""
+    from difflora.safe_io import write_atomic
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    write_atomic(Path(path), buffer.getvalue())
+    if sidecar is not None:
+        text = json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n"
+        write_atomic(Path(path).with_suffix(".json"), text.encode())
+    return Path(path)
+
+
+def read_png_parameters(path: str | os.PathLike) -> str:
+    """The `parameters` text chunk of a PNG ("" when absent)."""
+    with Image.open(path) as img:
+        return str(img.info.get("parameters", ""))

@@ -1,0 +1,54 @@
+"""A model's data geometry (native resolution, bucket step, tokenizer) read from its config files only.
+
+`difflora check` plans buckets the way training will without loading any weights; a model it cannot read
+this way (a single file, a hub id) falls back to SD1's geometry, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from difflora.data.buckets import bucket_step
+from difflora.data.captions import TokenCounter, clip_token_counter
+from difflora.models.loading import resolve_model
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_RESOLUTION, FALLBACK_STEP, FALLBACK_TOKENS = 512, 64, 75  # SD1 geometry when the model is not read
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    resolution: int | None  # native: UNet sample size × VAE factor
+    step: int
+    count_tokens: TokenCounter | None
+    max_tokens: int
+    note: str | None  # why a fallback was used
+
+
+def model_geometry(model: str | None) -> ModelGeometry:
+    """Native resolution, bucket step and token counter from a local model's config files and tokenizer."""
+    try:
+        from transformers import AutoTokenizer
+
+        source = resolve_model(model)
+        if source.kind not in ("embedded", "folder"):
+            raise ValueError(f"{source.kind} models are not read by check")
+        folder = Path(source.location)
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    except Exception as exc:  # a data check must work without a model at hand
+        logger.debug("model not read (%s)", exc)
+        note = (
+            f"model not read ({exc}); assuming SD1 geometry: step {FALLBACK_STEP}, {FALLBACK_TOKENS} tokens"
+        )
+        return ModelGeometry(None, FALLBACK_STEP, None, FALLBACK_TOKENS, note)
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    step = bucket_step(vae_factor, len(unet["block_out_channels"]) - 1)
+    sample_size = unet["sample_size"]
+    native = (sample_size if isinstance(sample_size, int) else sample_size[0]) * vae_factor
+    return ModelGeometry(native, step, clip_token_counter(tokenizer), tokenizer.model_max_length - 2, None)

@@ -1,0 +1,93 @@
+"""Which base model a pipeline is: its family, an architecture fingerprint and a weight hash.
+
+Adapters record this identity, so that applying one to another architecture is refused and applying it to
+another fine-tune of the same architecture is a warning.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from difflora.adapter.types import COMPONENTS
+from difflora.hashing import sha256_json, weights_fingerprint
+from difflora.models.loading import ModelSource
+
+Family = Literal["sd1", "sd2", "sdxl", "tiny", "custom"]
+# The full-size families whose module trees difflora knows (kohya names, consumers' key rules).
+KNOWN_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an adapter records about its base. `architecture` is a readable family name plus a hash of the
+    component configs (two models with the same architecture accept each other's adapters); `base_hash`
+    also covers the weights (a different hash on the same architecture only earns a warning)."""
+
+    family: Family
+    architecture: str
+    base_hash: str
+    prediction_type: str
+    name: str
+
+    @property
+    def text_encoder_count(self) -> int:
+        return 2 if self.family == "sdxl" else 1
+
+
+def model_identity(pipe: Any) -> ModelIdentity:
+    """Family, architecture fingerprint and base hash of a loaded pipeline. Computed once per pipeline
+    (before any adapter is fused into its weights) and remembered on it."""
+    cached = getattr(pipe, "_difflora_identity", None)
+    if cached is not None:
+        return cached
+    identity = _compute_identity(pipe)
+    pipe._difflora_identity = identity
+    return identity
+
+
+def _compute_identity(pipe: Any) -> ModelIdentity:
+    unet_config = dict(pipe.unet.config)
+    family = _family(unet_config, pipe)
+    configs = {"unet": _stable_config(unet_config)}
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            configs[name] = _stable_config(encoder.config.to_dict())
+    structure = sha256_json(configs)[:12]
+    source: ModelSource | None = getattr(pipe, "_difflora_source", None)
+    name = source.display if source else str(getattr(pipe, "name_or_path", "unknown"))
+    return ModelIdentity(
+        family=family,
+        architecture=f"{family}-{structure}",
+        base_hash=base_weights_fingerprint(pipe),
+        prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
+        name=name,
+    )
+
+
+def _family(unet_config: dict[str, Any], pipe: Any) -> Family:
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    cross = unet_config.get("cross_attention_dim")
+    channels = tuple(unet_config.get("block_out_channels", ()))
+    if channels == (320, 640, 1280, 1280) and cross == 768:
+        return "sd1"
+    if channels == (320, 640, 1280, 1280) and cross == 1024:
+        return "sd2"
+    source: ModelSource | None = getattr(pipe, "_difflora_source", None)
+    return "tiny" if source is not None and source.kind == "embedded" else "custom"
+
+
+def _stable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Config entries that define the architecture (not paths, versions or dtypes)."""
+    volatile = ("_name_or_path", "_diffusers_version", "transformers_version", "torch_dtype", "dtype")
+    cleaned = {k: v for k, v in config.items() if k not in volatile and not k.startswith("_")}
+    return json.loads(json.dumps(cleaned, sort_keys=True, default=str))
+
+
+def base_weights_fingerprint(pipe: Any) -> str:
+    """The hash of the UNet and text-encoder weights (see `difflora.hashing.weights_fingerprint`)."""
+    modules = {name: getattr(pipe, name, None) for name in COMPONENTS}
+    return weights_fingerprint({name: module for name, module in modules.items() if module is not None})

@@ -1,0 +1,150 @@
+"""Resolve `--model` and load a Stable Diffusion model, offline first.
+
+`--model` may be omitted (the embedded tiny model shipped inside the package), a local diffusers folder,
+a single-file `.safetensors` checkpoint, or a hub id (only where there is a network). Whatever was given,
+callers get a diffusers pipeline and a `ModelIdentity`: the architecture family and a hash that tells two
+bases apart, which adapters record so that applying one to another base is caught with a clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from difflora.embedded import EMBEDDED_MODEL_DIR
+from difflora.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "embedded"
+
+SourceKind = Literal["embedded", "folder", "single_file", "hub"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    location: str
+
+    @property
+    def display(self) -> str:
+        return "embedded tiny model" if self.kind == "embedded" else self.location
+
+
+def resolve_model(ref: str | os.PathLike | None) -> ModelSource:
+    """Decide what kind of model reference `ref` is, without loading it."""
+    if ref is None or str(ref) in ("", EMBEDDED_NAME):
+        if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            raise ModelError(
+                f"The embedded model is missing from {EMBEDDED_MODEL_DIR}: the installation is incomplete. "
+                "Reinstall difflora, or pass --model with a diffusers folder."
+            )
+        return ModelSource("embedded", str(EMBEDDED_MODEL_DIR))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(
+                f"{path} is a folder but not a diffusers model (no model_index.json). Pass the folder that "
+                "contains model_index.json, a single-file .safetensors checkpoint, or omit --model."
+            )
+        return ModelSource("folder", str(path))
+    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if not path.is_file():
+            raise ModelError(f"Model file not found: {path}")
+        return ModelSource("single_file", str(path))
+    text = str(ref)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists():
+        return ModelSource("hub", text)
+    raise ModelError(
+        f"--model {text!r} is neither a diffusers folder, a .safetensors checkpoint, nor a hub id "
+        "(owner/name). Omit --model to use the embedded tiny model."
+    )
+
+
+def load_pipeline(
+    ref: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> Any:
+    """Load a text-to-image pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline)."""
+    source = resolve_model(ref)
+    pipe = _load(source, dtype=dtype, allow_pickle=allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    pipe._difflora_source = source  # read by model_identity(); diffusers pipelines accept attributes
+    return pipe.to(device)
+
+
+def _load(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    _quiet_loading()
+    with warnings.catch_warnings():
+        # diffusers >= 0.36 renamed torch_dtype to dtype and warns on the old name; older releases, which
+        # pyproject still allows, know only torch_dtype. The warning says nothing the user can act on.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return _load_pipeline(source, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def _quiet_loading() -> None:
+    """diffusers and transformers draw a progress bar per component even for a local 30 MB folder; the
+    CLI has its own progress display, so keep theirs for --debug runs only."""
+    if logger.isEnabledFor(logging.DEBUG):
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _load_pipeline(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    from diffusers import DiffusionPipeline
+
+    common: dict[str, Any] = {"torch_dtype": dtype}
+    if source.kind in ("embedded", "folder"):
+        try:
+            return DiffusionPipeline.from_pretrained(
+                source.location, local_files_only=True, safety_checker=None, **common
+            )
+        except (OSError, ValueError) as error:
+            raise ModelError(f"Could not load the diffusers model in {source.location}: {error}") from None
+    if source.kind == "single_file":
+        return _load_single_file(Path(source.location), dtype=dtype, allow_pickle=allow_pickle)
+    try:
+        return DiffusionPipeline.from_pretrained(source.location, **common)
+    except OSError as error:
+        raise ModelError(
+            f"Could not load {source.location!r} from the model hub: {error}\nThere may be no network here. "
+            "Download the model elsewhere and pass its local diffusers folder or .safetensors file with "
+            "--model, or omit --model to use the embedded tiny model."
+        ) from None
+
+
+def _load_single_file(path: Path, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    if path.suffix.lower() != ".safetensors" and not allow_pickle:
+        raise ModelError(
+            f"{path.name} is a pickled checkpoint, which can run arbitrary code when loaded. Convert it to "
+            ".safetensors, or pass --allow-pickle if you trust its source."
+        )
+    is_sdxl = False
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            is_sdxl = any(key.startswith("conditioner.embedders.1") for key in handle.keys())  # noqa: SIM118
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    try:
+        return pipeline_class.from_single_file(str(path), torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"Could not load the single-file checkpoint {path}: {error}\nLoading a single file needs its "
+            "diffusers configuration, fetched from the hub on first use; without a network, convert the "
+            "checkpoint to a diffusers folder where you have one and pass that folder."
+        ) from None

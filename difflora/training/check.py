@@ -1,0 +1,228 @@
+"""``difflora check ./images``: the training scan as a preflight report, without loading a model.
+
+``run_check`` performs exactly the scan, bucketing and planning ``train`` does, with the same rules, and
+returns a ``CheckReport`` (plain values; ``render()`` gives the text the CLI prints). ``report.errors``
+lists what would stop training (nothing usable, conflicting caption sources); everything else is a
+warning the user may accept.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from difflora.data.batches import BucketBatchSampler, plan_examples
+from difflora.data.buckets import Bucket, bucket_histogram, make_buckets
+from difflora.data.captions import TokenCounter, rough_token_count
+from difflora.data.scan import ScanResult, scan_folder
+from difflora.errors import ConfigError
+from difflora.training.plan import TrainingPlan, make_plan
+
+LIST_LIMIT = 20  # longest list printed in full; the rest is counted
+
+
+@dataclass
+class CheckReport:
+    scan: ScanResult
+    resolution: int
+    step: int
+    no_upscale: bool
+    histogram: dict[Bucket, int]  # usable images per bucket
+    upscaled: list[tuple[Path, float]]  # (image, enlargement factor) for images trained larger than they are
+    plan: TrainingPlan | None  # None when nothing is usable
+    max_tokens: int | None
+    tokens_estimated: bool  # True when no tokenizer was available and token counts are a lower bound
+
+    @property
+    def errors(self) -> list[str]:
+        return self.scan.errors
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def render(self) -> str:
+        sections = [self._summary(), self._folders(), self._skipped(), self._captions(), self._images()]
+        sections += [self._buckets(), self._duplicates(), self._tags(), self._plan(), self._verdict()]
+        return "\n\n".join(section for section in sections if section)
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.scan.root))
+        except ValueError:
+            return str(path)
+
+    def _summary(self) -> str:
+        scan = self.scan
+        line = (
+            f"Dataset check: {scan.root}\n  {len(scan.examples)} usable image(s) in {len(scan.folders)} "
+            f"folder(s), {len(scan.skipped)} skipped, {len(scan.ignored)} non-image file(s) ignored"
+        )
+        if scan.ignored:
+            line += "\n  ignored: " + ", ".join(self._rel(p) for p in scan.ignored[:LIST_LIMIT])
+            line += _more(scan.ignored)
+        return line
+
+    def _folders(self) -> str:
+        lines = ["Folders (repeats from N_name folder names)"]
+        for folder in self.scan.folders:
+            cls = f"class {folder.class_name!r}" if folder.class_name else "no class name"
+            lines.append(
+                f"  {folder.name:<28} {folder.repeats:>4} repeat(s)  {folder.image_count:>5} image(s)  {cls}"
+            )
+        lines += [f"  warning: {w}" for w in self.scan.warnings]
+        return "\n".join(lines)
+
+    def _skipped(self) -> str:
+        if not self.scan.skipped:
+            return ""
+        lines = [f"Skipped files ({len(self.scan.skipped)})"]
+        lines += [f"  {self._rel(s.path)}: {s.reason}" for s in self.scan.skipped[:LIST_LIMIT]]
+        return "\n".join(lines) + _more(self.scan.skipped)
+
+    def _captions(self) -> str:
+        issues = self.scan.caption_issues
+        if not issues:
+            return "Captions: all present and readable"
+        lines = ["Caption problems"]
+        titles = {
+            "conflict": "ERROR: caption sources disagree",
+            "missing": "missing caption",
+            "empty": "empty caption",
+            "too_long": f"longer than {self.max_tokens} tokens{' (estimated)' if self.tokens_estimated else ''}",
+            "decoding": "not UTF-8",
+            "orphan": "caption without image",
+            "metadata": "metadata file",
+        }
+        for kind, title in titles.items():
+            chosen = [i for i in issues if i.kind == kind]
+            if chosen:
+                lines.append(f"  {title} ({len(chosen)}):")
+                lines += [f"    {self._rel(i.path)}: {i.message}" for i in chosen[:LIST_LIMIT]]
+                lines[-1] += _more(chosen)
+        return "\n".join(lines)
+
+    def _images(self) -> str:
+        examples = self.scan.examples
+        if not examples:
+            return ""
+        areas = sorted(examples, key=lambda e: e.size[0] * e.size[1])
+        median = areas[len(areas) // 2].size
+        notes = Counter(
+            note.split(" applied")[0] if "EXIF" in note else note for e in examples for note in e.notes
+        )
+        line = (
+            f"Image sizes: smallest {_size(areas[0].size)}, median {_size(median)}, largest {_size(areas[-1].size)}"
+            f"; median aspect {statistics.median(e.size[0] / e.size[1] for e in examples):.2f}"
+        )
+        if notes:
+            line += "\n  converted on load: " + ", ".join(f"{n}× {what}" for what, n in sorted(notes.items()))
+        return line
+
+    def _buckets(self) -> str:
+        if not self.histogram:
+            return ""
+        mode = "never upscale" if self.no_upscale else "upscale small images"
+        lines = [f"Buckets (resolution {self.resolution}, step {self.step}, {mode})"]
+        widest = max(self.histogram.values())
+        for bucket, count in self.histogram.items():
+            bar = "#" * max(1, round(30 * count / widest))
+            lines.append(f"  {bucket!s:>10}  {count:>5}  {bar}")
+        if self.upscaled:
+            lines.append(f"  {len(self.upscaled)} image(s) will be enlarged (use --no-upscale to avoid):")
+            lines += [f"    {self._rel(p)}: ×{factor:.2f}" for p, factor in self.upscaled[:LIST_LIMIT]]
+            lines[-1] += _more(self.upscaled)
+        return "\n".join(lines)
+
+    def _duplicates(self) -> str:
+        groups = list(self.scan.duplicates.values())
+        if not groups:
+            return ""
+        lines = [f"Duplicate images, same content ({len(groups)} group(s))"]
+        lines += ["  " + " = ".join(self._rel(p) for p in paths) for paths in groups[:LIST_LIMIT]]
+        return "\n".join(lines) + _more(groups)
+
+    def _tags(self) -> str:
+        total: Counter = Counter()
+        for counts in self.scan.tag_frequency.values():
+            total.update(counts)
+        if not total:
+            return ""
+        common = ", ".join(f"{tag} ({n})" for tag, n in total.most_common(15))
+        return f"Most common tags ({len(total)} distinct): {common}"
+
+    def _plan(self) -> str:
+        return f"Training plan\n  {self.plan.describe()}" if self.plan else ""
+
+    def _verdict(self) -> str:
+        if self.ok:
+            return f"OK: ready to train (dataset hash {self.scan.dataset_hash[:12]})"
+        return "NOT READY:\n  " + "\n  ".join(self.errors)
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _more(items: list) -> str:
+    return f"\n    ... and {len(items) - LIST_LIMIT} more" if len(items) > LIST_LIMIT else ""
+
+
+def run_check(
+    root: Path,
+    *,
+    caption_extension: str = ".txt",
+    trigger: str | None = None,
+    resolution: int = 512,
+    step: int = 64,
+    no_upscale: bool = False,
+    batch_size: int = 1,
+    gradient_accumulation: int = 1,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+    max_tokens: int | None = 75,
+    count_tokens: TokenCounter | None = None,
+) -> CheckReport:
+    """Scan ``root`` as training would and report on it. Never raises for data problems (they are in the
+    report); raises ConfigError for invalid settings (e.g. a resolution that is not a multiple of step)."""
+    try:
+        buckets = make_buckets(resolution, step)
+    except ValueError as exc:
+        raise ConfigError(f"--resolution: {exc}") from None
+    scan = scan_folder(
+        Path(root),
+        caption_extension=caption_extension,
+        trigger=trigger,
+        max_tokens=max_tokens,
+        count_tokens=count_tokens or rough_token_count,
+        strict=False,
+    )
+    plans = plan_examples(scan.examples, buckets, no_upscale=no_upscale, step=step)
+    upscaled = [(e.path, p.scale) for e, p in zip(scan.examples, plans, strict=True) if p.scale > 1.0001]
+    plan = None
+    if scan.examples:
+        sampler = BucketBatchSampler(
+            [p.bucket for p in plans], [e.repeats for e in scan.examples], batch_size, seed=0
+        )
+        plan = make_plan(
+            images=len(scan.examples),
+            examples_per_epoch=sum(e.repeats for e in scan.examples),
+            batches_per_epoch=sampler.batches_per_epoch,
+            batch_size=batch_size,
+            gradient_accumulation=gradient_accumulation,
+            max_steps=max_steps,
+            epochs=epochs,
+        )
+    return CheckReport(
+        scan=scan,
+        resolution=resolution,
+        step=step,
+        no_upscale=no_upscale,
+        histogram=bucket_histogram([p.bucket for p in plans]),
+        upscaled=upscaled,
+        plan=plan,
+        max_tokens=max_tokens,
+        tokens_estimated=count_tokens is None,
+    )

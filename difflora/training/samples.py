@@ -1,0 +1,94 @@
+"""Sample grids during training, rendered by `difflora.pipeline.render`: the code `difflora generate` uses,
+so a sample is exactly what generation with that checkpoint's adapter, seed and scheduler gives.
+
+Rows are prompts, columns are seeds. Rendering never touches the training RNG streams (it runs inside
+`torch.random.fork_rng`), so a run with samples trains exactly like a run without.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from difflora.safe_io import write_atomic
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE_PROMPTS = 3
+
+
+def default_prompts(captions: Sequence[str], count: int = DEFAULT_SAMPLE_PROMPTS) -> list[str]:
+    """The first `count` distinct non-empty captions of the data set, in scan order."""
+    chosen: list[str] = []
+    for caption in captions:
+        if caption and caption not in chosen:
+            chosen.append(caption)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def render_sample_grid(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    scheduler: str,
+    width: int,
+    height: int,
+    autocast: Any,
+) -> Image.Image:
+    """One image per (prompt, seed), laid out prompts × seeds, labelled with the seed."""
+    from difflora.generation.pipeline import image_grid, render
+
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = [s for _ in prompts for s in seeds]
+    modules = [m for m in (pipe.unet, pipe.text_encoder) if m is not None]
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), autocast, _quiet("diffusers"):
+            images = render(
+                pipe,
+                all_prompts,
+                seeds=all_seeds,
+                steps=steps,
+                guidance=guidance,
+                scheduler=scheduler,
+                width=width,
+                height=height,
+            )
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+    labels = [f"seed {s}: {p}" for p, s in zip(all_prompts, all_seeds, strict=True)]
+    return image_grid(images, rows=len(prompts), cols=len(seeds), labels=labels)
+
+
+@contextmanager
+def _quiet(name: str):
+    """Silence a library's warnings while sampling: the pipeline repeats the same prompt-truncation warning
+    for every sample, while the data scan has already reported captions longer than the text encoder reads."""
+    library = logging.getLogger(name)
+    level = library.level
+    library.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
+def save_grid(image: Image.Image, path: Path) -> Path:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return write_atomic(path, buffer.getvalue())
