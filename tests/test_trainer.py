@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import difflora.training.loop as loop
 import difflora.training.trainer as trainer
 from difflora.config import parse_toml_text
 from difflora.config.train import TrainConfig
@@ -111,7 +112,7 @@ def test_train_writes_adapter_run_directory_and_metadata(workspace, tmp_path):
 def test_resumed_run_matches_uninterrupted_run_bit_for_bit(workspace, tmp_path, monkeypatch):
     straight = trainer.train(_config(workspace, tmp_path / "a", keep_checkpoints=5), progress=False)
     calls = {"n": 0}
-    real = trainer.step_loss
+    real = loop.step_loss
 
     def interrupted(batch, run, generator):
         calls["n"] += 1
@@ -119,13 +120,13 @@ def test_resumed_run_matches_uninterrupted_run_bit_for_bit(workspace, tmp_path, 
             raise KeyboardInterrupt
         return real(batch, run, generator)
 
-    monkeypatch.setattr(trainer, "step_loss", interrupted)
+    monkeypatch.setattr(loop, "step_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(_config(workspace, tmp_path / "b", keep_checkpoints=5), progress=False)
     run_b = tmp_path / "b" / "stripes.run"
     assert not (tmp_path / "b" / "stripes.safetensors").exists()
     assert len(_losses(run_b)) == 3  # the interrupted run logged step 3 past its checkpoint
-    monkeypatch.setattr(trainer, "step_loss", real)
+    monkeypatch.setattr(loop, "step_loss", real)
     resumed = trainer.train(
         _config(workspace, tmp_path / "b", keep_checkpoints=5, resume=True), progress=False
     )
@@ -140,7 +141,7 @@ def test_resumed_run_matches_uninterrupted_run_bit_for_bit(workspace, tmp_path, 
 def test_nan_guard_skips_steps_then_stops_with_advice_and_keeps_the_checkpoint(
     workspace, tmp_path, monkeypatch
 ):
-    real = trainer.step_loss
+    real = loop.step_loss
     calls = {"n": 0}
 
     def poisoned(batch, run, generator):
@@ -148,7 +149,7 @@ def test_nan_guard_skips_steps_then_stops_with_advice_and_keeps_the_checkpoint(
         loss = real(batch, run, generator)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(trainer, "step_loss", poisoned)
+    monkeypatch.setattr(loop, "step_loss", poisoned)
     with pytest.raises(TrainingDivergedError) as caught:
         trainer.train(_config(workspace, tmp_path, max_bad_steps=3), progress=False)
     message = str(caught.value)
@@ -165,7 +166,7 @@ def test_nan_guard_skips_steps_then_stops_with_advice_and_keeps_the_checkpoint(
 
 
 def test_a_single_bad_step_is_skipped_and_training_continues(workspace, tmp_path, monkeypatch):
-    real = trainer.step_loss
+    real = loop.step_loss
     calls = {"n": 0}
 
     def one_nan(batch, run, generator):
@@ -173,7 +174,7 @@ def test_a_single_bad_step_is_skipped_and_training_continues(workspace, tmp_path
         loss = real(batch, run, generator)
         return loss + float("inf") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(trainer, "step_loss", one_nan)
+    monkeypatch.setattr(loop, "step_loss", one_nan)
     path = trainer.train(_config(workspace, tmp_path, max_steps=3, save_every=0), progress=False)
     adapter = load_adapter(path)
     assert all(torch.isfinite(w.up).all() for w in adapter.modules.values())

@@ -14,7 +14,8 @@ import click
 from difflora.config import load_config
 from difflora.config.train import TrainConfig
 from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
-from difflora.training.check import run_check
+from difflora.training.check import check_dataset
+from difflora.training.plan import DataSettings, Tokens
 
 
 @click.command("check")
@@ -45,20 +46,8 @@ def check_command(folder: Path, config_path: Path | None, **flags) -> None:  # f
                          section="train")  # fmt: skip
     geometry = model_geometry(config.model)
     resolution = config.resolution or geometry.resolution or FALLBACK_RESOLUTION
-    report = run_check(
-        folder,
-        caption_extension=config.caption_extension,
-        trigger=config.trigger,
-        resolution=resolution,
-        step=geometry.step,
-        no_upscale=config.no_upscale,
-        batch_size=config.batch_size,
-        gradient_accumulation=config.gradient_accumulation,
-        max_steps=config.max_steps,
-        epochs=config.epochs,
-        max_tokens=geometry.max_tokens,
-        count_tokens=geometry.count_tokens,
-    )
+    settings = DataSettings.from_config(config, resolution=resolution, bucket_step=geometry.step)
+    report = check_dataset(settings, Tokens.of(geometry))
     if geometry.note:
         click.echo(f"Note: {geometry.note}\n")
     click.echo(report.render())

@@ -10,6 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from difflora.data.buckets import bucket_step
 from difflora.data.captions import TokenCounter, clip_token_counter
@@ -47,6 +48,17 @@ def model_geometry(model: str | None) -> ModelGeometry:
             f"model not read ({exc}); assuming SD1 geometry: step {FALLBACK_STEP}, {FALLBACK_TOKENS} tokens"
         )
         return ModelGeometry(None, FALLBACK_STEP, None, FALLBACK_TOKENS, note)
+    return geometry_from_configs(unet, vae, tokenizer)
+
+
+def pipeline_geometry(pipe: Any) -> ModelGeometry:
+    """The same geometry, read off a loaded pipeline (what training plans with)."""
+    return geometry_from_configs(dict(pipe.unet.config), dict(pipe.vae.config), pipe.tokenizer)
+
+
+def geometry_from_configs(unet: dict[str, Any], vae: dict[str, Any], tokenizer: Any) -> ModelGeometry:
+    """Native size = UNet sample size × the VAE's downscale factor; the bucket step keeps every
+    downsampling of the UNet whole (see `bucket_step`); the token limit leaves room for BOS and EOS."""
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     step = bucket_step(vae_factor, len(unet["block_out_channels"]) - 1)
     sample_size = unet["sample_size"]

@@ -1,7 +1,6 @@
 """``difflora check ./images``: the training scan as a preflight report, without loading a model.
 
-``run_check`` performs exactly the scan, bucketing and planning ``train`` does, with the same rules, and
-returns a ``CheckReport`` (plain values; ``render()`` gives the text the CLI prints). ``report.errors``
+``check_dataset`` plans the data set with ``plan_dataset``, the function ``train`` calls, and returns a ``CheckReport`` (plain values; ``render()`` gives the text the CLI prints). ``report.errors``
 lists what would stop training (nothing usable, conflicting caption sources); everything else is a
 warning the user may accept.
 """
@@ -13,12 +12,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from difflora.data.batches import BucketBatchSampler, plan_examples
-from difflora.data.buckets import Bucket, bucket_histogram, make_buckets
-from difflora.data.captions import TokenCounter, rough_token_count
-from difflora.data.scan import ScanResult, scan_folder
-from difflora.errors import ConfigError
-from difflora.training.plan import TrainingPlan, make_plan
+from difflora.data.buckets import Bucket
+from difflora.data.captions import TokenCounter
+from difflora.data.scan import ScanResult
+from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
 
 LIST_LIMIT = 20  # longest list printed in full; the rest is counted
 
@@ -185,44 +182,38 @@ def run_check(
     max_tokens: int | None = 75,
     count_tokens: TokenCounter | None = None,
 ) -> CheckReport:
-    """Scan ``root`` as training would and report on it. Never raises for data problems (they are in the
-    report); raises ConfigError for invalid settings (e.g. a resolution that is not a multiple of step)."""
-    try:
-        buckets = make_buckets(resolution, step)
-    except ValueError as exc:
-        raise ConfigError(f"--resolution: {exc}") from None
-    scan = scan_folder(
-        Path(root),
+    """`check_dataset` with the settings spelled out (training's other knobs at their defaults)."""
+    settings = DataSettings(
+        root=Path(root),
         caption_extension=caption_extension,
         trigger=trigger,
-        max_tokens=max_tokens,
-        count_tokens=count_tokens or rough_token_count,
-        strict=False,
-    )
-    plans = plan_examples(scan.examples, buckets, no_upscale=no_upscale, step=step)
-    upscaled = [(e.path, p.scale) for e, p in zip(scan.examples, plans, strict=True) if p.scale > 1.0001]
-    plan = None
-    if scan.examples:
-        sampler = BucketBatchSampler(
-            [p.bucket for p in plans], [e.repeats for e in scan.examples], batch_size, seed=0
-        )
-        plan = make_plan(
-            images=len(scan.examples),
-            examples_per_epoch=sum(e.repeats for e in scan.examples),
-            batches_per_epoch=sampler.batches_per_epoch,
-            batch_size=batch_size,
-            gradient_accumulation=gradient_accumulation,
-            max_steps=max_steps,
-            epochs=epochs,
-        )
-    return CheckReport(
-        scan=scan,
         resolution=resolution,
-        step=step,
+        bucket_step=step,
         no_upscale=no_upscale,
-        histogram=bucket_histogram([p.bucket for p in plans]),
-        upscaled=upscaled,
-        plan=plan,
-        max_tokens=max_tokens,
-        tokens_estimated=count_tokens is None,
+        random_crop=False,
+        flip=False,
+        batch_size=batch_size,
+        gradient_accumulation=gradient_accumulation,
+        max_steps=max_steps,
+        epochs=epochs,
+        seed=0,
+    )
+    return check_dataset(settings, Tokens(max_tokens, count_tokens))
+
+
+def check_dataset(settings: DataSettings, tokens: Tokens) -> CheckReport:
+    """Scan the folder exactly as training will (`plan_dataset`, the function training calls) and report
+    on it. Never raises for data problems (they are in the report); raises ConfigError for invalid
+    settings (e.g. a resolution that is not a multiple of the bucket step)."""
+    planned = plan_dataset(settings, tokens, strict=False)
+    return CheckReport(
+        scan=planned.scan,
+        resolution=settings.resolution,
+        step=settings.bucket_step,
+        no_upscale=settings.no_upscale,
+        histogram=planned.histogram,
+        upscaled=planned.upscaled,
+        plan=planned.plan,
+        max_tokens=tokens.max_tokens,
+        tokens_estimated=tokens.count is None,
     )

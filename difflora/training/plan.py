@@ -22,8 +22,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from difflora.data.batches import BucketBatchSampler, plan_examples
+from difflora.data.buckets import Bucket, CropPlan, bucket_histogram, make_buckets
+from difflora.data.captions import TokenCounter, rough_token_count
+from difflora.data.scan import ScanResult, scan_folder
 from difflora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from difflora.config.train import TrainConfig
+    from difflora.models.geometry import ModelGeometry
 
 DEFAULT_EPOCHS = 10
 MIN_DERIVED_STEPS = 300
@@ -100,3 +110,127 @@ def make_plan(
         max_steps=total,
         rule=rule,
     )
+
+
+# ------------------------------------------------------------------------------------ the data set's plan
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What decides which images train, in which buckets, in which order and for how long: the data knobs
+    of a TrainConfig plus the model's bucket step. `difflora check` and `difflora train` both plan from
+    this (built by `from_config`), so the plan check prints is the plan training uses."""
+
+    root: Path
+    caption_extension: str
+    trigger: str | None
+    resolution: int
+    bucket_step: int
+    no_upscale: bool
+    random_crop: bool
+    flip: bool
+    batch_size: int
+    gradient_accumulation: int
+    max_steps: int | None
+    epochs: int | None
+    seed: int
+    world_size: int = 1
+
+    @classmethod
+    def from_config(
+        cls, config: TrainConfig, *, resolution: int, bucket_step: int, world_size: int = 1
+    ) -> DataSettings:
+        return cls(
+            root=Path(config.data_dir),
+            caption_extension=config.caption_extension,
+            trigger=config.trigger,
+            resolution=resolution,
+            bucket_step=bucket_step,
+            no_upscale=config.no_upscale,
+            random_crop=config.random_crop,
+            flip=config.flip,
+            batch_size=config.batch_size,
+            gradient_accumulation=config.gradient_accumulation,
+            max_steps=config.max_steps,
+            epochs=config.epochs,
+            seed=config.seed,
+            world_size=world_size,
+        )
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """How captions are measured: the model's token limit and counter (None: a rough estimate)."""
+
+    max_tokens: int | None
+    count: TokenCounter | None
+
+    @classmethod
+    def of(cls, geometry: ModelGeometry) -> Tokens:
+        return cls(geometry.max_tokens, geometry.count_tokens)
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    scan: ScanResult
+    crops: list[CropPlan]  # bucket and crop window per usable example
+    sampler: BucketBatchSampler
+    per_process_batches: int  # batches each process takes per epoch
+    plan: TrainingPlan | None  # None when nothing is usable
+
+    @property
+    def histogram(self) -> dict[Bucket, int]:
+        return bucket_histogram([crop.bucket for crop in self.crops])
+
+    @property
+    def upscaled(self) -> list[tuple[Path, float]]:
+        """(image, enlargement factor) for the images trained larger than they are."""
+        pairs = zip(self.scan.examples, self.crops, strict=True)
+        return [(example.path, crop.scale) for example, crop in pairs if crop.scale > 1.0001]
+
+
+def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> DatasetPlan:
+    """Scan, bucket, batch and count the data set as `settings` say. `strict` (training) raises when the
+    folder cannot be used; `difflora check` passes False and reports the problems instead."""
+    try:
+        buckets = make_buckets(settings.resolution, settings.bucket_step)
+    except ValueError as error:
+        raise ConfigError(f"--resolution: {error}") from None
+    scan = scan_folder(
+        settings.root,
+        caption_extension=settings.caption_extension,
+        trigger=settings.trigger,
+        max_tokens=tokens.max_tokens,
+        count_tokens=tokens.count or rough_token_count,
+        strict=strict,
+    )
+    examples = scan.examples
+    crop = "random" if settings.random_crop else "center"
+    crops = plan_examples(
+        examples,
+        buckets,
+        no_upscale=settings.no_upscale,
+        step=settings.bucket_step,
+        crop=crop,
+        seed=settings.seed,
+    )
+    sampler = BucketBatchSampler(
+        [c.bucket for c in crops],
+        [e.repeats for e in examples],
+        settings.batch_size,
+        seed=settings.seed,
+        flip=settings.flip,
+    )
+    per_process = math.ceil(sampler.batches_per_epoch / settings.world_size)
+    plan = None
+    if examples:
+        plan = make_plan(
+            images=len(examples),
+            examples_per_epoch=sum(e.repeats for e in examples),
+            batches_per_epoch=per_process,
+            batch_size=settings.batch_size * settings.world_size,
+            gradient_accumulation=settings.gradient_accumulation,
+            max_steps=settings.max_steps,
+            epochs=settings.epochs,
+        )
+    return DatasetPlan(scan, crops, sampler, per_process, plan)

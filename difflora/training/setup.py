@@ -118,10 +118,6 @@ def release_vae_encoder(pipe: Any) -> None:
     pipe.vae.quant_conv = None
 
 
-def native_resolution(pipe: Any) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
 # ------------------------------------------------------------------------------------ optimizer
 
 

@@ -1,14 +1,9 @@
-"""`train(config) -> Path`: LoRA training with Accelerate: setup -> loop -> save.
+"""`train(config) -> Path`: LoRA training with Accelerate: setup -> loop -> outputs.
 
-Setup loads the model with LoRA layers (train_setup), scans and caches the data (train_data), plans the run
-and prints the plan. The loop takes micro-batches from a stream whose position is a pure function of the
-step, draws each micro-batch's noise and timesteps from a generator seeded with (seed, micro-batch,
-process), and reseeds torch's global RNG the same way (LoRA dropout): a resumed run therefore continues
-bit-for-bit, and the checkpoint's RNG states are restored on top as a belt-and-braces measure.
-
-NaN guard: a step whose loss (or, outside fp16, gradient norm) is not finite on any process is skipped on
-all of them (no update; the schedule still advances); after `max_bad_steps` consecutive bad steps the run
-stops with TrainingDivergedError, and checkpoints already saved are never touched.
+Setup (this module) turns the configuration into plain values once: it loads the model with LoRA layers
+(`setup.py`), plans and caches the data set (`data.py`, `plan.py`), builds the optimizer and schedule,
+restores a checkpoint when resuming, and prints the plan. The loop (`loop.py`) and what it writes
+(`outputs.py`) then read only those values, never the configuration.
 
 Under `accelerate launch` (or torchrun) every process runs this same code; logging, checkpoints, samples
 and the adapter are written by the main process only.
@@ -19,38 +14,45 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difflora.config import to_toml
+from difflora.adapter.inject import format_parameter_report, parameter_report
+from difflora.config import config_to_dict, to_toml
 from difflora.config.train import TrainConfig
-from difflora.data.batches import derived_rng
+from difflora.data.cache import text_cache_allowed
 from difflora.data.captions import CaptionAugmentation
-from difflora.errors import ConfigError, TrainingDivergedError
+from difflora.errors import ConfigError
+from difflora.models.geometry import pipeline_geometry
 from difflora.safe_io import write_atomic
-from difflora.training.data import prepare_data, text_caching_decision, text_encode_fn
+from difflora.training.data import TrainingData, prepare_data
 from difflora.training.log import TrainLog
-from difflora.training.loss import diffusion_loss, noised_batch
+from difflora.training.loop import run_loop
+from difflora.training.outputs import finish_run
+from difflora.training.plan import DataSettings, Tokens
 from difflora.training.run import (
+    LoopSettings,
     Objective,
     Run,
     RunPaths,
-    describe_plan,
-    finish_run,
-    render_samples,
-    save_state,
+    RunRecord,
+    SampleSettings,
+    restore_or_start,
 )
+from difflora.training.samples import default_prompts
 from difflora.training.setup import (
+    Models,
     choose_threads,
     load_models,
     make_lr_scheduler,
     make_optimizer,
-    native_resolution,
     release_vae_encoder,
 )
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +72,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
 
 
 def setup(config: TrainConfig, *, progress: bool = True) -> Run:
-    from accelerate import Accelerator
-
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
-    _forget_previous_accelerator()
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation,
-        cpu=not torch.cuda.is_available(),  # makes torchrun/accelerate launch on CPU use gloo (MULTI_CPU)
+    accelerator = _accelerator(config)
+    paths = RunPaths.for_adapter(
+        Path(config.output_dir), config.name or Path(config.data_dir).resolve().name, config.cache_dir
     )
-    if not accelerator.is_main_process:  # one voice: the other processes only report problems
-        logging.getLogger("difflora").setLevel(logging.WARNING)
-    data_dir = Path(config.data_dir)
-    name = config.name or data_dir.resolve().name
-    paths = RunPaths.for_adapter(Path(config.output_dir), name, config.cache_dir)
     models = load_models(
         config.model,
         device=accelerator.device,
@@ -98,57 +89,56 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
         gradient_checkpointing=config.gradient_checkpointing,
         seed=config.seed,
     )
-    resolution = config.resolution or native_resolution(models.pipe)
+    geometry = pipeline_geometry(models.pipe)
+    resolution = config.resolution or geometry.resolution
     _set_threads(config.num_threads, accelerator, models.pipe, config.batch_size, resolution)
-    augmentation = CaptionAugmentation(
-        dropout_rate=config.caption_dropout,
-        shuffle_tags=config.shuffle_tags,
-        keep_tokens=config.keep_tokens,
-        tag_dropout_rate=config.tag_dropout,
+    settings = DataSettings.from_config(
+        config, resolution=resolution, bucket_step=geometry.step, world_size=accelerator.num_processes
     )
-    cache_text, text_note = text_caching_decision(
-        train_text_encoder=config.train_text_encoder, augmentation=augmentation
+    data = _prepare_data(config, accelerator, models, settings, Tokens.of(geometry), paths.cache)
+    run = _assemble(config, accelerator, models, data, paths, resolution)
+    run.start_step = restore_or_start(run, resume=config.resume, keep_thread_count=config.num_threads is None)
+    if accelerator.is_main_process:
+        plan_text = describe_plan(config, run)
+        logger.info("%s", plan_text)
+        write_atomic(paths.run_dir / "plan.txt", (plan_text + "\n").encode())
+        write_atomic(paths.run_dir / "config.toml", to_toml(config, section="train").encode())
+        total = run.loop.total_steps
+        run.log = TrainLog(paths.run_dir, total_steps=total, start_step=run.start_step, progress=progress)
+    return run
+
+
+def _accelerator(config: TrainConfig) -> Accelerator:
+    from accelerate import Accelerator
+
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
+    _forget_previous_accelerator()
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        cpu=not torch.cuda.is_available(),  # makes torchrun/accelerate launch on CPU use gloo (MULTI_CPU)
     )
-    data = prepare_data(
-        data_dir,
-        pipe=models.pipe,
-        resolution=resolution,
-        trigger=config.trigger,
-        caption_extension=config.caption_extension,
-        augmentation=augmentation,
-        flip=config.flip,
-        random_crop=config.random_crop,
-        no_upscale=config.no_upscale,
-        cache_latents=config.cache_latents,
-        cache_text=cache_text,
-        cache_dir=paths.cache,
-        batch_size=config.batch_size,
-        accumulation=config.gradient_accumulation,
-        max_steps=config.max_steps,
-        epochs=config.epochs,
-        seed=config.seed,
-        world_size=accelerator.num_processes,
-        rank=accelerator.process_index,
-        main_first=accelerator.main_process_first(),
-    )
-    data.notes.append(text_note)
-    if config.cache_latents:
-        release_vae_encoder(models.pipe)
-    return _assemble(config, accelerator, models, data, paths, resolution, progress)
+    if not accelerator.is_main_process:  # one voice: the other processes only report problems
+        logging.getLogger("difflora").setLevel(logging.WARNING)
+    return accelerator
 
 
 def _forget_previous_accelerator() -> None:
     """Accelerate keeps its state in a process-wide singleton that refuses a second, different set-up
     (e.g. train() called again with another --mixed-precision from the same Python session). In a single
     process nothing else depends on it, so start afresh; under `accelerate launch` the state belongs to the
-    launcher and stays."""
+    launcher and stays. Accelerate has no public API for this: `_reset_state` is what its own test suite
+    calls between set-ups (accelerate/test_utils), so it is the supported way in practice."""
     from accelerate.state import AcceleratorState
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _set_threads(threads: int | None, accelerator, pipe, batch: int, resolution: int) -> None:
+def _set_threads(
+    threads: int | None, accelerator: Accelerator, pipe: Any, batch: int, resolution: int
+) -> None:
     if accelerator.device.type != "cpu":
         return
     if threads is not None:
@@ -163,17 +153,51 @@ def _set_threads(threads: int | None, accelerator, pipe, batch: int, resolution:
     logger.info("torch threads: %d (UNet forward with %s; set --num-threads to choose)", best, measured)
 
 
-def _assemble(config, accelerator, models, data, paths, resolution, progress) -> Run:
+def _prepare_data(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    models: Models,
+    settings: DataSettings,
+    tokens: Tokens,
+    cache_dir: Path,
+) -> TrainingData:
+    augmentation = CaptionAugmentation(
+        dropout_rate=config.caption_dropout,
+        shuffle_tags=config.shuffle_tags,
+        keep_tokens=config.keep_tokens,
+        tag_dropout_rate=config.tag_dropout,
+    )
+    cache_text, text_note = text_cache_allowed(
+        train_text_encoder=config.train_text_encoder, augmentation=augmentation
+    )
+    data = prepare_data(
+        settings,
+        tokens,
+        pipe=models.pipe,
+        augmentation=augmentation,
+        cache_latents=config.cache_latents,
+        cache_text=cache_text,
+        cache_dir=cache_dir,
+        rank=accelerator.process_index,
+        main_first=accelerator.main_process_first(),
+    )
+    data.notes.append(text_note)
+    if config.cache_latents:
+        release_vae_encoder(models.pipe)
+    return data
+
+
+def _assemble(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    models: Models,
+    data: TrainingData,
+    paths: RunPaths,
+    resolution: int,
+) -> Run:
+    """The optimizer, schedule and settings of the run, prepared for Accelerate."""
     total = data.plan.max_steps
-    groups = [
-        {
-            "params": [p for k, p in models.trainable.items() if k.startswith("unet.")],
-            "lr": config.effective_learning_rate(models.identity.family),
-        }
-    ]
-    if config.train_text_encoder:
-        te_params = [p for k, p in models.trainable.items() if k.startswith("text_encoder.")]
-        groups.append({"params": te_params, "lr": config.effective_text_encoder_lr(models.identity.family)})
+    groups = _parameter_groups(config, models)
     optimizer, optimizer_name = make_optimizer(
         groups,
         kind=config.optimizer,
@@ -184,9 +208,9 @@ def _assemble(config, accelerator, models, data, paths, resolution, progress) ->
     scheduler = make_lr_scheduler(optimizer, kind=config.lr_scheduler, warmup=warmup, total=total)
     modules = [models.pipe.unet] + ([models.pipe.text_encoder] if config.train_text_encoder else [])
     prepared = accelerator.prepare(*modules, optimizer)
-    save_every = config.save_every if config.save_every is not None else max(1, math.ceil(total / 4))
-    run = Run(
-        config=config,
+    learning_rate = groups[0]["initial_lr"]  # "lr" already holds the warm-up's first value
+    facts = _static_facts(config, accelerator, resolution, optimizer_name, warmup, groups)
+    return Run(
         accelerator=accelerator,
         models=models,
         data=data,
@@ -196,148 +220,87 @@ def _assemble(config, accelerator, models, data, paths, resolution, progress) ->
         unet=prepared[0],
         text_encoder=prepared[1] if config.train_text_encoder else models.pipe.text_encoder,
         objective=Objective.for_pipe(models.pipe, config.noise_offset, config.min_snr_gamma),
-        resolution=resolution,
+        loop=_loop_settings(config, total),
+        samples=_sample_settings(config, data, resolution),
+        record=RunRecord(
+            config=config_to_dict(config),
+            config_toml=to_toml(config),
+            trigger_words=(config.trigger,) if config.trigger else (),
+            facts=facts,
+            divergence_hints=divergence_hints(config, learning_rate),
+        ),
+    )
+
+
+def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any]]:
+    family = models.identity.family
+    trainable = models.trainable
+    groups = [
+        {
+            "params": [p for k, p in trainable.items() if k.startswith("unet.")],
+            "lr": config.effective_learning_rate(family),
+        }
+    ]
+    if config.train_text_encoder:
+        te_params = [p for k, p in trainable.items() if k.startswith("text_encoder.")]
+        groups.append({"params": te_params, "lr": config.effective_text_encoder_lr(family)})
+    return groups
+
+
+def _loop_settings(config: TrainConfig, total: int) -> LoopSettings:
+    save_every = config.save_every if config.save_every is not None else max(1, math.ceil(total / 4))
+    return LoopSettings(
         total_steps=total,
-        warmup=warmup,
+        accumulation=config.gradient_accumulation,
+        seed=config.seed,
+        max_grad_norm=config.max_grad_norm,
+        max_bad_steps=config.max_bad_steps,
+        fp16=config.mixed_precision == "fp16",
         save_every=save_every,
         sample_every=config.sample_every if config.sample_every is not None else save_every,
-        sample_prompts=list(config.sample_prompts) or _default_prompts(data),
-        optimizer_name=optimizer_name,
-        learning_rate=groups[0]["initial_lr"],  # "lr" already holds the warm-up's first value
-        text_encoder_lr=groups[1]["initial_lr"] if config.train_text_encoder else 0.0,
+        keep_checkpoints=config.keep_checkpoints,
     )
-    run.start_step = run.restore_or_start()
-    if accelerator.is_main_process:
-        plan_text = describe_plan(run)
-        logger.info("%s", plan_text)
-        write_atomic(paths.run_dir / "plan.txt", (plan_text + "\n").encode())
-        write_atomic(paths.run_dir / "config.toml", to_toml(config, section="train").encode())
-        run.log = TrainLog(paths.run_dir, total_steps=total, start_step=run.start_step, progress=progress)
-    return run
 
 
-def _default_prompts(data) -> list[str]:
-    from difflora.training.samples import default_prompts
-
-    return default_prompts([e.caption for e in data.scan.examples])
-
-
-# ------------------------------------------------------------------------------------------ the loop
-
-
-def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> torch.Tensor:
-    """The diffusion loss of one micro-batch (the test suite patches this to inject a NaN)."""
-    pipe, objective, device = run.models.pipe, run.objective, run.accelerator.device
-    if "latent_mean" in batch:  # cached posterior: sample it like latent_dist.sample() would
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        latents = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        latents = latents.to(device)
-    else:
-        with torch.no_grad():
-            pixels = batch["pixels"].to(device, pipe.vae.dtype)
-            latents = pipe.vae.encode(pixels).latent_dist.sample(generator=generator).float()
-    latents = latents * objective.scaling_factor
-    if "text" in batch:
-        hidden = batch["text"]["hidden"].to(device)
-    elif run.models.train_text_encoder:
-        hidden = text_encode_fn(pipe.tokenizer, run.text_encoder)(batch["caption"])["hidden"]
-    else:
-        with torch.no_grad():
-            hidden = text_encode_fn(pipe.tokenizer, pipe.text_encoder)(batch["caption"])["hidden"]
-    noised = noised_batch(
-        latents,
-        generator,
-        alphas_cumprod=objective.alphas_cumprod,
-        prediction_type=objective.prediction_type,
-        noise_offset=objective.noise_offset,
-        min_snr_gamma=objective.min_snr_gamma,
+def _sample_settings(config: TrainConfig, data: TrainingData, resolution: int) -> SampleSettings:
+    prompts = config.sample_prompts or default_prompts([e.caption for e in data.scan.examples])
+    return SampleSettings(
+        prompts=tuple(prompts),
+        seeds=config.sample_seeds,
+        steps=config.sample_steps,
+        guidance=config.sample_guidance,
+        scheduler=config.sample_scheduler,
+        resolution=resolution,
     )
-    dtype = run.models.weight_dtype
-    prediction = run.unet(noised.noisy.to(dtype), noised.timesteps, hidden.to(dtype)).sample
-    return diffusion_loss(prediction, noised.target, noised.weights)
 
 
-def micro_seed(seed: int, micro_batch: int, process: int, stream: str) -> int:
-    return derived_rng(stream, seed, micro_batch, process).getrandbits(63)
+def _static_facts(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    resolution: int,
+    optimizer_name: str,
+    warmup: int,
+    groups: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The training facts every checkpoint's adapter records (`difflora.train.*` header keys)."""
+    return {
+        "learning_rate": groups[0]["initial_lr"],
+        "text_encoder_lr": groups[1]["initial_lr"] if len(groups) > 1 else 0.0,
+        "seed": config.seed,
+        "batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation,
+        "resolution": resolution,
+        "mixed_precision": config.mixed_precision,
+        "min_snr_gamma": config.min_snr_gamma,
+        "noise_offset": config.noise_offset,
+        "optimizer": optimizer_name,
+        "lr_scheduler": config.lr_scheduler,
+        "lr_warmup_steps": warmup,
+    }
 
 
-def run_loop(run: Run) -> None:
-    accelerator, config = run.accelerator, run.config
-    accumulation = config.gradient_accumulation
-    stream = run.data.stream(run.start_step * accumulation)
-    step, bad_streak, epoch = run.start_step, 0, 0
-    while step < run.total_steps:
-        began = time.perf_counter()
-        losses, bad = [], False
-        for micro in range(accumulation):
-            epoch, batch = next(stream)
-            index = step * accumulation + micro
-            rank = accelerator.process_index
-            torch.manual_seed(micro_seed(config.seed, index, rank, "global"))  # LoRA dropout
-            generator = torch.Generator().manual_seed(micro_seed(config.seed, index, rank, "noise"))
-            with accelerator.accumulate(*run.trained_modules), accelerator.autocast():
-                loss = step_loss(batch, run, generator)
-                mean_loss, any_bad = _reduce(accelerator, loss)
-                bad = bad or any_bad
-                if not bad:
-                    accelerator.backward(loss)
-            losses.append(mean_loss)
-        bad = _update(run, bad)
-        run.scheduler.step()
-        step += 1
-        bad_streak = bad_streak + 1 if bad else 0
-        shown = sum(losses) / len(losses) if not bad else float("nan")
-        if run.log is not None:
-            lr = run.scheduler.get_last_lr()[0]
-            run.log.step(step, epoch, shown, lr, skipped=bad, seconds=time.perf_counter() - began)
-        if bad_streak >= config.max_bad_steps:
-            _diverged(run, step, bad_streak)
-        # No checkpoint while steps are being skipped: the newest checkpoint is always a healthy one.
-        if step < run.total_steps and run.save_every and step % run.save_every == 0 and not bad_streak:
-            save_state(run, step, epoch)
-        elif step < run.total_steps and accelerator.is_main_process:
-            render_samples(run, step)  # samples due between checkpoints (None when not due)
-    run.final_epoch = epoch
-
-
-def _reduce(accelerator, loss: torch.Tensor) -> tuple[float, bool]:
-    """Mean loss over processes and whether any process saw a non-finite one (one all-reduce)."""
-    value = loss.detach().float().reshape(1)
-    flags = torch.cat(
-        [torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0), (~torch.isfinite(value)).float()]
-    )
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum").cpu()
-    bad = bool(flags[1] > 0)
-    return (float("nan") if bad else float(flags[0]) / accelerator.num_processes), bad
-
-
-def _update(run: Run, bad: bool) -> bool:
-    """Clip and step, unless the step is bad; returns whether it was (a non-finite gradient norm also is,
-    except under fp16 where the gradient scaler skips such steps itself)."""
-    accelerator, config = run.accelerator, run.config
-    if not bad and config.max_grad_norm > 0:
-        norm = accelerator.clip_grad_norm_(run.models.trainable.values(), config.max_grad_norm)
-        if config.mixed_precision != "fp16" and not torch.isfinite(torch.as_tensor(norm)).item():
-            bad = True
-    if not bad:
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return bad
-
-
-def _diverged(run: Run, step: int, streak: int) -> None:
-    config = run.config
-    if run.log is not None:
-        run.log.write_curve()
-    last = run.last_checkpoint()
-    kept = (
-        f"The last good checkpoint, {last.path} (step {last.step}), is intact: continue from it with --resume "
-        "after changing the settings below."
-        if last
-        else "No checkpoint had been saved yet; nothing was written."
-    )
-    hints = [f"lower the learning rate (--learning-rate {run.learning_rate:g} -> {run.learning_rate / 10:g})"]
+def divergence_hints(config: TrainConfig, learning_rate: float) -> tuple[str, ...]:
+    """What to try when the loss stops being finite, most likely cause first."""
+    hints = [f"lower the learning rate (--learning-rate {learning_rate:g} -> {learning_rate / 10:g})"]
     if config.mixed_precision == "fp16":
         hints.insert(0, "fp16 overflowed: use --mixed-precision bf16 (or no)")
     if config.noise_offset > 0.2:
@@ -347,8 +310,56 @@ def _diverged(run: Run, step: int, streak: int) -> None:
     hints.append(
         f"check the images with `difflora check {config.data_dir}` (a broken image gives NaN latents)"
     )
-    raise TrainingDivergedError(
-        f"Training stopped at step {step}: the loss was not finite for {streak} consecutive steps "
-        f"(--max-bad-steps {config.max_bad_steps}); those steps were skipped, the weights never took them.\n"
-        f"{kept}\nLikely causes, and what to try:\n  - " + "\n  - ".join(hints)
-    )
+    return tuple(hints)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+def describe_plan(config: TrainConfig, run: Run) -> str:
+    """The plan printed (and written to plan.txt) before training: every derived value and its rule."""
+    data, models, facts = run.data, run.models, run.record.facts
+    plan, identity = data.plan, models.identity
+    buckets = ", ".join(f"{bucket}: {count}" for bucket, count in data.buckets.items())
+    alpha_note = " (= rank)" if config.alpha is None else ""
+    resolution_note = " (the model's native size)" if config.resolution is None else ""
+    warmup_note = " (5% of the steps)" if config.lr_warmup_steps is None else ""
+    te = f", text encoder lr {facts['text_encoder_lr']:g}" if config.train_text_encoder else ""
+    lr_note = f" (default for a {identity.family} model)" if config.learning_rate is None else ""
+    world = run.accelerator.num_processes
+    lines = [
+        "Training plan",
+        f"  data        {config.data_dir}: {plan.images} images, {plan.examples_per_epoch} per epoch with repeats",
+        f"  buckets     {buckets}",
+        f"  model       {identity.name} ({identity.architecture}, {identity.prediction_type}), "
+        f"{run.samples.resolution} px{resolution_note}",
+        f"  LoRA        rank {config.rank}, alpha {config.effective_alpha:g}{alpha_note}; UNet "
+        f"{len(models.unet_modules)} modules"
+        + f" ({', '.join(config.effective_unet_targets(identity.family))}"
+        + (f"; default for a {identity.family} model)" if config.unet_targets is None else ")")
+        + (f", text encoder {len(models.text_encoder_modules)} modules" if config.train_text_encoder else ""),
+        f"  batch       {config.batch_size} per process x {world} process(es) x accumulation "
+        f"{config.gradient_accumulation} = {config.batch_size * world * config.gradient_accumulation} images per step",
+        f"  length      {plan.max_steps} steps, {plan.epochs} epoch(s) of {plan.steps_per_epoch} steps ({plan.rule})",
+        f"  optimizer   {facts['optimizer']}, lr {facts['learning_rate']:g}{lr_note}{te}, {config.lr_scheduler} schedule, "
+        f"warm-up {facts['lr_warmup_steps']} steps{warmup_note}, grad clip {config.max_grad_norm:g}, "
+        f"min-SNR-γ {config.min_snr_gamma:g}, noise offset {config.noise_offset:g}, precision {config.mixed_precision}",
+        f"  saves       every {run.loop.save_every} steps + at the end -> {run.paths.checkpoints} (keep {config.keep_checkpoints})",
+        f"  samples     every {run.loop.sample_every} steps, {len(run.samples.prompts)} prompt(s) x seeds {list(config.sample_seeds)}"
+        if run.loop.sample_every
+        else "  samples     off",
+        f"  output      {run.paths.adapter}",
+    ]
+    if run.start_step:
+        lines.append(f"  resuming    at step {run.start_step}")
+    for note in data.notes:
+        lines.append(f"  note        {note}")
+    report = format_parameter_report(parameter_report(_components(models)))
+    return "\n".join(lines) + "\n" + report
+
+
+def _components(models: Models) -> dict[str, torch.nn.Module]:
+    found = {"unet": models.pipe.unet}
+    if models.train_text_encoder:
+        found["text_encoder"] = models.pipe.text_encoder
+    return found

@@ -1,0 +1,133 @@
+"""What a training run writes while and after it trains: sample grids, checkpoints, the adapter file.
+
+Every file is written atomically by the main process; `save_state` is collective (every process calls it,
+so RNG states can be gathered). The adapter file is written last, once the final checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from difflora.adapter.inject import extract_weights
+from difflora.adapter.types import Adapter, AdapterMeta
+from difflora.formats.native import adapter_state_dict, header_metadata, save_adapter
+from difflora.training.checkpoint import Checkpoint, rng_state, save_checkpoint
+from difflora.training.run import Run
+from difflora.training.samples import render_sample_grid, save_grid
+
+logger = logging.getLogger(__name__)
+
+
+def build_adapter(run: Run, *, step: int, finished: bool) -> Adapter:
+    """The adapter as trained so far, with everything its header says about how it was made."""
+    models, data = run.models, run.data
+    modules = {f"unet.{k}": v for k, v in extract_weights(models.pipe.unet, component="unet").items()}
+    if models.train_text_encoder:
+        te = extract_weights(models.pipe.text_encoder, component="text_encoder")
+        modules.update({f"text_encoder.{k}": v for k, v in te.items()})
+    identity, scan = models.identity, data.scan
+    facts = {
+        "steps": step,
+        "epochs": run.final_epoch + 1 if finished else step // max(1, data.plan.steps_per_epoch),
+        **run.record.facts,
+        "num_train_images": len(scan.examples),
+        "dataset_hash": scan.dataset_hash,
+        "tag_frequency": json.dumps(scan.tag_frequency, ensure_ascii=False),
+        "dataset_dirs": json.dumps(scan.dataset_dirs, ensure_ascii=False),
+        "training_started_at": run.started_at,
+        "training_finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if finished else "",
+    }
+    meta = AdapterMeta(
+        name=run.paths.adapter.stem,
+        base_model=identity.name,
+        base_family=identity.family,
+        base_architecture=identity.architecture,
+        base_hash=identity.base_hash,
+        prediction_type=identity.prediction_type,
+        trigger_words=list(run.record.trigger_words),
+        config_toml=run.record.config_toml,
+        extra={f"difflora.train.{k}": str(v) for k, v in facts.items()},
+    )
+    return Adapter(modules=modules, meta=meta)
+
+
+def samples_due(run: Run, step: int) -> bool:
+    every = run.loop.sample_every
+    return bool(every and run.samples.prompts and (step % every == 0 or step == run.loop.total_steps))
+
+
+def render_samples(run: Run, step: int) -> bytes | None:
+    """The sample grid PNG for this step (main process), or None when samples are off or not due."""
+    if not samples_due(run, step):
+        return None
+    samples = run.samples
+    grid = render_sample_grid(
+        run.models.pipe,
+        samples.prompts,
+        samples.seeds,
+        steps=samples.steps,
+        guidance=samples.guidance,
+        scheduler=samples.scheduler,
+        width=samples.resolution,
+        height=samples.resolution,
+        autocast=run.accelerator.autocast(),
+    )
+    path = save_grid(grid, run.paths.samples / f"step-{step:06d}.png")
+    if run.log is not None:
+        run.log.image("samples", grid, step)
+        run.log.write(f"samples: {path}")
+    return path.read_bytes()
+
+
+def save_state(run: Run, step: int, epoch: int, *, finished: bool = False) -> Checkpoint | None:
+    """A checkpoint at `step` (+ its sample grid and the loss curve); collective: every process calls it."""
+    from accelerate.utils import gather_object
+
+    accelerator = run.accelerator
+    rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    checkpoint = None
+    if accelerator.is_main_process:
+        adapter = build_adapter(run, step=step, finished=finished)
+        grid = render_samples(run, step)
+        checkpoint = save_checkpoint(
+            run.paths.checkpoints,
+            step,
+            parameters={k: p.detach() for k, p in run.models.trainable.items()},
+            optimizer=run.optimizer.state_dict(),
+            scheduler=run.scheduler.state_dict(),
+            rng={str(i): state for i, state in enumerate(rngs)},
+            info={
+                "config": run.record.config,
+                "dataset_hash": run.data.scan.dataset_hash,
+                "epoch": epoch,
+                "started_at": run.started_at,
+                "torch_threads": torch.get_num_threads(),
+            },
+            adapter_bytes=safetensors_bytes(adapter_state_dict(adapter), metadata=header_metadata(adapter)),
+            extra_files={"samples.png": grid} if grid else None,
+            keep=run.loop.keep_checkpoints,
+        )
+        if run.log is not None:
+            run.log.write_curve()
+            run.log.write(f"checkpoint: {checkpoint.path}")
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
+def finish_run(run: Run) -> Path:
+    """Final checkpoint, samples, loss curve and the adapter file (written last, atomically)."""
+    step = run.loop.total_steps
+    last = run.last_checkpoint()
+    if last is None or last.step != step:
+        save_state(run, step, run.final_epoch, finished=True)
+    if run.accelerator.is_main_process:
+        save_adapter(build_adapter(run, step=step, finished=True), run.paths.adapter)
+        logger.info("adapter written: %s (run directory %s)", run.paths.adapter, run.paths.run_dir)
+    run.accelerator.wait_for_everyone()
+    return run.paths.adapter
