@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from difflora.config import Problems, load_config, parse_toml_text, to_toml
+from difflora.config.train import TrainConfig
 from difflora.errors import ConfigError
 
 
@@ -64,3 +65,20 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("rank = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(JobConfig, toml_path=bad)
+
+
+def test_first_n_lists_some_and_counts_the_rest():
+    from difflora.errors import first_n
+
+    names = [f"key{i}" for i in range(25)]
+    assert first_n(names[:3], 20) == "key0, key1, key2"
+    listing = first_n(names, 20, separator="\n  ")
+    assert listing.splitlines()[:2] == ["key0", "  key1"]
+    assert listing.splitlines()[-1] == "  ... and 5 more" and "key20" not in listing
+    assert first_n(names, 0) == "... and 25 more"
+
+
+def test_sample_scheduler_is_checked_before_training():
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig(data_dir="x", sample_scheduler="eulr")
+    assert "--sample-scheduler" in str(caught.value) and "euler-a" in str(caught.value)

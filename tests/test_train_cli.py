@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 import difflora.training.trainer as trainer
 from difflora.cli import cli
-from difflora.config.train import TrainConfig, field_help
+from difflora.config import field_help
+from difflora.config.train import TrainConfig
 
 
 @pytest.fixture

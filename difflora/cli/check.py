@@ -1,49 +1,50 @@
 """`difflora check FOLDER`: the training data scan as a report (usable images, skipped files, captions,
 buckets, duplicates, the training plan), without training. Exit code 1 when training would refuse the data.
 
-It reads the same TrainConfig as `difflora train` (defaults < --config < flags), and the model's config
-files and tokenizer only (no weights), so the buckets and plan it prints are the ones training will use.
+It reads the same TrainConfig as `difflora train` (defaults < --config < flags; the flags are TrainConfig's
+data and length knobs), and the model's config files and tokenizer only (no weights), so the buckets and
+plan it prints are the ones training will use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import click
 
-from difflora.config import load_config
+from difflora.cli.options import config_file_option, config_from_flags, config_options
 from difflora.config.train import TrainConfig
-from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
-from difflora.training.check import check_dataset
-from difflora.training.plan import DataSettings, Tokens
+
+# The TrainConfig knobs that change what check reports; the others only matter once training runs.
+CHECKED_FIELDS = (
+    "model",
+    "resolution",
+    "trigger",
+    "caption_extension",
+    "no_upscale",
+    "batch_size",
+    "gradient_accumulation",
+    "max_steps",
+    "epochs",
+)
+_UNCHECKED = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in CHECKED_FIELDS)
 
 
 @click.command("check")
 @click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="TOML file of train settings ([train] table or top level), as for `difflora train`.",
-)
-@click.option("--model", default=None, help="Base model (its geometry and tokenizer) [default: embedded].")
-@click.option(
-    "--resolution", type=int, default=None, help="Bucket area is about this squared [default: model's]."
-)
-@click.option(
-    "--trigger", default=None, help="Word put first in every caption (and used when one is missing)."
-)
-@click.option("--caption-extension", default=None, help="Caption file looked for first: .txt or .caption.")
-@click.option("--no-upscale", is_flag=True, flag_value=True, default=None, help="Never enlarge small images.")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--gradient-accumulation", type=int, default=None)
-@click.option("--max-steps", type=int, default=None, help="Plan this many steps instead of deriving them.")
-@click.option("--epochs", type=int, default=None, help="Plan this many epochs instead of deriving them.")
-def check_command(folder: Path, config_path: Path | None, **flags) -> None:  # fmt: skip
+@config_file_option("train")
+@config_options(TrainConfig, skip=_UNCHECKED)
+def check_command(folder: Path, config_file: Path | None, **flags: Any) -> None:
     """Check an image folder before training: what will be used, what will not, and why."""
-    config = load_config(TrainConfig, toml_path=config_path, overrides={"data_dir": str(folder), **flags},
-                         section="train")  # fmt: skip
+    # Imported here so that `difflora --help` does not pay for torch.
+    from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
+    from difflora.training.check import check_dataset
+    from difflora.training.plan import DataSettings, Tokens
+
+    flags["data_dir"] = str(folder)
+    config = config_from_flags(TrainConfig, flags, config_file=config_file, section="train")
     geometry = model_geometry(config.model)
     resolution = config.resolution or geometry.resolution or FALLBACK_RESOLUTION
     settings = DataSettings.from_config(config, resolution=resolution, bucket_step=geometry.step)

@@ -1,47 +1,30 @@
-"""`difflora export ADAPTER`: write an adapter in the layout ComfyUI, A1111/Forge and diffusers load."""
+"""`difflora export ADAPTER`: write an adapter in the layout ComfyUI, A1111/Forge and diffusers load, with one
+flag per ExportConfig field (difflora.cli.options)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from difflora.config import load_config
-from difflora.config.export import EXPORT_DTYPES, EXPORT_FORMATS, ExportConfig
+from difflora.cli.options import config_file_option, config_from_flags, config_options
+from difflora.config.export import ExportConfig
 
 
 @click.command("export")
 @click.argument("adapter", type=click.Path(path_type=Path, dir_okay=False))
-@click.option(
-    "-o", "--output", default=None, help="Output file [default: <adapter>.<format>.safetensors beside it]."
+@config_options(
+    ExportConfig, skip=("adapter",), names={"output": ("-o", "--output"), "overwrite": ("--overwrite",)}
 )
-@click.option(
-    "--format",
-    "format_",
-    type=click.Choice(EXPORT_FORMATS),
-    default=None,
-    help="comfyui (kohya names: ComfyUI, A1111/Forge, diffusers) or diffusers (PEFT layout) [default: comfyui].",
-)
-@click.option(
-    "--dtype", type=click.Choice(EXPORT_DTYPES), default=None, help="Tensor precision [default: fp16]."
-)
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output file.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="TOML file of export settings ([export] table or top level).")  # fmt: skip
-def export_command(adapter: Path, output: str | None, format_: str | None, dtype: str | None,
-                   overwrite: bool | None, config_path: Path | None) -> None:  # fmt: skip
+@config_file_option("export")
+def export_command(adapter: Path, config_file: Path | None, **flags: Any) -> None:
     """Export ADAPTER for ComfyUI / A1111 / Forge (default) or diffusers, and say where it loads."""
     from difflora.formats.consumers.verdicts import file_verdicts, format_verdicts
     from difflora.formats.export import export_adapter
 
-    overrides = {
-        "adapter": str(adapter),
-        "output": output,
-        "format": format_,
-        "dtype": dtype,
-        "overwrite": overwrite,
-    }
-    config = load_config(ExportConfig, toml_path=config_path, overrides=overrides, section="export")
+    flags["adapter"] = str(adapter)
+    config = config_from_flags(ExportConfig, flags, config_file=config_file, section="export")
     written = export_adapter(config)
     click.echo(f"Wrote {written}")
     for line in format_verdicts(file_verdicts(written)):

@@ -6,9 +6,6 @@ from pathlib import Path
 
 import click
 
-from difflora.formats.describe import adapter_facts_json, describe_adapter
-from difflora.formats.read import load_adapter
-
 
 @click.command("inspect")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -18,6 +15,9 @@ def inspect_command(files: tuple[Path, ...], as_json: bool, allow_pickle: bool) 
     """Print format, base model, rank/alpha per component, targets, trigger words and the stored config.
 
     With several files, also print their composition report (per-layer overlap at weight 1 each)."""
+    from difflora.formats.describe import adapter_facts_json, describe_adapter  # torch: not for --help
+    from difflora.formats.read import load_adapter
+
     adapters = [load_adapter(path, allow_pickle=allow_pickle) for path in files]
     for index, (path, adapter) in enumerate(zip(files, adapters, strict=True)):
         if index:

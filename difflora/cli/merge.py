@@ -1,4 +1,5 @@
-"""`difflora merge a:0.7,b:0.3 -o out.safetensors`: several adapters as one. A thin layer over difflora.merge."""
+"""`difflora merge a:0.7,b:0.3 -o out.safetensors`: several adapters as one. A thin layer over difflora.merge,
+with one flag per MergeConfig field (difflora.cli.options)."""
 
 from __future__ import annotations
 
@@ -7,30 +8,15 @@ from typing import Any
 
 import click
 
-from difflora.config import load_config, to_toml
+from difflora.cli.options import config_file_option, config_from_flags, config_options
+from difflora.config import to_toml
+from difflora.config.merge import MergeConfig
 
 
 @click.command("merge")
 @click.argument("adapters", nargs=-1)
-@click.option("--output", "-o", default=None, help="The merged adapter file (.safetensors).")
-@click.option(
-    "--rank",
-    type=int,
-    default=None,
-    help="Truncate each layer to this rank (SVD) and report its error. Default: exact.",
-)
-@click.option(
-    "--adapter-dir",
-    multiple=True,
-    help="Folder searched for adapters by name (repeatable; ./adapters always is).",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="TOML settings ([merge] table or flat).",
-)
+@config_options(MergeConfig, skip=("adapters",), names={"output": ("-o", "--output")})
+@config_file_option("merge")
 def merge_command(adapters: tuple[str, ...], config_file: Path | None, **flags: Any) -> None:
     """Merge ADAPTERS (NAME[:WEIGHT[:TE_WEIGHT]],...) into one adapter file.
 
@@ -39,11 +25,9 @@ def merge_command(adapters: tuple[str, ...], config_file: Path | None, **flags: 
     """
     from difflora.composition.merge import merge
     from difflora.composition.spec import parse_adapter_weights
-    from difflora.config.merge import MergeConfig
 
-    overrides = {key: (value if value != () else None) for key, value in flags.items()}
-    overrides["adapters"] = adapters or None
-    config = load_config(MergeConfig, toml_path=config_file, overrides=overrides, section="merge")
+    flags["adapters"] = adapters
+    config = config_from_flags(MergeConfig, flags, config_file=config_file, section="merge")
     result = merge(
         parse_adapter_weights(config.adapters),
         config.output,

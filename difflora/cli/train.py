@@ -1,78 +1,24 @@
-"""`difflora train DIR`: one flag per TrainConfig field, generated from the dataclass so a new knob can never
-be a key without a flag (or the reverse). Every flag defaults to None, so load_config can tell "given" from
-"not given": defaults < `--config FILE.toml` < flags.
+"""`difflora train DIR`: one flag per TrainConfig field, generated from the dataclass (difflora.cli.options)
+so a new knob can never be a key without a flag (or the reverse): defaults < `--config FILE.toml` < flags.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import click
 
-from difflora.config import load_config
-from difflora.config.train import TrainConfig, field_help
-
-_POSITIONAL = "data_dir"
-
-
-def _base_type(hint: Any) -> Any:
-    """`int | None` -> int; other hints unchanged."""
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0] if len(args) == 1 else hint
-    return hint
-
-
-def _option(field: dataclasses.Field, hint: Any, help_text: str):
-    flag = "--" + field.name.replace("_", "-")
-    base = _base_type(hint)
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-    text = " ".join(str(d) for d in default) if isinstance(default, tuple) else str(default)
-    hidden = default is None or default is False or default in ((), "")
-    shown = "" if hidden else f" [default: {text}]"
-    if base is bool:
-        no_flag = "--no-" + field.name.replace("_", "-")
-        return click.option(f"{flag}/{no_flag}", field.name, default=None, help=help_text + shown)
-    if typing.get_origin(base) is tuple:
-        item = typing.get_args(base)[0]
-        return click.option(
-            flag,
-            field.name,
-            multiple=True,
-            type=item,
-            default=None,
-            help=help_text + " (repeat the flag)" + shown,
-        )
-    if typing.get_origin(base) is typing.Literal:
-        choice = click.Choice([str(c) for c in typing.get_args(base)])
-        return click.option(flag, field.name, type=choice, default=None, help=help_text + shown)
-    return click.option(flag, field.name, type=base, default=None, help=help_text + shown)
-
-
-def _train_options(function):
-    hints = typing.get_type_hints(TrainConfig)
-    helps = field_help(TrainConfig)
-    for field in reversed(dataclasses.fields(TrainConfig)):
-        if field.name != _POSITIONAL:
-            function = _option(field, hints[field.name], helps[field.name])(function)
-    return function
+from difflora.cli.options import config_file_option, config_from_flags, config_options
+from difflora.config.train import TrainConfig
+from difflora.generation.schedulers import SCHEDULER_NAMES
 
 
 @click.command("train")
-@click.argument(_POSITIONAL, required=False, type=click.Path(path_type=Path))
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="TOML file of settings (keys = flag names with _, optionally under [train]); flags override it.",
-)
-@_train_options
+@click.argument("data_dir", required=False, type=click.Path(path_type=Path))
+@config_file_option("train")
+@config_options(TrainConfig, skip=("data_dir",), choices={"sample_scheduler": SCHEDULER_NAMES})
 def train_command(data_dir: Path | None, config_file: Path | None, **flags: Any) -> None:
     """Train a LoRA adapter on the images (and captions) in DATA_DIR.
 
@@ -81,9 +27,8 @@ def train_command(data_dir: Path | None, config_file: Path | None, **flags: Any)
     """
     from difflora.training.trainer import train
 
-    overrides = {k: (v if v != () else None) for k, v in flags.items()}
-    overrides[_POSITIONAL] = str(data_dir) if data_dir is not None else None
-    config = load_config(TrainConfig, toml_path=config_file, overrides=overrides, section="train")
+    flags["data_dir"] = str(data_dir) if data_dir is not None else None
+    config = config_from_flags(TrainConfig, flags, config_file=config_file, section="train")
     adapter = train(config)
     if (
         os.environ.get("RANK", "0") == "0"

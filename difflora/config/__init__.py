@@ -9,12 +9,17 @@ says how it was made and `--config` on that text reproduces the run.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import itertools
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +50,29 @@ class Problems:
         if self._items:
             listing = "\n  ".join(self._items)
             raise ConfigError(f"Invalid {what} configuration:\n  {listing}")
+
+
+@cache
+def field_help(cls: type) -> dict[str, str]:
+    """Each field of the config dataclass `cls` with its help: the string literal under its annotation in
+    the class body (read with ast, whitespace collapsed). A field without one is a TypeError, so a knob can
+    never reach the command line (or the docs) unexplained."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    helps: dict[str, str] = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            helps[node.target.id] = " ".join(following.value.value.split())
+    missing = [field.name for field in dataclasses.fields(cls) if field.name not in helps]
+    if missing:
+        raise TypeError(f"{cls.__name__} fields without a docstring under them: {missing}")
+    return helps
 
 
 def read_toml(path: Path) -> dict[str, Any]:

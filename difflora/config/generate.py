@@ -21,7 +21,7 @@ class GenerateConfig:
     prompt: str = ""
     """The text prompt."""
     adapters: tuple[str, ...] = ()
-    """Adapters to compose: NAME[:WEIGHT[:TE_WEIGHT]],... (--adapters and repeatable --adapter)."""
+    """Adapters to compose: NAME[:WEIGHT[:TE_WEIGHT]],... (--adapter is another name for --adapters)."""
     adapter_dir: tuple[str, ...] = ()
     """Extra folders searched for adapters by name (./adapters, where `difflora train` writes, always is)."""
     model: str | None = None
@@ -41,7 +41,7 @@ class GenerateConfig:
     height: int | None = None
     """Image height in pixels, a multiple of 8. Default: the model's native size."""
     scheduler: str = "euler"
-    """Sampler: euler, euler-a, dpm++-2m, dpm++-2m-karras, ddim, pndm, heun, unipc."""
+    """Sampler: difflora's name for a diffusers scheduler (see difflora.generation.schedulers)."""
     out: str = "outputs"
     """Folder for the PNG files, their JSON sidecars and contact sheets."""
     fuse: bool = True

@@ -4,21 +4,17 @@ Flag and TOML key names map 1:1 (`--learning-rate` <-> `learning_rate`). Fields 
 derived from the data or the model when the run starts (steps, resolution, alpha, warm-up, save cadence,
 sample prompts), and the plan printed before training says what they became and why: there is no hidden
 fixed default. The defaults make `difflora train sample_data/style` produce a visibly working adapter on
-the embedded model in a few minutes on two CPU cores (see `difflora/trainer.py` for the measured run).
+the embedded model in a few minutes on two CPU cores (measured runs in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
-import itertools
-import textwrap
 from dataclasses import dataclass
-from functools import cache
 from typing import Literal
 
+from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from difflora.config import Problems
+from difflora.generation.schedulers import SCHEDULER_NAMES
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
@@ -29,13 +25,12 @@ PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 # Full-size SD models use the usual LoRA rate.
 TINY_MODEL_LR = 4e-3
 FULL_MODEL_LR = 1e-4
-UNET_ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # The embedded model is ~6 M parameters with 7 transformer blocks: measured on one H100 with the sample subject
 # (a cross, 24 images, rank 8, lr 4e-3, 16 generations), attention-only LoRA never drew it (cross score
 # 0.26-0.39 for ranks 8-32, 100-600 steps, with or without the text encoder) while these targets reached
 # 0.78 (88% of images pass) at 300 steps. Full-size SD models learn subjects through attention alone.
 TINY_MODEL_UNET_TARGETS: tuple[str, ...] = (
-    *UNET_ATTENTION_TARGETS,
+    *UNET_TARGETS,
     "conv1",
     "conv2",
     "proj_in",
@@ -73,7 +68,7 @@ class TrainConfig:
     feed-forward layers, without which it cannot learn a new shape (see TINY_MODEL_UNET_TARGETS)."""
     train_text_encoder: bool = False
     """Also train LoRA layers on the text encoder(s) (disables the text-embedding cache)."""
-    text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
     """Text-encoder module names that get LoRA layers with --train-text-encoder."""
     text_encoder_lr: float | None = None
     """Learning rate of the text-encoder LoRA. Default: --learning-rate."""
@@ -106,7 +101,7 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- length and optimisation
     max_steps: int | None = None
-    """Optimizer steps to train. Default: derived from the data (10 epochs, 100 to 2000 steps)."""
+    """Optimizer steps to train. Default: derived from the data (10 epochs, at least 300 and at most 2000 steps)."""
     epochs: int | None = None
     """Passes over the data (instead of --max-steps)."""
     batch_size: int = 4
@@ -216,6 +211,7 @@ class TrainConfig:
             ("mixed_precision", PRECISIONS),
             ("lr_scheduler", SCHEDULES),
             ("optimizer", OPTIMIZERS),
+            ("sample_scheduler", SCHEDULER_NAMES),
         ):
             value = getattr(self, name)
             p.check(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
@@ -241,7 +237,7 @@ class TrainConfig:
         """--unet-targets, else the attention projections (plus more on the embedded tiny model)."""
         if self.unet_targets is not None:
             return self.unet_targets
-        return TINY_MODEL_UNET_TARGETS if family == "tiny" else UNET_ATTENTION_TARGETS
+        return TINY_MODEL_UNET_TARGETS if family == "tiny" else UNET_TARGETS
 
     def effective_text_encoder_lr(self, family: str) -> float:
         return (
@@ -268,24 +264,3 @@ RESUMABLE_CHANGES = frozenset(
         "epochs",
     }
 )
-
-
-@cache
-def field_help(cls: type = TrainConfig) -> dict[str, str]:
-    """Each field's help: the string literal under its annotation in the class body (read with ast)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    helps: dict[str, str] = {}
-    for node, following in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            helps[node.target.id] = " ".join(following.value.value.split())
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in helps]
-    if missing:
-        raise AssertionError(f"TrainConfig fields without help: {missing}")
-    return helps
