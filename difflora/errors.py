@@ -4,6 +4,23 @@ The CLI turns any DiffloraError into one clean line and a non-zero exit code; an
 and shows its traceback.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def first_n(items: Sequence[str], limit: int, *, separator: str = ", ") -> str:
+    """The first `limit` items joined by `separator`, then "... and K more" when some are left out: a message
+    listing many keys stays readable and still says how many it does not show.
+
+    `first_n(names, 20, separator="\\n  ")` gives one indented line per name, the count on the last line."""
+    limit = max(limit, 0)
+    shown = separator.join(items[:limit])
+    hidden = len(items) - limit
+    if hidden <= 0:
+        return shown
+    return f"{shown}{separator}... and {hidden} more" if shown else f"... and {hidden} more"
+
 
 class DiffloraError(Exception):
     """Base class: an expected failure with a message written for the user."""

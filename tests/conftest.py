@@ -2,7 +2,7 @@
 
 `tiny_pipeline()` builds a real StableDiffusionPipeline from small diffusers/transformers modules with a
 small byte-level BPE vocabulary written at test time, so unit tests exercise the real code paths in well
-under a second. End-to-end tests use the embedded model instead (difflora.models.EMBEDDED_MODEL_DIR).
+under a second. End-to-end tests use the embedded model instead (difflora.embedded.EMBEDDED_MODEL_DIR).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ the tensors read out of the files):
   adapters never drifts (diffusers' `unfuse_lora` does: #5604, #5170), weight 0 restores W0 bit for bit,
   and generating costs exactly what the base model costs. Each adapter's ΔWᵢ is computed once (float32,
   while it fits `delta_cache_bytes`), so re-weighting is a weighted sum and a copy.
-* dynamic: each adapter is a peft adapter (difflora.lora.inject_weights); peft's forward adds
+* dynamic: each adapter is a peft adapter (difflora.adapter.inject.inject_weights); peft's forward adds
   Σ scalingᵢ · Bᵢ Aᵢ x with scalingᵢ = wᵢ αᵢ / rᵢ. Switching weights only changes scalars, at the price of
   extra matmuls in every forward.
 
@@ -161,7 +161,7 @@ class Composer:
         self._apply()
 
     def report(self) -> Any:
-        """The composition report (difflora.report) for the current set and weights."""
+        """The composition report (difflora.composition.report) for the current set and weights."""
         from difflora.composition.report import composition_report
 
         return composition_report([(entry.spec, entry.adapter) for entry in self._entries.values()])

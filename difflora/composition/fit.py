@@ -18,12 +18,10 @@ from torch import nn
 
 from difflora.adapter.names import live_name
 from difflora.adapter.types import Adapter, LoraWeights
-from difflora.errors import AdapterCompatibilityError
-from difflora.models.identity import model_identity
+from difflora.errors import AdapterCompatibilityError, first_n
+from difflora.models.identity import KNOWN_FAMILIES, model_identity
 
 logger = logging.getLogger(__name__)
-
-_KNOWN_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def check_compatible(adapter: Adapter, pipe: Any, *, name: str) -> list[str]:
@@ -34,7 +32,7 @@ def check_compatible(adapter: Adapter, pipe: Any, *, name: str) -> list[str]:
     meta = adapter.meta
     made_for = f"{meta.base_model or 'an unknown base'} ({meta.base_architecture or meta.base_family or '?'})"
     this = f"{identity.name} ({identity.architecture})"
-    other_family = meta.base_family in _KNOWN_FAMILIES and identity.family in _KNOWN_FAMILIES
+    other_family = meta.base_family in KNOWN_FAMILIES and identity.family in KNOWN_FAMILIES
     if (meta.base_architecture and meta.base_architecture != identity.architecture) or (
         other_family and meta.base_family != identity.family
     ):
@@ -44,9 +42,7 @@ def check_compatible(adapter: Adapter, pipe: Any, *, name: str) -> list[str]:
         )
     problems = _shape_problems(adapter, pipe)
     if problems:
-        listing = "\n  ".join(problems[:5]) + (
-            f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        )
+        listing = first_n(problems, 5, separator="\n  ")
         raise AdapterCompatibilityError(
             f"Adapter {name!r} (made for {made_for}) does not fit the model {this}: {len(problems)} of its "
             f"{len(adapter.modules)} modules are missing or have other shapes:\n  {listing}\n"
@@ -82,6 +78,10 @@ def _shape_problems(adapter: Adapter, pipe: Any) -> list[str]:
     return problems
 
 
+# Not formats.family.shape_fits, on purpose: that one tells architectures apart by a file's exact layout
+# (in_features and kernel of a reference module), this one asks whether a loaded module can take the update
+# at all, by element count, so every layout fit_to_modules reshapes ([r, in] on a 1x1 conv, [r, in, 1, 1] on
+# a Linear, a flattened kxk down) passes, and so does any module with a weight, Linear/Conv2d or not.
 def _fits(weights: LoraWeights, weight: torch.Tensor) -> bool:
     return weights.up.shape[0] == weight.shape[0] and weights.down[0].numel() == weight[0].numel()
 

@@ -141,21 +141,20 @@ def _check_same_base(pairs: Sequence[tuple[AdapterWeight, Adapter]]) -> None:
             )
 
 
+# What a merge inherits from its inputs: the base model's identity. Not dataclasses.replace(base, ...), which
+# would also carry one input's provenance (its config, source format, date, extra keys) into the merge.
+_BASE_IDENTITY = ("base_model", "base_family", "base_architecture", "base_hash", "prediction_type")
+
+
 def _merged_meta(pairs: Sequence[tuple[AdapterWeight, Adapter]], name: str) -> AdapterMeta:
     base = next((a.meta for _, a in pairs if a.meta.base_architecture), pairs[0][1].meta)
     triggers = list(dict.fromkeys(word for _, a in pairs for word in a.meta.trigger_words))
     sources = [
         {"name": spec.name, "weight": spec.weight, "te_weight": spec.text_encoder_weight} for spec, _ in pairs
     ]
+    identity = {key: getattr(base, key) for key in _BASE_IDENTITY}
     return AdapterMeta(
-        name=name,
-        base_model=base.base_model,
-        base_family=base.base_family,
-        base_architecture=base.base_architecture,
-        base_hash=base.base_hash,
-        prediction_type=base.prediction_type,
-        trigger_words=triggers,
-        extra={"difflora.merged_from": json.dumps(sources)},
+        name=name, trigger_words=triggers, extra={"difflora.merged_from": json.dumps(sources)}, **identity
     )
 
 

@@ -26,6 +26,7 @@ import torch
 
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.composition.spec import AdapterWeight
+from difflora.errors import first_n
 
 OVERDRIVE = 1.5
 
@@ -78,20 +79,23 @@ class CompositionReport:
         ordered = sorted(
             self.layers, key=lambda la: (-len(la.adapters), -max(map(abs, la.cosines.values()), default=0))
         )
-        shown = ordered if max_layers is None else ordered[:max_layers]
         lines.append(f"{'layer':<58} {'cosine':>14}  {'|composed|/|own|':>22}  {'drive':>16}")
-        for layer in shown:
-            cos = ", ".join(f"{v:+.2f}" for v in layer.cosines.values()) or "-"
-            rel = ", ".join(f"{layer.relative_norm(i):.2f}" for i in range(len(layer.adapters)))
-            drive = ", ".join(f"{d:.2f}" for d in layer.drives)
-            flag = "  OVER-DRIVEN" if layer.overdriven else ""
-            lines.append(f"{_short(layer.module, 58):<58} {cos:>14}  {rel:>22}  {drive:>16}{flag}")
-        if len(shown) < len(self.layers):
-            lines.append(f"... {len(self.layers) - len(shown)} more layers not shown")
+        rows = [_row(layer) for layer in ordered]
+        if rows:
+            lines.append(first_n(rows, len(rows) if max_layers is None else max_layers, separator="\n"))
         warnings = self.warnings
         lines.append(f"{len(warnings)} over-driven layer warnings" + (":" if warnings else "."))
-        lines += [f"  warning: {w}" for w in warnings[:20]]
+        if warnings:
+            lines.append("  " + first_n([f"warning: {w}" for w in warnings], 20, separator="\n  "))
         return "\n".join(lines)
+
+
+def _row(layer: LayerReport) -> str:
+    cos = ", ".join(f"{v:+.2f}" for v in layer.cosines.values()) or "-"
+    rel = ", ".join(f"{layer.relative_norm(i):.2f}" for i in range(len(layer.adapters)))
+    drive = ", ".join(f"{d:.2f}" for d in layer.drives)
+    flag = "  OVER-DRIVEN" if layer.overdriven else ""
+    return f"{_short(layer.module, 58):<58} {cos:>14}  {rel:>22}  {drive:>16}{flag}"
 
 
 def _weights(layer: LayerReport) -> str:

@@ -22,7 +22,6 @@ Whole-caption dropout is fine (the "" embedding is cached too); tag shuffling or
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from difflora.data.buckets import CropPlan, render_pixels
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.images import load_image
+from difflora.hashing import sha256_json
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,10 @@ def vae_encoder(vae: torch.nn.Module) -> VaeEncode:
     return encode
 
 
-def _sha256_json(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def latent_key(request: LatentRequest, *, model_identity: str, scaling_factor: float) -> str:
     """The cache key of one latent (see the module docstring for what it covers)."""
     plan = request.plan
-    return _sha256_json(
+    return sha256_json(
         {
             "kind": "latent",
             "format": CACHE_FORMAT,
@@ -216,7 +212,7 @@ class LatentCache:
 
 
 def text_key(caption: str, *, encoder_identity: str) -> str:
-    return _sha256_json(
+    return sha256_json(
         {"kind": "text", "format": CACHE_FORMAT, "caption": caption, "model": encoder_identity}
     )
 

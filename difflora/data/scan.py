@@ -51,7 +51,7 @@ from difflora.data.captions import (
     split_tags,
 )
 from difflora.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageRejected, decode_image, load_image
-from difflora.errors import DatasetError
+from difflora.errors import DatasetError, first_n
 
 logger = logging.getLogger(__name__)
 
@@ -387,14 +387,11 @@ def _log_summary(result: ScanResult, limit: int = 20) -> None:
     )
     if result.skipped:
         lines = [f"{s.path}: {s.reason}" for s in result.skipped]
-        more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
-        logger.warning("skipped %d file(s):\n  %s%s", len(lines), "\n  ".join(lines[:limit]), more)
+        logger.warning("skipped %d file(s):\n  %s", len(lines), first_n(lines, limit, separator="\n  "))
     problems = [i for i in result.caption_issues if i.kind in ("missing", "empty")]
     if problems:
         lines = [f"{i.path}: {i.message}" for i in problems]
-        more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
-        logger.warning(
-            "%d caption(s) missing or empty:\n  %s%s", len(lines), "\n  ".join(lines[:limit]), more
-        )
+        listing = first_n(lines, limit, separator="\n  ")
+        logger.warning("%d caption(s) missing or empty:\n  %s", len(lines), listing)
     for warning in result.warnings:
         logger.warning("%s", warning)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from difflora.adapter.types import COMPONENTS, Adapter, AdapterMeta, LoraWeights
-from difflora.errors import AdapterFormatError
+from difflora.errors import AdapterFormatError, first_n
 from difflora.formats import family as families
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,7 @@ def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *
         module, part = parsed
         parts.setdefault(module, {})[part] = tensor
     if unknown:
-        listing = "\n  ".join(sorted(unknown)[:20]) + (
-            f"\n  ... and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-        )
+        listing = first_n(sorted(unknown), 20, separator="\n  ")
         raise AdapterFormatError(
             f"{source}: {len(unknown)} key(s) are neither LoRA A/B (down/up) matrices nor alphas in any "
             f"layout difflora reads:\n  {listing}\nNothing was loaded (DoRA magnitudes and LoRA on "

@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from difflora.adapter.types import Adapter
 from difflora.config.export import ExportConfig
-from difflora.errors import ConfigError
+from difflora.errors import ConfigError, first_n
 from difflora.formats import family as families
 from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.kohya import to_kohya
@@ -70,5 +70,5 @@ def _report_consumers(keys: list[str], metadata: dict[str, str], family: str, fo
         if verdict.complete:
             logger.debug("%s", verdict.summary())
             continue
-        examples = "; ".join(f"{key} ({why})" for key, why in list(verdict.dropped.items())[:3])
+        examples = first_n([f"{key} ({why})" for key, why in verdict.dropped.items()], 3, separator="; ")
         logger.warning("%s. %s", verdict.summary(), examples)

@@ -10,14 +10,15 @@ shapes fit (cross-attention width 768 = SD1, 1024 = SD2, 2048 = SDXL).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.errors import AdapterCompatibilityError
 from difflora.formats.naming import NameTable, reference_table
 from difflora.formats.reference import ModuleInfo, reference_families
+from difflora.models.identity import Family
 
-FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "tiny", "custom")
+FAMILIES: tuple[str, ...] = get_args(Family)
 _KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _MODELSPEC = {
     "sd1": "stable-diffusion-v1/lora",
@@ -77,7 +78,8 @@ def candidates(hint: str | None) -> list[str]:
 
 def shape_fits(weights: LoraWeights, info: ModuleInfo) -> bool:
     """Whether a LoRA's tensors fit a module. A 1x1 convolution and a Linear take the same LoRA (files
-    differ in whether they write [r, in] or [r, in, 1, 1]); a kxk convolution needs a kxk down."""
+    differ in whether they write [r, in] or [r, in, 1, 1]); a kxk convolution needs a kxk down. Stricter than
+    the check against a loaded model in difflora.composition.fit, because here the shapes pick the family."""
     down, up = weights.down, weights.up
     if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
         return False

@@ -2,7 +2,7 @@
 
 Keys: `<kohya module name>.lora_down.weight` [rank, in(, k, k)], `.lora_up.weight` [out, rank(, 1, 1)] and
 `.alpha`, a 0-d float32 tensor holding the adapter's true alpha (rsLoRA already baked in, see
-`difflora.lora.extract_weights`), so every consumer applies ΔW = strength · alpha/rank · up @ down. Alpha stays
+`difflora.adapter.inject.extract_weights`), so every consumer applies ΔW = strength · alpha/rank · up @ down. Alpha stays
 float32 whatever the export dtype: all consumers read it with `.item()`, and an fp16 alpha would round
 values such as 8·√8. Module names come from `difflora.formats.naming` (the one table).
 
@@ -54,7 +54,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.config import parse_toml_text
-from difflora.errors import AdapterCompatibilityError, AdapterFormatError
+from difflora.errors import AdapterCompatibilityError, AdapterFormatError, first_n
 from difflora.formats import family as families
 from difflora.formats.naming import READ_PREFIXES, reference_table, resolve_kohya_name, table_for_keys
 from difflora.formats.native import header_metadata, meta_from_header
@@ -103,8 +103,9 @@ def to_kohya(
     outside = sorted(set(adapter.modules) - set(table.to_kohya))
     if outside:
         raise AdapterCompatibilityError(
-            f"{len(outside)} module(s) of this adapter do not exist in the {family} architecture, e.g. "
-            f"{outside[:3]}. The adapter's base family is recorded wrongly; re-train or re-save it on its base."
+            f"{len(outside)} module(s) of this adapter do not exist in the {family} architecture: "
+            f"{first_n(outside, 3)}. The adapter's base family is recorded wrongly; re-train or re-save it "
+            "on its base."
         )
     families.check_shapes(adapter.modules, table, family)
     tensors: dict[str, torch.Tensor] = {}
@@ -276,11 +277,10 @@ def _group(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str,
             continue
         groups.setdefault(name, {})[part] = tensor
     if foreign:
-        listing = "\n  ".join(f"{key}: {kind}" for key, kind in sorted(foreign.items())[:20])
-        more = f"\n  ... and {len(foreign) - 20} more" if len(foreign) > 20 else ""
+        listing = first_n([f"{key}: {kind}" for key, kind in sorted(foreign.items())], 20, separator="\n  ")
         raise AdapterFormatError(
             f"{source}: {len(foreign)} key(s) are not plain LoRA tensors (lora_down/lora_up/alpha) and "
-            f"cannot be applied as a LoRA:\n  {listing}{more}\nNothing was loaded. Use the file in a tool "
+            f"cannot be applied as a LoRA:\n  {listing}\nNothing was loaded. Use the file in a tool "
             "that supports these adapter kinds (ComfyUI, A1111), or convert it to a plain LoRA."
         )
     return groups
@@ -315,9 +315,7 @@ def _resolve_names(raw: dict[str, LoraWeights], hint: str | None, source: str) -
     keys = {name: resolve_kohya_name(name, families.candidates(hint)) for name in raw}
     unknown = sorted(name for name, key in keys.items() if key is None)
     if unknown:
-        listing = "\n  ".join(unknown[:20]) + (
-            f"\n  ... and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-        )
+        listing = first_n(unknown, 20, separator="\n  ")
         raise AdapterFormatError(
             f"{source}: {len(unknown)} LoRA module name(s) match no module of SD1.x, SD2.x, SDXL or the "
             f"embedded model:\n  {listing}\nNothing was loaded. The file may be for another architecture "

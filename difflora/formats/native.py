@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from difflora import __version__
 from difflora.adapter.types import COMPONENTS, Adapter, AdapterMeta, LoraWeights
-from difflora.errors import AdapterFormatError
+from difflora.errors import AdapterFormatError, first_n
 from difflora.safe_io import write_atomic
 
 FORMAT_VERSION = "1"
@@ -129,7 +129,7 @@ def parse_native(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, 
         k for k in tensors if k.endswith(".lora_B.weight") and k.replace("lora_B", "lora_A") not in tensors
     ]
     if orphans:
-        raise AdapterFormatError(f"{source}: lora_B without lora_A for {orphans[:3]}")
+        raise AdapterFormatError(f"{source}: lora_B without lora_A for {first_n(orphans, 3)}")
     return Adapter(
         modules=modules, meta=meta_from_header(metadata, native="difflora.format_version" in metadata)
     )

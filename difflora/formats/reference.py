@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from difflora.errors import ModelError
+from difflora.models.identity import KNOWN_FAMILIES
 
 ARCHITECTURE_DIR = Path(__file__).parent / "architectures"
-KNOWN_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 _FILE_STEM = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 _COMPONENTS = {
     "sd1": ("unet", "text_encoder"),
@@ -56,7 +56,7 @@ def components_of(family: str) -> tuple[str, ...]:
 
 
 def _embedded_config(component: str) -> Path | None:
-    from difflora.models.loading import EMBEDDED_MODEL_DIR
+    from difflora.embedded import EMBEDDED_MODEL_DIR
 
     path = EMBEDDED_MODEL_DIR / component / "config.json"
     return path if path.is_file() else None

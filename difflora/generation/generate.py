@@ -29,6 +29,7 @@ from difflora.generation.pipeline import a1111_parameters, image_grid, render, s
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+_RENDER_SETTINGS = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "scheduler")
 
 
 @dataclass
@@ -103,20 +104,17 @@ def _render(job: _Job, seeds: list[int]) -> list[Image.Image]:
         if job.progress:
             job.progress(offset + done, job.total_steps)
 
-    images = render(
-        job.pipe,
-        [config.prompt] * len(seeds),
-        seeds=seeds,
-        steps=config.steps,
-        guidance=config.guidance,
-        negative_prompt=config.negative_prompt,
-        width=config.width,
-        height=config.height,
-        scheduler=config.scheduler,
-        progress=report,
-    )
+    settings = _settings(config)
+    prompt = settings.pop("prompt")
+    images = render(job.pipe, [prompt] * len(seeds), seeds=seeds, progress=report, **settings)
     job.done += config.steps * len(seeds)
     return images
+
+
+def _settings(config: GenerateConfig) -> dict[str, Any]:
+    """The config values render() is given and every PNG records (A1111 parameters and sidecar), read in
+    one place so that what a PNG says can never drift from how it was rendered."""
+    return {name: getattr(config, name) for name in _RENDER_SETTINGS}
 
 
 def _sweep(job: _Job, seed: int) -> list[Path]:
@@ -155,29 +153,17 @@ def _save(
     config, composer = job.config, job.composer
     identity = composer.identity
     adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in composer.adapters]
-    width, height = config.width or image.width, config.height or image.height
+    settings = {
+        **_settings(config),
+        "seed": seed,
+        "width": config.width or image.width,
+        "height": config.height or image.height,
+    }
     parameters = a1111_parameters(
-        prompt=config.prompt,
-        negative_prompt=config.negative_prompt,
-        steps=config.steps,
-        scheduler=config.scheduler,
-        guidance=config.guidance,
-        seed=seed,
-        width=width,
-        height=height,
-        model=identity.name,
-        model_hash=identity.base_hash,
-        adapters=adapters,
+        **settings, model=identity.name, model_hash=identity.base_hash, adapters=adapters
     )
     sidecar = {
-        "prompt": config.prompt,
-        "negative_prompt": config.negative_prompt,
-        "steps": config.steps,
-        "guidance": config.guidance,
-        "seed": seed,
-        "width": width,
-        "height": height,
-        "scheduler": config.scheduler,
+        **settings,
         "model": {
             "name": identity.name,
             "architecture": identity.architecture,

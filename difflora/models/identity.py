@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from difflora.adapter.types import COMPONENTS
 from difflora.hashing import sha256_json, weights_fingerprint
 from difflora.models.loading import ModelSource
 
-Family = Literal["sd1", "sd2", "sdxl", "tiny", "custom"]
 # The full-size families whose module trees difflora knows (kohya names, consumers' key rules).
-KNOWN_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+KnownFamily = Literal["sd1", "sd2", "sdxl"]
+Family = Literal[KnownFamily, "tiny", "custom"]
+KNOWN_FAMILIES: tuple[str, ...] = get_args(KnownFamily)
 
 
 @dataclass(frozen=True)

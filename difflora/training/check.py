@@ -1,8 +1,9 @@
 """``difflora check ./images``: the training scan as a preflight report, without loading a model.
 
-``check_dataset`` plans the data set with ``plan_dataset``, the function ``train`` calls, and returns a ``CheckReport`` (plain values; ``render()`` gives the text the CLI prints). ``report.errors``
-lists what would stop training (nothing usable, conflicting caption sources); everything else is a
-warning the user may accept.
+``check_dataset`` plans the data set with ``plan_dataset``, the function ``train`` calls, and returns a
+``CheckReport`` (plain values; ``render()`` gives the text the CLI prints). ``report.errors`` lists what
+would stop training (nothing usable, conflicting caption sources); everything else is a warning the user
+may accept.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from difflora.data.buckets import Bucket
 from difflora.data.captions import TokenCounter
 from difflora.data.scan import ScanResult
+from difflora.errors import first_n
 from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
 
 LIST_LIMIT = 20  # longest list printed in full; the rest is counted
@@ -58,8 +60,7 @@ class CheckReport:
             f"folder(s), {len(scan.skipped)} skipped, {len(scan.ignored)} non-image file(s) ignored"
         )
         if scan.ignored:
-            line += "\n  ignored: " + ", ".join(self._rel(p) for p in scan.ignored[:LIST_LIMIT])
-            line += _more(scan.ignored)
+            line += "\n  ignored: " + first_n([self._rel(p) for p in scan.ignored], LIST_LIMIT)
         return line
 
     def _folders(self) -> str:
@@ -75,9 +76,8 @@ class CheckReport:
     def _skipped(self) -> str:
         if not self.scan.skipped:
             return ""
-        lines = [f"Skipped files ({len(self.scan.skipped)})"]
-        lines += [f"  {self._rel(s.path)}: {s.reason}" for s in self.scan.skipped[:LIST_LIMIT]]
-        return "\n".join(lines) + _more(self.scan.skipped)
+        skipped = [f"{self._rel(s.path)}: {s.reason}" for s in self.scan.skipped]
+        return f"Skipped files ({len(skipped)})\n" + _listing(skipped, "  ")
 
     def _captions(self) -> str:
         issues = self.scan.caption_issues
@@ -97,8 +97,7 @@ class CheckReport:
             chosen = [i for i in issues if i.kind == kind]
             if chosen:
                 lines.append(f"  {title} ({len(chosen)}):")
-                lines += [f"    {self._rel(i.path)}: {i.message}" for i in chosen[:LIST_LIMIT]]
-                lines[-1] += _more(chosen)
+                lines.append(_listing([f"{self._rel(i.path)}: {i.message}" for i in chosen], "    "))
         return "\n".join(lines)
 
     def _images(self) -> str:
@@ -129,17 +128,15 @@ class CheckReport:
             lines.append(f"  {bucket!s:>10}  {count:>5}  {bar}")
         if self.upscaled:
             lines.append(f"  {len(self.upscaled)} image(s) will be enlarged (use --no-upscale to avoid):")
-            lines += [f"    {self._rel(p)}: ×{factor:.2f}" for p, factor in self.upscaled[:LIST_LIMIT]]
-            lines[-1] += _more(self.upscaled)
+            lines.append(_listing([f"{self._rel(p)}: ×{factor:.2f}" for p, factor in self.upscaled], "    "))
         return "\n".join(lines)
 
     def _duplicates(self) -> str:
         groups = list(self.scan.duplicates.values())
         if not groups:
             return ""
-        lines = [f"Duplicate images, same content ({len(groups)} group(s))"]
-        lines += ["  " + " = ".join(self._rel(p) for p in paths) for paths in groups[:LIST_LIMIT]]
-        return "\n".join(lines) + _more(groups)
+        same = [" = ".join(self._rel(p) for p in paths) for paths in groups]
+        return f"Duplicate images, same content ({len(groups)} group(s))\n" + _listing(same, "  ")
 
     def _tags(self) -> str:
         total: Counter = Counter()
@@ -163,8 +160,9 @@ def _size(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-def _more(items: list) -> str:
-    return f"\n    ... and {len(items) - LIST_LIMIT} more" if len(items) > LIST_LIMIT else ""
+def _listing(lines: list[str], indent: str) -> str:
+    """One indented line per item, at most LIST_LIMIT, then how many more there are."""
+    return indent + first_n(lines, LIST_LIMIT, separator="\n" + indent)
 
 
 def run_check(

@@ -1,4 +1,4 @@
-"""Sample grids during training, rendered by `difflora.pipeline.render`: the code `difflora generate` uses,
+"""Sample grids during training, rendered by `difflora.generation.pipeline.render`: the code `difflora generate` uses,
 so a sample is exactly what generation with that checkpoint's adapter, seed and scheduler gives.
 
 Rows are prompts, columns are seeds. Rendering never touches the training RNG streams (it runs inside

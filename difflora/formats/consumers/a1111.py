@@ -8,6 +8,7 @@ from functools import cache
 
 from difflora.formats.consumers.rules import CLIP_SUFFIXES, Verdict, te_layer_names
 from difflora.formats.naming import NameTable, flat, reference_table
+from difflora.models.identity import KNOWN_FAMILIES
 
 # ----------------------------------------------------------------------------------------------- A1111
 
@@ -172,7 +173,7 @@ def a1111_listing(metadata: Mapping[str, str], family: str) -> str:
     else:
         return "listed for every checkpoint (no metadata: version Unknown)"
     label = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[detected]
-    expected = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}.get(family, "sd1")
+    expected = family if family in KNOWN_FAMILIES else "sd1"  # A1111 files the rest as SD1
     if detected != expected:
         return (
             f"detected as {label}: HIDDEN when a {family} checkpoint is loaded (set lora_show_all to see it)"

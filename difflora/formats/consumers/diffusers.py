@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from functools import cache
 
+from difflora.errors import first_n
 from difflora.formats.consumers.rules import Verdict
 from difflora.formats.naming import NameTable, flat, reference_table
 
@@ -80,7 +81,7 @@ def diffusers(keys: Sequence[str], table: NameTable) -> Verdict:
         if _diffusers_module(name, table) is None:
             why[name] = "diffusers' converted name is no module of the model (PEFT drops it)"
     if leftover:
-        listing = ", ".join(leftover[:5])
+        listing = first_n(leftover, 5)
         return Verdict("diffusers", len(keys), 0, fatal=f"ValueError: keys not correctly renamed: {listing}")
     dropped = {key: why[key.split(".")[0]] for key in keys if key.split(".")[0] in why}
     return Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)

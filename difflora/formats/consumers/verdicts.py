@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from difflora.errors import first_n
 from difflora.formats.consumers.a1111 import a1111
 from difflora.formats.consumers.comfyui import comfyui
 from difflora.formats.consumers.diffusers import diffusers
@@ -60,9 +61,8 @@ def format_verdicts(results: Sequence[Verdict], *, limit: int = 10) -> list[str]
     lines = []
     for verdict in results:
         lines.append(verdict.summary())
-        for key, why in list(verdict.dropped.items())[:limit]:
-            lines.append(f"    not loaded: {key}: {why}")
-        if len(verdict.dropped) > limit:
-            lines.append(f"    ... and {len(verdict.dropped) - limit} more")
+        dropped = [f"not loaded: {key}: {why}" for key, why in verdict.dropped.items()]
+        if dropped:
+            lines += ("    " + first_n(dropped, limit, separator="\n    ")).splitlines()
         lines += [f"    {note}" for note in verdict.notes]
     return lines
