@@ -155,3 +155,55 @@ def sample_adapters(tmp_path_factory) -> Path:
         result = CliRunner().invoke(cli, command)
         assert result.exit_code == 0, result.output
     return out
+
+
+def tiny_sdxl_pipeline(tmp_path: Path, seed: int = 0):
+    """A complete StableDiffusionXLPipeline of tiny random modules: two text encoders (the second with a
+    projection, whose pooled output conditions the UNet with the size/crop time ids), 16x16 images."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * TINY_HIDDEN,  # both encoders' hidden states, concatenated
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=TINY_HIDDEN + 6 * 8,  # pooled text + 6 time ids
+    )
+    vocab = 514
+    encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=TINY_HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TINY_TOKENS,
+            projection_dim=TINY_HIDDEN,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        )
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(seed),
+        text_encoder_2=encoder_2,
+        tokenizer=tiny_tokenizer(tmp_path / "tokenizer"),
+        tokenizer_2=tiny_tokenizer(tmp_path / "tokenizer_2"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+        ),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

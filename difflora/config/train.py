@@ -72,6 +72,8 @@ class TrainConfig:
     """Text-encoder module names that get LoRA layers with --train-text-encoder."""
     text_encoder_lr: float | None = None
     """Learning rate of the text-encoder LoRA. Default: --learning-rate."""
+    text_encoder_2_lr: float | None = None
+    """Learning rate of the LoRA on SDXL's second text encoder (OpenCLIP ViT-bigG). Default: --text-encoder-lr."""
 
     # ---------------------------------------------------------------- data
     resolution: int | None = None
@@ -125,6 +127,10 @@ class TrainConfig:
     """no, fp16 (CUDA only) or bf16: frozen weights in that precision, LoRA weights in float32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, slower steps."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule to zero signal at the last timestep (Lin et al. 2023), so the model learns
+    to start from pure noise; needs a v-prediction base (SD 2.x 768-v). Images generated with the adapter
+    use the rescaled schedule too."""
     noise_offset: float = 0.0
     """Add this much per-channel offset noise (helps very dark/bright images; 0.05-0.1 typical)."""
     min_snr_gamma: float = 5.0
@@ -194,8 +200,9 @@ class TrainConfig:
     def _check_rates(self, p: Problems) -> None:
         if self.learning_rate is not None:
             p.check(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
-        if self.text_encoder_lr is not None:
-            p.check(self.text_encoder_lr >= 0, "text_encoder_lr", "must be 0 or more")
+        for name in ("text_encoder_lr", "text_encoder_2_lr"):
+            value = getattr(self, name)
+            p.check(value is None or value >= 0, name, "must be 0 or more")
         if self.alpha is not None:
             p.check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
         for name in ("lora_dropout", "caption_dropout", "tag_dropout"):
@@ -239,10 +246,14 @@ class TrainConfig:
             return self.unet_targets
         return TINY_MODEL_UNET_TARGETS if family == "tiny" else UNET_TARGETS
 
-    def effective_text_encoder_lr(self, family: str) -> float:
-        return (
-            self.text_encoder_lr if self.text_encoder_lr is not None else self.effective_learning_rate(family)
-        )
+    def effective_text_encoder_lr(self, family: str, component: str = "text_encoder") -> float:
+        """The text encoder's rate: --text-encoder-lr (--text-encoder-2-lr for SDXL's second encoder, which
+        falls back to the first's), else --learning-rate's."""
+        if component == "text_encoder_2" and self.text_encoder_2_lr is not None:
+            return self.text_encoder_2_lr
+        if self.text_encoder_lr is not None:
+            return self.text_encoder_lr
+        return self.effective_learning_rate(family)
 
 
 # Fields that may change between a run and its resumption without changing what is trained.

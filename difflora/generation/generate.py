@@ -106,9 +106,21 @@ def _render(job: _Job, seeds: list[int]) -> list[Image.Image]:
 
     settings = _settings(config)
     prompt = settings.pop("prompt")
-    images = render(job.pipe, [prompt] * len(seeds), seeds=seeds, progress=report, **settings)
+    zero_snr = _trained_with_zero_terminal_snr(job.composer)
+    images = render(
+        job.pipe, [prompt] * len(seeds), seeds=seeds, progress=report, zero_terminal_snr=zero_snr, **settings
+    )
     job.done += config.steps * len(seeds)
     return images
+
+
+def _trained_with_zero_terminal_snr(composer: Composer) -> bool:
+    """Whether a composed adapter was trained on the zero-terminal-SNR schedule (it then needs the
+    matching sampler schedule; its header says so)."""
+    return any(
+        composer.adapter(spec.name).meta.extra.get("difflora.train.zero_terminal_snr") == "True"
+        for spec in composer.adapters
+    )
 
 
 def _settings(config: GenerateConfig) -> dict[str, Any]:

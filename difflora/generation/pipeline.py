@@ -46,10 +46,12 @@ def render(
     height: int | None = None,
     scheduler: str = DEFAULT_SCHEDULER,
     progress: Callable[[int, int], None] | None = None,
+    zero_terminal_snr: bool = False,
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair, in order. Deterministic per seed (CPU generator, one image per
     pipeline call). The pipeline's scheduler is swapped for `scheduler` and restored afterwards.
-    `progress(done_steps, total_steps)` is called after every denoising step."""
+    `progress(done_steps, total_steps)` is called after every denoising step; `zero_terminal_snr` samples
+    with the rescaled schedule an adapter trained with --zero-terminal-snr expects."""
     if len(prompts) != len(seeds):
         raise ConfigError(
             f"render(): {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt."
@@ -57,7 +59,7 @@ def render(
     default_w, default_h = default_size(pipe)
     width, height = width or default_w, height or default_h
     original = pipe.scheduler
-    pipe.scheduler = make_scheduler(scheduler, original.config)
+    pipe.scheduler = make_scheduler(scheduler, original.config, zero_terminal_snr=zero_terminal_snr)
     total = steps * len(prompts)
     images: list[Image.Image] = []
     try:

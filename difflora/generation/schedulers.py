@@ -62,12 +62,18 @@ def check_scheduler(name: str) -> str:
     return name
 
 
-def make_scheduler(name: str, base_config: Any) -> Any:
+# What an adapter trained with --zero-terminal-snr needs from the sampler (Lin et al. 2023, section 3.3):
+# the same rescaled betas, and timesteps that start at the last one, where the signal is zero.
+ZERO_TERMINAL_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def make_scheduler(name: str, base_config: Any, *, zero_terminal_snr: bool = False) -> Any:
     """A scheduler of kind `name` built from the model's own scheduler config (betas, prediction type)."""
     check_scheduler(name)
-    _, extra, _ = _SCHEDULER_TABLE[name]
-    config = dict(base_config)
-    config.update(extra)
+    class_name, extra, _ = _SCHEDULER_TABLE[name]
+    overrides = {**extra, **(ZERO_TERMINAL_SNR if zero_terminal_snr else {})}
     import diffusers
 
-    return getattr(diffusers, _SCHEDULER_TABLE[name][0]).from_config(config)
+    # As keyword arguments, not merged into the config: from_config drops config keys the saved config
+    # lists under _use_default_values, which would silently undo an override.
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)

@@ -30,6 +30,7 @@ from difflora.data.scan import ScanResult
 from difflora.errors import DatasetError
 from difflora.hashing import weights_fingerprint
 from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
+from difflora.training.text import caption_encoder, pipeline_text_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -57,28 +58,6 @@ class TrainingData:
             draws: list[Draw] = batches[(index * self.world_size + self.rank) % len(batches)]
             yield epoch, collate([self.dataset[draw] for draw in draws])
             position += 1
-
-
-def text_encode_fn(tokenizer: Any, text_encoder: torch.nn.Module):
-    """captions -> {"hidden": [B, tokens, dim]}, exactly as StableDiffusionPipeline.encode_prompt encodes
-    prompts (padded to the tokenizer's max length, attention mask only when the encoder asks for one)."""
-
-    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
-        device = next(text_encoder.parameters()).device
-        tokens = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(device)
-        hidden = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-        return {"hidden": hidden}
-
-    return encode
 
 
 def prepare_data(
@@ -146,12 +125,12 @@ def _text_cache(examples, augmentation: CaptionAugmentation, pipe: Any, cache_di
     for example in examples:
         captions |= augmentation.possible_captions(example.caption)
     cache = TextEmbeddingCache(cache_dir)
-    encoder = pipe.text_encoder
-    identity = weights_fingerprint({"text_encoder": encoder}) + str(pipe.tokenizer.model_max_length)
+    tokenizers, encoders = pipeline_text_encoders(pipe)
+    lengths = ",".join(str(tokenizer.model_max_length) for tokenizer in tokenizers)
+    identity = weights_fingerprint(encoders) + lengths
     with torch.no_grad():
-        keys, built = cache.build(
-            sorted(captions), text_encode_fn(pipe.tokenizer, encoder), encoder_identity=identity
-        )
+        encode = caption_encoder(tokenizers, list(encoders.values()))
+        keys, built = cache.build(sorted(captions), encode, encoder_identity=identity)
     logger.debug("text embeddings: %d cached before, %d computed", built.hits, built.computed)
     return _Memo(cache), keys
 

@@ -21,10 +21,10 @@ import torch
 
 from difflora.data.batches import derived_rng
 from difflora.errors import TrainingDivergedError
-from difflora.training.data import text_encode_fn
 from difflora.training.loss import diffusion_loss, noised_batch
 from difflora.training.outputs import render_samples, save_state
 from difflora.training.run import Run
+from difflora.training.text import caption_encoder, unet_conditioning
 
 Stream = Iterator[tuple[int, dict[str, Any]]]
 
@@ -33,7 +33,6 @@ def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> to
     """The diffusion loss of one micro-batch (the test suite patches this to inject a NaN)."""
     objective = run.objective
     latents = _latents(batch, run, generator) * objective.scaling_factor
-    hidden = _text_hidden(batch, run)
     noised = noised_batch(
         latents,
         generator,
@@ -43,7 +42,8 @@ def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> to
         min_snr_gamma=objective.min_snr_gamma,
     )
     dtype = run.models.weight_dtype
-    prediction = run.unet(noised.noisy.to(dtype), noised.timesteps, hidden.to(dtype)).sample
+    hidden, added = unet_conditioning(_text(batch, run), batch, device=run.accelerator.device, dtype=dtype)
+    prediction = run.unet(noised.noisy.to(dtype), noised.timesteps, hidden, added_cond_kwargs=added).sample
     return diffusion_loss(prediction, noised.target, noised.weights)
 
 
@@ -58,14 +58,16 @@ def _latents(batch: dict[str, Any], run: Run, generator: torch.Generator) -> tor
         return vae.encode(pixels).latent_dist.sample(generator=generator).float()
 
 
-def _text_hidden(batch: dict[str, Any], run: Run) -> torch.Tensor:
+def _text(batch: dict[str, Any], run: Run) -> dict[str, torch.Tensor]:
+    """The batch's cached text embeddings, or its captions encoded now (with gradients into the text
+    encoders' LoRA layers when they train)."""
     if "text" in batch:
-        return batch["text"]["hidden"].to(run.accelerator.device)
-    tokenizer = run.models.pipe.tokenizer
+        return batch["text"]
+    encode = caption_encoder(run.tokenizers, list(run.text_encoders.values()))
     if run.models.train_text_encoder:
-        return text_encode_fn(tokenizer, run.text_encoder)(batch["caption"])["hidden"]
+        return encode(batch["caption"])
     with torch.no_grad():
-        return text_encode_fn(tokenizer, run.models.pipe.text_encoder)(batch["caption"])["hidden"]
+        return encode(batch["caption"])
 
 
 def micro_seed(seed: int, micro_batch: int, process: int, stream: str) -> int:

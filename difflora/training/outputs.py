@@ -27,10 +27,11 @@ logger = logging.getLogger(__name__)
 def build_adapter(run: Run, *, step: int, finished: bool) -> Adapter:
     """The adapter as trained so far, with everything its header says about how it was made."""
     models, data = run.models, run.data
-    modules = {f"unet.{k}": v for k, v in extract_weights(models.pipe.unet, component="unet").items()}
-    if models.train_text_encoder:
-        te = extract_weights(models.pipe.text_encoder, component="text_encoder")
-        modules.update({f"text_encoder.{k}": v for k, v in te.items()})
+    modules = {
+        f"{component}.{name}": weights
+        for component, module in models.trained_components.items()
+        for name, weights in extract_weights(module, component=component).items()
+    }
     identity, scan = models.identity, data.scan
     facts = {
         "steps": step,
@@ -77,6 +78,7 @@ def render_samples(run: Run, step: int) -> bytes | None:
         width=samples.resolution,
         height=samples.resolution,
         autocast=run.accelerator.autocast(),
+        zero_terminal_snr=samples.zero_terminal_snr,
     )
     path = save_grid(grid, run.paths.samples / f"step-{step:06d}.png")
     if run.log is not None:

@@ -77,12 +77,15 @@ class Objective:
     min_snr_gamma: float
 
     @classmethod
-    def for_pipe(cls, pipe: Any, noise_offset: float, min_snr_gamma: float) -> Objective:
+    def for_pipe(
+        cls, pipe: Any, noise_offset: float, min_snr_gamma: float, *, zero_terminal_snr: bool = False
+    ) -> Objective:
         from diffusers import DDPMScheduler
 
         # Training always uses the DDPM forward process with the model's own betas, whatever sampler the
-        # pipeline ships with (Euler's add_noise works in sigma space).
-        ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+        # pipeline ships with (Euler's add_noise works in sigma space); diffusers rescales them for
+        # zero terminal SNR exactly as its samplers do with rescale_betas_zero_snr.
+        ddpm = DDPMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=zero_terminal_snr)
         return cls(
             alphas_cumprod=ddpm.alphas_cumprod.clone().float(),
             prediction_type=str(ddpm.config.prediction_type),
@@ -115,6 +118,7 @@ class SampleSettings:
     guidance: float
     scheduler: str
     resolution: int
+    zero_terminal_snr: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     unet: torch.nn.Module  # possibly DDP-wrapped
-    text_encoder: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]  # by component; the trained ones possibly DDP-wrapped
+    tokenizers: list[Any]  # in the text encoders' order
     objective: Objective
     loop: LoopSettings
     samples: SampleSettings
@@ -149,7 +154,8 @@ class Run:
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:
-        return [self.unet] + ([self.text_encoder] if self.models.train_text_encoder else [])
+        trained = [self.text_encoders[name] for name in self.models.text_encoder_modules]
+        return [self.unet, *trained]
 
     def last_checkpoint(self) -> Checkpoint | None:
         return latest_checkpoint(self.paths.checkpoints)

@@ -46,13 +46,15 @@ def render_sample_grid(
     width: int,
     height: int,
     autocast: Any,
+    zero_terminal_snr: bool = False,
 ) -> Image.Image:
     """One image per (prompt, seed), laid out prompts × seeds, labelled with the seed."""
     from difflora.generation.pipeline import image_grid, render
 
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [s for _ in prompts for s in seeds]
-    modules = [m for m in (pipe.unet, pipe.text_encoder) if m is not None]
+    names = ("unet", "text_encoder", "text_encoder_2")
+    modules = [module for module in (getattr(pipe, name, None) for name in names) if module is not None]
     modes = [m.training for m in modules]
     for module in modules:
         module.eval()
@@ -67,6 +69,7 @@ def render_sample_grid(
                 scheduler=scheduler,
                 width=width,
                 height=height,
+                zero_terminal_snr=zero_terminal_snr,
             )
     finally:
         for module, mode in zip(modules, modes, strict=True):

@@ -21,6 +21,7 @@ from difflora.adapter.inject import add_lora
 from difflora.errors import ConfigError
 from difflora.models.identity import ModelIdentity, model_identity
 from difflora.models.loading import load_pipeline
+from difflora.training.text import TEXT_ENCODERS
 
 logger = logging.getLogger(__name__)
 
@@ -29,21 +30,41 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class Models:
-    pipe: Any  # the diffusers pipeline; its unet / text_encoder carry the LoRA layers being trained
+    pipe: Any  # the diffusers pipeline; its unet / text encoders carry the LoRA layers being trained
     identity: ModelIdentity
     unet_modules: list[str]  # live names of the adapted UNet modules
-    text_encoder_modules: list[str]
-    train_text_encoder: bool
+    text_encoder_modules: dict[str, list[str]]  # per trained text encoder: its adapted modules
     weight_dtype: torch.dtype
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """The pipeline's text encoders: ("text_encoder",), or both for SDXL."""
+        return tuple(name for name in TEXT_ENCODERS if getattr(self.pipe, name, None) is not None)
+
+    @property
+    def sdxl(self) -> bool:
+        return "text_encoder_2" in self.text_encoder_names
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return bool(self.text_encoder_modules)
+
+    @property
+    def trained_components(self) -> dict[str, nn.Module]:
+        """The UNet and each trained text encoder, by component name."""
+        found = {"unet": self.pipe.unet}
+        found.update({name: getattr(self.pipe, name) for name in self.text_encoder_modules})
+        return found
 
     @property
     def trainable(self) -> dict[str, nn.Parameter]:
         """LoRA parameters by "<component>.<parameter name>" (the checkpoint keys)."""
-        found = {f"unet.{n}": p for n, p in self.pipe.unet.named_parameters() if p.requires_grad}
-        if self.train_text_encoder:
-            encoder = self.pipe.text_encoder
-            found.update({f"text_encoder.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
-        return found
+        return {
+            f"{component}.{name}": parameter
+            for component, module in self.trained_components.items()
+            for name, parameter in module.named_parameters()
+            if parameter.requires_grad
+        }
 
 
 def load_models(
@@ -60,49 +81,39 @@ def load_models(
     gradient_checkpointing: bool,
     seed: int,
 ) -> Models:
-    pipe = load_pipeline(model_ref)
-    identity = model_identity(pipe)  # before LoRA: the adapter records the pristine base
-    if getattr(pipe, "text_encoder_2", None) is not None or identity.family == "sdxl":
-        raise ConfigError(
-            "--model: training SDXL (two text encoders) is not supported yet; use an SD1/SD2-style model."
-        )
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    torch.manual_seed(seed)
-    unet_modules = add_lora(
-        pipe.unet,
-        component="unet",
-        rank=rank,
-        alpha=alpha,
-        targets=unet_targets(identity.family),
-        dropout=dropout,
-    )
-    text_modules: list[str] = []
-    if train_text_encoder:
-        text_modules = add_lora(
-            pipe.text_encoder,
-            component="text_encoder",
-            rank=rank,
-            alpha=alpha,
-            targets=text_encoder_targets,
-            dropout=dropout,
-        )
     weight_dtype = DTYPES[mixed_precision]
-    _place(pipe, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
+    # Loaded in the dtype the frozen weights train in: a full-size model never exists twice in memory.
+    pipe = load_pipeline(model_ref, dtype=weight_dtype)
+    identity = model_identity(pipe)  # before LoRA: the adapter records the pristine base
+    encoders = [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
+    pipe.vae.requires_grad_(False)
+    for name in encoders:
+        getattr(pipe, name).requires_grad_(False)
+    torch.manual_seed(seed)
+    lora = {"rank": rank, "alpha": alpha, "dropout": dropout}
+    unet_modules = add_lora(pipe.unet, component="unet", targets=unet_targets(identity.family), **lora)
+    text_modules = {
+        name: add_lora(getattr(pipe, name), component=name, targets=text_encoder_targets, **lora)
+        for name in (encoders if train_text_encoder else [])
+    }
+    _place(pipe, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
+    pipe.unet.train()
+    for name in encoders:
+        getattr(pipe, name).train(name in text_modules)
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        if train_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable()
-    pipe.unet.train()
-    pipe.text_encoder.train(train_text_encoder)
-    return Models(pipe, identity, unet_modules, text_modules, train_text_encoder, weight_dtype)
+        for name in text_modules:
+            getattr(pipe, name).gradient_checkpointing_enable()
+    return Models(pipe, identity, unet_modules, text_modules, weight_dtype)
 
 
-def _place(pipe: Any, device: torch.device, dtype: torch.dtype, *, vae_fp32: bool) -> None:
+def _place(
+    pipe: Any, encoders: Sequence[str], device: torch.device, dtype: torch.dtype, *, vae_fp32: bool
+) -> None:
     """Frozen weights in the mixed-precision dtype, trainable LoRA weights in float32 (as diffusers'
     `cast_training_params` does): optimizer updates to half-precision weights would round away. The VAE stays
-    float32 under fp16, where SD VAEs overflow to NaN (kohya's `--no_half_vae`)."""
-    for module in (pipe.unet, pipe.text_encoder):
+    float32 under fp16, where SD and SDXL VAEs overflow to NaN (kohya's `--no_half_vae`)."""
+    for module in (pipe.unet, *(getattr(pipe, name) for name in encoders)):
         module.to(device=device, dtype=dtype)
         for parameter in module.parameters():
             if parameter.requires_grad:

@@ -50,6 +50,7 @@ from difflora.training.setup import (
     make_optimizer,
     release_vae_encoder,
 )
+from difflora.training.text import pipeline_text_encoders
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -206,8 +207,10 @@ def _assemble(
     )
     warmup = config.lr_warmup_steps if config.lr_warmup_steps is not None else round(0.05 * total)
     scheduler = make_lr_scheduler(optimizer, kind=config.lr_scheduler, warmup=warmup, total=total)
-    modules = [models.pipe.unet] + ([models.pipe.text_encoder] if config.train_text_encoder else [])
-    prepared = accelerator.prepare(*modules, optimizer)
+    components = models.trained_components
+    *modules, optimizer_prepared = accelerator.prepare(*components.values(), optimizer)
+    prepared = dict(zip(components, modules, strict=True))
+    tokenizers, encoders = pipeline_text_encoders(models.pipe)
     learning_rate = groups[0]["initial_lr"]  # "lr" already holds the warm-up's first value
     facts = _static_facts(config, accelerator, resolution, optimizer_name, warmup, groups)
     return Run(
@@ -215,11 +218,12 @@ def _assemble(
         models=models,
         data=data,
         paths=paths,
-        optimizer=prepared[-1],
+        optimizer=optimizer_prepared,
         scheduler=scheduler,
-        unet=prepared[0],
-        text_encoder=prepared[1] if config.train_text_encoder else models.pipe.text_encoder,
-        objective=Objective.for_pipe(models.pipe, config.noise_offset, config.min_snr_gamma),
+        unet=prepared["unet"],
+        text_encoders={name: prepared.get(name, encoder) for name, encoder in encoders.items()},
+        tokenizers=tokenizers,
+        objective=_objective(config, models),
         loop=_loop_settings(config, total),
         samples=_sample_settings(config, data, resolution),
         record=RunRecord(
@@ -233,18 +237,34 @@ def _assemble(
 
 
 def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any]]:
+    """One optimizer group per trained component, each at its own learning rate (UNet first)."""
     family = models.identity.family
     trainable = models.trainable
-    groups = [
+    rates = {"unet": config.effective_learning_rate(family)}
+    rates.update(
+        {name: config.effective_text_encoder_lr(family, name) for name in models.text_encoder_modules}
+    )
+    return [
         {
-            "params": [p for k, p in trainable.items() if k.startswith("unet.")],
-            "lr": config.effective_learning_rate(family),
+            "params": [p for k, p in trainable.items() if k.startswith(component + ".")],
+            "lr": lr,
+            "name": component,
         }
+        for component, lr in rates.items()
     ]
-    if config.train_text_encoder:
-        te_params = [p for k, p in trainable.items() if k.startswith("text_encoder.")]
-        groups.append({"params": te_params, "lr": config.effective_text_encoder_lr(family)})
-    return groups
+
+
+def _objective(config: TrainConfig, models: Models) -> Objective:
+    objective = Objective.for_pipe(
+        models.pipe, config.noise_offset, config.min_snr_gamma, zero_terminal_snr=config.zero_terminal_snr
+    )
+    if config.zero_terminal_snr and objective.prediction_type == "epsilon":
+        raise ConfigError(
+            "--zero-terminal-snr needs a v-prediction model: at zero signal an epsilon-prediction model has "
+            f"nothing to predict, and {models.identity.name} predicts epsilon. Use an SD 2.x 768-v base, "
+            "or train without --zero-terminal-snr."
+        )
+    return objective
 
 
 def _loop_settings(config: TrainConfig, total: int) -> LoopSettings:
@@ -271,6 +291,7 @@ def _sample_settings(config: TrainConfig, data: TrainingData, resolution: int) -
         guidance=config.sample_guidance,
         scheduler=config.sample_scheduler,
         resolution=resolution,
+        zero_terminal_snr=config.zero_terminal_snr,
     )
 
 
@@ -285,7 +306,9 @@ def _static_facts(
     """The training facts every checkpoint's adapter records (`difflora.train.*` header keys)."""
     return {
         "learning_rate": groups[0]["initial_lr"],
-        "text_encoder_lr": groups[1]["initial_lr"] if len(groups) > 1 else 0.0,
+        "text_encoder_lr": 0.0,  # when it is not trained; then one rate per trained text encoder
+        **{f"{group['name']}_lr": group["initial_lr"] for group in groups[1:]},
+        "zero_terminal_snr": config.zero_terminal_snr,
         "seed": config.seed,
         "batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation,
         "resolution": resolution,
@@ -324,7 +347,9 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
     alpha_note = " (= rank)" if config.alpha is None else ""
     resolution_note = " (the model's native size)" if config.resolution is None else ""
     warmup_note = " (5% of the steps)" if config.lr_warmup_steps is None else ""
-    te = f", text encoder lr {facts['text_encoder_lr']:g}" if config.train_text_encoder else ""
+    te = "".join(
+        f", {name.replace('_', ' ')} lr {facts[name + '_lr']:g}" for name in models.text_encoder_modules
+    )
     lr_note = f" (default for a {identity.family} model)" if config.learning_rate is None else ""
     world = run.accelerator.num_processes
     lines = [
@@ -337,7 +362,10 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         f"{len(models.unet_modules)} modules"
         + f" ({', '.join(config.effective_unet_targets(identity.family))}"
         + (f"; default for a {identity.family} model)" if config.unet_targets is None else ")")
-        + (f", text encoder {len(models.text_encoder_modules)} modules" if config.train_text_encoder else ""),
+        + "".join(
+            f", {name.replace('_', ' ')} {len(found)} modules"
+            for name, found in models.text_encoder_modules.items()
+        ),
         f"  batch       {config.batch_size} per process x {world} process(es) x accumulation "
         f"{config.gradient_accumulation} = {config.batch_size * world * config.gradient_accumulation} images per step",
         f"  length      {plan.max_steps} steps, {plan.epochs} epoch(s) of {plan.steps_per_epoch} steps ({plan.rule})",
@@ -354,12 +382,5 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         lines.append(f"  resuming    at step {run.start_step}")
     for note in data.notes:
         lines.append(f"  note        {note}")
-    report = format_parameter_report(parameter_report(_components(models)))
+    report = format_parameter_report(parameter_report(models.trained_components))
     return "\n".join(lines) + "\n" + report
-
-
-def _components(models: Models) -> dict[str, torch.nn.Module]:
-    found = {"unet": models.pipe.unet}
-    if models.train_text_encoder:
-        found["text_encoder"] = models.pipe.text_encoder
-    return found
