@@ -248,3 +248,24 @@ def test_text_encoder_lora_has_its_own_learning_rate(workspace, tmp_path):
     assert all(float(w.up.abs().max()) == 0 for w in text.values())
     assert any(float(w.up.abs().max()) > 0 for w in adapter.component_modules("unet").values())
     assert "accumulation 2 = 8 images per step" in (tmp_path / "stripes.run" / "plan.txt").read_text()
+
+
+def test_the_users_thread_count_is_respected_and_the_plan_says_why(workspace, tmp_path, monkeypatch):
+    import difflora.training.setup as setup
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the thread probe ran although OMP_NUM_THREADS was set")
+
+    monkeypatch.setattr(setup, "choose_threads", no_probe)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what torch does at start-up with OMP_NUM_THREADS=1
+    try:
+        trainer.train(
+            _config(workspace, tmp_path, num_threads=None, max_steps=1, save_every=0), progress=False
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    plan = (tmp_path / "stripes.run" / "plan.txt").read_text()
+    assert "torch threads: 1 (OMP_NUM_THREADS=1" in plan

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -114,11 +115,20 @@ def _place(
     `cast_training_params` does): optimizer updates to half-precision weights would round away. The VAE stays
     float32 under fp16, where SD and SDXL VAEs overflow to NaN (kohya's `--no_half_vae`)."""
     for module in (pipe.unet, *(getattr(pipe, name) for name in encoders)):
-        module.to(device=device, dtype=dtype)
+        _move(module, device, dtype)
         for parameter in module.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
-    pipe.vae.to(device=device, dtype=torch.float32 if vae_fp32 else dtype)
+    _move(pipe.vae, device, torch.float32 if vae_fp32 else dtype)
+
+
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """`module.to(device)`, casting only when a frozen weight is not in `dtype` yet. The pipeline is loaded
+    in the training dtype, so normally nothing is cast, and diffusers' `to(dtype=...)` warning about
+    modules to keep in float32 (printed even when there are none) never reaches the user."""
+    module.to(device=device)
+    if any(p.dtype != dtype for p in module.parameters() if not p.requires_grad):
+        module.to(dtype=dtype)
 
 
 def release_vae_encoder(pipe: Any) -> None:
@@ -220,3 +230,36 @@ def choose_threads(
             best = threads
     torch.set_num_threads(best)
     return best, timings
+
+
+def set_threads(
+    threads: int | None, accelerator: Any, pipe: Any, batch: int, resolution: int
+) -> tuple[str, bool]:
+    """Choose the CPU thread count: --num-threads, else the user's OMP_NUM_THREADS / MKL_NUM_THREADS or
+    torch.set_num_threads, else a short probe. Returns the plan's note and whether the user chose."""
+    if accelerator.device.type != "cpu":
+        return "", False
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return f"torch threads: {threads} (--num-threads)", True
+    share = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
+    chosen = _threads_chosen_by_user(share)
+    if chosen:
+        return f"torch threads: {torch.get_num_threads()} ({chosen}; --num-threads overrides)", True
+    if share == 1:
+        torch.set_num_threads(1)
+        return "torch threads: 1 (one core per process)", False
+    best, timings = choose_threads(pipe, candidates=(share, 1), batch=batch, resolution=resolution)
+    measured = ", ".join(f"{n}: {t * 1000:.0f} ms" for n, t in timings.items())
+    return f"torch threads: {best} (measured a UNet forward with {measured}; --num-threads chooses)", False
+
+
+def _threads_chosen_by_user(share: int) -> str:
+    """What set the thread count, when the user did: an environment variable torch reads at start-up, or
+    torch.set_num_threads below this process's share of the cores (torch never starts below it unasked)."""
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(variable, "").strip():
+            return f"{variable}={os.environ[variable].strip()}"
+    if torch.get_num_threads() < share:
+        return "torch.set_num_threads"
+    return ""

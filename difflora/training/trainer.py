@@ -44,11 +44,11 @@ from difflora.training.run import (
 from difflora.training.samples import default_prompts
 from difflora.training.setup import (
     Models,
-    choose_threads,
     load_models,
     make_lr_scheduler,
     make_optimizer,
     release_vae_encoder,
+    set_threads,
 )
 from difflora.training.text import pipeline_text_encoders
 
@@ -92,13 +92,17 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
     )
     geometry = pipeline_geometry(models.pipe)
     resolution = config.resolution or geometry.resolution
-    _set_threads(config.num_threads, accelerator, models.pipe, config.batch_size, resolution)
+    threads_note, threads_chosen = set_threads(
+        config.num_threads, accelerator, models.pipe, config.batch_size, resolution
+    )
     settings = DataSettings.from_config(
         config, resolution=resolution, bucket_step=geometry.step, world_size=accelerator.num_processes
     )
     data = _prepare_data(config, accelerator, models, settings, Tokens.of(geometry), paths.cache)
     run = _assemble(config, accelerator, models, data, paths, resolution)
-    run.start_step = restore_or_start(run, resume=config.resume, keep_thread_count=config.num_threads is None)
+    if threads_note:
+        data.notes.append(threads_note)
+    run.start_step = restore_or_start(run, resume=config.resume, keep_thread_count=not threads_chosen)
     if accelerator.is_main_process:
         plan_text = describe_plan(config, run)
         logger.info("%s", plan_text)
@@ -135,23 +139,6 @@ def _forget_previous_accelerator() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _set_threads(
-    threads: int | None, accelerator: Accelerator, pipe: Any, batch: int, resolution: int
-) -> None:
-    if accelerator.device.type != "cpu":
-        return
-    if threads is not None:
-        torch.set_num_threads(threads)
-        return
-    share = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
-    if share == 1:
-        torch.set_num_threads(1)
-        return
-    best, timings = choose_threads(pipe, candidates=(share, 1), batch=batch, resolution=resolution)
-    measured = ", ".join(f"{n}: {t * 1000:.0f} ms" for n, t in timings.items())
-    logger.info("torch threads: %d (UNet forward with %s; set --num-threads to choose)", best, measured)
 
 
 def _prepare_data(
