@@ -12,6 +12,7 @@ from difflora.data.buckets import make_buckets, render_pixels
 from difflora.data.cache import LatentCache, TextEmbeddingCache, text_cache_allowed, vae_encoder
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.scan import load_image, scan_folder
+from difflora.errors import DatasetError
 from tests.conftest import tiny_vae
 from tests.fixtures_images import make_simple_folder, noise_rgb
 
@@ -97,6 +98,24 @@ def test_unreadable_entry_is_recomputed_not_fatal(tmp_path, vae):
     again = cache.build(requests, encode, model_identity="m", scaling_factor=1.0)
     assert (again.computed, encode.items) == (1, 5)
     assert cache.load(build.keys[0]).mean.shape == (4, 16, 16)  # tiny VAE: factor 2
+
+
+def test_a_bit_flipped_entry_is_reported_recomputed_and_never_trained_on(tmp_path, vae, caplog):
+    _, _, requests, _ = _setup(tmp_path)
+    cache = LatentCache(tmp_path / "cache")
+    encode = Counting(vae_encoder(vae))
+    build = cache.build(requests, encode, model_identity="m", scaling_factor=1.0)
+    path = cache.store.path_for(build.keys[1])
+    good = cache.load(build.keys[1]).mean.clone()
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # one bit of one float in the tensor data: the header and the size stay valid
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="damaged during the run"):
+        cache.load(build.keys[1])  # a run that already checked its cache refuses to train on it
+    again = cache.build(requests, encode, model_identity="m", scaling_factor=1.0)
+    assert (again.computed, encode.items) == (1, 5)  # found by its checksum, only it recomputed
+    assert path.name in caplog.text and "damaged" in caplog.text
+    assert torch.allclose(cache.load(build.keys[1]).mean, good, atol=1e-5)  # the same image again
 
 
 def test_dataset_from_cached_latents_and_text_embeddings(tmp_path, vae):

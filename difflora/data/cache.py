@@ -4,8 +4,9 @@ Each entry is one safetensors file named by a sha256 key over everything that ch
 entries invalidate themselves: the image's content hash (not its path: renaming keeps the cache, editing
 the pixels does not), the bucket, the resize and crop window, the flip, the model identity string (pass
 one that covers the VAE / text-encoder weights, e.g. ``ModelIdentity.base_hash``), the VAE scaling factor
-and this module's format version. Files are written atomically (temp file + ``os.replace``) and an
-unreadable entry is recomputed, so an interrupted run never leaves a cache that breaks the next one.
+and this module's format version. Files are written atomically (temp file + ``os.replace``) and carry a
+checksum of their tensors: an unreadable, truncated or bit-flipped entry is reported and recomputed, so
+an interrupted run or a bad disk never leaves a cache that breaks the next one or is trained on.
 
 Latents: the cache stores the VAE posterior's ``mean`` and ``std`` (float32, before the scaling factor),
 not one sample. Training then draws ``mean + std * noise`` each step (``LatentMoments.sample``), exactly
@@ -22,6 +23,7 @@ Whole-caption dropout is fine (the "" embedding is cached too); tag shuffling or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,11 +39,13 @@ from safetensors.torch import load_file, save_file
 from difflora.data.buckets import CropPlan, render_pixels
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.images import load_image
+from difflora.errors import DatasetError
 from difflora.hashing import sha256_json
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: every entry carries a checksum of its tensors
+CHECKSUM_KEY = "difflora.checksum"
 
 VaeEncode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # pixels [B,3,H,W] -> (mean, std)
 TextEncode = Callable[[list[str]], dict[str, torch.Tensor]]  # captions -> batch-first tensors by name
@@ -108,7 +112,9 @@ def latent_key(request: LatentRequest, *, model_identity: str, scaling_factor: f
 
 
 class _SafetensorsStore:
-    """Key -> one safetensors file under ``directory/<kind>/<key[:2]>/``; atomic writes."""
+    """Key -> one safetensors file under ``directory/<kind>/<key[:2]>/``; atomic writes, and a checksum of
+    the tensors in each entry's header, so a truncated or bit-flipped entry is found and recomputed instead
+    of being trained on (safetensors itself checks only the header and the file size)."""
 
     def __init__(self, directory: Path, kind: str) -> None:
         self.directory = Path(directory) / kind
@@ -117,30 +123,66 @@ class _SafetensorsStore:
         return self.directory / key[:2] / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
+        """Whether a sound entry exists; a damaged one is reported and will be recomputed."""
         path = self.path_for(key)
         if not path.is_file():
             return False
-        try:  # a truncated or foreign file fails here (header or size mismatch): recompute it
-            with safe_open(str(path), framework="pt") as handle:
-                return bool(list(handle.keys()))
-        except Exception as exc:
-            logger.warning("cache entry %s is unreadable (%s); recomputing it", path, exc)
+        try:
+            self._load_checked(path)
+        except Exception as exc:  # safetensors raises its own error type for a bad header or size
+            logger.warning("cache entry %s is damaged (%s); recomputing it", path, exc)
             return False
+        return True
 
     def write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        metadata = {**metadata, CHECKSUM_KEY: tensors_checksum(tensors)}
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
         os.close(handle)
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata)
+            save_file(tensors, temporary, metadata)
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
 
     def read(self, key: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path_for(key)))
+        """The entry's tensors; raises DatasetError when it was damaged after the run checked it."""
+        path = self.path_for(key)
+        try:
+            return self._load_checked(path)
+        except Exception as exc:
+            raise DatasetError(
+                f"cache entry {path} was damaged during the run ({exc}); nothing was trained on it. Run "
+                "the same command again (with --resume to continue): difflora recomputes damaged entries."
+            ) from None
+
+    @staticmethod
+    def _load_checked(path: Path) -> dict[str, torch.Tensor]:
+        with safe_open(str(path), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get(CHECKSUM_KEY)
+        tensors = load_file(str(path))
+        if expected is None:
+            raise CorruptCacheEntry("no checksum in its header")
+        if tensors_checksum(tensors) != expected:
+            raise CorruptCacheEntry("its tensors do not match the checksum written with them")
+        return tensors
+
+
+class CorruptCacheEntry(Exception):
+    """A cache entry whose tensors are not the ones written (internal: recomputed, or a DatasetError)."""
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _batched(items: Sequence, size: int) -> Iterable[Sequence]:
