@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from difflora.errors import AdapterFormatError
+from difflora.errors import AdapterFormatError, DiffloraError
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -41,7 +41,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     if not path.is_file():
         raise AdapterFormatError(f"Adapter file not found: {path}")
     data = path.read_bytes()
-    header = _parse_header(path, data)
+    header = _check_header(path, data, len(data), AdapterFormatError)
     try:
         tensors = load_safetensors_bytes(data)
     except Exception as error:  # safetensors raises its own error type for every kind of damage
@@ -51,29 +51,47 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return tensors, dict(header.get("__metadata__") or {})
 
 
-def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
-    if len(data) < 8:
-        raise AdapterFormatError(f"{path} is not a safetensors file: it is only {len(data)} bytes long.")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > _MAX_HEADER_BYTES or not data[8:9] == b"{":
-        raise AdapterFormatError(
-            f"{path} is not a safetensors file (no safetensors header). LoRA files must be .safetensors; "
-            "convert pickled .ckpt/.pt/.bin files, or pass --allow-pickle if you trust their source."
+def read_safetensors_header(
+    path: str | os.PathLike, *, error: type[DiffloraError] = AdapterFormatError
+) -> dict[str, Any]:
+    """The header alone ({name: {"dtype", "shape", "data_offsets"}}, metadata under "__metadata__"), read
+    without touching the tensors: a 7 GB checkpoint's architecture is decided from its names and shapes.
+    The same checks as `read_safetensors` (not safetensors, truncated), raised as `error`."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"File not found: {path}")
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        head = prefix + handle.read(min(length, _MAX_HEADER_BYTES))
+    return _check_header(path, head, path.stat().st_size, error)
+
+
+def _check_header(path: Path, head: bytes, file_size: int, error: type[DiffloraError]) -> dict[str, Any]:
+    """Parse the header from `head` (the file's first bytes, at least the header when it is whole), checking
+    it against the file's real size."""
+    if file_size < 8:
+        raise error(f"{path} is not a safetensors file: it is only {file_size} bytes long.")
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > _MAX_HEADER_BYTES or not head[8:9] == b"{":
+        raise error(
+            f"{path} is not a safetensors file (no safetensors header). Convert pickled .ckpt/.pt/.bin files "
+            "to .safetensors, or pass --allow-pickle if you trust their source."
         )
-    if len(data) < 8 + length:
-        raise AdapterFormatError(
-            f"{path} is truncated: its header announces {length} bytes but the file ends after {len(data) - 8}. "
+    if file_size < 8 + length:
+        raise error(
+            f"{path} is truncated: its header announces {length} bytes but the file ends after {file_size - 8}. "
             "The download or copy was interrupted; fetch or export the file again."
         )
     try:
-        header = json.loads(data[8 : 8 + length])
+        header = json.loads(head[8 : 8 + length])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFormatError(f"{path} is not a safetensors file (its header is not JSON).") from None
+        raise error(f"{path} is not a safetensors file (its header is not JSON).") from None
     ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
-    if ends and len(data) < 8 + length + max(ends):
-        raise AdapterFormatError(
+    if ends and file_size < 8 + length + max(ends):
+        raise error(
             f"{path} is truncated: its tensors need {max(ends)} bytes of data but only "
-            f"{len(data) - 8 - length} are present. Fetch or export the file again."
+            f"{file_size - 8 - length} are present. Fetch or export the file again."
         )
     return header
 

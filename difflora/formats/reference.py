@@ -1,5 +1,6 @@
 """Reference architectures: the real SD1.5, SD2.1 and SDXL UNet and text-encoder configurations (public
-configs, typed into `architectures/*.json`), instantiated on the meta device. They give every module name and
+configs, shipped in `difflora/models/architectures/<base>/<component>/config.json`, the same folders that load
+single-file checkpoints offline), instantiated on the meta device. They give every module name and
 shape of those models without a single weight being allocated, so name tables, golden key lists and
 compatibility verdicts are computed from the actual module trees, never from hand-written name lists.
 
@@ -18,10 +19,9 @@ import torch
 from torch import nn
 
 from difflora.errors import ModelError
+from difflora.models.architecture import config_folder
 from difflora.models.identity import KNOWN_FAMILIES
 
-ARCHITECTURE_DIR = Path(__file__).parent / "architectures"
-_FILE_STEM = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 _COMPONENTS = {
     "sd1": ("unet", "text_encoder"),
     "sd2": ("unet", "text_encoder"),
@@ -66,8 +66,8 @@ def load_config(family: str, component: str) -> dict[str, Any]:
     """The component's configuration, without bookkeeping keys (those starting with '_')."""
     if family == "tiny":
         path = _embedded_config(component)
-    elif family in _FILE_STEM and component in _COMPONENTS[family]:
-        path = ARCHITECTURE_DIR / f"{_FILE_STEM[family]}_{component}.json"
+    elif family in KNOWN_FAMILIES and component in _COMPONENTS[family]:
+        path = config_folder(family) / component / "config.json"
     else:
         path = None
     if path is None or not path.is_file():

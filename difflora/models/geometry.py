@@ -1,20 +1,23 @@
 """A model's data geometry (native resolution, bucket step, tokenizer) read from its config files only.
 
-`difflora check` plans buckets the way training will without loading any weights; a model it cannot read
-this way (a single file, a hub id) falls back to SD1's geometry, and says so.
+`difflora check` plans buckets the way training will without loading any weights. A single-file checkpoint
+is read through its detected architecture's shipped configs; a model that cannot be read this way (a hub
+id, a refused file) falls back to SD1's geometry, and says so.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from difflora.data.buckets import bucket_step
 from difflora.data.captions import TokenCounter, clip_token_counter
+from difflora.models.architecture import detect_architecture
 from difflora.models.loading import resolve_model
+from difflora.models.single_file import base_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +33,14 @@ class ModelGeometry:
     note: str | None  # why a fallback was used
 
 
-def model_geometry(model: str | None) -> ModelGeometry:
+def model_geometry(model: str | None, *, prediction_type: str | None = None) -> ModelGeometry:
     """Native resolution, bucket step and token counter from a local model's config files and tokenizer."""
     try:
         from transformers import AutoTokenizer
 
         source = resolve_model(model)
+        if source.kind == "single_file":
+            return _single_file_geometry(Path(source.location), prediction_type)
         if source.kind not in ("embedded", "folder"):
             raise ValueError(f"{source.kind} models are not read by check")
         folder = Path(source.location)
@@ -49,6 +54,15 @@ def model_geometry(model: str | None) -> ModelGeometry:
         )
         return ModelGeometry(None, FALLBACK_STEP, None, FALLBACK_TOKENS, note)
     return geometry_from_configs(unet, vae, tokenizer)
+
+
+def _single_file_geometry(path: Path, prediction_type: str | None) -> ModelGeometry:
+    architecture = detect_architecture(path, prediction_type=prediction_type)
+    folder = architecture.config_dir
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    geometry = geometry_from_configs(unet, vae, base_tokenizers(architecture)["tokenizer"])
+    return replace(geometry, resolution=architecture.resolution)  # an SD 2.x 512-px base uses 2.1's configs
 
 
 def pipeline_geometry(pipe: Any) -> ModelGeometry:

@@ -12,10 +12,11 @@ from typing import Any, Literal, get_args
 
 from difflora.adapter.types import COMPONENTS
 from difflora.hashing import sha256_json, weights_fingerprint
+from difflora.models.architecture import KnownFamily
 from difflora.models.loading import ModelSource
 
-# The full-size families whose module trees difflora knows (kohya names, consumers' key rules).
-KnownFamily = Literal["sd1", "sd2", "sdxl"]
+# The full-size families whose module trees difflora knows (kohya names, consumers' key rules) are
+# `KnownFamily`, decided by `difflora.models.architecture`.
 Family = Literal[KnownFamily, "tiny", "custom"]
 KNOWN_FAMILIES: tuple[str, ...] = get_args(KnownFamily)
 

@@ -1,7 +1,8 @@
 """Resolve `--model` and load a Stable Diffusion model, offline first.
 
 `--model` may be omitted (the embedded tiny model shipped inside the package), a local diffusers folder,
-a single-file `.safetensors` checkpoint, or a hub id (only where there is a network). Whatever was given,
+a single-file `.safetensors` checkpoint of SD 1.x, SD 2.x or SDXL base (loaded with no network: see
+`difflora.models.single_file`), or a hub id (only where there is a network). Whatever was given,
 callers get a diffusers pipeline and a `ModelIdentity`: the architecture family and a hash that tells two
 bases apart, which adapters record so that applying one to another base is caught with a clear message.
 """
@@ -19,6 +20,8 @@ import torch
 
 from difflora.embedded import EMBEDDED_MODEL_DIR
 from difflora.errors import ModelError
+from difflora.models.architecture import check_prediction_type, folder_architecture
+from difflora.models.single_file import load_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +76,39 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
+    prediction_type: str | None = None,
 ) -> Any:
-    """Load a text-to-image pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline)."""
+    """Load a text-to-image pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline).
+
+    `prediction_type` ("epsilon" or "v_prediction") overrides what the model's scheduler config says, or,
+    for a single file, what its architecture implies (SD 2.x defaults to SD 2.1's v-prediction at 768 px;
+    pass "epsilon" for a 512-px SD 2.x base)."""
     source = resolve_model(ref)
-    pipe = _load(source, dtype=dtype, allow_pickle=allow_pickle)
+    pipe = _load(source, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     pipe._difflora_source = source  # read by model_identity(); diffusers pipelines accept attributes
     return pipe.to(device)
 
 
-def _load(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+def _load(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool, prediction_type: str | None) -> Any:
+    check_prediction_type(prediction_type)
     _quiet_loading()
     with warnings.catch_warnings():
         # diffusers >= 0.36 renamed torch_dtype to dtype and warns on the old name; older releases, which
         # pyproject still allows, know only torch_dtype. The warning says nothing the user can act on.
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        return _load_pipeline(source, dtype=dtype, allow_pickle=allow_pickle)
+        if source.kind == "single_file":
+            return load_single_file(
+                Path(source.location), dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type
+            )
+        if source.kind == "folder":
+            folder_architecture(Path(source.location), prediction_type=prediction_type)  # refuses SD3, ...
+        pipe = _load_pipeline(source, dtype=dtype)
+    if prediction_type is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=prediction_type
+        )
+    return pipe
 
 
 def _quiet_loading() -> None:
@@ -103,7 +123,7 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _load_pipeline(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+def _load_pipeline(source: ModelSource, *, dtype: torch.dtype) -> Any:
     from diffusers import DiffusionPipeline
 
     common: dict[str, Any] = {"torch_dtype": dtype}
@@ -114,8 +134,6 @@ def _load_pipeline(source: ModelSource, *, dtype: torch.dtype, allow_pickle: boo
             )
         except (OSError, ValueError) as error:
             raise ModelError(f"Could not load the diffusers model in {source.location}: {error}") from None
-    if source.kind == "single_file":
-        return _load_single_file(Path(source.location), dtype=dtype, allow_pickle=allow_pickle)
     try:
         return DiffusionPipeline.from_pretrained(source.location, **common)
     except OSError as error:
@@ -123,28 +141,4 @@ def _load_pipeline(source: ModelSource, *, dtype: torch.dtype, allow_pickle: boo
             f"Could not load {source.location!r} from the model hub: {error}\nThere may be no network here. "
             "Download the model elsewhere and pass its local diffusers folder or .safetensors file with "
             "--model, or omit --model to use the embedded tiny model."
-        ) from None
-
-
-def _load_single_file(path: Path, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from safetensors import safe_open
-
-    if path.suffix.lower() != ".safetensors" and not allow_pickle:
-        raise ModelError(
-            f"{path.name} is a pickled checkpoint, which can run arbitrary code when loaded. Convert it to "
-            ".safetensors, or pass --allow-pickle if you trust its source."
-        )
-    is_sdxl = False
-    if path.suffix.lower() == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            is_sdxl = any(key.startswith("conditioner.embedders.1") for key in handle.keys())  # noqa: SIM118
-    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    try:
-        return pipeline_class.from_single_file(str(path), torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise ModelError(
-            f"Could not load the single-file checkpoint {path}: {error}\nLoading a single file needs its "
-            "diffusers configuration, fetched from the hub on first use; without a network, convert the "
-            "checkpoint to a diffusers folder where you have one and pass that folder."
         ) from None

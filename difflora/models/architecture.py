@@ -1,0 +1,324 @@
+"""Which Stable Diffusion base a model is, decided from its weights' names and shapes (a single file's
+safetensors header: nothing is loaded) or from a diffusers folder's configs.
+
+Supported: SD 1.x (CLIP ViT-L text encoder, cross-attention context 768), SD 2.x (OpenCLIP ViT-H, 1024) and
+SDXL base (CLIP ViT-L + OpenCLIP ViT-bigG, 2048, with size/crop conditioning). Anything else (SD3, Flux, an
+SDXL refiner, an inpainting or other non-4-channel UNet, a LoRA passed as a model) is refused, naming the
+keys that decided and what is supported.
+
+An SD 2.x file looks the same whether it was trained for v-prediction at 768 px (2.0-v, 2.1) or for epsilon at
+512 px (2.0-base, 2.1-base); the default is the former, as for SD 2.1, and `prediction_type="epsilon"` picks
+the latter. A file that says what it predicts is believed: a `v_pred` marker key (the convention ComfyUI
+reads) or kohya's `modelspec.prediction_type` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from difflora.errors import ModelError, first_n
+from difflora.safe_io import read_safetensors_header
+
+KnownFamily = Literal["sd1", "sd2", "sdxl"]
+PredictionType = Literal["epsilon", "v_prediction"]
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
+_CONFIG_FOLDERS: dict[str, str] = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
+SUPPORTED = "SD 1.x, SD 2.x (512 px epsilon or 768 px v-prediction) and SDXL base"
+
+UNET = "model.diffusion_model."
+CONV_IN = UNET + "input_blocks.0.0.weight"
+LABEL_EMB = UNET + "label_emb.0.0.weight"  # SDXL's size/crop conditioning (ldm `adm`)
+VAE_KEY = "first_stage_model.encoder.conv_in.weight"
+# Text-encoder prefixes of the original layouts: the HF CLIP wrapped by ldm/sgm, and OpenCLIP's own names.
+ENCODERS = {
+    "CLIP ViT-L (cond_stage_model.transformer)": "cond_stage_model.transformer.",
+    "OpenCLIP ViT-H (cond_stage_model.model)": "cond_stage_model.model.",
+    "CLIP ViT-L (conditioner.embedders.0.transformer)": "conditioner.embedders.0.transformer.",
+    "OpenCLIP ViT-bigG (conditioner.embedders.1.model)": "conditioner.embedders.1.model.",
+}
+# family -> (cross-attention context, text encoders, size/crop conditioning): the facts that decide.
+_SIGNATURES: dict[str, tuple[int, tuple[str, ...], bool]] = {
+    "sd1": (768, ("cond_stage_model.transformer.",), False),
+    "sd2": (1024, ("cond_stage_model.model.",), False),
+    "sdxl": (2048, ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."), True),
+}
+# Families that are not UNets, recognised by their block names (with or without the ldm prefix).
+_FOREIGN = {
+    "joint_blocks.": "Stable Diffusion 3 / 3.5 (an MMDiT transformer, not a UNet)",
+    "double_blocks.": "Flux (a transformer, not a UNet)",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A supported base: its family, what its UNet predicts, its native resolution, and the shipped
+    diffusers config folder that builds it offline from a single file."""
+
+    name: KnownFamily
+    prediction_type: PredictionType
+    resolution: int
+
+    @property
+    def config_dir(self) -> Path:
+        return config_folder(self.name)
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return "StableDiffusionXLPipeline" if self.name == "sdxl" else "StableDiffusionPipeline"
+
+    @property
+    def label(self) -> str:
+        """ "SD 1.x", "SD 2.x (v-prediction, 768 px)", "SDXL base": what messages and reports show."""
+        if self.name == "sd2":
+            return f"SD 2.x ({self.prediction_type.replace('_', '-')}, {self.resolution} px)"
+        base = "SD 1.x" if self.name == "sd1" else "SDXL base"
+        return base + (" (v-prediction)" if self.prediction_type == "v_prediction" else "")
+
+
+def config_folder(name: str) -> Path:
+    """The shipped diffusers config folder (no weights) of family `name`."""
+    if name not in _CONFIG_FOLDERS:
+        raise ModelError(
+            f"No shipped configuration for {name!r}: known bases are {', '.join(_CONFIG_FOLDERS)}."
+        )
+    return ARCHITECTURES_DIR / _CONFIG_FOLDERS[name]
+
+
+def check_prediction_type(prediction_type: str | None) -> None:
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ModelError(
+            f"Unknown prediction type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}."
+        )
+
+
+def make_architecture(name: KnownFamily, prediction_type: str | None = None) -> Architecture:
+    """The architecture of family `name`; SD 2.x's resolution follows its prediction type (768 px for
+    v-prediction as SD 2.1, 512 px for epsilon as SD 2.1-base)."""
+    check_prediction_type(prediction_type)
+    chosen = prediction_type or ("v_prediction" if name == "sd2" else "epsilon")
+    if name == "sd2":
+        resolution = 768 if chosen == "v_prediction" else 512
+    else:
+        resolution = 1024 if name == "sdxl" else 512
+    return Architecture(name, chosen, resolution)  # type: ignore[arg-type]
+
+
+def detect_architecture(
+    path: str | Path, *, prediction_type: str | None = None, allow_pickle: bool = False
+) -> Architecture:
+    """The architecture of a single-file checkpoint (from its keys and shapes) or of a diffusers folder (from
+    its configs). Raises ModelError for anything that is not one of the supported bases."""
+    path = Path(path)
+    if path.is_dir():
+        found = folder_architecture(path, prediction_type=prediction_type)
+        if found is None:
+            raise ModelError(
+                f"{path} is a diffusers Stable Diffusion model of a custom architecture (its UNet matches none "
+                f"of {SUPPORTED}). difflora can train on it, but it is not one of the known bases."
+            )
+        return found
+    shapes, metadata = checkpoint_shapes(path, allow_pickle=allow_pickle)
+    family = classify_checkpoint(shapes, source=str(path))
+    return make_architecture(family, prediction_type or _declared_prediction(shapes, metadata))
+
+
+def checkpoint_shapes(
+    path: Path, *, allow_pickle: bool = False
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Every tensor name of a checkpoint with its shape, and its metadata, without reading any weights."""
+    if path.suffix.lower() == ".safetensors":
+        header = read_safetensors_header(path, error=ModelError)
+        metadata = dict(header.pop("__metadata__", None) or {})
+        return {key: tuple(info["shape"]) for key, info in header.items()}, metadata
+    if not allow_pickle:
+        raise ModelError(
+            f"{path.name} is a pickled checkpoint, which can run arbitrary code when loaded. Convert it to "
+            ".safetensors, or pass --allow-pickle if you trust its source."
+        )
+    import torch
+
+    # weights_only refuses code; the meta device gives shapes without reading the tensors' bytes.
+    state: Any = torch.load(path, map_location="meta", weights_only=True)
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} does not hold a state dict of tensors.")
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def _declared_prediction(shapes: Mapping[str, Any], metadata: Mapping[str, str]) -> str | None:
+    if "v_pred" in shapes:
+        return "v_prediction"
+    declared = metadata.get("modelspec.prediction_type", "").strip().lower()
+    return {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon"}.get(declared)
+
+
+def classify_checkpoint(
+    shapes: Mapping[str, tuple[int, ...]], *, source: str = "the checkpoint"
+) -> KnownFamily:
+    """The family of an original-layout (ldm/sgm) checkpoint from its tensor names and shapes."""
+    _refuse_other_kinds(shapes, source)
+    if CONV_IN not in shapes:
+        raise ModelError(
+            f"{source} is not a Stable Diffusion checkpoint difflora recognises: it has no {CONV_IN} "
+            f"(keys start with {_top_prefixes(shapes)}). Supported: {SUPPORTED}, as single files in the "
+            "original layout or as diffusers folders."
+        )
+    _refuse_unusual_unet(shapes, source)
+    context_key = next((k for k in shapes if k.startswith(UNET) and k.endswith(".attn2.to_k.weight")), None)
+    context = shapes[context_key][-1] if context_key else None
+    encoders = [prefix for prefix in ENCODERS.values() if any(k.startswith(prefix) for k in shapes)]
+    conditioned = LABEL_EMB in shapes
+    for family, (want_context, want_encoders, want_conditioning) in _SIGNATURES.items():
+        if (
+            context == want_context
+            and set(want_encoders) <= set(encoders)
+            and conditioned == want_conditioning
+        ):
+            _require_vae(shapes, source)
+            return family  # type: ignore[return-value]
+    names = [label for label, prefix in ENCODERS.items() if prefix in encoders] or ["none"]
+    hint = " A UNet-only file cannot be loaded: use the full checkpoint." if names == ["none"] else ""
+    raise ModelError(
+        f"{source} matches none of {SUPPORTED}. What decided: cross-attention context "
+        f"{context if context else 'not found'}"
+        f"{f' ({context_key})' if context_key else ''}; text encoders: {', '.join(names)}; size/crop "
+        f"conditioning ({LABEL_EMB}): {'present' if conditioned else 'absent'}. SD 1.x has context 768 and "
+        "cond_stage_model.transformer; SD 2.x 1024 and cond_stage_model.model; SDXL base 2048, "
+        f"conditioner.embedders.0 and .1, and label_emb.{hint}"
+    )
+
+
+def _refuse_other_kinds(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Files that are not SD UNet checkpoints at all: other families, a LoRA, an SDXL refiner."""
+    for block, family in _FOREIGN.items():
+        key = next((k for k in shapes if k.startswith((block, UNET + block))), None)
+        if key is not None:
+            raise ModelError(f"{source} is {family} ({key}). difflora supports {SUPPORTED}.")
+    if "edm_mean" in shapes:
+        raise ModelError(
+            f"{source} is Playground v2.5 (an EDM-trained SDXL: edm_mean). difflora supports {SUPPORTED}."
+        )
+    lora = next((k for k in shapes if k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k), None)
+    if lora is not None:
+        raise ModelError(
+            f"{source} is a LoRA adapter ({lora}), not a base model. Pass a base checkpoint with --model and "
+            "the adapter with --adapters."
+        )
+    refiner = "conditioner.embedders.0.model."
+    if any(k.startswith(refiner) for k in shapes) and not any(
+        k.startswith("conditioner.embedders.1.") for k in shapes
+    ):
+        raise ModelError(
+            f"{source} is an SDXL refiner (its only text encoder, OpenCLIP ViT-bigG, is {refiner}*). The "
+            f"refiner only polishes SDXL base images; train on the SDXL base. difflora supports {SUPPORTED}."
+        )
+
+
+def _refuse_unusual_unet(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    channels_out, channels_in = shapes[CONV_IN][:2]
+    if channels_in == 9:
+        raise ModelError(
+            f"{source} is an inpainting UNet ({CONV_IN} takes 9 channels: latents, mask and masked image). "
+            f"difflora trains text-to-image bases: {SUPPORTED}, whose UNet takes 4 channels."
+        )
+    if channels_in != 4:
+        raise ModelError(
+            f"{source} has a UNet taking {channels_in} input channels ({CONV_IN}; instruct-pix2pix takes 8, "
+            f"the x4 upscaler 7). difflora trains text-to-image bases: {SUPPORTED}, whose UNet takes 4."
+        )
+    if channels_out != 320:
+        raise ModelError(
+            f"{source} has a UNet {channels_out} channels wide ({CONV_IN}), where SD 1.x, 2.x and SDXL have "
+            "320: it is a non-standard (distilled or custom) architecture. Convert it to a diffusers folder "
+            "and pass that folder."
+        )
+
+
+def _require_vae(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    if VAE_KEY not in shapes:
+        raise ModelError(
+            f"{source} has no VAE ({VAE_KEY} is missing). Use a checkpoint with its VAE included, or convert "
+            "it to a diffusers folder with a VAE and pass that folder."
+        )
+
+
+def _top_prefixes(shapes: Mapping[str, Any], limit: int = 5) -> str:
+    prefixes = sorted({key.split(".")[0] for key in shapes})
+    return first_n([f"{p}." for p in prefixes], limit) if prefixes else "nothing: the file is empty"
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def folder_architecture(folder: Path, *, prediction_type: str | None = None) -> Architecture | None:
+    """The architecture of a diffusers folder from its configs, None for a custom SD-style architecture
+    (the embedded tiny model, a test model). Folders that are no SD text-to-image model are refused."""
+    index = _read_json(folder / "model_index.json")
+    pipeline = str(index.get("_class_name", "unknown"))
+    unet_path = folder / "unet" / "config.json"
+    if not unet_path.is_file():
+        raise ModelError(
+            f"{folder} holds a {pipeline}, which has no UNet (SD3, Flux and other transformer models are not "
+            f"supported). difflora supports {SUPPORTED}."
+        )
+    unet = _read_json(unet_path)
+    if unet.get("in_channels", 4) != 4:
+        raise ModelError(
+            f"{folder} has a UNet taking {unet['in_channels']} input channels (an inpainting or image-"
+            f"conditioned model, {pipeline}). difflora trains text-to-image bases: {SUPPORTED}."
+        )
+    if "Img2Img" in pipeline and index.get("text_encoder", [None])[0] is None:
+        raise ModelError(f"{folder} is an SDXL refiner ({pipeline}). Train on the SDXL base instead.")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    predicts = prediction_type or scheduler.get("prediction_type", "epsilon")
+    if predicts not in PREDICTION_TYPES:
+        raise ModelError(
+            f"{folder}'s scheduler predicts {predicts!r}; difflora trains epsilon and v_prediction models. "
+            "If the scheduler config is wrong, give the right prediction type."
+        )
+    return architecture_from_configs(unet, _read_json(folder / "vae" / "config.json"), predicts)
+
+
+def pipeline_architecture(pipe: Any) -> Architecture | None:
+    """The architecture of a loaded pipeline, from its components' configs (None for a custom one)."""
+    predicts = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return architecture_from_configs(dict(pipe.unet.config), dict(pipe.vae.config), predicts)
+
+
+def architecture_from_configs(
+    unet: Mapping[str, Any], vae: Mapping[str, Any], prediction_type: str
+) -> Architecture | None:
+    """The family follows from the UNet config; the native size from the configs themselves (UNet sample
+    size × VAE factor: an SD 2.x base folder says 512 px where a single file cannot)."""
+    family = _family_from_unet_config(unet)
+    if family is None:
+        return None
+    found = make_architecture(family, prediction_type)
+    size = unet.get("sample_size", 0)
+    native = (size if isinstance(size, int) else size[0]) * 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    return Architecture(found.name, found.prediction_type, native or found.resolution)
+
+
+def _family_from_unet_config(unet: Mapping[str, Any]) -> KnownFamily | None:
+    channels = tuple(unet.get("block_out_channels", ()))
+    context = unet.get("cross_attention_dim")
+    if unet.get("addition_embed_type") == "text_time":
+        return "sdxl" if channels == (320, 640, 1280) and context == 2048 else None
+    if channels == (320, 640, 1280, 1280):
+        return {768: "sd1", 1024: "sd2"}.get(context)  # type: ignore[return-value]
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing: the diffusers folder is incomplete.") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path} cannot be read ({error}): the diffusers folder is damaged.") from None
