@@ -269,3 +269,13 @@ def test_the_users_thread_count_is_respected_and_the_plan_says_why(workspace, tm
         torch.set_num_threads(threads)
     plan = (tmp_path / "stripes.run" / "plan.txt").read_text()
     assert "torch threads: 1 (OMP_NUM_THREADS=1" in plan
+
+
+def test_prediction_type_override_trains_the_v_objective(workspace, tmp_path):
+    path = trainer.train(
+        _config(workspace, tmp_path, prediction_type="v_prediction", max_steps=1, save_every=0),
+        progress=False,
+    )
+    meta = load_adapter(path).meta
+    assert meta.prediction_type == "v_prediction"  # the base as trained: what generate must sample with
+    assert "v_prediction" in (tmp_path / "stripes.run" / "plan.txt").read_text()

@@ -20,6 +20,7 @@ from difflora.config.train import TrainConfig
 # The TrainConfig knobs that change what check reports; the others only matter once training runs.
 CHECKED_FIELDS = (
     "model",
+    "prediction_type",
     "resolution",
     "trigger",
     "caption_extension",
@@ -45,7 +46,7 @@ def check_command(folder: Path, config_file: Path | None, **flags: Any) -> None:
 
     flags["data_dir"] = str(folder)
     config = config_from_flags(TrainConfig, flags, config_file=config_file, section="train")
-    geometry = model_geometry(config.model)
+    geometry = model_geometry(config.model, prediction_type=config.prediction_type)
     resolution = config.resolution or geometry.resolution or FALLBACK_RESOLUTION
     settings = DataSettings.from_config(config, resolution=resolution, bucket_step=geometry.step)
     report = check_dataset(settings, Tokens.of(geometry))

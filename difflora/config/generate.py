@@ -7,6 +7,7 @@ its help. Validation collects every problem into one ConfigError naming the flag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from difflora.composition.spec import AdapterWeight, parse_adapter_weights, parse_sweep
 from difflora.config import Problems
@@ -26,6 +27,8 @@ class GenerateConfig:
     """Extra folders searched for adapters by name (./adapters, where `difflora train` writes, always is)."""
     model: str | None = None
     """Base model: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the embedded model."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """What the base's UNet predicts (as for `difflora train`). Default: the model's own."""
     negative_prompt: str = ""
     """What the image should not show (used with guidance > 1)."""
     steps: int = 20

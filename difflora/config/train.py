@@ -19,6 +19,7 @@ from difflora.generation.schedulers import SCHEDULER_NAMES
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["auto", "adamw", "adamw8bit"]
+PredictionChoice = Literal["epsilon", "v_prediction"]
 
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 # Measured on the embedded model's sample subject (a new shape): 1e-3 barely moved it, 4e-3 did.
@@ -56,6 +57,10 @@ class TrainConfig:
     # ---------------------------------------------------------------- model and LoRA
     model: str | None = None
     """Base model: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the embedded tiny model."""
+    prediction_type: PredictionChoice | None = None
+    """What the base's UNet predicts: epsilon or v_prediction. Default: the model's own (its scheduler
+    config, or for a single file the v_pred key / ModelSpec metadata, else v-prediction for SD 2.x).
+    Pass epsilon for an SD 2.x 512-px base checkpoint."""
     rank: int = 8
     """LoRA rank (inner dimension of each adapter)."""
     alpha: float | None = None

@@ -51,7 +51,9 @@ def generate(config: GenerateConfig, *, pipe: Any = None, progress: Progress | N
     if pipe is None:
         from difflora.models.loading import load_pipeline
 
-        pipe = load_pipeline(config.model, device=config.device or _default_device())
+        pipe = load_pipeline(
+            config.model, device=config.device or _default_device(), prediction_type=config.prediction_type
+        )
     seed = config.seed if config.seed is not None else random.randrange(2**31)
     mode = "fused" if config.fuse else "dynamic"
     specs = _with_sweep_adapters(config.adapter_weights, config.sweeps)

@@ -81,10 +81,11 @@ def load_models(
     train_text_encoder: bool,
     gradient_checkpointing: bool,
     seed: int,
+    prediction_type: str | None = None,
 ) -> Models:
     weight_dtype = DTYPES[mixed_precision]
     # Loaded in the dtype the frozen weights train in: a full-size model never exists twice in memory.
-    pipe = load_pipeline(model_ref, dtype=weight_dtype)
+    pipe = load_pipeline(model_ref, dtype=weight_dtype, prediction_type=prediction_type)
     identity = model_identity(pipe)  # before LoRA: the adapter records the pristine base
     encoders = [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
     pipe.vae.requires_grad_(False)

@@ -25,6 +25,7 @@ from difflora.config.train import TrainConfig
 from difflora.data.cache import text_cache_allowed
 from difflora.data.captions import CaptionAugmentation
 from difflora.errors import ConfigError
+from difflora.models.architecture import pipeline_architecture
 from difflora.models.geometry import pipeline_geometry
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
@@ -89,6 +90,7 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
         train_text_encoder=config.train_text_encoder,
         gradient_checkpointing=config.gradient_checkpointing,
         seed=config.seed,
+        prediction_type=config.prediction_type,
     )
     geometry = pipeline_geometry(models.pipe)
     resolution = config.resolution or geometry.resolution
@@ -343,7 +345,7 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         "Training plan",
         f"  data        {config.data_dir}: {plan.images} images, {plan.examples_per_epoch} per epoch with repeats",
         f"  buckets     {buckets}",
-        f"  model       {identity.name} ({identity.architecture}, {identity.prediction_type}), "
+        f"  model       {identity.name} ({_label(models)}, {identity.architecture}, {identity.prediction_type}), "
         f"{run.samples.resolution} px{resolution_note}",
         f"  LoRA        rank {config.rank}, alpha {config.effective_alpha:g}{alpha_note}; UNet "
         f"{len(models.unet_modules)} modules"
@@ -371,3 +373,11 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         lines.append(f"  note        {note}")
     report = format_parameter_report(parameter_report(models.trained_components))
     return "\n".join(lines) + "\n" + report
+
+
+def _label(models: Models) -> str:
+    """The base as users name it ("SDXL base", "SD 2.x (v-prediction, 768 px)"), or "custom"."""
+    architecture = pipeline_architecture(models.pipe)
+    if architecture is not None:
+        return architecture.label
+    return "embedded tiny model" if models.identity.family == "tiny" else "custom architecture"
