@@ -61,12 +61,17 @@ def test_the_unet_gets_pooled_text_and_the_size_and_crop_of_each_image(workspace
     forward = UNet2DConditionModel.forward
 
     def recording(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
-        if self.training:  # the training step, not a sample render
+        if torch.is_grad_enabled():  # the training step, not the thread probe or a sample render
             seen.append({k: v.detach().clone() for k, v in kwargs["added_cond_kwargs"].items()})
         return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
-    train(_config(workspace, tmp_path, flip=False), progress=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:  # no --num-threads: the thread probe times SDXL's UNet too, with its added conditioning
+        train(_config(workspace, tmp_path, flip=False, num_threads=None), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     # By hand, at resolution 16 with the tiny model's bucket step 4: the 60x24 image (aspect 2.5) trains in
     # the 24x8 bucket (aspect 3 is the closest); scaled by 0.4 to cover it, 24x9.6 rounds to 24x10, and
     # the centred window starts 1 px from the top. The 24x60 image is its mirror: bucket 8x24, resized 10x24,

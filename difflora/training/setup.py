@@ -199,6 +199,22 @@ def make_lr_scheduler(
 # ------------------------------------------------------------------------------------ CPU threads
 
 
+def _probe_added_conditioning(
+    unet: Any, batch: int, resolution: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor] | None:
+    """SDXL's UNet also takes the pooled text embedding and the six size/crop time ids."""
+    config = unet.config
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    pooled = int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+    return {
+        "text_embeds": torch.randn(batch, pooled, dtype=dtype),
+        "time_ids": torch.tensor(
+            [[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype
+        ),
+    }
+
+
 def choose_threads(
     pipe: Any, *, candidates: Sequence[int], batch: int, resolution: int
 ) -> tuple[int, dict[int, float]]:
@@ -212,15 +228,16 @@ def choose_threads(
     tokens = int(pipe.tokenizer.model_max_length)
     hidden = torch.randn(batch, tokens, int(unet.config.cross_attention_dim), dtype=parameter.dtype)
     timesteps = torch.full((batch,), 500, dtype=torch.long)
+    added = _probe_added_conditioning(unet, batch, resolution, parameter.dtype)
     timings: dict[int, float] = {}
     with torch.no_grad():
         for threads in candidates:
             torch.set_num_threads(threads)
-            unet(latents, timesteps, hidden)  # warm-up: allocations, kernel selection
+            unet(latents, timesteps, hidden, added_cond_kwargs=added)  # warm-up: allocations, kernels
             runs = []
             for _ in range(2):
                 began = time.perf_counter()
-                unet(latents, timesteps, hidden)
+                unet(latents, timesteps, hidden, added_cond_kwargs=added)
                 runs.append(time.perf_counter() - began)
             timings[threads] = min(runs)
     # Keep the most threads unless fewer are clearly faster (x1.5): a coin-flip between near-equal timings
