@@ -126,3 +126,20 @@ def test_a_file_with_a_damaged_pair_is_refused_on_import(tmp_path):
         assert "swapped" in str(error)
     else:
         raise AssertionError("a file with lora_up/lora_down of mismatched rank must be refused")
+
+
+def test_locon_convolutions_export_in_kohya_names_every_consumer_loads():
+    """--conv-rank adapts the ResNets' 3x3 convs: exported as lora_unet_..._conv1/_conv2 (SGM's in_layers_2 /
+    out_layers_3 for SDXL), every key loaded by ComfyUI's, A1111's and diffusers' rules."""
+
+    def resnet_conv(path: str) -> bool:
+        return ".resnets." in path and path.endswith((".conv1", ".conv2"))
+
+    # kohya's SDXL UNet is the SGM one: its ResNet convs are in_layers.2 and out_layers.3
+    names = {"sd1": ("_conv1", "_conv2"), "sdxl": ("_in_layers_2", "_out_layers_3")}
+    for family, suffixes in names.items():
+        adapter = synthetic_adapter(family, rank=2, select=lambda p: resnet_conv(p) or p.endswith(".to_q"))
+        tensors, metadata = to_kohya(adapter)
+        convs = [k for k in tensors if k.endswith(tuple(f"{s}.lora_down.weight" for s in suffixes))]
+        assert convs and all(tensors[k].shape[2:] == (3, 3) for k in convs), family
+        assert all(v.complete for v in verdicts(list(tensors), metadata, family)), family

@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from difflora.adapter.names import adaptable_modules, classic_name, live_name
-from difflora.adapter.targets import default_targets
+from difflora.adapter.targets import CONV_TARGETS, default_targets
 from difflora.adapter.types import LoraWeights
 from difflora.errors import TargetNotFoundError
 
@@ -62,12 +62,20 @@ def add_lora(
     targets: Sequence[str] | None = None,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
     adapter_name: str = DEFAULT_ADAPTER,
 ) -> list[str]:
     """Inject trainable LoRA layers (A: kaiming-uniform, B: zeros) into `model` in place and freeze the rest.
-    Returns the live names of the adapted modules."""
+    `conv_rank` also adapts the ResNet 3x3 convolutions (LoCon), at their own rank and alpha (default: the
+    conv rank). `use_rslora` scales updates by alpha/sqrt(rank). Returns the live names of the adapted
+    modules."""
     targets = tuple(targets) if targets else default_targets(component)
+    conv = CONV_TARGETS if conv_rank else ()
+    targets = (*targets, *(t for t in conv if t not in targets))
     matched = resolve_targets(model, targets, component=component)
+    # peft matches pattern keys as module-name suffixes: "conv1" is every ResNet's conv1.
+    conv_alpha = float(conv_alpha if conv_alpha is not None else conv_rank or 0)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -75,6 +83,8 @@ def add_lora(
         target_modules=list(targets),
         init_lora_weights=True,
         use_rslora=use_rslora,
+        rank_pattern=dict.fromkeys(conv, conv_rank),
+        alpha_pattern=dict.fromkeys(conv, conv_alpha),
     )
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)

@@ -5,6 +5,8 @@ A leaf (no torch): the configuration's defaults and the injection code read the 
 
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+# LoCon (--conv-rank): the UNet ResNets' 3x3 convolutions, kohya's lora_unet_..._conv1 / _conv2.
+CONV_TARGETS: tuple[str, ...] = ("conv1", "conv2")
 
 
 def default_targets(component: str) -> tuple[str, ...]:

@@ -67,6 +67,16 @@ class TrainConfig:
     """LoRA alpha; the update is scaled by alpha/rank. Default: equal to --rank (scale 1)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch's input during training."""
+    rslora: bool = False
+    """Rank-stabilised LoRA (Kalajdzievski 2023): scale updates by alpha/sqrt(rank) instead of alpha/rank,
+    so higher ranks keep learning. The file stores alpha·sqrt(rank), so every consumer applies the same update."""
+    loraplus_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024): train B at this many times A's learning rate (the paper uses 16); 1 is plain LoRA."""
+    conv_rank: int | None = None
+    """LoCon: also adapt the UNet ResNets' 3x3 convolutions, at this rank (kohya's --conv_dim). Default: off
+    (on the embedded tiny model its default targets already include them at --rank)."""
+    conv_alpha: float | None = None
+    """Alpha of the LoCon convolutions (kohya's --conv_alpha). Default: equal to --conv-rank."""
     unet_targets: tuple[str, ...] | None = None
     """UNet module names that get LoRA layers (suffixes of module paths). Default: the attention projections
     (to_q, to_k, to_v, to_out.0); on the embedded tiny model also its ResNet convs, proj_in/out and
@@ -193,6 +203,10 @@ class TrainConfig:
             value = getattr(self, name)
             p.check(value is None or value >= 0, name, f"must be 0 or more, got {value}")
         p.check(self.keep_tokens >= 0, "keep_tokens", f"must be 0 or more, got {self.keep_tokens}")
+        if self.conv_rank is not None:
+            p.check(self.conv_rank >= 1, "conv_rank", f"must be at least 1, got {self.conv_rank}")
+        elif self.conv_alpha is not None:
+            p.add("conv_alpha", "given without --conv-rank: add --conv-rank to adapt the convolutions")
         if self.max_steps is not None and self.epochs is not None:
             p.add("max_steps", "--max-steps and --epochs both given: choose one (the other is derived)")
         if self.resolution is not None and self.resolution % 8:
@@ -208,8 +222,10 @@ class TrainConfig:
         for name in ("text_encoder_lr", "text_encoder_2_lr"):
             value = getattr(self, name)
             p.check(value is None or value >= 0, name, "must be 0 or more")
-        if self.alpha is not None:
-            p.check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        for name in ("alpha", "conv_alpha"):
+            value = getattr(self, name)
+            p.check(value is None or value > 0, name, f"must be positive, got {value}")
+        p.check(self.loraplus_ratio > 0, "loraplus_ratio", f"must be positive, got {self.loraplus_ratio}")
         for name in ("lora_dropout", "caption_dropout", "tag_dropout"):
             value = getattr(self, name)
             p.check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")

@@ -82,6 +82,9 @@ def load_models(
     gradient_checkpointing: bool,
     seed: int,
     prediction_type: str | None = None,
+    rslora: bool = False,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
 ) -> Models:
     weight_dtype = DTYPES[mixed_precision]
     # Loaded in the dtype the frozen weights train in: a full-size model never exists twice in memory.
@@ -92,8 +95,11 @@ def load_models(
     for name in encoders:
         getattr(pipe, name).requires_grad_(False)
     torch.manual_seed(seed)
-    lora = {"rank": rank, "alpha": alpha, "dropout": dropout}
-    unet_modules = add_lora(pipe.unet, component="unet", targets=unet_targets(identity.family), **lora)
+    lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": rslora}
+    unet_targets_ = unet_targets(identity.family)
+    unet_modules = add_lora(
+        pipe.unet, component="unet", targets=unet_targets_, conv_rank=conv_rank, conv_alpha=conv_alpha, **lora
+    )
     text_modules = {
         name: add_lora(getattr(pipe, name), component=name, targets=text_encoder_targets, **lora)
         for name in (encoders if train_text_encoder else [])

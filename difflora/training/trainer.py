@@ -91,6 +91,9 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
         gradient_checkpointing=config.gradient_checkpointing,
         seed=config.seed,
         prediction_type=config.prediction_type,
+        rslora=config.rslora,
+        conv_rank=config.conv_rank,
+        conv_alpha=config.conv_alpha,
     )
     geometry = pipeline_geometry(models.pipe)
     resolution = config.resolution or geometry.resolution
@@ -226,21 +229,25 @@ def _assemble(
 
 
 def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any]]:
-    """One optimizer group per trained component, each at its own learning rate (UNet first)."""
+    """One optimizer group per trained component at its own learning rate (UNet first); with LoRA+ each
+    component's B matrices get a group of their own at ratio x the rate. Our own split rather than peft's
+    create_loraplus_optimizer, which builds the optimizer itself: difflora chooses the optimizer
+    (fused AdamW, 8-bit) and gives every component its rate."""
     family = models.identity.family
     trainable = models.trainable
     rates = {"unet": config.effective_learning_rate(family)}
     rates.update(
         {name: config.effective_text_encoder_lr(family, name) for name in models.text_encoder_modules}
     )
-    return [
-        {
-            "params": [p for k, p in trainable.items() if k.startswith(component + ".")],
-            "lr": lr,
-            "name": component,
-        }
-        for component, lr in rates.items()
-    ]
+    groups = []
+    for component, lr in rates.items():
+        params = {k: p for k, p in trainable.items() if k.startswith(component + ".")}
+        plain = [p for k, p in params.items() if config.loraplus_ratio == 1 or ".lora_B." not in k]
+        groups.append({"params": plain, "lr": lr, "name": component})
+        if config.loraplus_ratio != 1:
+            b = [p for k, p in params.items() if ".lora_B." in k]
+            groups.append({"params": b, "lr": lr * config.loraplus_ratio, "name": f"{component}_lora_B"})
+    return groups
 
 
 def _objective(config: TrainConfig, models: Models) -> Objective:
@@ -296,7 +303,9 @@ def _static_facts(
     return {
         "learning_rate": groups[0]["initial_lr"],
         "text_encoder_lr": 0.0,  # when it is not trained; then one rate per trained text encoder
-        **{f"{group['name']}_lr": group["initial_lr"] for group in groups[1:]},
+        **{f"{g['name']}_lr": g["initial_lr"] for g in groups[1:] if not g["name"].endswith("lora_B")},
+        "loraplus_ratio": config.loraplus_ratio,
+        "rslora": config.rslora,
         "zero_terminal_snr": config.zero_terminal_snr,
         "seed": config.seed,
         "batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation,
@@ -367,6 +376,9 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         else "  samples     off",
         f"  output      {run.paths.adapter}",
     ]
+    variants = _variants(config)
+    if variants:
+        lines.insert(5, f"  variants    {variants}")
     if run.start_step:
         lines.append(f"  resuming    at step {run.start_step}")
     for note in data.notes:
@@ -381,3 +393,16 @@ def _label(models: Models) -> str:
     if architecture is not None:
         return architecture.label
     return "embedded tiny model" if models.identity.family == "tiny" else "custom architecture"
+
+
+def _variants(config: TrainConfig) -> str:
+    """The LoRA variants chosen, as the plan names them (empty for plain LoRA)."""
+    chosen = []
+    if config.rslora:
+        chosen.append(f"rsLoRA (scale alpha/sqrt(rank) = {config.effective_alpha / config.rank**0.5:g})")
+    if config.conv_rank:
+        alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
+        chosen.append(f"LoCon (ResNet 3x3 convs at rank {config.conv_rank}, alpha {alpha:g})")
+    if config.loraplus_ratio != 1:
+        chosen.append(f"LoRA+ (B at {config.loraplus_ratio:g}x the learning rate)")
+    return "; ".join(chosen)
