@@ -279,3 +279,34 @@ def test_prediction_type_override_trains_the_v_objective(workspace, tmp_path):
     meta = load_adapter(path).meta
     assert meta.prediction_type == "v_prediction"  # the base as trained: what generate must sample with
     assert "v_prediction" in (tmp_path / "stripes.run" / "plan.txt").read_text()
+
+
+def test_gradient_norms_are_logged_per_layer(workspace, tmp_path):
+    trainer.train(_config(workspace, tmp_path, max_steps=3, save_every=0, grad_log_every=1), progress=False)
+    run_dir = tmp_path / "stripes.run"
+    with open(run_dir / "gradients.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    layers = {row["layer"] for row in rows}
+    assert {int(row["step"]) for row in rows} == {1, 2, 3} and len(rows) == 3 * len(layers)
+    assert all(
+        layer.startswith("unet.") and layer.endswith(("to_q", "to_k", "to_v", "to_out.0")) for layer in layers
+    )
+    first = [row for row in rows if row["step"] == "1"]
+    # B starts at zero: on the first step A gets no gradient at all, while every B does
+    assert all(float(row["grad_norm_a"]) == 0.0 and float(row["grad_norm_b"]) > 0 for row in first)
+    later = [row for row in rows if row["step"] == "3"]
+    assert all(float(row["grad_norm_a"]) > 0 for row in later)
+    assert Image.open(run_dir / "gradients.png").size[1] == 4 * len(layers)
+
+
+def test_layers_whose_gradients_vanish_or_explode_are_named(tmp_path):
+    from difflora.training.gradients import GradientMonitor
+
+    monitor = GradientMonitor({}, tmp_path, every=1, start_step=0)
+    for step in range(1, 21):
+        monitor.rows += [(step, f"unet.layer{i}", 1.0, 2.0) for i in range(8)]
+        monitor.rows += [(step, "unet.dead", 0.0, 1e-9), (step, "unet.wild", 400.0, 900.0)]
+    warnings = monitor.warnings(total_steps=20)
+    assert len(warnings) == 2
+    assert "vanishing" in warnings[0] and "unet.dead" in warnings[0] and "unet.layer" not in warnings[0]
+    assert "exploding" in warnings[1] and "unet.wild" in warnings[1]

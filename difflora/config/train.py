@@ -175,6 +175,9 @@ class TrainConfig:
     """Classifier-free guidance scale of the samples."""
     sample_scheduler: str = "euler"
     """Scheduler of the samples (the same names as `difflora generate --scheduler`)."""
+    grad_log_every: int = 10
+    """Record every LoRA layer's A and B gradient norms every N steps (gradients.csv, gradients.png,
+    TensorBoard) and warn about layers whose gradients vanish or explode; 0 turns it off."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each such step is skipped)."""
 
@@ -199,7 +202,7 @@ class TrainConfig:
         for name in ("max_steps", "epochs", "resolution", "num_threads"):
             value = getattr(self, name)
             p.check(value is None or value >= 1, name, f"must be at least 1, got {value}")
-        for name in ("save_every", "sample_every", "lr_warmup_steps"):
+        for name in ("save_every", "sample_every", "lr_warmup_steps", "grad_log_every"):
             value = getattr(self, name)
             p.check(value is None or value >= 0, name, f"must be 0 or more, got {value}")
         p.check(self.keep_tokens >= 0, "keep_tokens", f"must be 0 or more, got {self.keep_tokens}")
@@ -290,6 +293,7 @@ RESUMABLE_CHANGES = frozenset(
         "sample_guidance",
         "sample_scheduler",
         "max_bad_steps",
+        "grad_log_every",
         "num_threads",
         "cache_dir",
         "max_steps",

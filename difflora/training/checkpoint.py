@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from difflora.errors import DiffloraError
+from difflora.faults import fault_point
+from difflora.safe_io import disk_full_error, is_disk_full, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +142,8 @@ def save_checkpoint(
     keep: int | None = None,
 ) -> Checkpoint:
     """Write a checkpoint folder atomically, then delete all but the newest `keep` checkpoints.
-    `rng` maps a process name ("0", "1", ...) to that process's RNG state."""
+    `rng` maps a process name ("0", "1", ...) to that process's RNG state. A full disk raises
+    DiskFullError naming the checkpoint and its size; the checkpoints already written are untouched."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {
         f"param.{k}": v.detach().cpu().contiguous() for k, v in parameters.items()
@@ -147,31 +153,74 @@ def save_checkpoint(
         "step": step,
         "optimizer": split_state(optimizer, tensors, "optimizer"),
         "scheduler": split_state(scheduler, tensors, "scheduler"),
+        # the torch / numpy RNG states are tensors too: they land in state.safetensors, not the JSON
         "rng": split_state(rng, tensors, "rng"),
         "info": info,
     }
+    # state.json last: its presence marks the checkpoint complete (see list_checkpoints).
+    files = {"adapter.safetensors": adapter_bytes, **(extra_files or {})}
+    files["state.json"] = json.dumps(skeleton, indent=1).encode()
     final = directory / f"step-{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory))
     try:
-        save_file(tensors, str(staging / "state.safetensors"))
-        files = {"adapter.safetensors": adapter_bytes, **(extra_files or {})}
-        for name, payload in files.items():
-            (staging / name).write_bytes(payload)
-        # state.json last: its presence marks the checkpoint complete (see list_checkpoints).
-        (staging / "state.json").write_text(json.dumps(skeleton, indent=1))
-        for child in staging.iterdir():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():  # re-saving the same step (a resumed run reaching it again): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        staging = _write_staging(directory, final.name, tensors, files)
+    except BaseException as error:
+        if not is_disk_full(error):
+            raise
+        needed = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(map(len, files.values()))
+        last = latest_checkpoint(directory)
+        kept = (
+            f"the newest checkpoint, {last.path.name}, is intact"
+            if last
+            else "no partial checkpoint was left"
+        )
+        raise disk_full_error(final, needed, what=f"checkpoint {final}", kept=kept) from None
+    _move_into_place(staging, final)
+    if keep is not None:
+        for old in list_checkpoints(directory)[:-keep]:
+            remove_checkpoint(old.path)
+    return Checkpoint(final, step)
+
+
+def _write_staging(
+    directory: Path, name: str, tensors: dict[str, torch.Tensor], files: dict[str, bytes]
+) -> Path:
+    """The checkpoint's files, complete and on disk, in a temporary folder `.<name>.<random>.tmp` that no
+    reader takes for a checkpoint (list_checkpoints matches `step-NNNNNN` only); removed on failure."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=directory))
+    try:
+        # Serialised in memory (LoRA state is small) and written through os.write: a full disk is then an
+        # OSError with errno ENOSPC, where safetensors' save_file would raise its own error type.
+        write_file(staging / "state.safetensors", safetensors_bytes(tensors))
+        for file, payload in files.items():
+            write_file(staging / file, payload)
+        fault_point("checkpoint-write")  # complete under its temporary name, not yet renamed into place
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if keep is not None:
-        for old in list_checkpoints(directory)[:-keep]:
-            shutil.rmtree(old.path, ignore_errors=True)
-    return Checkpoint(final, step)
+    return staging
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename the staged folder to `final`. Re-saving an existing step (a resumed run reaching it again)
+    first moves the old folder aside under a temporary name, so `final` is never a half-deleted folder."""
+    if final.exists():
+        aside = final.with_name(f".{final.name}.{os.getpid()}.replaced.tmp")
+        os.replace(final, aside)
+        os.replace(staging, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder: renamed to a temporary name first (one atomic step), so a kill during
+    the deletion leaves a `.tmp` folder that nothing loads, never a `step-N` folder missing files."""
+    aside = path.with_name(f".{path.name}.{os.getpid()}.deleted.tmp")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @dataclass
@@ -185,15 +234,20 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(checkpoint: Checkpoint) -> LoadedCheckpoint:
-    skeleton = json.loads((checkpoint.path / "state.json").read_text())
-    if skeleton.get("format") != CHECKPOINT_FORMAT:
-        from difflora.errors import DiffloraError
-
+    try:
+        skeleton = json.loads((checkpoint.path / "state.json").read_text())
+        tensors = load_file(str(checkpoint.path / "state.safetensors"))
+    except Exception as error:  # json, OSError, or safetensors' own error type for a damaged file
+        raise DiffloraError(
+            f"checkpoint {checkpoint.path} is damaged ({error}); delete that folder to resume from the "
+            "checkpoint before it, or start a fresh run without --resume."
+        ) from None
+    if not isinstance(skeleton, dict) or skeleton.get("format") != CHECKPOINT_FORMAT:
+        found = skeleton.get("format") if isinstance(skeleton, dict) else None
         raise DiffloraError(
             f"{checkpoint.path} was written by an incompatible difflora (checkpoint format "
-            f"{skeleton.get('format')}, expected {CHECKPOINT_FORMAT}); start a fresh run without --resume."
+            f"{found}, expected {CHECKPOINT_FORMAT}); start a fresh run without --resume."
         )
-    tensors = load_file(str(checkpoint.path / "state.safetensors"))
     parameters = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     return LoadedCheckpoint(
         step=int(skeleton["step"]),
@@ -210,7 +264,9 @@ def clear_checkpoints(directory: Path) -> int:
     removed = 0
     if directory.is_dir():
         for child in directory.iterdir():
-            if child.is_dir() and (_STEP_DIR.match(child.name) or child.name.endswith(".tmp")):
-                shutil.rmtree(child, ignore_errors=True)
+            if child.is_dir() and _STEP_DIR.match(child.name):
+                remove_checkpoint(child)
                 removed += 1
+            elif child.is_dir() and child.name.endswith(".tmp"):
+                shutil.rmtree(child, ignore_errors=True)
     return removed

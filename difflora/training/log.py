@@ -94,6 +94,12 @@ class TrainLog:
         draw_loss_curve(self.points).save(buffer, format="PNG")
         return write_atomic(self.png_path, buffer.getvalue())
 
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Extra scalars for TensorBoard (when installed)."""
+        if self.tensorboard is not None:
+            for tag, value in values.items():
+                self.tensorboard.add_scalar(tag, value, step)
+
     def image(self, tag: str, image: Image.Image, step: int) -> None:
         if self.tensorboard is not None:
             import numpy as np

@@ -21,6 +21,7 @@ import torch
 
 from difflora.data.batches import derived_rng
 from difflora.errors import TrainingDivergedError
+from difflora.faults import fault_point
 from difflora.training.loss import diffusion_loss, noised_batch
 from difflora.training.outputs import render_samples, save_state
 from difflora.training.run import Run
@@ -81,7 +82,7 @@ def run_loop(run: Run) -> None:
     while step < settings.total_steps:
         began = time.perf_counter()
         epoch, losses, bad = _accumulate(run, stream, step)
-        bad = _update(run, bad)
+        bad = _update(run, bad, step + 1)
         run.scheduler.step()
         step += 1
         bad_streak = bad_streak + 1 if bad else 0
@@ -111,6 +112,7 @@ def _accumulate(run: Run, stream: Stream, step: int) -> tuple[int, list[float], 
             bad = bad or any_bad
             if not bad:
                 accelerator.backward(loss)
+        fault_point("step")  # mid-step: gradients computed, the optimizer not yet stepped
         losses.append(mean_loss)
     return epoch, losses, bad
 
@@ -139,10 +141,15 @@ def _reduce(accelerator: Any, loss: torch.Tensor) -> tuple[float, bool]:
     return (float("nan") if bad else float(flags[0]) / accelerator.num_processes), bad
 
 
-def _update(run: Run, bad: bool) -> bool:
+def _update(run: Run, bad: bool, step: int) -> bool:
     """Clip and step, unless the step is bad; returns whether it was (a non-finite gradient norm also is,
-    except under fp16 where the gradient scaler skips such steps itself)."""
+    except under fp16 where the gradient scaler skips such steps itself). The gradient monitor sees the
+    accumulated gradients before clipping."""
     settings = run.loop
+    if not bad and run.gradients is not None:
+        totals = run.gradients.record(step)
+        if totals is not None and run.log is not None:
+            run.log.scalars({"grad_norm/lora_A": totals[0], "grad_norm/lora_B": totals[1]}, step)
     if not bad and settings.max_grad_norm > 0:
         norm = run.accelerator.clip_grad_norm_(run.models.trainable.values(), settings.max_grad_norm)
         if not settings.fp16 and not torch.isfinite(torch.as_tensor(norm)).item():

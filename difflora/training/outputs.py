@@ -16,7 +16,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from difflora.adapter.inject import extract_weights
 from difflora.adapter.types import Adapter, AdapterMeta
-from difflora.formats.native import adapter_state_dict, header_metadata, save_adapter
+from difflora.formats.native import adapter_state_dict, header_metadata
+from difflora.safe_io import write_atomic
 from difflora.training.checkpoint import Checkpoint, rng_state, save_checkpoint
 from difflora.training.run import Run
 from difflora.training.samples import render_sample_grid, save_grid
@@ -111,10 +112,12 @@ def save_state(run: Run, step: int, epoch: int, *, finished: bool = False) -> Ch
                 "started_at": run.started_at,
                 "torch_threads": torch.get_num_threads(),
             },
-            adapter_bytes=safetensors_bytes(adapter_state_dict(adapter), metadata=header_metadata(adapter)),
+            adapter_bytes=adapter_file_bytes(adapter),
             extra_files={"samples.png": grid} if grid else None,
             keep=run.loop.keep_checkpoints,
         )
+        if run.gradients is not None:
+            run.gradients.write()
         if run.log is not None:
             run.log.write_curve()
             run.log.write(f"checkpoint: {checkpoint.path}")
@@ -129,7 +132,23 @@ def finish_run(run: Run) -> Path:
     if last is None or last.step != step:
         save_state(run, step, run.final_epoch, finished=True)
     if run.accelerator.is_main_process:
-        save_adapter(build_adapter(run, step=step, finished=True), run.paths.adapter)
+        _report_gradients(run)
+        payload = adapter_file_bytes(build_adapter(run, step=step, finished=True))
+        write_atomic(run.paths.adapter, payload, fault="adapter-write")
         logger.info("adapter written: %s (run directory %s)", run.paths.adapter, run.paths.run_dir)
     run.accelerator.wait_for_everyone()
     return run.paths.adapter
+
+
+def _report_gradients(run: Run) -> None:
+    if run.gradients is None:
+        return
+    run.gradients.write()
+    for warning in run.gradients.warnings(run.loop.total_steps):
+        logger.warning("%s; see %s", warning, run.gradients.png_path)
+
+
+def adapter_file_bytes(adapter: Adapter) -> bytes:
+    """The adapter file's bytes in difflora's native layout: exactly what `save_adapter` writes, built here
+    so the final write can carry its own fault point (`adapter-write`, difflora.faults)."""
+    return safetensors_bytes(adapter_state_dict(adapter), metadata=header_metadata(adapter))

@@ -34,6 +34,7 @@ from difflora.training.checkpoint import (
     restore_rng,
 )
 from difflora.training.data import TrainingData
+from difflora.training.gradients import GradientMonitor
 from difflora.training.log import TrainLog
 from difflora.training.setup import Models
 
@@ -108,6 +109,7 @@ class LoopSettings:
     save_every: int  # 0: checkpoints only at the end
     sample_every: int  # 0: no samples
     keep_checkpoints: int
+    grad_log_every: int = 0  # 0: no gradient monitoring
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class Run:
     final_epoch: int = 0
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     log: TrainLog | None = None
+    gradients: GradientMonitor | None = None  # main process only
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:

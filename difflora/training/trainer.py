@@ -29,6 +29,7 @@ from difflora.models.architecture import pipeline_architecture
 from difflora.models.geometry import pipeline_geometry
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
+from difflora.training.gradients import GradientMonitor
 from difflora.training.log import TrainLog
 from difflora.training.loop import run_loop
 from difflora.training.outputs import finish_run
@@ -115,6 +116,10 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
         write_atomic(paths.run_dir / "config.toml", to_toml(config, section="train").encode())
         total = run.loop.total_steps
         run.log = TrainLog(paths.run_dir, total_steps=total, start_step=run.start_step, progress=progress)
+        if config.grad_log_every:
+            run.gradients = GradientMonitor(
+                models.trainable, paths.run_dir, every=config.grad_log_every, start_step=run.start_step
+            )
     return run
 
 
@@ -275,6 +280,7 @@ def _loop_settings(config: TrainConfig, total: int) -> LoopSettings:
         save_every=save_every,
         sample_every=config.sample_every if config.sample_every is not None else save_every,
         keep_checkpoints=config.keep_checkpoints,
+        grad_log_every=config.grad_log_every,
     )
 
 
