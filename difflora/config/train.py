@@ -164,13 +164,14 @@ class TrainConfig:
     resume: bool = False
     """Continue from the last checkpoint in the run directory (optimizer, schedule, RNG, data position)."""
     sample_every: int | None = None
-    """Render the sample grid every N steps (0: never). Default: at each checkpoint."""
+    """Render the sample grid every N steps (0: never). Default: half-way and at the end (each grid of the
+    default run costs as much as ~20 training steps on a CPU; two keep previews under a tenth of the run)."""
     sample_prompts: tuple[str, ...] = ()
     """Prompts of the sample grid. Default: up to 3 distinct captions of the data set."""
     sample_seeds: tuple[int, ...] = (1, 2)
     """Seeds of the sample grid (one column each)."""
-    sample_steps: int = 20
-    """Denoising steps per sample image."""
+    sample_steps: int = 12
+    """Denoising steps per sample image (a preview: measured at ~0.55x the time of 20 steps)."""
     sample_guidance: float = 5.0
     """Classifier-free guidance scale of the samples."""
     sample_scheduler: str = "euler"

@@ -278,7 +278,7 @@ def _loop_settings(config: TrainConfig, total: int) -> LoopSettings:
         max_bad_steps=config.max_bad_steps,
         fp16=config.mixed_precision == "fp16",
         save_every=save_every,
-        sample_every=config.sample_every if config.sample_every is not None else save_every,
+        sample_every=config.sample_every if config.sample_every is not None else max(1, math.ceil(total / 2)),
         keep_checkpoints=config.keep_checkpoints,
         grad_log_every=config.grad_log_every,
     )
