@@ -310,3 +310,35 @@ def test_layers_whose_gradients_vanish_or_explode_are_named(tmp_path):
     assert len(warnings) == 2
     assert "vanishing" in warnings[0] and "unet.dead" in warnings[0] and "unet.layer" not in warnings[0]
     assert "exploding" in warnings[1] and "unet.wild" in warnings[1]
+
+
+def test_several_folders_in_one_run_share_the_base_and_equal_separate_runs(workspace, tmp_path, monkeypatch):
+    import difflora.training.setup as setup
+
+    other = tmp_path / "circles"
+    other.mkdir()
+    for index, image in enumerate(sorted((workspace / "stripes").glob("*.png"))[:4]):
+        Image.open(image).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(other / f"{index}.png")
+        (other / f"{index}.txt").write_text("a flipped stripe")
+    folders = [workspace / "stripes", other]
+    separate = [
+        trainer.train(
+            _config(workspace, tmp_path / "apart", data_dir=str(d), max_steps=2, save_every=0), progress=False
+        )
+        for d in folders
+    ]
+    loads = []
+    real_load = setup.load_pipeline
+    monkeypatch.setattr(setup, "load_pipeline", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    together = trainer.train_many(
+        [
+            _config(workspace, tmp_path / "together", data_dir=str(d), max_steps=2, save_every=0)
+            for d in folders
+        ],
+        progress=False,
+    )
+    assert len(loads) == 1  # one base for both adapters
+    assert [p.name for p in together] == ["stripes.safetensors", "circles.safetensors"]
+    for alone, shared in zip(separate, together, strict=True):
+        a, b = _tensors(alone), _tensors(shared)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), shared.name

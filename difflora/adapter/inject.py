@@ -9,6 +9,7 @@ between peft layers and `LoraWeights` (by classic names, `names.py`), and report
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -91,6 +92,27 @@ def add_lora(
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name and f".{adapter_name}." in name + ".")
     return matched
+
+
+def remove_adapter(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Delete peft adapter `adapter_name` from every layer; a layer left without adapters is replaced by its
+    base layer, so a model whose adapters were all removed is the plain model again (peft's own
+    `unload` belongs to PeftModel, which difflora's injected models are not)."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft warns when the last adapter of a layer goes
+            module.delete_adapter(adapter_name)
+        if not module.lora_A:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict):
+        config.pop(adapter_name, None)
+        if not config:
+            del model.peft_config
 
 
 def inject_weights(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflora.adapter.inject import add_lora
+from difflora.adapter.inject import add_lora, remove_adapter
 from difflora.errors import ConfigError
 from difflora.models.identity import ModelIdentity, model_identity
 from difflora.models.loading import load_pipeline
@@ -85,10 +85,13 @@ def load_models(
     rslora: bool = False,
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
+    pipe: Any | None = None,
 ) -> Models:
+    """The base with trainable LoRA layers. `pipe`: a base already loaded (with this dtype and prediction
+    type) by an earlier run of the same process, freed of its LoRA layers by `unload_lora`."""
     weight_dtype = DTYPES[mixed_precision]
     # Loaded in the dtype the frozen weights train in: a full-size model never exists twice in memory.
-    pipe = load_pipeline(model_ref, dtype=weight_dtype, prediction_type=prediction_type)
+    pipe = pipe or load_pipeline(model_ref, dtype=weight_dtype, prediction_type=prediction_type)
     identity = model_identity(pipe)  # before LoRA: the adapter records the pristine base
     encoders = [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
     pipe.vae.requires_grad_(False)
@@ -136,6 +139,18 @@ def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     module.to(device=device)
     if any(p.dtype != dtype for p in module.parameters() if not p.requires_grad):
         module.to(dtype=dtype)
+
+
+def unload_lora(models: Models) -> None:
+    """Give the base back as it was loaded, for the next adapter of a multi-folder run: LoRA layers
+    removed, everything frozen, no gradient checkpointing."""
+    for component, module in models.trained_components.items():
+        remove_adapter(module)
+        module.requires_grad_(False)
+        if component == "unet" and module.is_gradient_checkpointing:
+            module.disable_gradient_checkpointing()
+        elif component != "unet" and getattr(module, "is_gradient_checkpointing", False):
+            module.gradient_checkpointing_disable()
 
 
 def release_vae_encoder(pipe: Any) -> None:

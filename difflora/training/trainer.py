@@ -14,18 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difflora.adapter.inject import format_parameter_report, parameter_report
 from difflora.config import config_to_dict, to_toml
 from difflora.config.train import TrainConfig
 from difflora.data.cache import text_cache_allowed
 from difflora.data.captions import CaptionAugmentation
 from difflora.errors import ConfigError
-from difflora.models.architecture import pipeline_architecture
 from difflora.models.geometry import pipeline_geometry
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
@@ -34,6 +33,7 @@ from difflora.training.log import TrainLog
 from difflora.training.loop import run_loop
 from difflora.training.outputs import finish_run
 from difflora.training.plan import DataSettings, Tokens
+from difflora.training.plan_text import describe_plan
 from difflora.training.run import (
     LoopSettings,
     Objective,
@@ -51,6 +51,7 @@ from difflora.training.setup import (
     make_optimizer,
     release_vae_encoder,
     set_threads,
+    unload_lora,
 )
 from difflora.training.text import pipeline_text_encoders
 
@@ -62,19 +63,42 @@ logger = logging.getLogger(__name__)
 
 def train(config: TrainConfig, *, progress: bool = True) -> Path:
     """Train a LoRA adapter as `config` says; returns the path of the finished adapter file."""
-    run = setup(config, progress=progress)
-    try:
-        run_loop(run)
-        return finish_run(run)
-    finally:
-        if run.log is not None:
-            run.log.close()
+    return train_many([config], progress=progress)[0]
+
+
+def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list[Path]:
+    """One adapter per config, in order, in this process. Runs on the same base (model, precision,
+    prediction type) share it: loaded once, its LoRA layers removed between runs, its VAE encoder kept
+    until the last of them has cached its latents; runs writing to one output folder share its latent
+    cache. Each adapter is the one a separate `train` run of its config makes."""
+    bases: dict[tuple[Any, ...], Any] = {}
+    written = []
+    for index, config in enumerate(configs):
+        key = _base_key(config)
+        reuse = any(_base_key(later) == key for later in configs[index + 1 :])
+        run = setup(config, progress=progress, pipe=bases.pop(key, None), keep_base=reuse)
+        try:
+            run_loop(run)
+            written.append(finish_run(run))
+        finally:
+            if run.log is not None:
+                run.log.close()
+        if reuse:
+            unload_lora(run.models)
+            bases[key] = run.models.pipe
+    return written
+
+
+def _base_key(config: TrainConfig) -> tuple[Any, ...]:
+    return (config.model, config.mixed_precision, config.prediction_type)
 
 
 # ------------------------------------------------------------------------------------------ setup
 
 
-def setup(config: TrainConfig, *, progress: bool = True) -> Run:
+def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_base: bool = False) -> Run:
+    """Everything a run needs, as plain values. `pipe`: the base, already loaded by an earlier run of
+    `train_many`; `keep_base`: a later run will reuse it (so its VAE encoder is not freed)."""
     accelerator = _accelerator(config)
     paths = RunPaths.for_adapter(
         Path(config.output_dir), config.name or Path(config.data_dir).resolve().name, config.cache_dir
@@ -95,6 +119,7 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
         rslora=config.rslora,
         conv_rank=config.conv_rank,
         conv_alpha=config.conv_alpha,
+        pipe=pipe,
     )
     geometry = pipeline_geometry(models.pipe)
     resolution = config.resolution or geometry.resolution
@@ -105,6 +130,8 @@ def setup(config: TrainConfig, *, progress: bool = True) -> Run:
         config, resolution=resolution, bucket_step=geometry.step, world_size=accelerator.num_processes
     )
     data = _prepare_data(config, accelerator, models, settings, Tokens.of(geometry), paths.cache)
+    if config.cache_latents and not keep_base:
+        release_vae_encoder(models.pipe)
     run = _assemble(config, accelerator, models, data, paths, resolution)
     if threads_note:
         data.notes.append(threads_note)
@@ -180,8 +207,6 @@ def _prepare_data(
         main_first=accelerator.main_process_first(),
     )
     data.notes.append(text_note)
-    if config.cache_latents:
-        release_vae_encoder(models.pipe)
     return data
 
 
@@ -338,77 +363,3 @@ def divergence_hints(config: TrainConfig, learning_rate: float) -> tuple[str, ..
         f"check the images with `difflora check {config.data_dir}` (a broken image gives NaN latents)"
     )
     return tuple(hints)
-
-
-# ------------------------------------------------------------------------------------------ the plan
-
-
-def describe_plan(config: TrainConfig, run: Run) -> str:
-    """The plan printed (and written to plan.txt) before training: every derived value and its rule."""
-    data, models, facts = run.data, run.models, run.record.facts
-    plan, identity = data.plan, models.identity
-    buckets = ", ".join(f"{bucket}: {count}" for bucket, count in data.buckets.items())
-    alpha_note = " (= rank)" if config.alpha is None else ""
-    resolution_note = " (the model's native size)" if config.resolution is None else ""
-    warmup_note = " (5% of the steps)" if config.lr_warmup_steps is None else ""
-    te = "".join(
-        f", {name.replace('_', ' ')} lr {facts[name + '_lr']:g}" for name in models.text_encoder_modules
-    )
-    lr_note = f" (default for a {identity.family} model)" if config.learning_rate is None else ""
-    world = run.accelerator.num_processes
-    lines = [
-        "Training plan",
-        f"  data        {config.data_dir}: {plan.images} images, {plan.examples_per_epoch} per epoch with repeats",
-        f"  buckets     {buckets}",
-        f"  model       {identity.name} ({_label(models)}, {identity.architecture}, {identity.prediction_type}), "
-        f"{run.samples.resolution} px{resolution_note}",
-        f"  LoRA        rank {config.rank}, alpha {config.effective_alpha:g}{alpha_note}; UNet "
-        f"{len(models.unet_modules)} modules"
-        + f" ({', '.join(config.effective_unet_targets(identity.family))}"
-        + (f"; default for a {identity.family} model)" if config.unet_targets is None else ")")
-        + "".join(
-            f", {name.replace('_', ' ')} {len(found)} modules"
-            for name, found in models.text_encoder_modules.items()
-        ),
-        f"  batch       {config.batch_size} per process x {world} process(es) x accumulation "
-        f"{config.gradient_accumulation} = {config.batch_size * world * config.gradient_accumulation} images per step",
-        f"  length      {plan.max_steps} steps, {plan.epochs} epoch(s) of {plan.steps_per_epoch} steps ({plan.rule})",
-        f"  optimizer   {facts['optimizer']}, lr {facts['learning_rate']:g}{lr_note}{te}, {config.lr_scheduler} schedule, "
-        f"warm-up {facts['lr_warmup_steps']} steps{warmup_note}, grad clip {config.max_grad_norm:g}, "
-        f"min-SNR-γ {config.min_snr_gamma:g}, noise offset {config.noise_offset:g}, precision {config.mixed_precision}",
-        f"  saves       every {run.loop.save_every} steps + at the end -> {run.paths.checkpoints} (keep {config.keep_checkpoints})",
-        f"  samples     every {run.loop.sample_every} steps, {len(run.samples.prompts)} prompt(s) x seeds {list(config.sample_seeds)}"
-        if run.loop.sample_every
-        else "  samples     off",
-        f"  output      {run.paths.adapter}",
-    ]
-    variants = _variants(config)
-    if variants:
-        lines.insert(5, f"  variants    {variants}")
-    if run.start_step:
-        lines.append(f"  resuming    at step {run.start_step}")
-    for note in data.notes:
-        lines.append(f"  note        {note}")
-    report = format_parameter_report(parameter_report(models.trained_components))
-    return "\n".join(lines) + "\n" + report
-
-
-def _label(models: Models) -> str:
-    """The base as users name it ("SDXL base", "SD 2.x (v-prediction, 768 px)"), or "custom"."""
-    architecture = pipeline_architecture(models.pipe)
-    if architecture is not None:
-        return architecture.label
-    return "embedded tiny model" if models.identity.family == "tiny" else "custom architecture"
-
-
-def _variants(config: TrainConfig) -> str:
-    """The LoRA variants chosen, as the plan names them (empty for plain LoRA)."""
-    chosen = []
-    if config.rslora:
-        chosen.append(f"rsLoRA (scale alpha/sqrt(rank) = {config.effective_alpha / config.rank**0.5:g})")
-    if config.conv_rank:
-        alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
-        chosen.append(f"LoCon (ResNet 3x3 convs at rank {config.conv_rank}, alpha {alpha:g})")
-    if config.loraplus_ratio != 1:
-        chosen.append(f"LoRA+ (B at {config.loraplus_ratio:g}x the learning rate)")
-    return "; ".join(chosen)

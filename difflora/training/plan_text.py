@@ -1,0 +1,80 @@
+"""The plan printed (and written to plan.txt) before training: every derived value and the rule that chose it."""
+
+from __future__ import annotations
+
+from difflora.adapter.inject import format_parameter_report, parameter_report
+from difflora.config.train import TrainConfig
+from difflora.models.architecture import pipeline_architecture
+from difflora.training.run import Run
+from difflora.training.setup import Models
+
+
+def describe_plan(config: TrainConfig, run: Run) -> str:
+    """The plan printed (and written to plan.txt) before training: every derived value and its rule."""
+    data, models, facts = run.data, run.models, run.record.facts
+    plan, identity = data.plan, models.identity
+    buckets = ", ".join(f"{bucket}: {count}" for bucket, count in data.buckets.items())
+    alpha_note = " (= rank)" if config.alpha is None else ""
+    resolution_note = " (the model's native size)" if config.resolution is None else ""
+    warmup_note = " (5% of the steps)" if config.lr_warmup_steps is None else ""
+    te = "".join(
+        f", {name.replace('_', ' ')} lr {facts[name + '_lr']:g}" for name in models.text_encoder_modules
+    )
+    lr_note = f" (default for a {identity.family} model)" if config.learning_rate is None else ""
+    world = run.accelerator.num_processes
+    lines = [
+        "Training plan",
+        f"  data        {config.data_dir}: {plan.images} images, {plan.examples_per_epoch} per epoch with repeats",
+        f"  buckets     {buckets}",
+        f"  model       {identity.name} ({_label(models)}, {identity.architecture}, {identity.prediction_type}), "
+        f"{run.samples.resolution} px{resolution_note}",
+        f"  LoRA        rank {config.rank}, alpha {config.effective_alpha:g}{alpha_note}; UNet "
+        f"{len(models.unet_modules)} modules"
+        + f" ({', '.join(config.effective_unet_targets(identity.family))}"
+        + (f"; default for a {identity.family} model)" if config.unet_targets is None else ")")
+        + "".join(
+            f", {name.replace('_', ' ')} {len(found)} modules"
+            for name, found in models.text_encoder_modules.items()
+        ),
+        f"  batch       {config.batch_size} per process x {world} process(es) x accumulation "
+        f"{config.gradient_accumulation} = {config.batch_size * world * config.gradient_accumulation} images per step",
+        f"  length      {plan.max_steps} steps, {plan.epochs} epoch(s) of {plan.steps_per_epoch} steps ({plan.rule})",
+        f"  optimizer   {facts['optimizer']}, lr {facts['learning_rate']:g}{lr_note}{te}, {config.lr_scheduler} schedule, "
+        f"warm-up {facts['lr_warmup_steps']} steps{warmup_note}, grad clip {config.max_grad_norm:g}, "
+        f"min-SNR-γ {config.min_snr_gamma:g}, noise offset {config.noise_offset:g}, precision {config.mixed_precision}",
+        f"  saves       every {run.loop.save_every} steps + at the end -> {run.paths.checkpoints} (keep {config.keep_checkpoints})",
+        f"  samples     every {run.loop.sample_every} steps, {len(run.samples.prompts)} prompt(s) x seeds {list(config.sample_seeds)}"
+        if run.loop.sample_every
+        else "  samples     off",
+        f"  output      {run.paths.adapter}",
+    ]
+    variants = _variants(config)
+    if variants:
+        lines.insert(5, f"  variants    {variants}")
+    if run.start_step:
+        lines.append(f"  resuming    at step {run.start_step}")
+    for note in data.notes:
+        lines.append(f"  note        {note}")
+    report = format_parameter_report(parameter_report(models.trained_components))
+    return "\n".join(lines) + "\n" + report
+
+
+def _label(models: Models) -> str:
+    """The base as users name it ("SDXL base", "SD 2.x (v-prediction, 768 px)"), or "custom"."""
+    architecture = pipeline_architecture(models.pipe)
+    if architecture is not None:
+        return architecture.label
+    return "embedded tiny model" if models.identity.family == "tiny" else "custom architecture"
+
+
+def _variants(config: TrainConfig) -> str:
+    """The LoRA variants chosen, as the plan names them (empty for plain LoRA)."""
+    chosen = []
+    if config.rslora:
+        chosen.append(f"rsLoRA (scale alpha/sqrt(rank) = {config.effective_alpha / config.rank**0.5:g})")
+    if config.conv_rank:
+        alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
+        chosen.append(f"LoCon (ResNet 3x3 convs at rank {config.conv_rank}, alpha {alpha:g})")
+    if config.loraplus_ratio != 1:
+        chosen.append(f"LoRA+ (B at {config.loraplus_ratio:g}x the learning rate)")
+    return "; ".join(chosen)
