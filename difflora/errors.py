@@ -62,3 +62,13 @@ class AdapterSpecError(DiffloraError):
 
 class TrainingDivergedError(DiffloraError):
     """Training produced non-finite losses for too many consecutive steps."""
+
+
+class DiskFullError(DiffloraError):
+    """A write ran out of disk space (or quota); the file it would have replaced is intact."""
+
+
+class Interrupted(DiffloraError):
+    """The user pressed Ctrl-C (SIGINT); the message says what was completed before it."""
+
+    exit_code = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C

@@ -4,8 +4,10 @@ Pickled files are read only when the caller explicitly allowed it, and then tens
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -14,25 +16,105 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from difflora.errors import AdapterFormatError, DiffloraError
+from difflora.errors import AdapterFormatError, DiffloraError, DiskFullError
+from difflora.faults import fault_point
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# ENOSPC: the disk is full; EDQUOT: the user's quota is (the same advice applies)
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def write_atomic(path: Path, payload: bytes) -> Path:
-    """Write bytes to a temporary file beside `path`, flush to disk, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def write_atomic(path: Path, payload: bytes, *, fault: str = "atomic-write", durable: bool = True) -> Path:
+    """Write bytes to a temporary file beside `path`, flush it to disk, then rename it over `path`: a reader
+    (or a process killed at any instant) sees the old file or the new one, never a mix. The temporary file
+    (`.<name>.<random>.tmp`) is removed when the write fails, and no reader ever takes it for `path`.
+
+    A full disk raises DiskFullError naming the file and the space it needed. `durable=False` skips the
+    fsync, for files that verify themselves when read (cache entries carry a checksum). `fault` names the
+    test fault point of this write (difflora.faults)."""
+    temporary: str | None = None
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            _write_all(handle, payload)
+            fault_point(fault)  # the most fragile instant: new bytes complete, old file not yet replaced
+            if durable:
+                os.fsync(handle)
+        finally:
+            os.close(handle)
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full_error(path, len(payload)) from None
         raise
     return path
+
+
+def write_file(path: Path, payload: bytes) -> None:
+    """Write and fsync a new file in place (not atomic: for files inside a folder that is itself renamed
+    into place, such as a checkpoint's). Through os.write, so a full disk is an OSError here too."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        _write_all(handle, payload)
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _write_all(handle: int, payload: bytes) -> None:
+    """os.write until every byte is out (a write may take fewer bytes than given)."""
+    view = memoryview(payload)
+    while view:
+        written = os.write(handle, view)
+        view = view[written:]
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
+
+
+def disk_full_error(
+    path: Path, needed: int, *, what: str | None = None, kept: str | None = None
+) -> DiskFullError:
+    """The message for a write that ran out of space: which file, how much it needed, what is still intact."""
+    free = _free_space(path.parent)
+    free_text = f", {format_bytes(free)} free there" if free is not None else ""
+    kept = kept or (
+        f"the previous {path.name} is intact" if path.exists() else f"no partial {path.name} was left"
+    )
+    return DiskFullError(
+        f"The disk is full: could not write {what or path} ({format_bytes(needed)} needed{free_text}); "
+        f"{kept}. Free some space (or write to another disk) and run the command again."
+    )
+
+
+def interrupted_write_message(output: Path, *, existed: bool) -> str:
+    """What a Ctrl-C during a one-file command (export, merge) leaves: never a partial file."""
+    kept = f"the existing {output.name} is unchanged" if existed else "no partial file was left"
+    return f"Interrupted before {output} was written: {kept}."
+
+
+def _free_space(directory: Path) -> int | None:
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def format_bytes(size: int) -> str:
+    """1536 -> "1.5 KiB": sizes in messages, readable at a glance."""
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -85,8 +167,11 @@ def _check_header(path: Path, head: bytes, file_size: int, error: type[DiffloraE
         )
     try:
         header = json.loads(head[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise error(f"{path} is not a safetensors file (its header is not JSON).") from None
+    problem = _header_problem(header)
+    if problem:
+        raise error(f"{path} is a damaged safetensors file: {problem}. Re-export or re-download it.")
     ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
     if ends and file_size < 8 + length + max(ends):
         raise error(
@@ -94,6 +179,36 @@ def _check_header(path: Path, head: bytes, file_size: int, error: type[DiffloraE
             f"{file_size - 8 - length} are present. Fetch or export the file again."
         )
     return header
+
+
+def _header_problem(header: Any) -> str | None:
+    """What is wrong with a parsed header's structure, or None. safetensors checks the rest (dtypes,
+    overlapping or out-of-range offsets) when it loads; this catches the shapes of JSON it would choke on
+    before we index into them."""
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        return "its __metadata__ is not a table of text values"
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return f"the entry of tensor {name!r} is not a JSON object"
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(v) for v in offsets)):
+            return f"tensor {name!r} has no valid data_offsets"
+        if offsets[0] > offsets[1]:
+            return f"tensor {name!r} ends before it begins (data_offsets {offsets})"
+        if not (isinstance(shape, list) and all(_count(v) for v in shape)):
+            return f"tensor {name!r} has no valid shape"
+        if not isinstance(info.get("dtype"), str):
+            return f"tensor {name!r} has no dtype"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -20,6 +20,18 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TINY_TOKENS = 16
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--kill-points",
+        type=int,
+        default=6,
+        help="how many kill -9 points tests/test_faults_kill.py tries on a training run: the 4 named write "
+        "windows, then seeded random times over the run (default 6; 20 for the full sweep)",
+    )
+
+
 TINY_HIDDEN = 32
 
 

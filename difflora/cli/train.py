@@ -12,6 +12,7 @@ import click
 
 from difflora.cli.options import config_file_option, config_from_flags, config_options
 from difflora.config.train import TrainConfig
+from difflora.errors import Interrupted
 from difflora.generation.schedulers import SCHEDULER_NAMES
 
 
@@ -25,11 +26,15 @@ def train_command(data_dir: Path | None, config_file: Path | None, **flags: Any)
     Writes <output-dir>/<name>.safetensors (default ./adapters/<folder name>.safetensors) and a run
     directory beside it with the plan, loss log and curve, samples and checkpoints.
     """
+    from difflora.training.lock import interrupted_message, run_paths
     from difflora.training.trainer import train
 
     flags["data_dir"] = str(data_dir) if data_dir is not None else None
     config = config_from_flags(TrainConfig, flags, config_file=config_file, section="train")
-    adapter = train(config)
+    try:
+        adapter = train(config)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(run_paths(config))) from None
     if (
         os.environ.get("RANK", "0") == "0"
     ):  # under accelerate launch / torchrun: one line, not one per process

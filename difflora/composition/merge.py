@@ -28,9 +28,10 @@ import torch
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.composition.spec import AdapterWeight, find_adapter, parse_adapter_weights
 from difflora.composition.spec import adapter_dirs as search_dirs
-from difflora.errors import AdapterCompatibilityError, AdapterSpecError, ConfigError
+from difflora.errors import AdapterCompatibilityError, AdapterSpecError, ConfigError, Interrupted
 from difflora.formats.native import save_adapter
 from difflora.formats.read import load_adapter
+from difflora.safe_io import interrupted_write_message
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,10 @@ def merge(
     output = Path(output)
     result = merge_adapters(pairs, rank=rank, name=output.stem)
     result.adapter.meta.config_toml = config_toml
-    result.path = save_adapter(result.adapter, output)
+    existed = output.exists()
+    try:
+        result.path = save_adapter(result.adapter, output)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_write_message(output, existed=existed)) from None
     logger.info("Wrote %s (%d modules).", output, len(result.adapter.modules))
     return result

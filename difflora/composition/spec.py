@@ -158,6 +158,8 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
         weights = [float(v) for v in values.split(",")]
     except ValueError:
         weights = []
+    if not all(math.isfinite(w) for w in weights):  # "nan" and "inf" parse as floats, and poison a model
+        weights = []
     if not sep or not name.strip() or not weights:
         raise AdapterSpecError(f"Malformed --sweep {text!r}.\nGrammar: NAME:W1,W2,...  e.g. style:0,0.5,1")
     return name.strip(), weights

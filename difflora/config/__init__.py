@@ -84,6 +84,12 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"Config file not found: {path}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"Config file {path} is not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:  # tomllib decodes the bytes itself; TOML files are UTF-8
+        raise ConfigError(
+            f"Config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8."
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"Cannot read config file {path}: {error.strerror or error}") from None
     return data
 
 
@@ -102,7 +108,9 @@ def load_config(
         if section is not None and isinstance(data.get(section), dict):
             data = data[section]
         _refuse_unknown(cls, data, source=str(toml_path))
-        values.update({key: _coerce(cls, key, value) for key, value in data.items()})
+        coerced = {key: _coerce(cls, key, value) for key, value in data.items()}
+        _refuse_wrong_types(cls, coerced, source=str(toml_path))
+        values.update(coerced)
     if overrides:
         given = {key: value for key, value in overrides.items() if value is not None}
         _refuse_unknown(cls, given, source="command line")
@@ -127,7 +135,8 @@ def _refuse_unknown(cls: type, data: Mapping[str, Any], *, source: str) -> None:
 
 
 def _coerce(cls: type, key: str, value: Any) -> Any:
-    """TOML has no tuples or paths: turn lists into tuples where the field is a tuple."""
+    """TOML has no tuples or paths: turn lists into tuples where the field is a tuple, and a single value
+    into a one-item tuple (`adapters = "style:0.7"`, not a tuple of its characters)."""
     field_type = _field_types(cls).get(key)
     origin = typing.get_origin(field_type)
     if origin in (types.UnionType, typing.Union):
@@ -135,7 +144,55 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
         origin = tuple if tuple in origins else origin
     if origin is tuple and isinstance(value, list):
         return tuple(value)
+    if origin is tuple and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return (value,)
     return value
+
+
+def _refuse_wrong_types(cls: type, data: Mapping[str, Any], *, source: str) -> None:
+    """Every value of the type its field declares, or one ConfigError listing each that is not: the
+    dataclass's own checks compare numbers and read strings, and must not meet a table where a number goes."""
+    hints = _field_types(cls)
+    problems = Problems()
+    for key, value in data.items():
+        expected = hints.get(key)
+        if expected is not None and not _fits(expected, value):
+            shown = list(value) if isinstance(value, tuple) else value  # as the file wrote it: a list
+            problems.add(key, f"expected {_describe(expected)}, got {shown!r} (from {source})")
+    problems.raise_if_any(cls.__name__.removesuffix("Config").lower())
+
+
+def _fits(expected: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(arg, value) for arg in args if arg is not type(None))
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:
+        item = args[0] if args else Any
+        return isinstance(value, tuple) and all(_fits(item, v) for v in value)
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:  # bool is an int to Python, never to a user; TOML integers are 64-bit
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    return True  # a type this check does not know: the dataclass validates it
+
+
+def _describe(expected: Any) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(arg) for arg in args if arg is not type(None))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin is tuple:
+        plurals = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plurals.get(args[0], 'values') if args else 'values'}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(expected, getattr(expected, "__name__", str(expected)))
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Each entry is one safetensors file named by a sha256 key over everything that ch
 entries invalidate themselves: the image's content hash (not its path: renaming keeps the cache, editing
 the pixels does not), the bucket, the resize and crop window, the flip, the model identity string (pass
 one that covers the VAE / text-encoder weights, e.g. ``ModelIdentity.base_hash``), the VAE scaling factor
-and this module's format version. Files are written atomically (temp file + ``os.replace``) and carry a
+and this module's format version. Files are written atomically (``safe_io.write_atomic``) and carry a
 checksum of their tensors: an unreadable, truncated or bit-flipped entry is reported and recomputed, so
 an interrupted run or a bad disk never leaves a cache that breaks the next one or is trained on.
 
@@ -26,21 +26,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from difflora.data.buckets import CropPlan, render_pixels
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.images import load_image
 from difflora.errors import DatasetError
 from difflora.hashing import sha256_json
+from difflora.safe_io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -135,18 +135,12 @@ class _SafetensorsStore:
         return True
 
     def write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         metadata = {**metadata, CHECKSUM_KEY: tensors_checksum(tensors)}
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        # No fsync (durable=False): an entry torn by a power cut fails its checksum and is recomputed,
+        # and one fsync per entry would slow caching thousands of images. A full disk is a DiskFullError.
+        payload = safetensors_bytes(tensors, metadata=metadata)
+        write_atomic(self.path_for(key), payload, fault="cache-write", durable=False)
 
     def read(self, key: str) -> dict[str, torch.Tensor]:
         """The entry's tensors; raises DatasetError when it was damaged after the run checked it."""

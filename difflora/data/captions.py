@@ -83,7 +83,7 @@ def read_metadata(path: Path) -> tuple[dict[str, str], list[str]]:
             else:
                 problems.append(f"{path.name} line {number}: not a JSON object")
     else:
-        rows = list(csv.DictReader(io.StringIO(text)))
+        rows = _csv_rows(text, path.name, problems)
     captions: dict[str, str] = {}
     for number, row in enumerate(rows, start=1):
         name = row.get("file_name")
@@ -93,6 +93,19 @@ def read_metadata(path: Path) -> tuple[dict[str, str], list[str]]:
             continue
         captions[name.replace("\\", "/")] = normalise_caption(str(caption)) if caption is not None else ""
     return captions, problems
+
+
+def _csv_rows(text: str, name: str, problems: list[str]) -> list[dict]:
+    """The rows of a metadata.csv up to the first malformed line (reported in `problems`, never raised:
+    one bad line must not stop a scan). newline="" is what the csv module needs to see quoted newlines."""
+    rows: list[dict] = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            rows.append(row)
+    except csv.Error as exc:
+        problems.append(f"{name} line {reader.line_num}: not readable as CSV ({exc}); later rows ignored")
+    return rows
 
 
 def split_tags(caption: str) -> list[str]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -156,17 +158,65 @@ def _adapter_config(source: str) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         logger.warning("Ignoring %s: %s", path, error)
         return {}
+    problem = peft_config_problem(config)
+    if problem:
+        logger.warning("Ignoring %s: it %s", path, problem)
+        return {}
+    return config
+
+
+def peft_config_problem(config: Any) -> str | None:
+    """What is wrong with a PEFT LoraConfig (adapter_config.json, or diffusers' `lora_adapter_metadata`
+    header, whose keys carry a component prefix) as the alpha rules read it; None when it is sound."""
+    if not isinstance(config, dict):
+        return "is not a JSON object"
+    for key, value in config.items():
+        field = key.rsplit(".", 1)[-1]
+        if field in ("r", "lora_alpha") and value is not None and not _is_number(value):
+            return f"gives {key} = {value!r}, not a number"
+        if field in ("alpha_pattern", "rank_pattern") and value is not None:
+            if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
+                return f"gives {key} that is not a table of numbers"
+            unsafe = [pattern for pattern in value if _pattern_problem(pattern)]
+            if unsafe:
+                return f"gives {key} pattern {unsafe[0]!r}: {_pattern_problem(unsafe[0])}"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Patterns are regular expressions (PEFT's rule), and a file could hang the reader with one that
+# backtracks exponentially ("(a+)+x") or polynomially in many repetitions (".*.*.*.*.*x"). Real files
+# write module names; so a group may not repeat, and at most 3 repetitions are evaluated.
+_QUANTIFIED_GROUP = re.compile(r"\)[*+?{]")
+_QUANTIFIER = re.compile(r"(?<![\\(])[*+?{]")
+_MAX_QUANTIFIERS = 3
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    if len(pattern) > 500:
+        return "longer than any module name"
+    if _QUANTIFIED_GROUP.search(pattern) or len(_QUANTIFIER.findall(pattern)) > _MAX_QUANTIFIERS:
+        return (
+            "a regular expression too costly to evaluate safely (difflora evaluates module names and "
+            f"patterns with at most {_MAX_QUANTIFIERS} repetitions, none of a group)"
+        )
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return f"not a valid regular expression ({error})"
+    return None
 
 
 def _peft_alpha(config: dict[str, Any], path: str, short: str, rank: int) -> float:
     """PEFT's rule: alpha_pattern entry matching the module (anchored regex or name suffix), else lora_alpha;
     rsLoRA scales by alpha/sqrt(rank), which is alpha·sqrt(rank) in alpha/rank terms."""
-    import re
-
     value = config.get("lora_alpha")
     for pattern, pattern_alpha in (config.get("alpha_pattern") or {}).items():
         if any(re.fullmatch(pattern.strip("^$"), n) or n.endswith("." + pattern) for n in (path, short)):

@@ -16,13 +16,13 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from difflora.adapter.types import Adapter
 from difflora.config.export import ExportConfig
-from difflora.errors import ConfigError, first_n
+from difflora.errors import ConfigError, Interrupted, first_n
 from difflora.formats import family as families
 from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.kohya import to_kohya
 from difflora.formats.native import adapter_state_dict, header_metadata
 from difflora.formats.read import load_adapter
-from difflora.safe_io import write_atomic
+from difflora.safe_io import interrupted_write_message, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,11 @@ def export_adapter(config: ExportConfig) -> Path:
         raise ConfigError(
             f"{output} already exists; pass --overwrite to replace it, or choose another --output."
         )
-    payload = export_bytes(adapter, config.format, DTYPES[config.dtype])
-    write_atomic(output, payload)
+    existed = output.exists()
+    try:
+        write_atomic(output, export_bytes(adapter, config.format, DTYPES[config.dtype]), fault="export-write")
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_write_message(output, existed=existed)) from None
     logger.info("Wrote %s (%s, %s, %d modules)", output, config.format, config.dtype, len(adapter.modules))
     return output
 

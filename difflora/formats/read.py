@@ -8,6 +8,7 @@ the keys named: a silent partial load is the bug this package exists to prevent.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,7 @@ import torch
 
 from difflora.adapter.types import Adapter
 from difflora.errors import AdapterFormatError
-from difflora.formats.diffusers_peft import read_diffusers
+from difflora.formats.diffusers_peft import peft_config_problem, read_diffusers
 from difflora.formats.kohya import from_kohya, is_kohya_key
 from difflora.formats.native import is_native_layout, parse_native
 from difflora.safe_io import read_pickle, read_safetensors
@@ -80,6 +81,68 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         raise AdapterFormatError(
             f"{source} holds no LoRA tensors ({len(tensors)} tensors, none named lora_*)."
         )
+    check_tensors(tensors, source=source)
+    check_metadata(metadata, source=source)
     if is_native_layout(tensors):
         return parse_native(tensors, metadata, source=source)
     return read_foreign(tensors, metadata, source=source)
+
+
+# The names every reader takes for LoRA matrices (A/down, B/up) in any layout it reads, and for alphas.
+_MATRIX_SUFFIXES = (
+    "lora_A.weight",
+    "lora_B.weight",
+    "lora_down.weight",
+    "lora_up.weight",
+    "lora.down.weight",
+    "lora.up.weight",
+    "lora_linear_layer.down.weight",
+    "lora_linear_layer.up.weight",
+)
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], *, source: str) -> None:
+    """What every reader relies on, checked once above them all: LoRA matrices of floats with 2 (linear)
+    or 4 (convolution) dimensions and a rank of at least 1, alphas that are one float, all finite. Other
+    tensors are left to the readers, which name what they are (a DoRA magnitude, an embedding, ...)."""
+    for key, tensor in tensors.items():
+        is_matrix, is_alpha = key.endswith(_MATRIX_SUFFIXES), key.endswith(".alpha")
+        if not (is_matrix or is_alpha):
+            continue
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(f"{source}: tensor {key} is {tensor.dtype}; LoRA weights are floats.")
+        if is_alpha and tensor.numel() != 1:
+            raise AdapterFormatError(f"{source}: {key} holds {tensor.numel()} numbers; an alpha is one.")
+        if is_matrix and (tensor.ndim not in (2, 4) or tensor.numel() == 0):
+            raise AdapterFormatError(
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)}; a LoRA matrix has 2 dimensions "
+                "(4 for a convolution) and a rank of at least 1. The file is damaged; re-export it."
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterFormatError(
+                f"{source}: tensor {key} holds NaN or infinite values; the file is damaged (or was trained "
+                "into divergence). Use an earlier checkpoint or re-export it."
+            )
+
+
+def check_metadata(metadata: dict[str, str], *, source: str) -> None:
+    """The JSON the readers parse from the header, checked for its shape before any reader indexes into it."""
+    text = metadata.get("lora_adapter_metadata")
+    if text:
+        problem = peft_config_problem(_json(text, "lora_adapter_metadata", source))
+        if problem:
+            raise AdapterFormatError(f"{source}: header entry lora_adapter_metadata {problem}.")
+    words = metadata.get("difflora.trigger_words")
+    if words:
+        value = _json(words, "difflora.trigger_words", source)
+        if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
+            raise AdapterFormatError(f"{source}: header entry difflora.trigger_words is not a list of words.")
+
+
+def _json(text: str, key: str, source: str) -> object:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise AdapterFormatError(
+            f"{source}: header entry {key} is not valid JSON; the file is damaged."
+        ) from None

@@ -13,7 +13,7 @@ import logging
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from difflora import __version__
 from difflora.composition.composer import Composer, compose
 from difflora.composition.spec import AdapterWeight
 from difflora.config.generate import GenerateConfig
+from difflora.errors import Interrupted
 from difflora.generation.pipeline import a1111_parameters, image_grid, render, save_png
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class _Job:
     total_steps: int
     progress: Progress | None
     done: int = 0
+    expected: int = 0  # images (PNG + sidecar) this call renders, contact sheets and grids not counted
+    written: list[Path] = field(default_factory=list)  # those complete so far, for an interruption's message
 
 
 def generate(config: GenerateConfig, *, pipe: Any = None, progress: Progress | None = None) -> list[Path]:
@@ -64,12 +67,23 @@ def generate(config: GenerateConfig, *, pipe: Any = None, progress: Progress | N
         _write_report(composer, out)
     cells = max(1, _grid_size(config.sweeps))
     job = _Job(config, pipe, composer, out, config.steps * config.num_images * cells, progress)
+    job.expected = config.num_images * cells
     seeds = [seed + i for i in range(config.num_images)]
-    if config.sweeps:
-        return [path for s in seeds for path in _sweep(job, s)]
-    images = _render(job, seeds)
-    first = _next_index(out)
-    paths = [_save(job, image, s, first + i) for i, (image, s) in enumerate(zip(images, seeds, strict=True))]
+    try:
+        if config.sweeps:
+            return [path for s in seeds for path in _sweep(job, s)]
+        return _images(job, seeds)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(job)) from None
+
+
+def _images(job: _Job, seeds: list[int]) -> list[Path]:
+    """Each image rendered and written in turn (a Ctrl-C keeps those finished), then the contact sheet."""
+    first = _next_index(job.out)
+    images, paths = [], []
+    for index, seed in enumerate(seeds):
+        images.append(_render(job, [seed])[0])
+        paths.append(_save_image(job, images[-1], seed, first + index))
     if len(images) > 1:
         cols = min(len(images), 4)
         sheet = image_grid(
@@ -77,6 +91,16 @@ def generate(config: GenerateConfig, *, pipe: Any = None, progress: Progress | N
         )
         paths.append(_save(job, sheet, seeds[0], first + len(images), name="sheet", extra={"seeds": seeds}))
     return paths
+
+
+def _interrupted_message(job: _Job) -> str:
+    if not job.written:
+        return "Interrupted before the first image was complete: no image was written."
+    listed = ", ".join(str(path) for path in job.written)
+    return (
+        f"Interrupted: wrote {len(job.written)} of {job.expected} images before the interruption: {listed} "
+        "(each with its .json sidecar). No partial file was left."
+    )
 
 
 def _default_device() -> str:
@@ -145,7 +169,7 @@ def _sweep(job: _Job, seed: int) -> list[Path]:
         image = _render(job, [seed])[0]
         images.append(image)
         labels.append(" ".join(f"{name}={cell[name]:g}" for name, _ in sweeps))
-        paths.append(_save(job, image, seed, first + index))
+        paths.append(_save_image(job, image, seed, first + index))
     job.composer.set_weights(list(base.values()))
     cols = len(sweeps[0][1])
     grid = image_grid(images, rows=len(combos) // cols, cols=cols, labels=labels)
@@ -189,8 +213,21 @@ def _save(
         "difflora_version": __version__,
         **(extra or {}),
     }
+    try:
+        save_png(image, path, parameters=parameters, sidecar=sidecar)
+    except BaseException:
+        # A PNG and its sidecar are one record: interrupted between the two, drop the PNG too.
+        if not path.with_suffix(".json").exists():
+            path.unlink(missing_ok=True)
+        raise
     logger.debug("wrote %s", path)
-    return save_png(image, path, parameters=parameters, sidecar=sidecar)
+    return path
+
+
+def _save_image(job: _Job, image: Image.Image, seed: int, index: int) -> Path:
+    path = _save(job, image, seed, index)
+    job.written.append(path)
+    return path
 
 
 def _adapter_record(composer: Composer, spec: AdapterWeight) -> dict[str, Any]:

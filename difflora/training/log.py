@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from difflora.safe_io import write_atomic
+from difflora.safe_io import disk_full_error, is_disk_full, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,20 @@ def read_loss_csv(path: Path, *, up_to_step: int | None = None) -> list[dict[str
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [row for row in csv.DictReader(handle) if _complete(row)]
     return [r for r in rows if up_to_step is None or int(r["step"]) <= up_to_step]
+
+
+def _complete(row: dict[str, str | None]) -> bool:
+    """A whole row: a run killed (or out of disk) mid-append can leave a torn last line, which a resumed
+    run drops (it is past the checkpoint anyway) instead of failing on."""
+    try:
+        int(row["step"] or "")
+        float(row["loss"] or "")
+        float(row["smoothed_loss"] or "")
+    except (KeyError, ValueError):
+        return False
+    return None not in row and all(row.get(name) is not None for name in CSV_FIELDS)
 
 
 class TrainLog:
@@ -67,18 +79,25 @@ class TrainLog:
             )
             self.points.append(LossPoint(step, loss, self.smoothed))
         smoothed = self.smoothed if self.smoothed is not None else float("nan")
-        self._writer.writerow(
-            {
-                "step": step,
-                "epoch": epoch,
-                "loss": f"{loss:.6g}",
-                "smoothed_loss": f"{smoothed:.6g}",
-                "lr": f"{lr:.6g}",
-                "skipped": int(skipped),
-                "seconds": f"{seconds:.4f}",
-            }
-        )
-        self._handle.flush()
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "loss": f"{loss:.6g}",
+            "smoothed_loss": f"{smoothed:.6g}",
+            "lr": f"{lr:.6g}",
+            "skipped": int(skipped),
+            "seconds": f"{seconds:.4f}",
+        }
+        try:
+            self._writer.writerow(row)
+            self._handle.flush()
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            kept = "the steps logged before are intact"
+            raise disk_full_error(
+                self.csv_path, len(",".join(map(str, row.values()))) + 1, kept=kept
+            ) from None
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss/step", loss, step)
             self.tensorboard.add_scalar("loss/smoothed", smoothed, step)

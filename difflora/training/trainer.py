@@ -29,6 +29,7 @@ from difflora.models.geometry import pipeline_geometry
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
 from difflora.training.gradients import GradientMonitor
+from difflora.training.lock import run_paths, training_locks
 from difflora.training.log import TrainLog
 from difflora.training.loop import run_loop
 from difflora.training.outputs import finish_run
@@ -76,13 +77,14 @@ def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list
     for index, config in enumerate(configs):
         key = _base_key(config)
         reuse = any(_base_key(later) == key for later in configs[index + 1 :])
-        run = setup(config, progress=progress, pipe=bases.pop(key, None), keep_base=reuse)
-        try:
-            run_loop(run)
-            written.append(finish_run(run))
-        finally:
-            if run.log is not None:
-                run.log.close()
+        with training_locks(run_paths(config)):  # one run per output name and cache folder at a time
+            run = setup(config, progress=progress, pipe=bases.pop(key, None), keep_base=reuse)
+            try:
+                run_loop(run)
+                written.append(finish_run(run))
+            finally:
+                if run.log is not None:
+                    run.log.close()
         if reuse:
             unload_lora(run.models)
             bases[key] = run.models.pipe
@@ -100,9 +102,7 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
     """Everything a run needs, as plain values. `pipe`: the base, already loaded by an earlier run of
     `train_many`; `keep_base`: a later run will reuse it (so its VAE encoder is not freed)."""
     accelerator = _accelerator(config)
-    paths = RunPaths.for_adapter(
-        Path(config.output_dir), config.name or Path(config.data_dir).resolve().name, config.cache_dir
-    )
+    paths = run_paths(config)
     models = load_models(
         config.model,
         device=accelerator.device,
