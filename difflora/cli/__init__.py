@@ -1,8 +1,8 @@
 """The `difflora` command: a click group whose commands are thin layers over the Python API.
 
 Each command lives in its own module here, parses its flags into a config dataclass and calls one library
-function. Library errors (DiffloraError) become one clean message and a non-zero exit code; `--debug` shows
-the traceback instead.
+function. Library errors (DiffloraError) become one clean message and a non-zero exit code, Ctrl-C one line
+and exit code 130; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import click
 
 from difflora import __version__
-from difflora.errors import DiffloraError
+from difflora.errors import DiffloraError, Interrupted
 
 
 class DiffloraGroup(click.Group):
@@ -28,6 +28,13 @@ class DiffloraGroup(click.Group):
                 raise
             click.secho(f"Error: {error}", fg="red", err=True)
             ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            # A command that can say what it completed raises Interrupted (a DiffloraError) instead. Every
+            # write is atomic, so whatever the interruption hit, no half-written file is left behind.
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.secho("Interrupted: no half-written file was left.", fg="red", err=True)
+            ctx.exit(Interrupted.exit_code)
 
 
 @click.group(cls=DiffloraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,6 +70,7 @@ def _register() -> None:
     from difflora.cli.generate import generate_command
     from difflora.cli.inspect import inspect_command
     from difflora.cli.merge import merge_command
+    from difflora.cli.serve import serve_command
     from difflora.cli.train import train_command
 
     cli.add_command(inspect_command)
@@ -70,6 +78,7 @@ def _register() -> None:
     cli.add_command(export_command)
     cli.add_command(generate_command)
     cli.add_command(merge_command)
+    cli.add_command(serve_command)
     cli.add_command(train_command)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +54,7 @@ from difflora.models.identity import model_identity
 logger = logging.getLogger(__name__)
 
 Mode = Literal["fused", "dynamic"]
+Loader = Callable[[str], tuple[Adapter, Path | None]]  # adapter name -> (adapter, its file)
 MODES: tuple[str, ...] = ("fused", "dynamic")
 DELTA_CACHE_BYTES = 2 * 1024**3
 
@@ -126,8 +127,10 @@ class Composer:
         self._add(AdapterWeight(name, weight, te_weight), adapter, None)
         self._apply()
 
-    def set(self, specs: Sequence[AdapterWeight] | str) -> None:
-        """Make the composed set exactly `specs`: re-weight those present, load the new, drop the others."""
+    def set(self, specs: Sequence[AdapterWeight] | str, *, loader: Loader | None = None) -> None:
+        """Make the composed set exactly `specs`, in their order: re-weight those present, load the new,
+        drop the others. `loader(name)` -> (adapter, its file or None) supplies the new ones (default: find
+        the file in the adapter directories and read it), e.g. from a cache of loaded adapters."""
         specs = parse_adapter_weights(specs) if isinstance(specs, str) else list(specs)
         wanted = {spec.name for spec in specs}
         try:
@@ -137,10 +140,16 @@ class Composer:
                 if spec.name in self._entries:
                     self._entries[spec.name].spec = spec
                 else:
-                    path = find_adapter(spec.name, self.directories)
-                    self._add(spec, load_adapter(path), path)
+                    self._add(spec, *(loader or self._read)(spec.name))
+            # The spec's order is the order of the sum Σ wᵢ ΔWᵢ (float addition is not associative): the
+            # same spec gives the same weights bit for bit, whatever was composed before it.
+            self._entries = {spec.name: self._entries[spec.name] for spec in specs}
         finally:  # an adapter refused half-way: the model still matches the adapters registered so far
             self._apply()
+
+    def _read(self, name: str) -> tuple[Adapter, Path]:
+        path = find_adapter(name, self.directories)
+        return load_adapter(path), path
 
     def set_weights(self, specs: Sequence[AdapterWeight] | str) -> None:
         """Change the weights of adapters already composed (others keep theirs)."""
@@ -198,7 +207,8 @@ class Composer:
 
     def _remove(self, name: str) -> None:
         entry = self._entries.pop(name)
-        self._deltas.pop(entry.key, None)
+        # the budget goes back with the deltas, or a long-lived composer (a server) stops caching any
+        self._cache_left += sum(delta.numel() * 4 for delta in self._deltas.pop(entry.key, {}).values())
         if self.mode == "dynamic":
             for component in entry.adapter.components:
                 _delete_peft_adapter(getattr(self.pipe, component), entry.key)

@@ -200,15 +200,20 @@ def save_png(
     given. Both writes are atomic."""
     from difflora.safe_io import write_atomic
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    write_atomic(Path(path), buffer.getvalue())
+    write_atomic(Path(path), png_bytes(image, parameters=parameters))
     if sidecar is not None:
         text = json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n"
         write_atomic(Path(path).with_suffix(".json"), text.encode())
     return Path(path)
+
+
+def png_bytes(image: Image.Image, *, parameters: str) -> bytes:
+    """The PNG file `save_png` writes, as bytes (what `difflora serve` answers with)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def read_png_parameters(path: str | os.PathLike) -> str:

@@ -1,0 +1,249 @@
+"""The HTTP API of `difflora serve`: a FastAPI application over an Engine.
+
+    POST /generate  {prompt, negative_prompt, adapters: "style:0.7,subject:0.3", seed, steps, width, height,
+                     guidance, scheduler, num_images, format: "png" | "json"}
+                    -> the PNG (with its A1111 `parameters` chunk), or JSON {images: [base64 PNG], parameters,
+                       seeds, adapters, model, mode, timings}
+    GET /adapters   adapters available on disk, which are cached, the cache's counters
+    GET /health     liveness (never needs the token, never waits for the model)
+    GET /metrics    Prometheus text exposition
+
+Every error is JSON {"error": "..."}; its status comes from one table, STATUSES, by DiffloraError class.
+Generate runs in FastAPI's thread pool (a sync route), so a long render never blocks /health or /metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from difflora.config.generate import GenerateConfig
+from difflora.errors import (
+    AdapterCompatibilityError,
+    AdapterFormatError,
+    AdapterSpecError,
+    ConfigError,
+    DiffloraError,
+)
+from difflora.serving.engine import Engine, Result, UnknownAdapterError
+from difflora.serving.metrics import CONTENT_TYPE, exposition
+
+logger = logging.getLogger(__name__)
+
+# DiffloraError class -> HTTP status, most specific first: the one place a status is decided.
+STATUSES: tuple[tuple[type[DiffloraError], int], ...] = (
+    (UnknownAdapterError, 404),
+    (AdapterCompatibilityError, 409),  # made for another base: the request conflicts with this server's model
+    (AdapterSpecError, 422),
+    (ConfigError, 422),
+    (AdapterFormatError, 500),  # a broken file in the server's own adapter folder: not the client's doing
+    (DiffloraError, 500),
+)
+ROUTES = ("/generate", "/adapters", "/health", "/metrics")
+OPEN_ROUTES = ("/health",)  # load balancers probe it without credentials
+
+
+def status_for(error: DiffloraError) -> int:
+    return next(status for cls, status in STATUSES if isinstance(error, cls))
+
+
+class GenerateBody(BaseModel):
+    """The JSON body of POST /generate; defaults are `difflora generate`'s."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, never silently ignored
+
+    prompt: str
+    negative_prompt: str = GenerateConfig.negative_prompt
+    adapters: str = ""
+    seed: int | None = Field(None, ge=0, lt=2**63)  # a torch.Generator seed
+    steps: int = GenerateConfig.steps
+    width: int | None = None
+    height: int | None = None
+    guidance: float = GenerateConfig.guidance
+    scheduler: str = GenerateConfig.scheduler
+    num_images: int = GenerateConfig.num_images
+    format: Literal["png", "json"] = "png"
+
+    def to_config(self) -> GenerateConfig:
+        """The request as the GenerateConfig `difflora generate` would build (its validation included)."""
+        if self.format == "png" and self.num_images > 1:
+            raise ConfigError(
+                f'format "png" answers with one image; ask for format "json" to get {self.num_images}.'
+            )
+        values = self.model_dump(exclude={"format", "adapters"})
+        return GenerateConfig(**values, adapters=(self.adapters,) if self.adapters.strip() else ())
+
+
+def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
+    """The application serving `engine`. With `token`, every route but /health needs
+    `Authorization: Bearer <token>`."""
+    app = FastAPI(title="difflora", docs_url=None, redoc_url=None)
+    _add_middleware(app, engine, token)
+    _add_error_handlers(app)
+    _add_routes(app, engine)
+    return app
+
+
+def _add_middleware(app: FastAPI, engine: Engine, token: str | None) -> None:
+    Next = Callable[[Request], Awaitable[Response]]
+
+    @app.middleware("http")
+    async def authorise(request: Request, call_next: Next) -> Response:
+        if token and request.url.path not in OPEN_ROUTES and not _authorised(request, token):
+            return JSONResponse(
+                {"error": "This server needs a bearer token: send 'Authorization: Bearer <token>'."},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await call_next(request)
+
+    @app.middleware("http")  # added last, so it runs first: it also counts the 401s
+    async def count(request: Request, call_next: Next) -> Response:
+        start = time.perf_counter()
+        route = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            engine.metrics.requests.inc(route=route, status=str(status))
+            engine.metrics.latency.observe(time.perf_counter() - start, route=route)
+
+
+def _authorised(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DiffloraError)
+    async def difflora_error(request: Request, error: DiffloraError) -> JSONResponse:
+        status = status_for(error)
+        log = logger.error if status >= 500 else logger.info
+        log("%s %s -> %d: %s", request.method, request.url.path, status, error)
+        return JSONResponse({"error": str(error)}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        message = f"Internal error ({type(error).__name__}: {error}); the server log has the traceback."
+        return JSONResponse({"error": message}, status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, error: HTTPException) -> JSONResponse:
+        routes = "POST /generate, GET /adapters, GET /health, GET /metrics"
+        message = f"{error.detail}: {request.method} {request.url.path} (routes: {routes})."
+        return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if content_type and "json" not in content_type:  # curl -d sends a form's content type
+            message = (
+                f"POST {request.url.path} takes a JSON body, but the request says it is {content_type!r}: "
+                "send 'Content-Type: application/json' (curl: -H 'Content-Type: application/json')."
+            )
+            return JSONResponse({"error": message}, status_code=422)
+        return JSONResponse({"error": describe_validation(error.errors())}, status_code=422)
+
+
+def describe_validation(errors: Any) -> str:
+    """pydantic's error list as one sentence per problem, naming the JSON field."""
+    problems = []
+    for item in errors:
+        if item.get("type") == "json_invalid":
+            reason = (item.get("ctx") or {}).get("error", "")
+            return f"The request body is not valid JSON ({reason}). Send a JSON object such as " + (
+                '{"prompt": "a cat", "adapters": "style:0.7"}.'
+            )
+        where = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
+        if item.get("type") == "extra_forbidden":
+            fields = ", ".join(GenerateBody.model_fields)
+            problems.append(f"unknown field {where!r} (fields: {fields})")
+        else:
+            problems.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "Invalid request: " + "; ".join(problems) + "."
+
+
+def _add_routes(app: FastAPI, engine: Engine) -> None:
+    @app.post("/generate", response_model=None)
+    def generate(body: GenerateBody) -> Response:
+        result = engine.generate(body.to_config())
+        if body.format == "png":
+            image = result.images[0]
+            headers = {"X-Difflora-Seed": str(image.seed)}
+            return Response(image.png, media_type="image/png", headers=headers)
+        return JSONResponse(_json_result(engine, result))
+
+    @app.get("/adapters")
+    def adapters() -> dict[str, Any]:
+        cached = {entry.name: entry for entry in engine.cache.cached()}
+        stats = engine.cache.stats()
+        return {
+            "available": [
+                {"name": name, "file": str(path), "cached": name in cached}
+                for name, path in sorted(engine.available().items())
+            ],
+            "cached": [{"name": e.name, "file": str(e.path), "bytes": e.nbytes} for e in cached.values()],
+            "composed": [str(spec) for spec in engine.composer.adapters],
+            "cache": {
+                "bytes": stats.nbytes,
+                "capacity_bytes": stats.capacity,
+                "hits": stats.hits,
+                "misses": stats.misses,
+                "evictions": stats.evictions,
+            },
+        }
+
+    # /health and /metrics are async: they run on the event loop, never queued behind renders in the pool
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        identity = engine.identity
+        return {
+            "status": "ok",
+            "model": identity.name,
+            "architecture": identity.architecture,
+            "mode": engine.mode,
+            "busy": engine.busy,
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(_metrics_text(engine), media_type=CONTENT_TYPE)
+
+
+def _json_result(engine: Engine, result: Result) -> dict[str, Any]:
+    return {
+        "images": [base64.b64encode(image.png).decode("ascii") for image in result.images],
+        "parameters": [image.parameters for image in result.images],
+        "seeds": [image.seed for image in result.images],
+        "adapters": [str(spec) for spec in result.adapters],
+        "model": engine.identity.name,
+        "mode": engine.mode,
+        "timings": result.timings,
+    }
+
+
+def _metrics_text(engine: Engine) -> str:
+    stats = engine.cache.stats()
+    gauges = [
+        ("difflora_adapter_cache_hits_total", "counter", "Adapter cache hits.", stats.hits),
+        ("difflora_adapter_cache_misses_total", "counter", "Adapters read from disk.", stats.misses),
+        ("difflora_adapter_cache_evictions_total", "counter", "Adapters evicted (LRU).", stats.evictions),
+        ("difflora_adapter_cache_bytes", "gauge", "Bytes of adapters in the cache.", stats.nbytes),
+        ("difflora_adapter_cache_capacity_bytes", "gauge", "The cache's bound (--cache-mb).", stats.capacity),
+        ("difflora_adapter_cache_entries", "gauge", "Adapters in the cache.", stats.entries),
+        ("difflora_busy", "gauge", "1 while a request is on the model.", int(engine.busy)),
+    ]
+    return exposition(engine.metrics.all(), gauges)

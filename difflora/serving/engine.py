@@ -1,0 +1,256 @@
+"""The serving engine: the base model loaded once, one request at a time on it, each with its own adapters.
+
+A request (a validated GenerateConfig) names adapters in the CLI grammar. Under the engine's lock, its
+adapters are found in the server's adapter folders (names only, never paths: a client must not make the
+server read arbitrary files), taken from the AdapterCache or read and checked against the model, and only
+then composed, so an unknown, broken or foreign adapter is refused before any weight changes. The
+pipeline's Composer then makes the composed set exactly the request's, in the request's order: the
+weights a request renders with depend only on its spec, never on what the previous request had (fused
+mode re-computes W0 + Σ wᵢ·ΔWᵢ from the kept W0, so nothing drifts however many requests pass).
+
+The composition mode is a deployment choice (`--mode`); the default, fused, comes from measurement (the
+numbers are in the comment on ServeConfig.mode).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difflora.adapter.types import Adapter
+from difflora.composition.composer import Composer, Mode, compose
+from difflora.composition.fit import check_compatible, fit_to_modules
+from difflora.composition.spec import ADAPTER_SUFFIX, AdapterWeight, adapter_dirs, available_adapters
+from difflora.config.generate import GenerateConfig
+from difflora.config.serve import ServeConfig
+from difflora.errors import AdapterSpecError, ConfigError, first_n
+from difflora.formats.read import load_adapter
+from difflora.generation.pipeline import a1111_parameters, png_bytes, render
+from difflora.serving.cache import AdapterCache, CacheEntry
+from difflora.serving.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+# The same settings, read the same way, as difflora.generation.generate records them.
+RENDER_SETTINGS = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "scheduler")
+ZERO_SNR_KEY = "difflora.train.zero_terminal_snr"
+
+
+class UnknownAdapterError(AdapterSpecError):
+    """A request names an adapter that is not in the server's adapter folders."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (ServeConfig's max_size, max_steps, max_images)."""
+
+    max_size: int = ServeConfig.max_size
+    max_steps: int = ServeConfig.max_steps
+    max_images: int = ServeConfig.max_images
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    png: bytes
+    parameters: str
+    seed: int
+
+
+@dataclass
+class Result:
+    images: list[RenderedImage]
+    adapters: list[AdapterWeight]
+    timings: dict[str, float] = field(default_factory=dict)  # queue, compose, render (seconds)
+
+
+class Engine:
+    """One pipeline, its Composer and the adapter cache. `generate` is safe to call from many threads:
+    requests are served one at a time on the model. With `reload_each_request`, every request reads its
+    adapters from disk and composes them from scratch (the naive server scripts/bench_serve.py compares
+    against)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        adapter_dir: Sequence[str] = (),
+        cache_bytes: int = int(ServeConfig.cache_mb * 2**20),
+        mode: Mode = ServeConfig.mode,
+        limits: Limits | None = None,
+        reload_each_request: bool = False,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.directories = adapter_dirs(adapter_dir)
+        self.limits = limits or Limits()
+        self.reload_each_request = reload_each_request
+        self.metrics = metrics or ServerMetrics()
+        self.cache = AdapterCache(0 if reload_each_request else cache_bytes, self._read)
+        self.composer: Composer = compose(pipe, (), mode=mode, adapter_dirs=adapter_dir)
+        self.identity = self.composer.identity
+        self._composed: dict[str, tuple[Path, tuple[int, int]]] = {}  # name -> (file, stamp) composed
+        self._lock = threading.Lock()
+        self.busy = False
+
+    @classmethod
+    def from_config(cls, config: ServeConfig, *, pipe: Any = None, **options: Any) -> Engine:
+        """The engine `difflora serve` runs: `config`'s base model loaded once (or `pipe`, already loaded)."""
+        if pipe is None:
+            import torch
+
+            from difflora.models.loading import load_pipeline
+
+            device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            pipe = load_pipeline(config.model, device=device, prediction_type=config.prediction_type)
+        limits = Limits(config.max_size, config.max_steps, config.max_images)
+        cache_bytes = int(config.cache_mb * 2**20)
+        return cls(
+            pipe,
+            adapter_dir=config.adapter_dir,
+            cache_bytes=cache_bytes,
+            mode=config.mode,
+            limits=limits,
+            **options,
+        )
+
+    @property
+    def mode(self) -> str:
+        return self.composer.mode
+
+    # ------------------------------------------------------------------ requests
+
+    def generate(self, request: GenerateConfig) -> Result:
+        """Render `request` with its adapters (and only those). Raises DiffloraError subclasses for
+        everything the client can fix, before the model is touched."""
+        self.check_limits(request)
+        specs = request.adapter_weights
+        seed = request.seed if request.seed is not None else random.randrange(2**31)
+        arrived = time.perf_counter()
+        with self._lock:
+            self.busy = True
+            try:
+                started = time.perf_counter()
+                self._compose(specs)
+                composed = time.perf_counter()
+                images = self._render(request, specs, seed)
+                done = time.perf_counter()
+            finally:
+                self.busy = False
+        timings = {"queue": started - arrived, "compose": composed - started, "render": done - composed}
+        self.metrics.queue.observe(timings["queue"])
+        self.metrics.compose.observe(timings["compose"])
+        self.metrics.render.observe(timings["render"])
+        self.metrics.images.inc(len(images))
+        return Result(images, specs, timings)
+
+    def check_limits(self, request: GenerateConfig) -> None:
+        """This server's limits (each message names the limit and its flag), on top of GenerateConfig's
+        own validation."""
+        limits, problems = self.limits, []
+        native = int(self.pipe.unet.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 8))
+        for name in ("width", "height"):
+            value = getattr(request, name) or native
+            if value > limits.max_size:
+                problems.append(
+                    f"{name} {value} is over this server's limit of {limits.max_size} (--max-size)"
+                )
+        if request.steps > limits.max_steps:
+            problems.append(
+                f"steps {request.steps} is over this server's limit of {limits.max_steps} (--max-steps)"
+            )
+        if request.num_images > limits.max_images:
+            problems.append(
+                f"num_images {request.num_images} is over this server's limit of {limits.max_images} "
+                "(--max-images)"
+            )
+        if problems:
+            raise ConfigError("Request over the server's limits: " + "; ".join(problems) + ".")
+
+    # ------------------------------------------------------------------ adapters
+
+    def find(self, name: str) -> Path:
+        """The file of adapter `name` in the adapter folders. Paths are refused (422), unknown names get
+        the closest available ones (404)."""
+        stem = name.removesuffix(ADAPTER_SUFFIX)
+        if not stem or any(c in stem for c in "/\\:") or stem.startswith(".") or Path(stem).is_absolute():
+            raise AdapterSpecError(
+                f"Adapter {name!r}: a server request names adapters from its adapter folders (GET /adapters "
+                "lists them), not paths."
+            )
+        for directory in self.directories:
+            candidate = directory / (stem + ADAPTER_SUFFIX)
+            if candidate.is_file():
+                return candidate
+        available = self.available()
+        close = difflib.get_close_matches(stem, list(available), n=3, cutoff=0.4)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        listing = first_n(sorted(available), 30) or "none"
+        raise UnknownAdapterError(f"Unknown adapter {name!r}.{hint} Available adapters: {listing}.")
+
+    def available(self) -> dict[str, Path]:
+        return available_adapters(self.directories)
+
+    def _read(self, name: str, path: Path) -> Adapter:
+        """A cache miss: read the file and check it against the model (AdapterCompatibilityError names
+        both bases), once per load rather than once per request."""
+        adapter = load_adapter(path)
+        check_compatible(adapter, self.pipe, name=name)
+        return fit_to_modules(adapter, self.pipe)
+
+    def _compose(self, specs: list[AdapterWeight]) -> None:
+        entries: dict[str, CacheEntry] = {
+            spec.name: self.cache.get(spec.name, self.find(spec.name)) for spec in specs
+        }
+        if self.reload_each_request:
+            self.composer.clear()
+            self._composed.clear()
+        present = {spec.name for spec in self.composer.adapters}
+        for name, (path, stamp) in list(self._composed.items()):
+            entry = entries.get(name)
+            if entry is not None and (entry.path, entry.stamp) != (path, stamp) and name in present:
+                self.composer.remove(name)  # retrained in place: compose the new file, not the old one
+            if entry is None or (entry.path, entry.stamp) != (path, stamp):
+                del self._composed[name]
+        if self.composer.adapters == specs:
+            return  # the same set at the same weights: nothing to do (the common case of a busy style)
+        try:
+            self.composer.set(specs, loader=lambda name: (entries[name].adapter, entries[name].path))
+        finally:  # what is composed now, even if set() stopped half-way
+            composed = [spec.name for spec in self.composer.adapters if spec.name in entries]
+            self._composed = {name: (entries[name].path, entries[name].stamp) for name in composed}
+            self.composer.warnings.clear()  # check_compatible logged them; a server must not pile them up
+
+    # ------------------------------------------------------------------ rendering
+
+    def _render(self, request: GenerateConfig, specs: list[AdapterWeight], seed: int) -> list[RenderedImage]:
+        settings = {name: getattr(request, name) for name in RENDER_SETTINGS}
+        prompt = settings.pop("prompt")
+        seeds = [seed + i for i in range(request.num_images)]
+        zero_snr = any(
+            self.composer.adapter(spec.name).meta.extra.get(ZERO_SNR_KEY) == "True" for spec in specs
+        )
+        images = render(self.pipe, [prompt] * len(seeds), seeds=seeds, zero_terminal_snr=zero_snr, **settings)
+        adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in specs]
+        result = []
+        for image, image_seed in zip(images, seeds, strict=True):
+            parameters = a1111_parameters(
+                **{
+                    **settings,
+                    "width": request.width or image.width,
+                    "height": request.height or image.height,
+                },
+                prompt=prompt,
+                seed=image_seed,
+                model=self.identity.name,
+                model_hash=self.identity.base_hash,
+                adapters=adapters,
+            )
+            result.append(RenderedImage(png_bytes(image, parameters=parameters), parameters, image_seed))
+        return result
