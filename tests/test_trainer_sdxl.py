@@ -12,9 +12,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
 from difflora.config.train import TrainConfig
 from difflora.errors import ConfigError
+from difflora.formats.export import export_adapter
 from difflora.formats.read import load_adapter
 from difflora.generation.generate import generate
 from difflora.generation.schedulers import make_scheduler
@@ -96,7 +98,9 @@ def test_sdxl_trains_both_text_encoders_at_their_own_rates_and_composes(workspac
     extra = adapter.meta.extra
     assert float(extra["difflora.train.text_encoder_lr"]) == pytest.approx(1e-3)
     assert float(extra["difflora.train.text_encoder_2_lr"]) == pytest.approx(5e-4)
-    assert adapter.meta.base_family == "sdxl"
+    assert adapter.meta.base_family == "custom"  # SDXL's conditioning, not its size: not exported as SDXL
+    exported = export_adapter(ExportConfig(adapter=str(path), output=str(tmp_path / "kohya.safetensors")))
+    assert set(load_adapter(exported).modules) == set(adapter.modules)  # both text encoders read back
     plan = (tmp_path / "images.run" / "plan.txt").read_text()
     assert "text encoder 2 lr 0.0005" in plan and "text encoder 2 " in plan
 

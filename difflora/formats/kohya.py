@@ -260,7 +260,11 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, so
     modules = {keys[name]: weights for name, weights in raw.items()}
     if family in reference_families():
         table = reference_table(family)
-        modules = {key: _match_kind(w, table.modules[key].kind) for key, w in modules.items()}
+        # A module the reference tree lacks (a custom architecture named like this family) keeps its layout.
+        modules = {
+            key: _match_kind(w, table.modules[key].kind) if key in table.modules else w
+            for key, w in modules.items()
+        }
     return Adapter(modules=dict(sorted(modules.items())), meta=_meta_from_kohya(metadata, family))
 
 

@@ -70,10 +70,16 @@ def _compute_identity(pipe: Any) -> ModelIdentity:
 
 
 def _family(unet_config: dict[str, Any], pipe: Any) -> Family:
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
     cross = unet_config.get("cross_attention_dim")
     channels = tuple(unet_config.get("block_out_channels", ()))
+    # SDXL's shape, not only its conditioning: a smaller UNet with text-time embeddings is another
+    # architecture, and exporting it under SDXL's module names would be wrong.
+    if (
+        unet_config.get("addition_embed_type") == "text_time"
+        and channels == (320, 640, 1280)
+        and cross == 2048
+    ):
+        return "sdxl"
     if channels == (320, 640, 1280, 1280) and cross == 768:
         return "sd1"
     if channels == (320, 640, 1280, 1280) and cross == 1024:
