@@ -74,3 +74,43 @@ def test_every_config_field_is_a_flag_with_help():
                        "--batch-size", "--learning-rate", "--seed", "--save-every", "--resume",
                        "--train-text-encoder", "--trigger", "--model", "--config"):  # fmt: skip
         assert issue_flag in help_text
+
+
+@pytest.fixture
+def captured_many(monkeypatch, tmp_path):
+    seen: list[list[TrainConfig]] = []
+
+    def fake_train_many(configs, **_) -> list:
+        seen.append(list(configs))
+        return [tmp_path / f"{i}.safetensors" for i in range(len(configs))]
+
+    monkeypatch.setattr(trainer, "train_many", fake_train_many)
+    return seen
+
+
+def test_several_folders_train_one_adapter_each_with_the_shared_flags(captured_many):
+    result = CliRunner().invoke(cli, ["train", "style", "subject", "--rank", "16"])
+    assert result.exit_code == 0, result.output
+    (configs,) = captured_many
+    assert [c.data_dir for c in configs] == ["style", "subject"] and {c.rank for c in configs} == {16}
+    assert result.output.count("Adapter: ") == 2
+    refused = CliRunner().invoke(cli, ["train", "style", "subject", "--name", "x"])
+    assert refused.exit_code != 0 and "--name names one adapter" in refused.output
+
+
+def test_adapter_tables_override_the_shared_train_settings(captured_many, tmp_path):
+    path = tmp_path / "two.toml"
+    path.write_text(
+        '[train]\nrank = 4\n\n[[adapter]]\ndata_dir = "style"\n\n'
+        '[[adapter]]\ndata_dir = "subject"\nrank = 8\nname = "cross"\n'
+    )
+    result = CliRunner().invoke(cli, ["train", "--config", str(path), "--seed", "7"])
+    assert result.exit_code == 0, result.output
+    (configs,) = captured_many
+    assert [(c.data_dir, c.rank, c.name, c.seed) for c in configs] == [
+        ("style", 4, None, 7),
+        ("subject", 8, "cross", 7),
+    ]
+    path.write_text('[[adapter]]\ndata_dir = "style"\nrnak = 2\n')
+    typo = CliRunner().invoke(cli, ["train", "--config", str(path)])
+    assert typo.exit_code != 0 and "rank" in typo.output  # unknown keys named with the nearest valid one

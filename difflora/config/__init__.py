@@ -102,14 +102,24 @@ def load_config(
 ) -> C:
     """Build `cls` from its defaults, then the TOML file (optionally its [section] table), then the
     overrides whose value is not None (click options default to None so "given" is detectable)."""
-    values: dict[str, Any] = {}
+    data: Mapping[str, Any] = {}
     if toml_path is not None:
         data = read_toml(Path(toml_path))
         if section is not None and isinstance(data.get(section), dict):
             data = data[section]
-        _refuse_unknown(cls, data, source=str(toml_path))
+    return build_config(cls, data, overrides, source=str(toml_path))
+
+
+def build_config(
+    cls: type[C], data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, source: str
+) -> C:
+    """`cls` from its defaults, then `data` (a TOML table read from `source`: unknown keys and wrong types
+    refused, all problems at once), then the overrides whose value is not None."""
+    values: dict[str, Any] = {}
+    if data:
+        _refuse_unknown(cls, data, source=source)
         coerced = {key: _coerce(cls, key, value) for key, value in data.items()}
-        _refuse_wrong_types(cls, coerced, source=str(toml_path))
+        _refuse_wrong_types(cls, coerced, source=source)
         values.update(coerced)
     if overrides:
         given = {key: value for key, value in overrides.items() if value is not None}
