@@ -39,9 +39,8 @@ from typing import Any, Literal
 
 import torch
 from peft.tuners.lora import LoraLayer
-from torch import nn
 
-from difflora.adapter.inject import inject_weights
+from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.names import live_name
 from difflora.adapter.types import Adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
@@ -211,7 +210,7 @@ class Composer:
         self._cache_left += sum(delta.numel() * 4 for delta in self._deltas.pop(entry.key, {}).values())
         if self.mode == "dynamic":
             for component in entry.adapter.components:
-                _delete_peft_adapter(getattr(self.pipe, component), entry.key)
+                remove_adapter(getattr(self.pipe, component), entry.key)
 
     def _apply(self) -> None:
         if self.mode == "fused":
@@ -282,26 +281,6 @@ class Composer:
                     layer.set_scale(key, keys[key].spec.weight_for(component))
                 others = [a for a in layer.active_adapters if a not in keys and not a.startswith("difflora")]
                 layer.set_adapter(others + ours, inference_mode=True)
-
-
-def _delete_peft_adapter(model: nn.Module, key: str) -> None:
-    """Delete peft adapter `key` from every layer; a layer left without adapters is replaced by its base
-    layer, so a model whose adapters were all removed is the plain model again."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, LoraLayer) or key not in module.lora_A:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module.delete_adapter(key)
-        if not module.lora_A:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    config = getattr(model, "peft_config", None)
-    if isinstance(config, dict):
-        config.pop(key, None)
-        if not config:
-            del model.peft_config
 
 
 # ---------------------------------------------------------------------------------------------- entry point

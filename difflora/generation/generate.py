@@ -30,7 +30,7 @@ from difflora.generation.pipeline import a1111_parameters, image_grid, render, s
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-_RENDER_SETTINGS = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "scheduler")
+RENDER_SETTINGS = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "scheduler")
 
 
 @dataclass
@@ -130,9 +130,9 @@ def _render(job: _Job, seeds: list[int]) -> list[Image.Image]:
         if job.progress:
             job.progress(offset + done, job.total_steps)
 
-    settings = _settings(config)
+    settings = render_settings(config)
     prompt = settings.pop("prompt")
-    zero_snr = _trained_with_zero_terminal_snr(job.composer)
+    zero_snr = trained_with_zero_terminal_snr(job.composer)
     images = render(
         job.pipe, [prompt] * len(seeds), seeds=seeds, progress=report, zero_terminal_snr=zero_snr, **settings
     )
@@ -140,7 +140,7 @@ def _render(job: _Job, seeds: list[int]) -> list[Image.Image]:
     return images
 
 
-def _trained_with_zero_terminal_snr(composer: Composer) -> bool:
+def trained_with_zero_terminal_snr(composer: Composer) -> bool:
     """Whether a composed adapter was trained on the zero-terminal-SNR schedule (it then needs the
     matching sampler schedule; its header says so)."""
     return any(
@@ -149,10 +149,10 @@ def _trained_with_zero_terminal_snr(composer: Composer) -> bool:
     )
 
 
-def _settings(config: GenerateConfig) -> dict[str, Any]:
+def render_settings(config: GenerateConfig) -> dict[str, Any]:
     """The config values render() is given and every PNG records (A1111 parameters and sidecar), read in
     one place so that what a PNG says can never drift from how it was rendered."""
-    return {name: getattr(config, name) for name in _RENDER_SETTINGS}
+    return {name: getattr(config, name) for name in RENDER_SETTINGS}
 
 
 def _sweep(job: _Job, seed: int) -> list[Path]:
@@ -192,7 +192,7 @@ def _save(
     identity = composer.identity
     adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in composer.adapters]
     settings = {
-        **_settings(config),
+        **render_settings(config),
         "seed": seed,
         "width": config.width or image.width,
         "height": config.height or image.height,

@@ -32,6 +32,7 @@ from difflora.config.generate import GenerateConfig
 from difflora.config.serve import ServeConfig
 from difflora.errors import AdapterSpecError, ConfigError, first_n
 from difflora.formats.read import load_adapter
+from difflora.generation.generate import render_settings, trained_with_zero_terminal_snr
 from difflora.generation.pipeline import a1111_parameters, png_bytes, render
 from difflora.serving.cache import AdapterCache, CacheEntry
 from difflora.serving.metrics import ServerMetrics
@@ -39,8 +40,6 @@ from difflora.serving.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 # The same settings, read the same way, as difflora.generation.generate records them.
-RENDER_SETTINGS = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "scheduler")
-ZERO_SNR_KEY = "difflora.train.zero_terminal_snr"
 
 
 class UnknownAdapterError(AdapterSpecError):
@@ -230,12 +229,10 @@ class Engine:
     # ------------------------------------------------------------------ rendering
 
     def _render(self, request: GenerateConfig, specs: list[AdapterWeight], seed: int) -> list[RenderedImage]:
-        settings = {name: getattr(request, name) for name in RENDER_SETTINGS}
+        settings = render_settings(request)  # what difflora generate renders with and records
         prompt = settings.pop("prompt")
         seeds = [seed + i for i in range(request.num_images)]
-        zero_snr = any(
-            self.composer.adapter(spec.name).meta.extra.get(ZERO_SNR_KEY) == "True" for spec in specs
-        )
+        zero_snr = trained_with_zero_terminal_snr(self.composer)
         images = render(self.pipe, [prompt] * len(seeds), seeds=seeds, zero_terminal_snr=zero_snr, **settings)
         adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in specs]
         result = []
