@@ -88,23 +88,24 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = TINY_HIDDEN):
     )
 
 
-def tiny_text_encoder(seed: int = 0, vocab_size: int = 514):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(seed: int = 0, vocab_size: int = 514, *, projection: bool = False):
+    """A 2-layer CLIP text encoder; `projection` gives SDXL's second encoder (pooled, projected output)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=TINY_TOKENS,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TINY_TOKENS,
+        projection_dim=TINY_HIDDEN,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def tiny_vae(seed: int = 0):
@@ -173,7 +174,6 @@ def tiny_sdxl_pipeline(tmp_path: Path, seed: int = 0):
     """A complete StableDiffusionXLPipeline of tiny random modules: two text encoders (the second with a
     projection, whose pooled output conditions the UNet with the size/crop time ids), 16x16 images."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -191,25 +191,10 @@ def tiny_sdxl_pipeline(tmp_path: Path, seed: int = 0):
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=TINY_HIDDEN + 6 * 8,  # pooled text + 6 time ids
     )
-    vocab = 514
-    encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=vocab,
-            hidden_size=TINY_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=TINY_TOKENS,
-            projection_dim=TINY_HIDDEN,
-            bos_token_id=vocab - 2,
-            eos_token_id=vocab - 1,
-            pad_token_id=vocab - 1,
-        )
-    )
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(seed),
         text_encoder=tiny_text_encoder(seed),
-        text_encoder_2=encoder_2,
+        text_encoder_2=tiny_text_encoder(seed, projection=True),
         tokenizer=tiny_tokenizer(tmp_path / "tokenizer"),
         tokenizer_2=tiny_tokenizer(tmp_path / "tokenizer_2"),
         unet=unet,

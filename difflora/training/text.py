@@ -45,25 +45,23 @@ def caption_encoder(tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Modul
     return encode
 
 
-def _token_ids(tokenizer: Any, captions: list[str], encoder: torch.nn.Module) -> torch.Tensor:
-    tokens = tokenizer(
+def _tokens(tokenizer: Any, captions: list[str]) -> Any:
+    """Padded to the tokenizer's max length and truncated, as the pipelines tokenize prompts."""
+    return tokenizer(
         captions,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )
-    return tokens.input_ids.to(next(encoder.parameters()).device)
+
+
+def _token_ids(tokenizer: Any, captions: list[str], encoder: torch.nn.Module) -> torch.Tensor:
+    return _tokens(tokenizer, captions).input_ids.to(next(encoder.parameters()).device)
 
 
 def _last_hidden(tokenizer: Any, encoder: torch.nn.Module, captions: list[str]) -> torch.Tensor:
-    tokens = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
+    tokens = _tokens(tokenizer, captions)
     device = next(encoder.parameters()).device
     mask = tokens.attention_mask.to(device) if getattr(encoder.config, "use_attention_mask", False) else None
     return encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
