@@ -82,7 +82,8 @@ def wait_until_stopped(process: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def make_workspace(root: Path) -> Path:
-    """A saved tiny model and an 8-image folder of the embedded world's style concept (test_trainer's)."""
+    """A saved tiny model and an 8-image folder of the embedded world's style concept (test_trainer's and
+    the fault tests' workspace)."""
     from difflora.embedded.shapes import style_batch
 
     tiny_pipeline(root / "tok").save_pretrained(root / "model")

@@ -21,23 +21,13 @@ from difflora.errors import ConfigError, TrainingDivergedError
 from difflora.formats.read import load_adapter
 from difflora.models.identity import model_identity
 from difflora.models.loading import load_pipeline
-from tests.conftest import tiny_pipeline
+from tests.faults_support import make_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A saved tiny model and an 8-image folder of the embedded world's style concept."""
-    from difflora.embedded.shapes import style_batch
-
-    root = tmp_path_factory.mktemp("train")
-    tiny_pipeline(root / "tok").save_pretrained(root / "model")
-    images, captions = style_batch(0, 8)
-    data = root / "stripes"
-    data.mkdir()
-    for index, (pixels, caption) in enumerate(zip(images, captions, strict=True)):
-        Image.fromarray(pixels).resize((16, 16)).save(data / f"{index}.png")
-        (data / f"{index}.txt").write_text(caption)
-    return root
+    return make_workspace(tmp_path_factory.mktemp("train"))
 
 
 def _config(workspace: Path, out: Path, **changes) -> TrainConfig:
