@@ -195,6 +195,22 @@ def test_samples_are_rendered_without_changing_training(workspace, tmp_path):
     assert grid.shape[1] > 2 * 16  # two seed columns of 16-px images
 
 
+def test_each_run_says_where_its_time_went(workspace, tmp_path):
+    trainer.train(_config(workspace, tmp_path / "off", max_steps=2, save_every=1), progress=False)
+    trainer.train(
+        _config(workspace, tmp_path / "on", max_steps=2, save_every=0, sample_every=1, sample_steps=2),
+        progress=False,
+    )
+    off = json.loads((tmp_path / "off" / "stripes.run" / "timing.json").read_text())
+    on = json.loads((tmp_path / "on" / "stripes.run" / "timing.json").read_text())
+    for times in (off, on):
+        phases = [v for k, v in times.items() if k != "total"]
+        assert times["steps"] > 0 and times["load"] > 0 and all(v >= 0 for v in phases)
+        assert sum(phases) == pytest.approx(times["total"], abs=0.01)  # every second counted once
+    assert off["previews"] == 0 and off["checkpoints"] > 0  # checkpoints at steps 1 and 2
+    assert on["previews"] > 0  # grids at steps 1 and 2; the final checkpoint only
+
+
 def test_resume_refuses_changed_settings_and_data(workspace, tmp_path):
     trainer.train(_config(workspace, tmp_path, max_steps=2, save_every=1), progress=False)
     with pytest.raises(ConfigError, match=r"rank: checkpoint 8, now 4"):

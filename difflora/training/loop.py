@@ -81,9 +81,10 @@ def run_loop(run: Run) -> None:
     step, bad_streak, epoch = run.start_step, 0, 0
     while step < settings.total_steps:
         began = time.perf_counter()
-        epoch, losses, bad = _accumulate(run, stream, step)
-        bad = _update(run, bad, step + 1)
-        run.scheduler.step()
+        with run.times.phase("steps"):
+            epoch, losses, bad = _accumulate(run, stream, step)
+            bad = _update(run, bad, step + 1)
+            run.scheduler.step()
         step += 1
         bad_streak = bad_streak + 1 if bad else 0
         if run.log is not None:

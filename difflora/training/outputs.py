@@ -68,6 +68,11 @@ def render_samples(run: Run, step: int) -> bytes | None:
     """The sample grid PNG for this step (main process), or None when samples are off or not due."""
     if not samples_due(run, step):
         return None
+    with run.times.phase("previews"):
+        return _render_and_save(run, step)
+
+
+def _render_and_save(run: Run, step: int) -> bytes:
     samples = run.samples
     grid = render_sample_grid(
         run.models.pipe,
@@ -96,32 +101,41 @@ def save_state(run: Run, step: int, epoch: int, *, finished: bool = False) -> Ch
     rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
     checkpoint = None
     if accelerator.is_main_process:
-        adapter = build_adapter(run, step=step, finished=finished)
-        grid = render_samples(run, step)
-        checkpoint = save_checkpoint(
-            run.paths.checkpoints,
-            step,
-            parameters={k: p.detach() for k, p in run.models.trainable.items()},
-            optimizer=run.optimizer.state_dict(),
-            scheduler=run.scheduler.state_dict(),
-            rng={str(i): state for i, state in enumerate(rngs)},
-            info={
-                "config": run.record.config,
-                "dataset_hash": run.data.scan.dataset_hash,
-                "epoch": epoch,
-                "started_at": run.started_at,
-                "torch_threads": torch.get_num_threads(),
-            },
-            adapter_bytes=adapter_file_bytes(adapter),
-            extra_files={"samples.png": grid} if grid else None,
-            keep=run.loop.keep_checkpoints,
-        )
-        if run.gradients is not None:
-            run.gradients.write()
-        if run.log is not None:
-            run.log.write_curve()
-            run.log.write(f"checkpoint: {checkpoint.path}")
+        grid = render_samples(run, step)  # timed as previews; the rest of this block as checkpoints
+        with run.times.phase("checkpoints"):
+            checkpoint = _write_checkpoint(run, step, epoch, rngs, grid, finished=finished)
     accelerator.wait_for_everyone()
+    return checkpoint
+
+
+def _write_checkpoint(
+    run: Run, step: int, epoch: int, rngs: list, grid: bytes | None, *, finished: bool
+) -> Checkpoint:
+    """The checkpoint files, the gradient log and the loss curve (main process)."""
+    adapter = build_adapter(run, step=step, finished=finished)
+    checkpoint = save_checkpoint(
+        run.paths.checkpoints,
+        step,
+        parameters={k: p.detach() for k, p in run.models.trainable.items()},
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        rng={str(i): state for i, state in enumerate(rngs)},
+        info={
+            "config": run.record.config,
+            "dataset_hash": run.data.scan.dataset_hash,
+            "epoch": epoch,
+            "started_at": run.started_at,
+            "torch_threads": torch.get_num_threads(),
+        },
+        adapter_bytes=adapter_file_bytes(adapter),
+        extra_files={"samples.png": grid} if grid else None,
+        keep=run.loop.keep_checkpoints,
+    )
+    if run.gradients is not None:
+        run.gradients.write()
+    if run.log is not None:
+        run.log.write_curve()
+        run.log.write(f"checkpoint: {checkpoint.path}")
     return checkpoint
 
 
@@ -133,9 +147,12 @@ def finish_run(run: Run) -> Path:
         save_state(run, step, run.final_epoch, finished=True)
     if run.accelerator.is_main_process:
         _report_gradients(run)
-        payload = adapter_file_bytes(build_adapter(run, step=step, finished=True))
-        write_atomic(run.paths.adapter, payload, fault="adapter-write")
+        with run.times.phase("final_save"):
+            payload = adapter_file_bytes(build_adapter(run, step=step, finished=True))
+            write_atomic(run.paths.adapter, payload, fault="adapter-write")
         logger.info("adapter written: %s (run directory %s)", run.paths.adapter, run.paths.run_dir)
+        run.times.write(run.paths.run_dir / "timing.json")
+        logger.info("time: %s", run.times.summary())
     run.accelerator.wait_for_everyone()
     return run.paths.adapter
 

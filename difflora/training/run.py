@@ -8,6 +8,7 @@ Run layout, beside the adapter `<output-dir>/<name>.safetensors`:
         plan.txt         the plan printed before training
         loss.csv         step, epoch, loss, smoothed loss, learning rate, skipped, seconds
         loss.png         the loss curve
+        timing.json      seconds spent loading, caching, stepping, rendering samples, checkpointing
         samples/step-NNNNNN.png   sample grid (prompts x seeds) at each sampling step
         checkpoints/step-NNNNNN/  see training/checkpoint.py (the newest --keep-checkpoints are kept)
         tensorboard/     event files, when tensorboard is installed
@@ -37,6 +38,7 @@ from difflora.training.data import TrainingData
 from difflora.training.gradients import GradientMonitor
 from difflora.training.log import TrainLog
 from difflora.training.setup import Models
+from difflora.training.timing import PhaseTimes
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -154,6 +156,7 @@ class Run:
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     log: TrainLog | None = None
     gradients: GradientMonitor | None = None  # main process only
+    times: PhaseTimes = field(default_factory=PhaseTimes)
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:

@@ -55,6 +55,7 @@ from difflora.training.setup import (
     unload_lora,
 )
 from difflora.training.text import pipeline_text_encoders
+from difflora.training.timing import PhaseTimes
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -101,9 +102,46 @@ def _base_key(config: TrainConfig) -> tuple[Any, ...]:
 def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_base: bool = False) -> Run:
     """Everything a run needs, as plain values. `pipe`: the base, already loaded by an earlier run of
     `train_many`; `keep_base`: a later run will reuse it (so its VAE encoder is not freed)."""
+    times = PhaseTimes()
     accelerator = _accelerator(config)
     paths = run_paths(config)
-    models = load_models(
+    with times.phase("load"):
+        models = _load(config, accelerator, pipe)
+    geometry = pipeline_geometry(models.pipe)
+    resolution = config.resolution or geometry.resolution
+    with times.phase("threads"):
+        threads_note, threads_chosen = set_threads(
+            config.num_threads, accelerator, models.pipe, config.batch_size, resolution
+        )
+    settings = DataSettings.from_config(
+        config, resolution=resolution, bucket_step=geometry.step, world_size=accelerator.num_processes
+    )
+    with times.phase("caching"):
+        data = _prepare_data(config, accelerator, models, settings, Tokens.of(geometry), paths.cache)
+    if config.cache_latents and not keep_base:
+        release_vae_encoder(models.pipe)
+    run = _assemble(config, accelerator, models, data, paths, resolution)
+    run.times = times
+    if threads_note:
+        data.notes.append(threads_note)
+    run.start_step = restore_or_start(run, resume=config.resume, keep_thread_count=not threads_chosen)
+    if accelerator.is_main_process:
+        plan_text = describe_plan(config, run)
+        logger.info("%s", plan_text)
+        write_atomic(paths.run_dir / "plan.txt", (plan_text + "\n").encode())
+        write_atomic(paths.run_dir / "config.toml", to_toml(config, section="train").encode())
+        total = run.loop.total_steps
+        run.log = TrainLog(paths.run_dir, total_steps=total, start_step=run.start_step, progress=progress)
+        if config.grad_log_every:
+            run.gradients = GradientMonitor(
+                models.trainable, paths.run_dir, every=config.grad_log_every, start_step=run.start_step
+            )
+    return run
+
+
+def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
+    """The base with LoRA layers injected as `config` says (`pipe`: a base already loaded, or None)."""
+    return load_models(
         config.model,
         device=accelerator.device,
         mixed_precision=config.mixed_precision,
@@ -121,33 +159,6 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
         conv_alpha=config.conv_alpha,
         pipe=pipe,
     )
-    geometry = pipeline_geometry(models.pipe)
-    resolution = config.resolution or geometry.resolution
-    threads_note, threads_chosen = set_threads(
-        config.num_threads, accelerator, models.pipe, config.batch_size, resolution
-    )
-    settings = DataSettings.from_config(
-        config, resolution=resolution, bucket_step=geometry.step, world_size=accelerator.num_processes
-    )
-    data = _prepare_data(config, accelerator, models, settings, Tokens.of(geometry), paths.cache)
-    if config.cache_latents and not keep_base:
-        release_vae_encoder(models.pipe)
-    run = _assemble(config, accelerator, models, data, paths, resolution)
-    if threads_note:
-        data.notes.append(threads_note)
-    run.start_step = restore_or_start(run, resume=config.resume, keep_thread_count=not threads_chosen)
-    if accelerator.is_main_process:
-        plan_text = describe_plan(config, run)
-        logger.info("%s", plan_text)
-        write_atomic(paths.run_dir / "plan.txt", (plan_text + "\n").encode())
-        write_atomic(paths.run_dir / "config.toml", to_toml(config, section="train").encode())
-        total = run.loop.total_steps
-        run.log = TrainLog(paths.run_dir, total_steps=total, start_step=run.start_step, progress=progress)
-        if config.grad_log_every:
-            run.gradients = GradientMonitor(
-                models.trainable, paths.run_dir, every=config.grad_log_every, start_step=run.start_step
-            )
-    return run
 
 
 def _accelerator(config: TrainConfig) -> Accelerator:
