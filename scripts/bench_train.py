@@ -19,7 +19,14 @@ memory (ru_maxrss; on CUDA also torch's peak allocated memory). The two sides al
 and each side's fastest run is reported (all runs are listed), so a load spike on the shared machine does not
 decide the ratio.
 
-    python scripts/bench_train.py [DATA_DIR] [--model M] [--steps 60] [--batch-size 4] [--threads N]
+Full-size bases without a download: `--base sd15` writes (once, to `--models-dir`) a diffusers folder of the
+SD 1.5 architecture with random weights, built from difflora's shipped configs, and both sides load it.
+The reference also reports where its step time goes (data, VAE encode, text encode, UNet forward, backward,
+optimizer), each phase timed on its own; difflora's step has only the last three (latents and text
+embeddings are cached once).
+
+    python scripts/bench_train.py [DATA_DIR] [--base embedded|sd15] [--model M] [--steps 60]
+        [--batch-size 4] [--resolution PX] [--threads N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -75,10 +82,21 @@ def run_difflora(args: argparse.Namespace, began: float) -> dict:
         lr_scheduler="constant",
         lr_warmup_steps=0,
     )
+    imported = time.perf_counter()
     train(config, progress=False)
     with open(out / "bench.run" / "loss.csv", newline="") as handle:
-        seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
-    return {"step_seconds": seconds, "end_to_end_s": time.perf_counter() - began, **_peak_memory()}
+        rows = list(csv.DictReader(handle))
+    if any(row["skipped"] != "0" for row in rows):  # a skipped step does no backward: not a fair step
+        raise SystemExit("difflora skipped steps (non-finite loss): the timing would not be comparable")
+    phases = json.loads((out / "bench.run" / "timing.json").read_text())
+    fixed = {"start_and_imports": imported - began, **{k: phases[k] for k in ("load", "threads", "caching")}}
+    fixed["final_save"] = phases["final_save"] + phases["checkpoints"]
+    return {
+        "step_seconds": [float(row["seconds"]) for row in rows],
+        "end_to_end_s": time.perf_counter() - began,
+        "fixed_seconds": fixed,
+        **_peak_memory(),
+    }
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -129,6 +147,7 @@ def run_reference(args: argparse.Namespace, began: float) -> dict:
 
     from difflora.models.loading import load_pipeline
 
+    imported = time.perf_counter()
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
@@ -164,23 +183,73 @@ def run_reference(args: argparse.Namespace, began: float) -> dict:
         "constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=args.steps
     )
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    seconds = _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler, optimizer, loader,
-                              lr_scheduler, lora_layers, compute_snr, F)  # fmt: skip
-    return {"step_seconds": seconds, "end_to_end_s": time.perf_counter() - began, **_peak_memory()}
+    loaded = time.perf_counter()
+    seconds, phases = _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler, optimizer,
+                                      loader, lr_scheduler, lora_layers, compute_snr, F)  # fmt: skip
+    trained = time.perf_counter()
+    _save_reference_adapter(accelerator.unwrap_model(unet), Path(args.workdir) / "reference.safetensors")
+    fixed = {"start_and_imports": imported - began, "load": loaded - imported}
+    fixed["final_save"] = time.perf_counter() - trained
+    return {
+        "step_seconds": seconds,
+        "end_to_end_s": time.perf_counter() - began,
+        "fixed_seconds": fixed,
+        "phase_seconds_per_step": phases,
+        **_peak_memory(),
+    }
+
+
+def _save_reference_adapter(unet, path: Path) -> None:
+    """What the reference script does at its end (`StableDiffusionPipeline.save_lora_weights` of the peft
+    state dict), so both sides' end-to-end time stops at an adapter on disk."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+_PHASES = ("data", "vae_encode", "text_encode", "unet_forward", "backward", "optimizer")
+
+
+class _Phases:
+    """Adds the wall time since the previous mark to a phase. The CPU runs each op to completion before the
+    next starts, so marks between phases split the step exactly (on CUDA the marks synchronise first)."""
+
+    def __init__(self, totals: dict[str, float]) -> None:
+        self.totals = totals
+        self.last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[phase] += now - self.last
+        self.last = now
 
 
 def _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler, optimizer, loader,
-                    lr_scheduler, lora_layers, compute_snr, F) -> list[float]:  # fmt: skip
+                    lr_scheduler, lora_layers, compute_snr, F) -> tuple[list[float], dict[str, float]]:  # fmt: skip
+    """Each step's wall time (its data loading included), and the mean seconds per steady-state step spent
+    in each phase."""
     import torch
 
     seconds: list[float] = []
+    phases = dict.fromkeys(_PHASES, 0.0)
     global_step = 0
     unet.train()
     while global_step < args.steps:
-        for batch in _timed(loader, seconds):
+        began = time.perf_counter()
+        clock = _Phases(dict.fromkeys(_PHASES, 0.0))
+        for batch in loader:
+            clock.mark("data")
             with accelerator.accumulate(unet):
                 latents = vae.encode(batch["pixel_values"]).latent_dist.sample()
                 latents = latents * vae.config.scaling_factor
+                clock.mark("vae_encode")
                 noise = torch.randn_like(latents)
                 bsz = latents.shape[0]
                 timesteps = torch.randint(
@@ -188,33 +257,73 @@ def _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler,
                 )
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-                target = noise  # epsilon prediction (the embedded model's)
+                clock.mark("text_encode")
+                target = noise  # epsilon prediction (the embedded model's and SD 1.5's)
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                 snr = compute_snr(noise_scheduler, timesteps)
                 weights = torch.stack([snr, 5.0 * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
                 loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
                 loss = (loss.mean(dim=list(range(1, len(loss.shape)))) * weights).mean()
                 accelerator.gather(loss.repeat(bsz)).mean().item()
+                clock.mark("unet_forward")
                 accelerator.backward(loss)
+                clock.mark("backward")
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(lora_layers, 1.0)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
+                clock.mark("optimizer")
+            now = time.perf_counter()
+            seconds.append(now - began)
+            began = now
+            if global_step >= args.warmup:  # phases over the steady-state steps only, like steps/s
+                for phase, value in clock.totals.items():
+                    phases[phase] += value
+            clock = _Phases(dict.fromkeys(_PHASES, 0.0))
             global_step += 1
             if global_step >= args.steps:
                 break
-    return seconds[: args.steps]
+    measured = max(1, args.steps - args.warmup)
+    return seconds[: args.steps], {phase: total / measured for phase, total in phases.items()}
 
 
-def _timed(loader, seconds: list[float]):
-    """Yield the loader's batches, recording the wall time of each step including its data loading."""
-    began = time.perf_counter()
-    for batch in loader:
-        yield batch
-        now = time.perf_counter()
-        seconds.append(now - began)
-        began = now
+# ------------------------------------------------------------------------------------------ full-size base
+
+_FAMILIES = {"sd15": "sd1"}
+
+
+def random_base(name: str, models_dir: Path) -> Path:
+    """A diffusers folder of architecture `name` with random weights (PyTorch's default initialisation,
+    seed 0), built from difflora's shipped configs and tokenizer files; written once, then reused. Both
+    sides load the same folder, so the comparison is on the real model size without a download."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difflora.models.architecture import make_architecture
+    from difflora.models.single_file import base_scheduler, base_tokenizers
+
+    folder = models_dir / f"{name}-random"
+    if (folder / "model_index.json").is_file():
+        return folder
+    architecture = make_architecture(_FAMILIES[name])  # type: ignore[arg-type]
+    configs = architecture.config_dir
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder")),
+        tokenizer=base_tokenizers(architecture)["tokenizer"],
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
+        scheduler=base_scheduler(architecture),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    partial = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(partial)
+    partial.rename(folder)  # a folder with model_index.json is always a complete one
+    return folder
 
 
 # ------------------------------------------------------------------------------------------ parent
@@ -223,7 +332,7 @@ def _timed(loader, seconds: list[float]):
 def _child(kind: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, args.data, "--child", kind, "--workdir", args.workdir]
     command += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
     if args.model:
         command += ["--model", args.model]
     if args.resolution:
@@ -241,6 +350,12 @@ def _summary(result: dict, warmup: int) -> dict:
         "steps_per_s": 1.0 / statistics.median(steady),
         "end_to_end_s": result["end_to_end_s"],
         "peak_rss_mib": result["peak_rss_mib"],
+        "fixed_seconds": {k: round(v, 2) for k, v in result["fixed_seconds"].items()},
+        **(
+            {"phase_seconds_per_step": result["phase_seconds_per_step"]}
+            if "phase_seconds_per_step" in result
+            else {}
+        ),
         **({"peak_cuda_mib": result["peak_cuda_mib"]} if "peak_cuda_mib" in result else {}),
     }
 
@@ -248,7 +363,14 @@ def _summary(result: dict, warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", nargs="?", default=str(REPO / "sample_data" / "style"))
-    parser.add_argument("--model", default=None, help="default: the embedded model")
+    parser.add_argument("--model", default=None, help="default: the embedded model (or --base's)")
+    parser.add_argument(
+        "--base",
+        choices=["embedded", *_FAMILIES],
+        default="embedded",
+        help="sd15: SD 1.5 size, random weights",
+    )
+    parser.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "difflora-bench-models"))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -258,6 +380,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="interleaved runs per side; the fastest counts"
     )
+    parser.add_argument("--json", default=None, help="also write the report to this file")
     parser.add_argument("--child", choices=["difflora", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,12 +389,15 @@ def main() -> None:
         result = (run_difflora if args.child == "difflora" else run_reference)(args, began)
         print(json.dumps(result))
         return
+    if args.base != "embedded" and not args.model:
+        args.model = str(random_base(args.base, Path(args.models_dir)))
     runs: dict[str, list[dict]] = {"difflora": [], "reference": []}
     with tempfile.TemporaryDirectory() as workdir:
         args.workdir = workdir
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides alike
             for kind in runs:
                 runs[kind].append(_summary(_child(kind, args), args.warmup))
+                print(f"{kind}: {json.dumps(runs[kind][-1])}", file=sys.stderr, flush=True)
     ours, reference = (max(r, key=lambda s: s["steps_per_s"]) for r in runs.values())
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
@@ -279,7 +405,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             k: getattr(args, k)
-            for k in ("data", "model", "steps", "batch_size", "rank", "resolution", "threads")
+            for k in ("data", "base", "model", "steps", "batch_size", "rank", "resolution", "threads")
         },
         "difflora": ours,
         "reference": reference,
@@ -289,6 +415,8 @@ def main() -> None:
         "end_to_end_ratio": reference["end_to_end_s"] / ours["end_to_end_s"],
     }
     print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
