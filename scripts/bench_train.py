@@ -199,6 +199,20 @@ def run_reference(args: argparse.Namespace, began: float) -> dict:
     }
 
 
+def _snapshot(args: argparse.Namespace, accelerator, unet, step: int) -> None:
+    """The adapter so far, every `snapshot_every` steps, for scripts/bench_concept.py (off here)."""
+    every = getattr(args, "snapshot_every", 0)
+    if every and step % every == 0:
+        path = Path(args.snapshot_dir) / f"step-{step:06d}.safetensors"
+        _save_reference_adapter(accelerator.unwrap_model(unet), path)
+
+
+def _over_budget(args: argparse.Namespace) -> bool:
+    """Past the wall-clock budget of scripts/bench_concept.py (none here)."""
+    budget = getattr(args, "budget_s", None)
+    return budget is not None and time.time() - args.started_at > budget
+
+
 def _save_reference_adapter(unet, path: Path) -> None:
     """What the reference script does at its end (`StableDiffusionPipeline.save_lora_weights` of the peft
     state dict), so both sides' end-to-end time stops at an adapter on disk."""
@@ -274,6 +288,7 @@ def _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler,
                 lr_scheduler.step()
                 optimizer.zero_grad()
                 clock.mark("optimizer")
+            _snapshot(args, accelerator, unet, global_step + 1)
             now = time.perf_counter()
             seconds.append(now - began)
             began = now
@@ -282,8 +297,10 @@ def _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler,
                     phases[phase] += value
             clock = _Phases(dict.fromkeys(_PHASES, 0.0))
             global_step += 1
-            if global_step >= args.steps:
+            if global_step >= args.steps or _over_budget(args):
                 break
+        if _over_budget(args):
+            break
     measured = max(1, args.steps - args.warmup)
     return seconds[: args.steps], {phase: total / measured for phase, total in phases.items()}
 
