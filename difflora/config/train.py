@@ -145,6 +145,9 @@ class TrainConfig:
     """no, fp16 (CUDA only) or bf16: frozen weights in that precision, LoRA weights in float32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, slower steps."""
+    compile: bool = False
+    """Compile the trained models with torch.compile (inductor; on CPU it needs a C++ compiler): a one-time
+    compile of a minute or more for faster steps on long runs (see BENCHMARKS.md for when it pays)."""
     zero_terminal_snr: bool = False
     """Rescale the noise schedule to zero signal at the last timestep (Lin et al. 2023), so the model learns
     to start from pure noise; needs a v-prediction base (SD 2.x 768-v). Images generated with the adapter
@@ -299,6 +302,7 @@ RESUMABLE_CHANGES = frozenset(
         "max_bad_steps",
         "grad_log_every",
         "num_threads",
+        "compile",
         "cache_dir",
         "max_steps",
         "epochs",

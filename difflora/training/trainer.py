@@ -170,6 +170,7 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
+        dynamo_backend="inductor" if config.compile else None,  # prepare() compiles the trained models
         cpu=not torch.cuda.is_available(),  # makes torchrun/accelerate launch on CPU use gloo (MULTI_CPU)
     )
     if not accelerator.is_main_process:  # one voice: the other processes only report problems
