@@ -108,8 +108,11 @@ DORA_NOTE_START = "DoRA is not additive"
 def dora_note(adapters: Sequence[AdapterWeight], dora: Sequence[str]) -> str:
     """What composing DoRA adapters means here, and how it differs from ComfyUI's and A1111's chains."""
     order = " + ".join(f"{spec.name}×{spec.weight:g}" for spec in adapters)
+    verb = (
+        "re-normalises the weights of its layers" if len(dora) == 1 else "re-normalise their layers' weights"
+    )
     text = (
-        f"{DORA_NOTE_START}: {', '.join(repr(n) for n in dora)} re-normalise(s) the weights of their layers. "
+        f"{DORA_NOTE_START}: {', '.join(repr(n) for n in dora)} {verb}. "
         "difflora applies every adapter as its own update against the base weights W0 (a DoRA adapter's is "
         "m·V/‖V‖ − W0, V = W0 + (alpha/rank)·B·A, scaled by its weight) and adds the updates in the order "
         f"given: W = W0 + {order}; the order does not change the sum."
