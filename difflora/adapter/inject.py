@@ -65,12 +65,14 @@ def add_lora(
     use_rslora: bool = False,
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
+    use_dora: bool = False,
     adapter_name: str = DEFAULT_ADAPTER,
 ) -> list[str]:
     """Inject trainable LoRA layers (A: kaiming-uniform, B: zeros) into `model` in place and freeze the rest.
     `conv_rank` also adapts the ResNet 3x3 convolutions (LoCon), at their own rank and alpha (default: the
-    conv rank). `use_rslora` scales updates by alpha/sqrt(rank). Returns the live names of the adapted
-    modules."""
+    conv rank). `use_rslora` scales updates by alpha/sqrt(rank). `use_dora` makes every layer DoRA (peft's
+    trainable `lora_magnitude_vector`, one value per output row, starting at the base weight's row norms).
+    Returns the live names of the adapted modules."""
     targets = tuple(targets) if targets else default_targets(component)
     conv = CONV_TARGETS if conv_rank else ()
     targets = (*targets, *(t for t in conv if t not in targets))
@@ -84,6 +86,7 @@ def add_lora(
         target_modules=list(targets),
         init_lora_weights=True,
         use_rslora=use_rslora,
+        use_dora=use_dora,
         rank_pattern=dict.fromkeys(conv, conv_rank),
         alpha_pattern=dict.fromkeys(conv, conv_alpha),
     )
@@ -161,7 +164,8 @@ def extract_weights(
     model: nn.Module, *, component: str, adapter_name: str = DEFAULT_ADAPTER
 ) -> dict[str, LoraWeights]:
     """The adapter's tensors by classic module name. Alpha is stored so that alpha/rank is peft's scaling:
-    an rsLoRA layer (scaling alpha/sqrt(rank)) is written with alpha·sqrt(rank), so files need no flag."""
+    an rsLoRA layer (scaling alpha/sqrt(rank)) is written with alpha·sqrt(rank), so files need no flag.
+    A DoRA layer's magnitude comes as a 1-D vector, one value per output row (peft's axis)."""
     result: dict[str, LoraWeights] = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
@@ -170,7 +174,11 @@ def extract_weights(
         up = module.lora_B[adapter_name].weight.detach().clone()
         rank = down.shape[0]
         alpha = float(module.scaling[adapter_name]) * rank
-        result[classic_name(component, name, model)] = LoraWeights(down=down, up=up, alpha=alpha)
+        magnitudes = getattr(module, "lora_magnitude_vector", {})
+        magnitude = (
+            magnitudes[adapter_name].weight.detach().flatten().clone() if adapter_name in magnitudes else None
+        )
+        result[classic_name(component, name, model)] = LoraWeights(down, up, alpha, magnitude=magnitude)
     return result
 
 

@@ -13,17 +13,22 @@ from typing import Any
 import torch
 
 from difflora import __version__
+from difflora.adapter import dora
 
 COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass
 class LoraWeights:
-    """One adapted module: ΔW = (alpha / rank) · up @ down (down = peft lora_A, up = lora_B)."""
+    """One adapted module: ΔW = (alpha / rank) · up @ down (down = peft lora_A, up = lora_B). A DoRA module
+    also has a 1-D `magnitude`, one value per output row or per input column (`magnitude_axis`, see
+    `difflora.adapter.dora`); its update then depends on the base weight W0: `delta(base)`."""
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None
+    magnitude_axis: str = "out"
 
     @property
     def rank(self) -> int:
@@ -33,12 +38,31 @@ class LoraWeights:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def delta(self) -> torch.Tensor:
-        """ΔW in float32, shaped like the adapted module's weight (Linear [out, in] or Conv [out, in, k, k])."""
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def low_rank_delta(self) -> torch.Tensor:
+        """(alpha/rank)·B·A in float32, shaped like the module's weight (Linear [out, in], Conv [out, in, k, k])."""
         product = self.up.float().flatten(1) @ self.down.float().flatten(1)
         if self.down.ndim == 4:
             product = product.reshape(self.up.shape[0], *self.down.shape[1:])
         return product * self.scale
+
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW in float32: the low-rank update, or for DoRA the effective update W − W0 against the base
+        weight `base` (W0, required then), shaped like `base`."""
+        if self.magnitude is None:
+            return self.low_rank_delta()
+        if base is None:
+            raise ValueError("A DoRA module's update depends on the base weight: pass base=W0.")
+        update, magnitude = self.low_rank_delta().to(base.device), self.magnitude.to(base.device)
+        return dora.decomposed_weight(base, update, magnitude, self.magnitude_axis) - base.float()
+
+    @property
+    def parameter_count(self) -> int:
+        extra = self.magnitude.numel() if self.magnitude is not None else 0
+        return self.down.numel() + self.up.numel() + extra
 
 
 @dataclass
@@ -66,6 +90,11 @@ class Adapter:
     modules: dict[str, LoraWeights]
     meta: AdapterMeta = field(default_factory=AdapterMeta)
 
+    @property
+    def dora_axes(self) -> list[str]:
+        """The DoRA magnitude axes its modules use ("out", "in"); empty for a plain LoRA."""
+        return sorted({w.magnitude_axis for w in self.modules.values() if w.is_dora})
+
     def component_modules(self, component: str) -> dict[str, LoraWeights]:
         """This component's modules, keyed by module path without the component prefix."""
         prefix = component + "."
@@ -76,26 +105,28 @@ class Adapter:
         return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per component: module count, ranks, alphas, target suffixes, parameter count."""
+        """Per component: module count, ranks, alphas, target suffixes, parameter count (and the DoRA axis)."""
         result = {}
         for component in self.components:
             modules = self.component_modules(component)
             ranks = Counter(w.rank for w in modules.values())
             alphas = Counter(_round(w.alpha) for w in modules.values())
             suffixes = sorted({_target_suffix(name) for name in modules})
-            params = sum(w.down.numel() + w.up.numel() for w in modules.values())
             result[component] = {
                 "modules": len(modules),
                 "rank": _single_or_counts(ranks),
                 "alpha": _single_or_counts(alphas),
                 "targets": suffixes,
-                "parameters": params,
+                "parameters": sum(w.parameter_count for w in modules.values()),
             }
+            axes = Counter(dora.AXIS_NAMES[w.magnitude_axis] for w in modules.values() if w.is_dora)
+            if axes:  # only DoRA adapters carry the key, so plain adapters' headers are unchanged
+                result[component]["dora"] = _single_or_counts(axes)
         return result
 
     @property
     def parameter_count(self) -> int:
-        return sum(w.down.numel() + w.up.numel() for w in self.modules.values())
+        return sum(w.parameter_count for w in self.modules.values())
 
 
 def _round(value: float) -> float:

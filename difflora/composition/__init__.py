@@ -2,6 +2,7 @@
 
 `spec` parses "style:0.7,subject:0.3" and finds the files; `fit` checks each adapter against the model
 (architecture, shapes, base hash); `composer` applies them, fused from a kept W0 or as peft's dynamic
-adapters; `report` tells how the adapters' updates overlap per layer; `merge` writes several adapters as
-one file. Hands the composed pipeline to `difflora.generation`.
+adapters (a DoRA adapter as its effective update against W0); `report` tells how the adapters' updates
+overlap per layer; `merge` writes several adapters as one file. Hands the composed pipeline to
+`difflora.generation`.
 """

@@ -22,6 +22,14 @@ the tensors read out of the files):
   Σ scalingᵢ · Bᵢ Aᵢ x with scalingᵢ = wᵢ αᵢ / rᵢ. Switching weights only changes scalars, at the price of
   extra matmuls in every forward.
 
+DoRA adapters (`difflora.adapter.dora`) re-normalise the weight, so they are not additive. Their ΔWᵢ is their
+effective update against the *base* weight, ΔWᵢ = mᵢ·Vᵢ/‖Vᵢ‖ − W0 with Vᵢ = W0 + (αᵢ/rᵢ)·Bᵢ·Aᵢ, and the sum
+above is kept: at weight 1 alone W is exactly the trained DoRA weight (as peft computes it), at weight w it is
+W0 + w·ΔW (ComfyUI's and A1111's strength rule), and several adapters add up in any order. ComfyUI and A1111
+chain patches instead, each DoRA patch re-normalising what the earlier ones left; composing a DoRA adapter
+with others logs that difference (`report.dora_note`). Fused mode only: peft's dynamic DoRA layers scale the
+direction, not the update, so a weight other than 1 would mean something else there.
+
 Before anything touches the model, each adapter is checked against it (`check_compatible`): another
 architecture, or a module whose shape does not fit, is refused naming both models; the same architecture
 with a different base hash is a warning.
@@ -44,6 +52,7 @@ from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.names import live_name
 from difflora.adapter.types import Adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
+from difflora.composition.report import dora_note
 from difflora.composition.spec import AdapterWeight, find_adapter, parse_adapter_weights
 from difflora.composition.spec import adapter_dirs as search_dirs
 from difflora.errors import AdapterSpecError, ConfigError
@@ -94,6 +103,7 @@ class Composer:
         self._deltas: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
         self._cache_left = delta_cache_bytes
         self._counter = 0
+        self._dora_noted: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ the set of adapters
 
@@ -172,7 +182,14 @@ class Composer:
         """The composition report (difflora.composition.report) for the current set and weights."""
         from difflora.composition.report import composition_report
 
-        return composition_report([(entry.spec, entry.adapter) for entry in self._entries.values()])
+        pairs = [(entry.spec, entry.adapter) for entry in self._entries.values()]
+        return composition_report(pairs, base=self._base_weight)
+
+    def _base_weight(self, key: str) -> torch.Tensor:
+        """The base weight W0 of module `key` ("<component>.<classic path>"), as the report measures DoRA by."""
+        component, _, classic = key.partition(".")
+        target = (component, live_name(component, classic, getattr(self.pipe, component)))
+        return self._pristine[target] if target in self._pristine else self._param(target).detach()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -186,6 +203,12 @@ class Composer:
         if spec.name in self._entries:
             raise AdapterSpecError(
                 f"Adapter {spec.name!r} is already composed; use set_weights to re-weight it."
+            )
+        if self.mode == "dynamic" and adapter.dora_axes:
+            raise ConfigError(
+                f"Adapter {spec.name!r} is a DoRA adapter: it re-normalises the weights, which dynamic "
+                "composition (peft's unfused layers) cannot scale by a weight. Compose it fused (generate "
+                "without --no-fuse; serve with mode fused)."
             )
         self.warnings += check_compatible(adapter, self.pipe, name=spec.name)
         adapter = fit_to_modules(adapter, self.pipe)
@@ -217,6 +240,17 @@ class Composer:
             self._apply_fused()
         else:
             self._apply_dynamic()
+        self._note_dora()
+
+    def _note_dora(self) -> None:
+        """Say once per set of adapters that a DoRA adapter among several is composed, and how."""
+        names = tuple(self._entries)
+        dora = [name for name, entry in self._entries.items() if entry.adapter.dora_axes]
+        if len(names) > 1 and dora and names != self._dora_noted:
+            message = dora_note(self.adapters, dora)
+            logger.warning("%s", message)
+            self.warnings.append(message)
+        self._dora_noted = names
 
     # ------------------------------------------------------------------ fused mode
 
@@ -261,7 +295,8 @@ class Composer:
         cached = self._deltas.get(entry.key, {}).get(target)
         if cached is not None:
             return cached
-        delta = entry.adapter.modules[key].delta().to(param.device).reshape(param.shape)
+        # a DoRA module's update is computed against the kept original weight, never a fused one
+        delta = entry.adapter.modules[key].delta(self._pristine[target]).to(param.device).reshape(param.shape)
         if self._cache_left >= delta.numel() * 4:
             self._cache_left -= delta.numel() * 4
             self._deltas.setdefault(entry.key, {})[target] = delta

@@ -66,6 +66,7 @@ def merge_adapters(
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank: must be at least 1, got {rank}")
     _check_same_base(pairs)
+    _check_no_dora(pairs)
     result = MergeResult(adapter=Adapter(modules={}, meta=_merged_meta(pairs, name)))
     for module in sorted({key for _, adapter in pairs for key in adapter.modules}):
         component = module.partition(".")[0]
@@ -120,6 +121,16 @@ def _check_shapes(module: str, parts: Sequence[LoraWeights]) -> None:
         raise AdapterCompatibilityError(
             f"Cannot merge: the adapters disagree on the shape of {module} ({sorted(shapes)}); they were "
             "made for different base models."
+        )
+
+
+def _check_no_dora(pairs: Sequence[tuple[AdapterWeight, Adapter]]) -> None:
+    dora = [spec.name for spec, adapter in pairs if adapter.dora_axes]
+    if dora:
+        raise AdapterCompatibilityError(
+            f"Cannot merge {', '.join(repr(n) for n in dora)}: DoRA adapters re-normalise the base weights, "
+            "so their update is not a low-rank B·A that another adapter file could hold. Compose them at "
+            "generation instead (difflora generate --adapters ...)."
         )
 
 

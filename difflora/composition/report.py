@@ -13,13 +13,16 @@ text-encoder modules), everything follows from the Gram matrix G[i, j] = ⟨ΔW�
   adapter ever pushed it). A drive above OVERDRIVE (1.5) is flagged as over-driving that layer.
 
 G is computed from the low-rank factors (⟨BᵢAᵢ, BⱼAⱼ⟩ = Σ (BᵢᵀBⱼ) ∘ (AᵢAⱼᵀ)), never from full ΔW matrices,
-so the report costs little even on SDXL.
+so the report costs little even on SDXL. A DoRA module's update m·V/‖V‖ − W0 (`difflora.adapter.dora`) is
+full-rank and depends on the base weight W0: its layers are measured from full matrices against the base the
+composer holds, and left unmeasured (listed) where no base is at hand (`difflora inspect`). DoRA is not
+additive, so the report also says so, with the order in which the updates are applied (`dora_note`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,10 +58,12 @@ class LayerReport:
 class CompositionReport:
     adapters: list[AdapterWeight]
     layers: list[LayerReport] = field(default_factory=list)
+    dora: list[str] = field(default_factory=list)  # the DoRA adapters among them
+    unmeasured: list[str] = field(default_factory=list)  # DoRA layers with no base weight to measure against
 
     @property
     def warnings(self) -> list[str]:
-        result = []
+        result = [dora_note(self.adapters, self.dora)] if self.dora and len(self.adapters) > 1 else []
         for layer in self.layers:
             for name in layer.overdriven:
                 drive = layer.drives[layer.adapters.index(name)]
@@ -76,6 +81,13 @@ class CompositionReport:
         ]
         shared = [layer for layer in self.layers if len(layer.adapters) > 1]
         lines.append(_summary(shared, names))
+        if self.dora:
+            lines.append(dora_note(self.adapters, self.dora))
+        if self.unmeasured:
+            lines.append(
+                f"{len(self.unmeasured)} DoRA layers not measured (their update depends on the base weights, "
+                f"which only composing on a model provides): {first_n(self.unmeasured, 3)}"
+            )
         ordered = sorted(
             self.layers, key=lambda la: (-len(la.adapters), -max(map(abs, la.cosines.values()), default=0))
         )
@@ -83,11 +95,34 @@ class CompositionReport:
         rows = [_row(layer) for layer in ordered]
         if rows:
             lines.append(first_n(rows, len(rows) if max_layers is None else max_layers, separator="\n"))
-        warnings = self.warnings
+        warnings = [w for w in self.warnings if not w.startswith(DORA_NOTE_START)]
         lines.append(f"{len(warnings)} over-driven layer warnings" + (":" if warnings else "."))
         if warnings:
             lines.append("  " + first_n([f"warning: {w}" for w in warnings], 20, separator="\n  "))
         return "\n".join(lines)
+
+
+DORA_NOTE_START = "DoRA is not additive"
+
+
+def dora_note(adapters: Sequence[AdapterWeight], dora: Sequence[str]) -> str:
+    """What composing DoRA adapters means here, and how it differs from ComfyUI's and A1111's chains."""
+    order = " + ".join(f"{spec.name}×{spec.weight:g}" for spec in adapters)
+    verb = (
+        "re-normalises the weights of its layers" if len(dora) == 1 else "re-normalise their layers' weights"
+    )
+    text = (
+        f"{DORA_NOTE_START}: {', '.join(repr(n) for n in dora)} {verb}. "
+        "difflora applies every adapter as its own update against the base weights W0 (a DoRA adapter's is "
+        "m·V/‖V‖ − W0, V = W0 + (alpha/rank)·B·A, scaled by its weight) and adds the updates in the order "
+        f"given: W = W0 + {order}; the order does not change the sum."
+    )
+    if len(adapters) > 1:
+        text += (
+            " ComfyUI and A1111 apply chained LoRAs one after another, and each DoRA patch re-normalises what "
+            "the patches before it left: there the same adapters give other weights, which depend on their order."
+        )
+    return text
 
 
 def _row(layer: LayerReport) -> str:
@@ -128,17 +163,36 @@ def inner(a: LoraWeights, b: LoraWeights) -> float:
     return float(((up_a.T @ up_b) * (down_a @ down_b.T)).sum()) * a.scale * b.scale
 
 
-def composition_report(pairs: Sequence[tuple[AdapterWeight, Adapter]]) -> CompositionReport:
+def _gram(here: Sequence[LoraWeights], base: torch.Tensor | None) -> torch.Tensor:
+    """G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩: from the factors, or from full updates where a DoRA module is among them."""
+    if base is None:
+        return torch.tensor([[inner(a, b) for b in here] for a in here], dtype=torch.float64)
+    updates = torch.stack([w.delta(base).double().reshape(-1) for w in here])
+    return updates @ updates.T
+
+
+BaseWeights = Callable[[str], torch.Tensor]  # module key -> the base weight W0 of that layer
+
+
+def composition_report(
+    pairs: Sequence[tuple[AdapterWeight, Adapter]], *, base: BaseWeights | None = None
+) -> CompositionReport:
     """Per adapted module: cosines between the adapters' updates, the composed update's norm relative to
-    each adapter's own, and the drive along each adapter (see the module docstring)."""
+    each adapter's own, and the drive along each adapter (see the module docstring). `base` gives a layer's
+    base weight, which DoRA layers are measured against (without it they are listed as unmeasured)."""
     report = CompositionReport(adapters=[spec for spec, _ in pairs])
+    report.dora = [spec.name for spec, adapter in pairs if adapter.dora_axes]
     modules = sorted({key for _, adapter in pairs for key in adapter.modules})
     for module in modules:
         here = [(spec, adapter.modules[module]) for spec, adapter in pairs if module in adapter.modules]
         component = module.partition(".")[0]
         names = tuple(spec.name for spec, _ in here)
         weights = torch.tensor([spec.weight_for(component) for spec, _ in here], dtype=torch.float64)
-        gram = torch.tensor([[inner(a, b) for _, b in here] for _, a in here], dtype=torch.float64)
+        dense = any(w.is_dora for _, w in here)
+        if dense and base is None:
+            report.unmeasured.append(module)
+            continue
+        gram = _gram([w for _, w in here], base(module) if dense and base is not None else None)
         diag = gram.diagonal()
         norms = tuple(float(v) for v in diag.clamp_min(0).sqrt())
         cosines = {

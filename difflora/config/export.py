@@ -26,6 +26,9 @@ class ExportConfig:
     """Tensor precision of the written file (alpha is always stored exactly)."""
     overwrite: bool = False
     """Replace an existing output file."""
+    model: str | None = None
+    """Base model a DoRA adapter's magnitudes are converted against for --format comfyui (they depend on the
+    base weights). Default: the base the adapter records."""
 
     def __post_init__(self) -> None:
         problems = Problems()

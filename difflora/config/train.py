@@ -75,6 +75,10 @@ class TrainConfig:
     so higher ranks keep learning. The file stores alpha·sqrt(rank), so every consumer applies the same update."""
     loraplus_ratio: float = 1.0
     """LoRA+ (Hayou et al. 2024): train B at this many times A's learning rate (the paper uses 16); 1 is plain LoRA."""
+    dora: bool = False
+    """DoRA (Liu et al. 2024, peft's use_dora): also train a magnitude per output row of every adapted weight,
+    which is re-normalised around the LoRA direction. Not additive: composed with other adapters it is applied
+    as its effective update against the base; the ComfyUI/A1111 export converts it (see the README)."""
     conv_rank: int | None = None
     """LoCon: also adapt the UNet ResNets' 3x3 convolutions, at this rank (kohya's --conv_dim). Default: off
     (on the embedded tiny model its default targets already include them at --rank)."""

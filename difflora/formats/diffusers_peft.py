@@ -6,10 +6,11 @@ Read here (each tensor name is `<module path><marker>` with one of these markers
 - diffusers' LoRACompatible layers: `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.down.weight`;
 - diffusers' old attention processors: `...attn1.processor.to_q_lora.down.weight` (and the text-encoder
   spelling `self_attn.to_q_lora`), which name the projection inside the processor;
-- `.alpha` tensors beside a module (diffusers' network alphas).
+- `.alpha` tensors beside a module (diffusers' network alphas);
+- `.lora_magnitude_vector` (PEFT's and diffusers' DoRA magnitude, one per output row; `formats.dora`).
 Alpha, when no tensor gives it: PEFT's `adapter_config.json` beside the file, else diffusers'
 `lora_adapter_metadata` header, else scale 1 (alpha = rank), which is how diffusers and PEFT load such files.
-Anything else (DoRA magnitudes, embedding LoRAs, unknown tensors) is refused with the keys named.
+Anything else (embedding LoRAs, unknown tensors) is refused with the keys named.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from difflora.adapter.types import COMPONENTS, Adapter, AdapterMeta, LoraWeights
 from difflora.errors import AdapterFormatError, first_n
 from difflora.formats import family as families
+from difflora.formats.dora import PEFT_MAGNITUDE, read_peft_magnitude
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ _MARKERS: tuple[tuple[str, str], ...] = (
     ("_lora.down.weight", "down"),  # old attention processors: attn1.processor.to_q_lora.down.weight
     ("_lora.up.weight", "up"),
     (".alpha", "alpha"),
+    (f".{PEFT_MAGNITUDE}", "magnitude"),
+    (f".{PEFT_MAGNITUDE}.weight", "magnitude"),  # diffusers' kohya converter's spelling
 )
 # Projections as the old attention processors name them -> the module they adapt.
 _PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -69,8 +73,8 @@ def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *
         listing = first_n(sorted(unknown), 20, separator="\n  ")
         raise AdapterFormatError(
             f"{source}: {len(unknown)} key(s) are neither LoRA A/B (down/up) matrices nor alphas in any "
-            f"layout difflora reads:\n  {listing}\nNothing was loaded (DoRA magnitudes and LoRA on "
-            "embeddings cannot be applied as a plain LoRA)."
+            f"layout difflora reads:\n  {listing}\nNothing was loaded (LoRA on embeddings cannot be "
+            "applied as a LoRA of a layer's weight)."
         )
     alphas = _alpha_source(metadata, source)
     modules = {module: _weights(module, p, alphas, source) for module, p in parts.items()}
@@ -134,7 +138,9 @@ def _weights(module: str, parts: dict[str, torch.Tensor], alphas: Any, source: s
         )
     rank = int(down.shape[0])
     alpha = float(parts["alpha"].float().item()) if "alpha" in parts else alphas(module, rank)
-    return LoraWeights(down=down, up=up, alpha=alpha)
+    weights = LoraWeights(down=down, up=up, alpha=alpha)
+    magnitude = parts.get("magnitude")
+    return weights if magnitude is None else read_peft_magnitude(module, magnitude, weights, source)
 
 
 def _alpha_source(metadata: dict[str, str], source: str):

@@ -4,6 +4,11 @@
 (`difflora.formats.kohya`); `diffusers` is difflora's native diffusers PEFT layout. Before writing, the file's
 keys go through each consumer's loading rules (`difflora.formats.compat`): a key some consumer would drop is
 logged with the reason, so "lora key not loaded" is found here rather than in a user's workflow.
+
+A DoRA adapter's magnitudes are written in float32 whatever the dtype (a magnitude's rounding error scales the
+whole weight, not only the update); for `comfyui` they are converted to the per-input-column convention
+against the base weights, and the export warns how far that is from the trained weights
+(`difflora.formats.dora_export`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from difflora.config.export import ExportConfig
 from difflora.errors import ConfigError, Interrupted, first_n
 from difflora.formats import family as families
 from difflora.formats.consumers.verdicts import verdicts
+from difflora.formats.dora_export import base_weights, needs_conversion, to_column_magnitudes
 from difflora.formats.kohya import to_kohya
 from difflora.formats.native import adapter_state_dict, header_metadata
 from difflora.formats.read import load_adapter
@@ -44,6 +50,10 @@ def export_adapter(config: ExportConfig) -> Path:
         raise ConfigError(
             f"{output} already exists; pass --overwrite to replace it, or choose another --output."
         )
+    if config.format == "comfyui" and needs_conversion(adapter):
+        conversion = to_column_magnitudes(adapter, base_weights(adapter, config.model))
+        logger.warning("%s", conversion.summary())
+        adapter = conversion.adapter
     existed = output.exists()
     try:
         write_atomic(output, export_bytes(adapter, config.format, DTYPES[config.dtype]), fault="export-write")
@@ -58,12 +68,17 @@ def export_bytes(adapter: Adapter, format: str, dtype: torch.dtype) -> bytes:
     if format == "comfyui":
         tensors, metadata = to_kohya(adapter, dtype=dtype)
     else:
-        tensors = {
-            k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter_state_dict(adapter).items()
-        }
+        tensors = adapter_state_dict(adapter)
         metadata = header_metadata(adapter)
+    tensors = {key: _cast(key, value, dtype) for key, value in tensors.items()}
     _report_consumers(list(tensors), metadata, families.export_family(adapter), format)
     return save_safetensors_bytes(tensors, metadata=metadata)
+
+
+def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The export dtype, except for alphas and DoRA magnitudes, which stay float32 (see the module docstring)."""
+    keep = key.endswith((".alpha", ".dora_scale", ".lora_magnitude_vector"))
+    return tensor.detach().to("cpu", torch.float32 if keep else dtype).contiguous()
 
 
 def _report_consumers(keys: list[str], metadata: dict[str, str], family: str, format: str) -> None:

@@ -4,7 +4,8 @@ Keys: `<kohya module name>.lora_down.weight` [rank, in(, k, k)], `.lora_up.weigh
 `.alpha`, a 0-d float32 tensor holding the adapter's true alpha (rsLoRA already baked in, see
 `difflora.adapter.inject.extract_weights`), so every consumer applies ΔW = strength · alpha/rank · up @ down. Alpha stays
 float32 whatever the export dtype: all consumers read it with `.item()`, and an fp16 alpha would round
-values such as 8·√8. Module names come from `difflora.formats.naming` (the one table).
+values such as 8·√8. A DoRA module also has `.dora_scale`, its axis told by its shape (`formats.dora`).
+Module names come from `difflora.formats.naming` (the one table).
 
 Metadata written (all strings, as kohya's `save_weights` does):
 - the kohya minimum set: ss_v2, ss_base_model_version, ss_network_module, ss_network_dim, ss_network_alpha,
@@ -47,6 +48,7 @@ import io
 import json
 import logging
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -56,6 +58,7 @@ from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.config import parse_toml_text
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError, first_n
 from difflora.formats import family as families
+from difflora.formats.dora import KOHYA_DORA_SCALE, kohya_dora_scale, read_kohya_dora_scale
 from difflora.formats.naming import READ_PREFIXES, reference_table, resolve_kohya_name, table_for_keys
 from difflora.formats.native import header_metadata, meta_from_header
 from difflora.formats.reference import reference_families
@@ -114,6 +117,8 @@ def to_kohya(
         tensors[f"{name}.lora_down.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(weights.alpha), dtype=torch.float32)
+        if weights.is_dora:  # float32 like alpha: its rounding would scale the whole weight
+            tensors[f"{name}.{KOHYA_DORA_SCALE}"] = kohya_dora_scale(weights).to("cpu", torch.float32)
     return tensors, kohya_metadata(adapter, family, tensors)
 
 
@@ -145,11 +150,17 @@ def _minimum_metadata(adapter: Adapter, family: str) -> dict[str, str]:
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": "Dynamic" if dynamic else str(next(iter(ranks))),
         "ss_network_alpha": "Dynamic" if dynamic else _number(next(iter(alphas))),
-        "ss_network_args": json.dumps({}),
+        "ss_network_args": json.dumps(_network_args(adapter)),
         "ss_output_name": adapter.meta.name,
         "ss_sd_model_name": adapter.meta.base_model,
         "ss_training_comment": f"trigger words: {trigger}" if trigger else "",
     }
+
+
+def _network_args(adapter: Adapter) -> dict[str, str]:
+    """LyCORIS's names for a DoRA network (kohya writes network args as strings)."""
+    axes = adapter.dora_axes
+    return {"dora_wd": "True", "wd_on_output": str(axes == ["out"])} if axes else {}
 
 
 def _number(value: Any) -> str:
@@ -228,13 +239,12 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], ss_metadata: dict[str, 
 # ----------------------------------------------------------------------------------------------- reading
 
 KOHYA_PREFIXES = tuple(f"{prefix}_" for prefix in READ_PREFIXES)
-_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", KOHYA_DORA_SCALE)
 # Tensor names of adapter kinds that are not a plain LoRA: recognised so the error can name the kind.
 _OTHER_KINDS = {
     "hada_": "LoHa",
     "lokr_": "LoKr",
     "lora_mid": "LoCon-Tucker (lora_mid)",
-    "dora_scale": "DoRA (not additive, so not composable)",
     "oft_": "OFT",
     "diff": "full weight difference",
     "w_norm": "norm-layer weights",
@@ -283,7 +293,7 @@ def _group(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str,
     if foreign:
         listing = first_n([f"{key}: {kind}" for key, kind in sorted(foreign.items())], 20, separator="\n  ")
         raise AdapterFormatError(
-            f"{source}: {len(foreign)} key(s) are not plain LoRA tensors (lora_down/lora_up/alpha) and "
+            f"{source}: {len(foreign)} key(s) are not LoRA tensors (lora_down/lora_up/alpha/dora_scale) and "
             f"cannot be applied as a LoRA:\n  {listing}\nNothing was loaded. Use the file in a tool "
             "that supports these adapter kinds (ComfyUI, A1111), or convert it to a plain LoRA."
         )
@@ -305,7 +315,9 @@ def _module_weights(name: str, parts: dict[str, torch.Tensor], source: str) -> L
     if alpha == 0.0:
         logger.warning("%s: %s has alpha 0; read as alpha = rank, as kohya does.", source, name)
         alpha = float(rank)
-    return LoraWeights(down=down, up=up, alpha=alpha)
+    weights = LoraWeights(down=down, up=up, alpha=alpha)
+    scale = parts.get(KOHYA_DORA_SCALE)
+    return weights if scale is None else read_kohya_dora_scale(name, scale, weights, source)
 
 
 def _resolve_names(raw: dict[str, LoraWeights], hint: str | None, source: str) -> tuple[str, dict[str, str]]:
@@ -344,9 +356,9 @@ def _match_kind(weights: LoraWeights, kind: str) -> LoraWeights:
     """Write a 1x1-convolution LoRA the way the module needs it ([r, in] for Linear, [r, in, 1, 1] for Conv)."""
     down, up = weights.down, weights.up
     if kind == "conv" and down.ndim == 2:
-        return LoraWeights(down=down[:, :, None, None], up=up[:, :, None, None], alpha=weights.alpha)
+        return replace(weights, down=down[:, :, None, None], up=up[:, :, None, None])
     if kind == "linear" and down.ndim == 4:
-        return LoraWeights(down=down.flatten(1), up=up.flatten(1), alpha=weights.alpha)
+        return replace(weights, down=down.flatten(1), up=up.flatten(1))
     return weights
 
 

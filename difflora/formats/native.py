@@ -2,7 +2,8 @@
 it unchanged.
 
 Keys: `unet.<module>.lora_A.weight` [rank, in] and `.lora_B.weight` [out, rank];
-`text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_A.weight`; `text_encoder_2.` for SDXL.
+`text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_A.weight`; `text_encoder_2.` for SDXL. A DoRA
+module also has `.lora_magnitude_vector` (peft's shapes, `difflora.formats.dora`; `use_dora` in the metadata).
 Alpha travels in the header's `lora_adapter_metadata` (diffusers builds its LoraConfig from it), and every
 `difflora.*` header key says how the adapter was made: base model identity, rank/alpha per component,
 targets, trigger words and the full configuration as TOML. Writes are atomic (temporary file, then rename).
@@ -23,6 +24,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from difflora import __version__
 from difflora.adapter.types import COMPONENTS, Adapter, AdapterMeta, LoraWeights
 from difflora.errors import AdapterFormatError, first_n
+from difflora.formats.dora import PEFT_MAGNITUDE, peft_magnitude, read_peft_magnitude
 from difflora.safe_io import write_atomic
 
 FORMAT_VERSION = "1"
@@ -32,10 +34,19 @@ FORMAT_VERSION = "1"
 
 
 def adapter_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    for component in adapter.components:
+        kinds = {w.is_dora for w in adapter.component_modules(component).values()}
+        if len(kinds) > 1:  # peft's use_dora is one per config: diffusers would make every module DoRA
+            raise AdapterFormatError(
+                f"The {component} has DoRA and plain LoRA modules; diffusers' PEFT layout makes all of a "
+                "component's modules one kind. Export it with --format comfyui instead."
+            )
     tensors = {}
     for key, weights in adapter.modules.items():
         tensors[f"{key}.lora_A.weight"] = weights.down.contiguous()
         tensors[f"{key}.lora_B.weight"] = weights.up.contiguous()
+        if weights.is_dora:
+            tensors[f"{key}.{PEFT_MAGNITUDE}"] = peft_magnitude(key, weights)
     return tensors
 
 
@@ -48,6 +59,7 @@ def peft_metadata(adapter: Adapter) -> dict[str, Any]:
     for component in adapter.components:
         modules = {_peft_name(component, n): w for n, w in adapter.component_modules(component).items()}
         rank = Counter(w.rank for w in modules.values()).most_common(1)[0][0]
+        dora = {w.is_dora for w in modules.values()}
         alpha = Counter(w.alpha for w in modules.values()).most_common(1)[0][0]
         config = {
             "r": rank,
@@ -55,7 +67,7 @@ def peft_metadata(adapter: Adapter) -> dict[str, Any]:
             "target_modules": sorted(modules),
             "rank_pattern": {_anchor(n): w.rank for n, w in modules.items() if w.rank != rank},
             "alpha_pattern": {_anchor(n): w.alpha for n, w in modules.items() if w.alpha != alpha},
-            "use_dora": False,
+            "use_dora": dora == {True},
             "lora_bias": False,
         }
         metadata.update({f"{component}.{key}": value for key, value in config.items()})
@@ -108,7 +120,8 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
 
 def is_native_layout(tensors: dict[str, torch.Tensor]) -> bool:
     return all(
-        key.split(".")[0] in COMPONENTS and key.endswith((".lora_A.weight", ".lora_B.weight"))
+        key.split(".")[0] in COMPONENTS
+        and key.endswith((".lora_A.weight", ".lora_B.weight", f".{PEFT_MAGNITUDE}"))
         for key in tensors
     )
 
@@ -124,12 +137,17 @@ def parse_native(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, 
         if up is None:
             raise AdapterFormatError(f"{source}: {module} has lora_A but no lora_B.")
         down = tensors[key]
-        modules[module] = LoraWeights(down=down, up=up, alpha=_alpha_for(module, down.shape[0], peft_config))
+        weights = LoraWeights(down=down, up=up, alpha=_alpha_for(module, down.shape[0], peft_config))
+        magnitude = tensors.get(f"{module}.{PEFT_MAGNITUDE}")
+        modules[module] = (
+            weights if magnitude is None else read_peft_magnitude(module, magnitude, weights, source)
+        )
     orphans = [
         k for k in tensors if k.endswith(".lora_B.weight") and k.replace("lora_B", "lora_A") not in tensors
     ]
+    orphans += [k for k in tensors if k.endswith(f".{PEFT_MAGNITUDE}") and k.rsplit(".", 1)[0] not in modules]
     if orphans:
-        raise AdapterFormatError(f"{source}: lora_B without lora_A for {first_n(orphans, 3)}")
+        raise AdapterFormatError(f"{source}: lora_B or magnitude without lora_A for {first_n(orphans, 3)}")
     return Adapter(
         modules=modules, meta=meta_from_header(metadata, native="difflora.format_version" in metadata)
     )

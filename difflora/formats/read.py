@@ -101,13 +101,17 @@ _MATRIX_SUFFIXES = (
 )
 
 
+# DoRA magnitudes: peft's and diffusers' spellings, and kohya's (difflora.formats.dora).
+_MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".dora_scale")
+
+
 def check_tensors(tensors: dict[str, torch.Tensor], *, source: str) -> None:
     """What every reader relies on, checked once above them all: LoRA matrices of floats with 2 (linear)
-    or 4 (convolution) dimensions and a rank of at least 1, alphas that are one float, all finite. Other
-    tensors are left to the readers, which name what they are (a DoRA magnitude, an embedding, ...)."""
+    or 4 (convolution) dimensions and a rank of at least 1, alphas that are one float, DoRA magnitudes of
+    floats, all finite. Other tensors are left to the readers, which name what they are (an embedding, ...)."""
     for key, tensor in tensors.items():
         is_matrix, is_alpha = key.endswith(_MATRIX_SUFFIXES), key.endswith(".alpha")
-        if not (is_matrix or is_alpha):
+        if not (is_matrix or is_alpha or key.endswith(_MAGNITUDE_SUFFIXES)):
             continue
         if not tensor.is_floating_point():
             raise AdapterFormatError(f"{source}: tensor {key} is {tensor.dtype}; LoRA weights are floats.")

@@ -75,6 +75,8 @@ def _variants(config: TrainConfig) -> str:
     if config.conv_rank:
         alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
         chosen.append(f"LoCon (ResNet 3x3 convs at rank {config.conv_rank}, alpha {alpha:g})")
+    if config.dora:
+        chosen.append("DoRA (a trained magnitude per output row over the LoRA direction)")
     if config.loraplus_ratio != 1:
         chosen.append(f"LoRA+ (B at {config.loraplus_ratio:g}x the learning rate)")
     return "; ".join(chosen)

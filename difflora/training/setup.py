@@ -85,6 +85,7 @@ def load_models(
     rslora: bool = False,
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
+    dora: bool = False,
     pipe: Any | None = None,
 ) -> Models:
     """The base with trainable LoRA layers. `pipe`: a base already loaded (with this dtype and prediction
@@ -98,7 +99,7 @@ def load_models(
     for name in encoders:
         getattr(pipe, name).requires_grad_(False)
     torch.manual_seed(seed)
-    lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": rslora}
+    lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": rslora, "use_dora": dora}
     unet_targets_ = unet_targets(identity.family)
     unet_modules = add_lora(
         pipe.unet, component="unet", targets=unet_targets_, conv_rank=conv_rank, conv_alpha=conv_alpha, **lora

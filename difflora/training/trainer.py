@@ -157,6 +157,7 @@ def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
         rslora=config.rslora,
         conv_rank=config.conv_rank,
         conv_alpha=config.conv_alpha,
+        dora=config.dora,
         pipe=pipe,
     )
 
@@ -349,6 +350,7 @@ def _static_facts(
         **{f"{g['name']}_lr": g["initial_lr"] for g in groups[1:] if not g["name"].endswith("lora_B")},
         "loraplus_ratio": config.loraplus_ratio,
         "rslora": config.rslora,
+        "dora": config.dora,
         "zero_terminal_snr": config.zero_terminal_snr,
         "seed": config.seed,
         "batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation,

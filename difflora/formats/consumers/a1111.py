@@ -1,10 +1,13 @@
-"""A1111's LoRA loading rules (extensions-builtin/Lora/networks.py), re-implemented for `difflora.formats.consumers`."""
+"""A1111's LoRA loading rules (extensions-builtin/Lora/networks.py) and weight math (network.py), re-implemented
+for `difflora.formats.consumers` and the tests that check exported files against what A1111 computes."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
 from functools import cache
+
+import torch
 
 from difflora.formats.consumers.rules import CLIP_SUFFIXES, Verdict, te_layer_names
 from difflora.formats.naming import NameTable, flat, reference_table
@@ -179,3 +182,33 @@ def a1111_listing(metadata: Mapping[str, str], family: str) -> str:
             f"detected as {label}: HIDDEN when a {family} checkpoint is loaded (set lora_show_all to see it)"
         )
     return f"detected as {label}: listed for {label} checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def patched_weight(
+    weight: torch.Tensor, parts: Mapping[str, torch.Tensor], multiplier: float = 1.0
+) -> torch.Tensor:
+    """The weight A1111's built-in Lora extension makes of `weight` (as the networks before this one left
+    it) with one kohya module's tensors `parts` ("lora_up.weight", "lora_down.weight", optional "alpha" and
+    "dora_scale") at `multiplier` (network_lora.py `calc_updown`, network.py `finalize_updown` and
+    `apply_weight_decompose`, A1111 1.10):
+
+    - updown = (alpha / rank) · up @ down (scale 1 without alpha), reshaped to the weight;
+    - dora_scale: V = weight + updown, updown = V · dora_scale / ‖V‖ − weight, the norm always per input
+      column (no eps; a dora_scale shaped [out, 1] is broadcast against the [1, in] norms into an
+      [out, in] matrix, scrambling the weight rather than failing);
+    - weight + multiplier · updown.
+    """
+    weight = weight.float()
+    up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
+    scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
+    updown = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+    dora_scale = parts.get("dora_scale")
+    if dora_scale is not None:
+        merged = updown + weight
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(merged.shape[1], *[1] * (merged.ndim - 1)).transpose(0, 1)
+        updown = merged * (dora_scale.float() / norm) - weight
+    return weight + multiplier * updown

@@ -1,9 +1,12 @@
-"""ComfyUI's LoRA loading rules (comfy/lora.py), re-implemented for `difflora.formats.consumers`."""
+"""ComfyUI's LoRA loading rules (comfy/lora.py) and weight math (comfy/weight_adapter), re-implemented for
+`difflora.formats.consumers` and the tests that check exported files against what ComfyUI computes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
+
+import torch
 
 from difflora.formats.consumers.rules import CLIP_SUFFIXES, Verdict, te_layer_names
 from difflora.formats.naming import NameTable, flat, reference_table
@@ -85,3 +88,42 @@ def _module_part(key: str) -> str:
         if key.endswith(single):
             return key[: -len(single)]
     return key
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+DORA_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def patched_weight(
+    weight: torch.Tensor, parts: Mapping[str, torch.Tensor], strength: float = 1.0
+) -> torch.Tensor:
+    """The weight ComfyUI's LoraLoader makes of `weight` (the layer's weight as the patches before this one
+    left it, in ComfyUI's float32 intermediate dtype) with one kohya module's tensors `parts` ("lora_up.weight",
+    "lora_down.weight", optional "alpha" and "dora_scale"), at `strength` (comfy/weight_adapter/lora.py
+    `calculate_weight`, comfy/weight_adapter/base.py `weight_decompose`):
+
+    - scale = alpha / rank (1 without alpha), diff = scale · up @ down reshaped to the weight;
+    - no dora_scale: weight + strength · diff;
+    - dora_scale: V = weight + diff, re-normalised to dora_scale along the axis its shape names: when
+      dora_scale.shape[0] equals the weight's output size (LyCORIS/OneTrainer output axis, handled since
+      ComfyUI PR #7727) the norm is per output row *of the weight before the patch* (not of V; ComfyUI PR
+      #15458 proposes V), otherwise per input column of V; the norm gets float32's eps. Then
+      V · dora_scale / norm at strength 1, else weight + strength · (V · dora_scale / norm − weight).
+    """
+    weight = weight.float()
+    up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
+    scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
+    diff = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+    dora_scale = parts.get("dora_scale")
+    if dora_scale is None:
+        return weight + strength * diff
+    calculated = weight + diff
+    if dora_scale.shape[0] == weight.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(weight.shape[0], *[1] * (weight.ndim - 1))
+    else:
+        norm = calculated.transpose(0, 1).reshape(calculated.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(calculated.shape[1], *[1] * (calculated.ndim - 1)).transpose(0, 1)
+    decomposed = calculated * (dora_scale.float() / (norm + DORA_EPS))
+    return decomposed if strength == 1.0 else weight + strength * (decomposed - weight)

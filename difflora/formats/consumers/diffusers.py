@@ -84,7 +84,13 @@ def diffusers(keys: Sequence[str], table: NameTable) -> Verdict:
         listing = first_n(leftover, 5)
         return Verdict("diffusers", len(keys), 0, fatal=f"ValueError: keys not correctly renamed: {listing}")
     dropped = {key: why[key.split(".")[0]] for key in keys if key.split(".")[0] in why}
+    # lora_pipeline.lora_state_dict: "a DoRA checkpoint that is not compatible in Diffusers at the moment",
+    # every dora_scale key is filtered out and the module is loaded as a plain LoRA.
+    dropped |= {key: _DORA_DROPPED for key in keys if key.endswith(".dora_scale") and key not in dropped}
     return Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)
+
+
+_DORA_DROPPED = "diffusers filters out kohya dora_scale keys and applies the module as a plain LoRA"
 
 
 def _is_sgm(name: str) -> bool:
