@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from difflora.adapter.adaptive import RankAllocation, RankSchedule
 from difflora.config import config_to_dict, to_toml
 from difflora.config.train import TrainConfig
 from difflora.data.cache import text_cache_allowed
@@ -119,6 +120,7 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
         rslora=config.rslora,
         conv_rank=config.conv_rank,
         conv_alpha=config.conv_alpha,
+        adaptive_init_rank=config.effective_adaptive_init_rank if config.adaptive_rank else None,
         pipe=pipe,
     )
     geometry = pipeline_geometry(models.pipe)
@@ -255,7 +257,22 @@ def _assemble(
             facts=facts,
             divergence_hints=divergence_hints(config, learning_rate),
         ),
+        ranks=_rank_allocation(config, models, total),
     )
+
+
+def _rank_allocation(config: TrainConfig, models: Models, total: int) -> RankAllocation | None:
+    """--adaptive-rank's allocation, on a schedule fitted to the run's length."""
+    if not models.tuners:
+        return None
+    schedule = RankSchedule.for_run(
+        total,
+        init_rank=config.effective_adaptive_init_rank,
+        target_rank=config.rank,
+        fractions=config.adaptive_fractions,
+        orth_reg=config.effective_adaptive_orth_reg,
+    )
+    return RankAllocation(models.tuners, schedule)
 
 
 def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any]]:
