@@ -377,4 +377,6 @@ def test_compile_trains_the_compiled_unet_to_the_same_adapter(workspace, tmp_pat
     # Adam's first steps move by ~lr * sign(gradient), so rounding flips a few near-zero entries: close, not equal.
     worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
     assert worst < 0.02, worst
-    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # it did train (B starts at 0)
+    assert any(
+        k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a
+    )  # it did train (B starts at 0)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from difflora.adapter.names import adaptable_modules, classic_name, live_name
+from difflora.adapter.svd import svd_to_lora
 from difflora.adapter.targets import CONV_TARGETS, default_targets
 from difflora.adapter.types import LoraWeights
 from difflora.errors import TargetNotFoundError
@@ -165,10 +167,16 @@ def extract_weights(
 ) -> dict[str, LoraWeights]:
     """The adapter's tensors by classic module name. Alpha is stored so that alpha/rank is peft's scaling:
     an rsLoRA layer (scaling alpha/sqrt(rank)) is written with alpha·sqrt(rank), so files need no flag.
-    A DoRA layer's magnitude comes as a 1-D vector, one value per output row (peft's axis)."""
+    A DoRA layer's magnitude comes as a 1-D vector, one value per output row (peft's axis). An AdaLoRA layer
+    becomes a LoRA pair of its current rank (`svd.py`); one pruned to rank 0 is left out."""
     result: dict[str, LoraWeights] = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        if isinstance(module, AdaLoraLayer):
+            weights = svd_to_lora(module, adapter_name)
+            if weights is not None:
+                result[classic_name(component, name, model)] = weights
             continue
         down = module.lora_A[adapter_name].weight.detach().clone()
         up = module.lora_B[adapter_name].weight.detach().clone()

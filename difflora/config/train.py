@@ -9,6 +9,7 @@ the embedded model in a few minutes on two CPU cores (measured runs in BENCHMARK
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,24 @@ class TrainConfig:
     (on the embedded tiny model its default targets already include them at --rank)."""
     conv_alpha: float | None = None
     """Alpha of the LoCon convolutions (kohya's --conv_alpha). Default: equal to --conv-rank."""
+    adaptive_rank: bool = False
+    """AdaLoRA (Zhang et al. 2023, through peft): start every module at --adaptive-init-rank and prune the
+    least important rank components while training until the modules average --rank; the adapter is an
+    ordinary LoRA with each module's own final rank. Updates keep the scale alpha/rank."""
+    adaptive_init_rank: int | None = None
+    """Rank every module starts at with --adaptive-rank. Default: 1.5 x --rank, rounded up."""
+    adaptive_warmup: float | None = None
+    """With --adaptive-rank: the fraction of the steps trained at the initial rank before pruning starts
+    (AdaLoRA's tinit). Default: 0.1."""
+    adaptive_final: float | None = None
+    """With --adaptive-rank: the fraction of the steps at the end trained with the final ranks fixed
+    (AdaLoRA's tfinal). Default: 0.2."""
+    adaptive_interval: float | None = None
+    """With --adaptive-rank: prune every this fraction of the steps, at least every step (AdaLoRA's
+    deltaT). Default: 0.01."""
+    adaptive_orth_reg: float | None = None
+    """With --adaptive-rank: weight of the orthogonality penalty on the singular vectors added to the loss
+    (AdaLoRA's orth_reg_weight). Default: 0.5 (peft's)."""
     unet_targets: tuple[str, ...] | None = None
     """UNet module names that get LoRA layers (suffixes of module paths). Default: the attention projections
     (to_q, to_k, to_v, to_out.0); on the embedded tiny model also its ResNet convs, proj_in/out and
@@ -221,6 +240,7 @@ class TrainConfig:
             p.check(self.conv_rank >= 1, "conv_rank", f"must be at least 1, got {self.conv_rank}")
         elif self.conv_alpha is not None:
             p.add("conv_alpha", "given without --conv-rank: add --conv-rank to adapt the convolutions")
+        self._check_adaptive(p)
         if self.max_steps is not None and self.epochs is not None:
             p.add("max_steps", "--max-steps and --epochs both given: choose one (the other is derived)")
         if self.resolution is not None and self.resolution % 8:
@@ -229,6 +249,44 @@ class TrainConfig:
             self.unet_targets is None or bool(self.unet_targets), "unet_targets", "name at least one module"
         )
         p.check(bool(self.sample_seeds), "sample_seeds", "give at least one seed")
+
+    def _check_adaptive(self, p: Problems) -> None:
+        """--adaptive-rank's knobs, and the variants peft's AdaLoRA cannot combine with."""
+        if not self.adaptive_rank:
+            for name in ("init_rank", "warmup", "final", "interval", "orth_reg"):
+                if getattr(self, f"adaptive_{name}") is not None:
+                    p.add(
+                        f"adaptive_{name}",
+                        "given without --adaptive-rank: add --adaptive-rank to prune ranks",
+                    )
+            return
+        init, (warmup, final, interval) = self.effective_adaptive_init_rank, self.adaptive_fractions
+        p.check(init > self.rank, "adaptive_init_rank", f"must be above --rank ({self.rank}), got {init}")
+        p.check(0.0 <= warmup < 1.0, "adaptive_warmup", f"must be in [0, 1), got {warmup}")
+        p.check(0.0 <= final < 1.0, "adaptive_final", f"must be in [0, 1), got {final}")
+        p.check(
+            warmup + final < 1.0,
+            "adaptive_final",
+            f"--adaptive-warmup {warmup:g} + --adaptive-final {final:g} leave no steps to prune ranks in",
+        )
+        p.check(0.0 < interval <= 1.0, "adaptive_interval", f"must be in (0, 1], got {interval}")
+        p.check(self.effective_adaptive_orth_reg >= 0, "adaptive_orth_reg", "must be 0 or more")
+        # peft's SVD layers start every module at one rank and scale by alpha/rank only.
+        for name, clash, why in (
+            (
+                "conv_rank",
+                self.conv_rank is not None,
+                "ranks are allocated: add conv1 conv2 to --unet-targets",
+            ),
+            ("rslora", self.rslora, "peft's AdaLoRA scales updates by alpha/rank only"),
+            ("dora", self.dora, "peft's AdaLoRA has no magnitude vector (it refuses use_dora)"),
+            (
+                "loraplus_ratio",
+                self.loraplus_ratio != 1,
+                "AdaLoRA's A and B are singular vectors, not up/down",
+            ),
+        ):
+            p.check(not clash, name, f"cannot be combined with --adaptive-rank: {why}")
 
     def _check_rates(self, p: Problems) -> None:
         if self.learning_rate is not None:
@@ -268,6 +326,26 @@ class TrainConfig:
     @property
     def effective_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def effective_adaptive_init_rank(self) -> int:
+        """--adaptive-init-rank, else 1.5 x --rank rounded up (peft's defaults are 12 for a target of 8)."""
+        if self.adaptive_init_rank is not None:
+            return self.adaptive_init_rank
+        return math.ceil(1.5 * self.rank)
+
+    @property
+    def adaptive_fractions(self) -> tuple[float, float, float]:
+        """(warm-up, final, interval) fractions of the run for --adaptive-rank, defaults filled in."""
+        return (
+            self.adaptive_warmup if self.adaptive_warmup is not None else 0.1,
+            self.adaptive_final if self.adaptive_final is not None else 0.2,
+            self.adaptive_interval if self.adaptive_interval is not None else 0.01,
+        )
+
+    @property
+    def effective_adaptive_orth_reg(self) -> float:
+        return self.adaptive_orth_reg if self.adaptive_orth_reg is not None else 0.5
 
     def effective_learning_rate(self, family: str) -> float:
         """--learning-rate, else the default for the model family (see the field's help)."""

@@ -5,7 +5,9 @@ A checkpoint is a folder `<run>/checkpoints/step-NNNNNN/` holding
 - `state.safetensors`: every tensor of the training state: the LoRA parameters by name, the optimizer's
   moments, the RNG states (torch CPU/CUDA, numpy's Mersenne state);
 - `state.json`: everything else: step, the optimizer's and scheduler's non-tensor state (with placeholders
-  where tensors were), Python's RNG state, the effective config and the dataset hash.
+  where tensors were), Python's RNG state, the effective config and the dataset hash;
+- under `extra`, state of variants beyond the parameters (--adaptive-rank's rank allocator), split the
+  same way.
 
 Nothing is pickled: optimizer and scheduler state dicts are split into tensors (safetensors) and a JSON
 skeleton, so loading a checkpoint can never run code. The folder is written under a temporary name and
@@ -139,6 +141,7 @@ def save_checkpoint(
     info: dict[str, Any],
     adapter_bytes: bytes,
     extra_files: dict[str, bytes] | None = None,
+    extra_state: dict[str, Any] | None = None,
     keep: int | None = None,
 ) -> Checkpoint:
     """Write a checkpoint folder atomically, then delete all but the newest `keep` checkpoints.
@@ -156,6 +159,7 @@ def save_checkpoint(
         # the torch / numpy RNG states are tensors too: they land in state.safetensors, not the JSON
         "rng": split_state(rng, tensors, "rng"),
         "info": info,
+        "extra": split_state(extra_state or {}, tensors, "extra"),
     }
     # state.json last: its presence marks the checkpoint complete (see list_checkpoints).
     files = {"adapter.safetensors": adapter_bytes, **(extra_files or {})}
@@ -231,6 +235,7 @@ class LoadedCheckpoint:
     scheduler: dict[str, Any]
     rng: dict[str, dict[str, Any]]
     info: dict[str, Any]
+    extra: dict[str, Any]  # save_checkpoint's extra_state ({} when none)
 
 
 def load_checkpoint(checkpoint: Checkpoint) -> LoadedCheckpoint:
@@ -256,6 +261,7 @@ def load_checkpoint(checkpoint: Checkpoint) -> LoadedCheckpoint:
         scheduler=join_state(skeleton["scheduler"], tensors),
         rng=join_state(skeleton["rng"], tensors),
         info=skeleton["info"],
+        extra=join_state(skeleton.get("extra", {"__dict__": []}), tensors),
     )
 
 

@@ -8,6 +8,10 @@ NaN guard: a step whose loss (or, outside fp16, gradient norm) is not finite on 
 all of them (no update; the schedule still advances); after `max_bad_steps` consecutive bad steps the run
 stops with TrainingDivergedError, and checkpoints already saved are never touched.
 
+With --adaptive-rank the backward pass also takes AdaLoRA's orthogonality penalty (the loss logged stays the
+diffusion loss, comparable with plain LoRA runs) and every good optimizer step is followed by the rank
+allocation (`run.ranks`, difflora.adapter.adaptive).
+
 The loop reads `run.loop` (plain values), never the configuration.
 """
 
@@ -112,7 +116,7 @@ def _accumulate(run: Run, stream: Stream, step: int) -> tuple[int, list[float], 
             mean_loss, any_bad = _reduce(accelerator, loss)
             bad = bad or any_bad
             if not bad:
-                accelerator.backward(loss)
+                accelerator.backward(loss if run.ranks is None else loss + run.ranks.penalty())
         fault_point("step")  # mid-step: gradients computed, the optimizer not yet stepped
         losses.append(mean_loss)
     return epoch, losses, bad
@@ -157,6 +161,8 @@ def _update(run: Run, bad: bool, step: int) -> bool:
             bad = True
     if not bad:
         run.optimizer.step()
+        if run.ranks is not None:  # AdaLoRA scores the gradients and prunes ranks before they are cleared
+            run.ranks.update(step)
     run.optimizer.zero_grad(set_to_none=True)
     return bad
 

@@ -45,6 +45,8 @@ def build_adapter(run: Run, *, step: int, finished: bool) -> Adapter:
         "training_started_at": run.started_at,
         "training_finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if finished else "",
     }
+    if run.ranks is not None:
+        facts["adaptive_ranks"] = json.dumps(run.ranks.summary(), sort_keys=True)
     meta = AdapterMeta(
         name=run.paths.adapter.stem,
         base_model=identity.name,
@@ -129,6 +131,7 @@ def _write_checkpoint(
         },
         adapter_bytes=adapter_file_bytes(adapter),
         extra_files={"samples.png": grid} if grid else None,
+        extra_state={"adaptive_rank": run.ranks.state()} if run.ranks is not None else None,
         keep=run.loop.keep_checkpoints,
     )
     if run.gradients is not None:
@@ -150,6 +153,8 @@ def finish_run(run: Run) -> Path:
         with run.times.phase("final_save"):
             payload = adapter_file_bytes(build_adapter(run, step=step, finished=True))
             write_atomic(run.paths.adapter, payload, fault="adapter-write")
+        if run.ranks is not None:
+            logger.info("%s", run.ranks.describe())
         logger.info("adapter written: %s (run directory %s)", run.paths.adapter, run.paths.run_dir)
         run.times.write(run.paths.run_dir / "timing.json")
         logger.info("time: %s", run.times.summary())

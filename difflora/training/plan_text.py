@@ -48,7 +48,7 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         else "  samples     off",
         f"  output      {run.paths.adapter}",
     ]
-    variants = _variants(config)
+    variants = _variants(config, run)
     if variants:
         lines.insert(5, f"  variants    {variants}")
     if run.start_step:
@@ -67,9 +67,9 @@ def _label(models: Models) -> str:
     return "embedded tiny model" if models.identity.family == "tiny" else "custom architecture"
 
 
-def _variants(config: TrainConfig) -> str:
+def _variants(config: TrainConfig, run: Run) -> str:
     """The LoRA variants chosen, as the plan names them (empty for plain LoRA)."""
-    chosen = []
+    chosen = [run.ranks.schedule.describe()] if run.ranks is not None else []
     if config.rslora:
         chosen.append(f"rsLoRA (scale alpha/sqrt(rank) = {config.effective_alpha / config.rank**0.5:g})")
     if config.conv_rank:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from difflora.adapter.adaptive import RankAllocation
 from difflora.config.train import RESUMABLE_CHANGES
 from difflora.errors import ConfigError
 from difflora.training.checkpoint import (
@@ -157,6 +158,7 @@ class Run:
     log: TrainLog | None = None
     gradients: GradientMonitor | None = None  # main process only
     times: PhaseTimes = field(default_factory=PhaseTimes)
+    ranks: RankAllocation | None = None  # --adaptive-rank: the AdaLoRA rank allocation the loop drives
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:
@@ -199,6 +201,8 @@ def _restore(run: Run, checkpoint: Checkpoint, *, keep_thread_count: bool) -> in
     with torch.no_grad():
         for key, value in loaded.parameters.items():
             params[key].copy_(value)
+    if run.ranks is not None:
+        run.ranks.load_state(loaded.extra.get("adaptive_rank"))
     run.optimizer.load_state_dict(loaded.optimizer)
     run.scheduler.load_state_dict(loaded.scheduler)
     threads = loaded.info.get("torch_threads")

@@ -12,12 +12,13 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from difflora.adapter.adaptive import add_adalora
 from difflora.adapter.inject import add_lora, remove_adapter
 from difflora.errors import ConfigError
 from difflora.models.identity import ModelIdentity, model_identity
@@ -36,6 +37,7 @@ class Models:
     unet_modules: list[str]  # live names of the adapted UNet modules
     text_encoder_modules: dict[str, list[str]]  # per trained text encoder: its adapted modules
     weight_dtype: torch.dtype
+    tuners: dict[str, Any] = field(default_factory=dict)  # --adaptive-rank: peft's AdaLoraModel by component
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:
@@ -86,10 +88,12 @@ def load_models(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     dora: bool = False,
+    adaptive_init_rank: int | None = None,
     pipe: Any | None = None,
 ) -> Models:
     """The base with trainable LoRA layers. `pipe`: a base already loaded (with this dtype and prediction
-    type) by an earlier run of the same process, freed of its LoRA layers by `unload_lora`."""
+    type) by an earlier run of the same process, freed of its LoRA layers by `unload_lora`.
+    `adaptive_init_rank`: AdaLoRA layers starting at that rank, pruned to an average of `rank`."""
     weight_dtype = DTYPES[mixed_precision]
     # Loaded in the dtype the frozen weights train in: a full-size model never exists twice in memory.
     pipe = pipe or load_pipeline(model_ref, dtype=weight_dtype, prediction_type=prediction_type)
@@ -101,11 +105,13 @@ def load_models(
     torch.manual_seed(seed)
     lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": rslora, "use_dora": dora}
     unet_targets_ = unet_targets(identity.family)
-    unet_modules = add_lora(
-        pipe.unet, component="unet", targets=unet_targets_, conv_rank=conv_rank, conv_alpha=conv_alpha, **lora
+    tuners: dict[str, Any] = {}
+    lora.update(adaptive_init_rank=adaptive_init_rank)
+    unet_modules = _inject(
+        pipe.unet, "unet", unet_targets_, tuners, conv_rank=conv_rank, conv_alpha=conv_alpha, **lora
     )
     text_modules = {
-        name: add_lora(getattr(pipe, name), component=name, targets=text_encoder_targets, **lora)
+        name: _inject(getattr(pipe, name), name, text_encoder_targets, tuners, **lora)
         for name in (encoders if train_text_encoder else [])
     }
     _place(pipe, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
@@ -116,7 +122,31 @@ def load_models(
         pipe.unet.enable_gradient_checkpointing()
         for name in text_modules:
             getattr(pipe, name).gradient_checkpointing_enable()
-    return Models(pipe, identity, unet_modules, text_modules, weight_dtype)
+    return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners)
+
+
+def _inject(
+    module: nn.Module,
+    component: str,
+    targets: Sequence[str],
+    tuners: dict[str, Any],
+    *,
+    adaptive_init_rank: int | None = None,
+    **lora: Any,
+) -> list[str]:
+    """Plain LoRA layers, or AdaLoRA ones (their rank allocator's owner goes into `tuners`)."""
+    if adaptive_init_rank is None:
+        return add_lora(module, component=component, targets=targets, **lora)
+    matched, tuners[component] = add_adalora(
+        module,
+        component=component,
+        targets=targets,
+        init_rank=adaptive_init_rank,
+        target_rank=lora["rank"],
+        alpha=lora["alpha"],
+        dropout=lora["dropout"],
+    )
+    return matched
 
 
 def _place(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from difflora.adapter.adaptive import RankAllocation, RankSchedule
 from difflora.config import config_to_dict, to_toml
 from difflora.config.train import TrainConfig
 from difflora.data.cache import text_cache_allowed
@@ -158,6 +159,7 @@ def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
         conv_rank=config.conv_rank,
         conv_alpha=config.conv_alpha,
         dora=config.dora,
+        adaptive_init_rank=config.effective_adaptive_init_rank if config.adaptive_rank else None,
         pipe=pipe,
     )
 
@@ -268,7 +270,22 @@ def _assemble(
             facts=facts,
             divergence_hints=divergence_hints(config, learning_rate),
         ),
+        ranks=_rank_allocation(config, models, total),
     )
+
+
+def _rank_allocation(config: TrainConfig, models: Models, total: int) -> RankAllocation | None:
+    """--adaptive-rank's allocation, on a schedule fitted to the run's length."""
+    if not models.tuners:
+        return None
+    schedule = RankSchedule.for_run(
+        total,
+        init_rank=config.effective_adaptive_init_rank,
+        target_rank=config.rank,
+        fractions=config.adaptive_fractions,
+        orth_reg=config.effective_adaptive_orth_reg,
+    )
+    return RankAllocation(models.tuners, schedule)
 
 
 def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any]]:
