@@ -76,8 +76,8 @@ def run_difflora(args: argparse.Namespace, began: float) -> dict:
         rank=args.rank,
         unet_targets=REFERENCE_TARGETS,  # the reference's targets (difflora's default adds the ResNet convs)
         resolution=args.resolution,
-        save_every=0,
-        sample_every=0,
+        # --with-outputs: difflora's default sample grids and checkpoints, as a user's run has them
+        **({} if args.with_outputs else {"save_every": 0, "sample_every": 0}),
         num_threads=args.threads,
         lr_scheduler="constant",
         lr_warmup_steps=0,
@@ -91,6 +91,7 @@ def run_difflora(args: argparse.Namespace, began: float) -> dict:
     phases = json.loads((out / "bench.run" / "timing.json").read_text())
     fixed = {"start_and_imports": imported - began, **{k: phases[k] for k in ("load", "threads", "caching")}}
     fixed["final_save"] = phases["final_save"] + phases["checkpoints"]
+    fixed["previews"] = phases["previews"]
     return {
         "step_seconds": [float(row["seconds"]) for row in rows],
         "end_to_end_s": time.perf_counter() - began,
@@ -350,6 +351,7 @@ def _child(kind: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, args.data, "--child", kind, "--workdir", args.workdir]
     command += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank)]
     command += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
+    command += ["--with-outputs"] if args.with_outputs else []
     if args.model:
         command += ["--model", args.model]
     if args.resolution:
@@ -398,6 +400,11 @@ def main() -> None:
         "--repeats", type=int, default=3, help="interleaved runs per side; the fastest counts"
     )
     parser.add_argument("--json", default=None, help="also write the report to this file")
+    parser.add_argument(
+        "--with-outputs",
+        action="store_true",
+        help="difflora renders its default sample grids and checkpoints",
+    )
     parser.add_argument("--child", choices=["difflora", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -422,7 +429,17 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             k: getattr(args, k)
-            for k in ("data", "base", "model", "steps", "batch_size", "rank", "resolution", "threads")
+            for k in (
+                "data",
+                "base",
+                "model",
+                "steps",
+                "batch_size",
+                "rank",
+                "resolution",
+                "threads",
+                "with_outputs",
+            )
         },
         "difflora": ours,
         "reference": reference,
