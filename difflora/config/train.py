@@ -18,6 +18,7 @@ from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from difflora.config import Problems, build_config, read_toml
 from difflora.errors import ConfigError
 from difflora.generation.schedulers import SCHEDULER_NAMES
+from difflora.models.quantize import QUANTIZATIONS, Quantization
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
@@ -80,6 +81,11 @@ class TrainConfig:
     (on the embedded tiny model its default targets already include them at --rank)."""
     conv_alpha: float | None = None
     """Alpha of the LoCon convolutions (kohya's --conv_alpha). Default: equal to --conv-rank."""
+    quantize_base: Quantization | None = None
+    """Hold the frozen base's Linear layers quantized while the LoRA weights train in float32 (QLoRA):
+    int8 (LLM.int8) or nf4 (4-bit NormalFloat), through bitsandbytes on the CPU or CUDA (pip install
+    'difflora[quantize]'). Less memory for the base; the adapter is an ordinary one for the unquantized base.
+    Default: off."""
     unet_targets: tuple[str, ...] | None = None
     """UNet module names that get LoRA layers (suffixes of module paths). Default: the attention projections
     (to_q, to_k, to_v, to_out.0); on the embedded tiny model also its ResNet convs, proj_in/out and
@@ -250,6 +256,11 @@ class TrainConfig:
         ):
             value = getattr(self, name)
             p.check(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
+        p.check(
+            self.quantize_base in (None, *QUANTIZATIONS),
+            "quantize_base",
+            f"must be one of {', '.join(QUANTIZATIONS)} (or left out), got {self.quantize_base!r}",
+        )
         extension = self.caption_extension.lower()
         p.check(
             extension.lstrip(".") in ("txt", "caption"),

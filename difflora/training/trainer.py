@@ -92,7 +92,7 @@ def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list
 
 
 def _base_key(config: TrainConfig) -> tuple[Any, ...]:
-    return (config.model, config.mixed_precision, config.prediction_type)
+    return (config.model, config.mixed_precision, config.prediction_type, config.quantize_base)
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -119,6 +119,7 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
         rslora=config.rslora,
         conv_rank=config.conv_rank,
         conv_alpha=config.conv_alpha,
+        quantization=config.quantize_base,
         pipe=pipe,
     )
     geometry = pipeline_geometry(models.pipe)
@@ -337,6 +338,7 @@ def _static_facts(
         **{f"{g['name']}_lr": g["initial_lr"] for g in groups[1:] if not g["name"].endswith("lora_B")},
         "loraplus_ratio": config.loraplus_ratio,
         "rslora": config.rslora,
+        "quantize_base": config.quantize_base or "no",  # the base the adapter applies to is unquantized
         "zero_terminal_snr": config.zero_terminal_snr,
         "seed": config.seed,
         "batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation,
