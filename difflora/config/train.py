@@ -18,12 +18,12 @@ from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from difflora.config import Problems, build_config, read_toml
 from difflora.errors import ConfigError
 from difflora.generation.schedulers import SCHEDULER_NAMES
-from difflora.models.quantize import QUANTIZATIONS, Quantization
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["auto", "adamw", "adamw8bit"]
 PredictionChoice = Literal["epsilon", "v_prediction"]
+Quantization = Literal["int8", "nf4"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
 
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 # Measured on the embedded model's sample subject (a new shape): 1e-3 barely moved it, 4e-3 did.
@@ -45,6 +45,7 @@ TINY_MODEL_UNET_TARGETS: tuple[str, ...] = (
 )
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
+QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
 
 
 @dataclass

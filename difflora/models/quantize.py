@@ -24,15 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
-from typing import Literal
 
 import torch
 from torch import nn
 
 from difflora.errors import ConfigError
 
-Quantization = Literal["int8", "nf4"]
-QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
 INSTALL = "pip install 'difflora[quantize]' (bitsandbytes >= 0.50, which runs on the CPU and on CUDA)"
 # LLM.int8's outlier threshold: input features above it take a float16 path (bitsandbytes' and
 # diffusers' BitsAndBytesConfig default).
@@ -67,8 +64,8 @@ class QuantizedBase:
 
 def bitsandbytes_backend(kind: str) -> ModuleType:
     """bitsandbytes, imported; a ConfigError saying how to install it when it is missing or broken."""
-    if kind not in QUANTIZATIONS:
-        raise ConfigError(f"--quantize-base must be one of {', '.join(QUANTIZATIONS)}, got {kind!r}.")
+    if kind not in LAYER_NAMES:
+        raise ConfigError(f"--quantize-base must be one of {', '.join(LAYER_NAMES)}, got {kind!r}.")
     try:
         import bitsandbytes
     except Exception as error:  # ImportError, or a bitsandbytes that fails to load its native library
