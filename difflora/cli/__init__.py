@@ -51,10 +51,23 @@ def cli(ctx: click.Context, debug: bool) -> None:
     _configure_logging(debug)
 
 
+# Libraries whose INFO/WARNING logs are noise to a user (bitsandbytes: an optional CPU kernel missing).
+NOISY_LIBRARIES = (
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "peft",
+    "bitsandbytes",
+    "urllib3",
+    "httpx",
+    "PIL",
+)
+
+
 def _configure_logging(debug: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("diffusers", "transformers", "accelerate", "peft", "urllib3", "httpx", "PIL"):
+    for noisy in NOISY_LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

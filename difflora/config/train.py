@@ -24,6 +24,7 @@ Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["auto", "adamw", "adamw8bit"]
 PredictionChoice = Literal["epsilon", "v_prediction"]
+Quantization = Literal["int8", "nf4"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
 
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 # Measured on the embedded model's sample subject (a new shape): 1e-3 barely moved it, 4e-3 did.
@@ -45,6 +46,7 @@ TINY_MODEL_UNET_TARGETS: tuple[str, ...] = (
 )
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
+QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
 
 
 @dataclass
@@ -103,6 +105,11 @@ class TrainConfig:
     adaptive_orth_reg: float | None = None
     """With --adaptive-rank: weight of the orthogonality penalty on the singular vectors added to the loss
     (AdaLoRA's orth_reg_weight). Default: 0.5 (peft's)."""
+    quantize_base: Quantization | None = None
+    """Hold the frozen base's Linear layers quantized while the LoRA weights train in float32 (QLoRA):
+    int8 (LLM.int8) or nf4 (4-bit NormalFloat), through bitsandbytes on the CPU or CUDA (pip install
+    'difflora[quantize]'). Less memory for the base; the adapter is an ordinary one for the unquantized base.
+    Default: off."""
     unet_targets: tuple[str, ...] | None = None
     """UNet module names that get LoRA layers (suffixes of module paths). Default: the attention projections
     (to_q, to_k, to_v, to_out.0); on the embedded tiny model also its ResNet convs, proj_in/out and
@@ -315,6 +322,17 @@ class TrainConfig:
         ):
             value = getattr(self, name)
             p.check(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
+        p.check(
+            self.quantize_base in (None, *QUANTIZATIONS),
+            "quantize_base",
+            f"must be one of {', '.join(QUANTIZATIONS)} (or left out), got {self.quantize_base!r}",
+        )
+        p.check(
+            not (self.dora and self.quantize_base),
+            "dora",
+            "cannot be combined with --quantize-base: DoRA re-normalises the whole weight, which peft would have "
+            "to dequantize from bitsandbytes' layers every step (it fails on them); train DoRA on the full base",
+        )
         extension = self.caption_extension.lower()
         p.check(
             extension.lstrip(".") in ("txt", "caption"),

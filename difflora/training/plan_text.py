@@ -51,6 +51,8 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
     variants = _variants(config, run)
     if variants:
         lines.insert(5, f"  variants    {variants}")
+    if models.quantized is not None:
+        lines.insert(4, f"  quantized   {models.quantized.describe()}")
     if run.start_step:
         lines.append(f"  resuming    at step {run.start_step}")
     for note in data.notes:

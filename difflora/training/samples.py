@@ -93,8 +93,8 @@ def merged_lora(models: Sequence[nn.Module], adapter_name: str = DEFAULT_ADAPTER
     """Inside: every plain LoRA layer of `models` computes with W0 + ΔW and its LoRA branch off. After: the
     original weight tensors are back in place, untouched (put back, never un-merged by subtraction, which
     would round), and every LoRA parameter's requires_grad is as before, so training goes on bit for bit.
-    Layers with other parametrisations (peft's DoRA: a normalised weight, not a sum; AdaLoRA's SVD form)
-    keep peft's path."""
+    Layers with other parametrisations (peft's DoRA: a normalised weight, not a sum; AdaLoRA's SVD form) or
+    on a quantized base layer (integer weights) keep peft's path."""
     swapped: list[tuple[LoraLayer, nn.Module, torch.Tensor, dict[nn.Parameter, bool]]] = []
     try:
         for model in models:
@@ -117,6 +117,7 @@ def _mergeable(layer: nn.Module, adapter_name: str) -> bool:
         and adapter_name in layer.lora_A
         and not layer.disable_adapters
         and not layer.use_dora.get(adapter_name, False)
+        and type(layer.get_base_layer()) in (nn.Linear, nn.Conv2d)  # not a quantized base (--quantize-base)
     )
 
 

@@ -23,6 +23,7 @@ from difflora.adapter.inject import add_lora, remove_adapter
 from difflora.errors import ConfigError
 from difflora.models.identity import ModelIdentity, model_identity
 from difflora.models.loading import load_pipeline
+from difflora.models.quantize import QuantizedBase, bitsandbytes_backend, quantize_base
 from difflora.training.text import TEXT_ENCODERS
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Models:
     text_encoder_modules: dict[str, list[str]]  # per trained text encoder: its adapted modules
     weight_dtype: torch.dtype
     tuners: dict[str, Any] = field(default_factory=dict)  # --adaptive-rank: peft's AdaLoraModel by component
+    quantized: QuantizedBase | None = None  # --quantize-base: what was quantized
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:
@@ -89,12 +91,16 @@ def load_models(
     conv_alpha: float | None = None,
     dora: bool = False,
     adaptive_init_rank: int | None = None,
+    quantization: str | None = None,
     pipe: Any | None = None,
 ) -> Models:
-    """The base with trainable LoRA layers. `pipe`: a base already loaded (with this dtype and prediction
-    type) by an earlier run of the same process, freed of its LoRA layers by `unload_lora`.
-    `adaptive_init_rank`: AdaLoRA layers starting at that rank, pruned to an average of `rank`."""
+    """The base with trainable LoRA layers. `pipe`: a base already loaded (with this dtype, prediction
+    type and quantization) by an earlier run of the same process, freed of its LoRA layers by `unload_lora`.
+    `adaptive_init_rank`: AdaLoRA layers starting at that rank, pruned to an average of `rank`.
+    `quantization` (int8, nf4) holds the UNet's and text encoders' Linear layers quantized."""
     weight_dtype = DTYPES[mixed_precision]
+    if quantization:
+        bitsandbytes_backend(quantization)  # a missing backend is reported before a large model loads
     # Loaded in the dtype the frozen weights train in: a full-size model never exists twice in memory.
     pipe = pipe or load_pipeline(model_ref, dtype=weight_dtype, prediction_type=prediction_type)
     identity = model_identity(pipe)  # before LoRA: the adapter records the pristine base
@@ -102,6 +108,12 @@ def load_models(
     pipe.vae.requires_grad_(False)
     for name in encoders:
         getattr(pipe, name).requires_grad_(False)
+    # After the identity (the adapter's base hash is the unquantized weights'), before LoRA wraps the layers.
+    # Trained text encoders too: their LoRA layers sit on the quantized Linear layers as the UNet's do.
+    quantized = None
+    if quantization:
+        frozen = {"unet": pipe.unet, **{name: getattr(pipe, name) for name in encoders}}
+        quantized = quantize_base(frozen, quantization, device=device, compute_dtype=weight_dtype)
     torch.manual_seed(seed)
     lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": rslora, "use_dora": dora}
     unet_targets_ = unet_targets(identity.family)
@@ -122,7 +134,7 @@ def load_models(
         pipe.unet.enable_gradient_checkpointing()
         for name in text_modules:
             getattr(pipe, name).gradient_checkpointing_enable()
-    return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners)
+    return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners, quantized)
 
 
 def _inject(
@@ -168,7 +180,8 @@ def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     in the training dtype, so normally nothing is cast, and diffusers' `to(dtype=...)` warning about
     modules to keep in float32 (printed even when there are none) never reaches the user."""
     module.to(device=device)
-    if any(p.dtype != dtype for p in module.parameters() if not p.requires_grad):
+    # Quantized weights (integer tensors, --quantize-base) keep their dtype.
+    if any(p.dtype != dtype for p in module.parameters() if not p.requires_grad and p.is_floating_point()):
         module.to(dtype=dtype)
 
 

@@ -94,7 +94,7 @@ def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list
 
 
 def _base_key(config: TrainConfig) -> tuple[Any, ...]:
-    return (config.model, config.mixed_precision, config.prediction_type)
+    return (config.model, config.mixed_precision, config.prediction_type, config.quantize_base)
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -160,6 +160,7 @@ def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
         conv_alpha=config.conv_alpha,
         dora=config.dora,
         adaptive_init_rank=config.effective_adaptive_init_rank if config.adaptive_rank else None,
+        quantization=config.quantize_base,
         pipe=pipe,
     )
 
@@ -368,6 +369,7 @@ def _static_facts(
         "loraplus_ratio": config.loraplus_ratio,
         "rslora": config.rslora,
         "dora": config.dora,
+        "quantize_base": config.quantize_base or "no",  # the base the adapter applies to is unquantized
         "zero_terminal_snr": config.zero_terminal_snr,
         "seed": config.seed,
         "batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation,
