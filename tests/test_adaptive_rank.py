@@ -33,27 +33,20 @@ from difflora.training.trainer import train
 from tests.conftest import SAMPLE_DATA
 from tests.faults_support import run_cli
 from tests.test_compose_exact import effective_forward_error, random_adapter, read_file_deltas
+from tests.variants_support import ALPHA, RANK, variant_config
 
-RANK, INIT_RANK, ALPHA = 4, 6, 8.0
+INIT_RANK = 6
 
 
 def _config(out: Path, cache_dir: Path, **changes) -> TrainConfig:
-    values = dict(
-        data_dir=str(SAMPLE_DATA / "style"),
-        output_dir=str(out),
-        cache_dir=str(cache_dir),
+    adaptive = dict(
         max_steps=6,
-        save_every=0,
-        sample_every=0,
-        num_threads=1,
-        rank=RANK,
-        alpha=ALPHA,
+        unet_targets=None,  # the embedded model's default targets, convolutions included
         adaptive_rank=True,
         adaptive_warmup=0.0,  # prune from the first step (every step: the default interval is 1% of 6)
         train_text_encoder=True,
     )
-    values.update(changes)
-    return TrainConfig(**values)
+    return variant_config(out, cache_dir, **(adaptive | changes))
 
 
 def _raw_svd(run_dir: Path) -> dict[str, tuple[int, torch.Tensor]]:

@@ -30,7 +30,6 @@ from difflora.composition.report import composition_report
 from difflora.composition.spec import parse_adapter_weights
 from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
-from difflora.config.train import TrainConfig
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError, ConfigError
 from difflora.formats.consumers import a1111, comfyui
 from difflora.formats.dora_export import CONVERSION_KEY
@@ -41,19 +40,15 @@ from difflora.models.loading import load_pipeline
 from difflora.training.checkpoint import latest_checkpoint, load_checkpoint
 from difflora.training.trainer import train
 from tests.conftest import SAMPLE_DATA
+from tests.variants_support import ALPHA, ATTENTION, RANK, variant_config
 
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 8.0, 2, 1.0
+CONV_RANK, CONV_ALPHA = 2, 1.0
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dora")
-    config = TrainConfig(
-        data_dir=str(SAMPLE_DATA / "style"), output_dir=str(out), cache_dir=str(out / "cache"), max_steps=2,
-        save_every=0, sample_every=0, num_threads=1, rank=RANK, alpha=ALPHA, unet_targets=ATTENTION,
-        conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, dora=True,
-    )  # fmt: skip
+    config = variant_config(out, out / "cache", conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, dora=True)
     return train(config, progress=False)
 
 

@@ -37,9 +37,8 @@ from difflora.training.checkpoint import latest_checkpoint, load_checkpoint
 from difflora.training.setup import load_models
 from difflora.training.trainer import train
 from tests.conftest import SAMPLE_DATA
+from tests.variants_support import ALPHA, ATTENTION, RANK, variant_config
 
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-RANK, ALPHA = 4, 8.0
 BNB_LAYERS = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
@@ -50,23 +49,13 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def _train(out: Path, cache_dir: Path, **changes) -> Path:
-    values = dict(
-        data_dir=str(SAMPLE_DATA / "style"),
-        output_dir=str(out),
-        cache_dir=str(cache_dir),
-        max_steps=2,
-        save_every=0,
-        sample_every=1,  # a sample grid (eval mode, no grad) between the training steps
+    sampled = dict(  # a sample grid (eval mode, no grad) between the training steps
+        sample_every=1,
         sample_steps=2,
         sample_prompts=("a red circle, zebrastripes style",),
         sample_seeds=(1,),
-        num_threads=1,
-        rank=RANK,
-        alpha=ALPHA,
-        unet_targets=ATTENTION,
     )
-    values.update(changes)
-    return train(TrainConfig(**values), progress=False)
+    return train(variant_config(out, cache_dir, **(sampled | changes)), progress=False)
 
 
 def _first_loss(adapter_path: Path) -> float:

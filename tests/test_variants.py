@@ -16,15 +16,12 @@ from safetensors import safe_open
 
 from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
-from difflora.config.train import TrainConfig
 from difflora.formats.export import export_adapter
 from difflora.formats.read import load_adapter
 from difflora.generation.generate import generate
 from difflora.training.checkpoint import latest_checkpoint, load_checkpoint
 from difflora.training.trainer import train
-from tests.conftest import SAMPLE_DATA
-
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+from tests.variants_support import variant_config
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +30,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def _train(out: Path, cache_dir: Path, **changes) -> Path:
-    values = dict(
-        data_dir=str(SAMPLE_DATA / "style"),
-        output_dir=str(out),
-        cache_dir=str(cache_dir),
-        max_steps=2,
-        save_every=0,
-        sample_every=0,
-        num_threads=1,
-        rank=4,
-        alpha=8.0,
-        unet_targets=ATTENTION,
-    )
-    values.update(changes)
-    return train(TrainConfig(**values), progress=False)
+    return train(variant_config(out, cache_dir, **changes), progress=False)
 
 
 def _raw_updates(run_dir: Path, scale_of) -> dict[str, torch.Tensor]:
