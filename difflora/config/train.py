@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from difflora.config import Problems, build_config, read_toml
+from difflora.config.variants import check_variants
 from difflora.errors import ConfigError
 from difflora.generation.schedulers import SCHEDULER_NAMES
 
@@ -247,7 +248,7 @@ class TrainConfig:
             p.check(self.conv_rank >= 1, "conv_rank", f"must be at least 1, got {self.conv_rank}")
         elif self.conv_alpha is not None:
             p.add("conv_alpha", "given without --conv-rank: add --conv-rank to adapt the convolutions")
-        self._check_adaptive(p)
+        check_variants(self, p)
         if self.max_steps is not None and self.epochs is not None:
             p.add("max_steps", "--max-steps and --epochs both given: choose one (the other is derived)")
         if self.resolution is not None and self.resolution % 8:
@@ -256,44 +257,6 @@ class TrainConfig:
             self.unet_targets is None or bool(self.unet_targets), "unet_targets", "name at least one module"
         )
         p.check(bool(self.sample_seeds), "sample_seeds", "give at least one seed")
-
-    def _check_adaptive(self, p: Problems) -> None:
-        """--adaptive-rank's knobs, and the variants peft's AdaLoRA cannot combine with."""
-        if not self.adaptive_rank:
-            for name in ("init_rank", "warmup", "final", "interval", "orth_reg"):
-                if getattr(self, f"adaptive_{name}") is not None:
-                    p.add(
-                        f"adaptive_{name}",
-                        "given without --adaptive-rank: add --adaptive-rank to prune ranks",
-                    )
-            return
-        init, (warmup, final, interval) = self.effective_adaptive_init_rank, self.adaptive_fractions
-        p.check(init > self.rank, "adaptive_init_rank", f"must be above --rank ({self.rank}), got {init}")
-        p.check(0.0 <= warmup < 1.0, "adaptive_warmup", f"must be in [0, 1), got {warmup}")
-        p.check(0.0 <= final < 1.0, "adaptive_final", f"must be in [0, 1), got {final}")
-        p.check(
-            warmup + final < 1.0,
-            "adaptive_final",
-            f"--adaptive-warmup {warmup:g} + --adaptive-final {final:g} leave no steps to prune ranks in",
-        )
-        p.check(0.0 < interval <= 1.0, "adaptive_interval", f"must be in (0, 1], got {interval}")
-        p.check(self.effective_adaptive_orth_reg >= 0, "adaptive_orth_reg", "must be 0 or more")
-        # peft's SVD layers start every module at one rank and scale by alpha/rank only.
-        for name, clash, why in (
-            (
-                "conv_rank",
-                self.conv_rank is not None,
-                "ranks are allocated: add conv1 conv2 to --unet-targets",
-            ),
-            ("rslora", self.rslora, "peft's AdaLoRA scales updates by alpha/rank only"),
-            ("dora", self.dora, "peft's AdaLoRA has no magnitude vector (it refuses use_dora)"),
-            (
-                "loraplus_ratio",
-                self.loraplus_ratio != 1,
-                "AdaLoRA's A and B are singular vectors, not up/down",
-            ),
-        ):
-            p.check(not clash, name, f"cannot be combined with --adaptive-rank: {why}")
 
     def _check_rates(self, p: Problems) -> None:
         if self.learning_rate is not None:
@@ -326,12 +289,6 @@ class TrainConfig:
             self.quantize_base in (None, *QUANTIZATIONS),
             "quantize_base",
             f"must be one of {', '.join(QUANTIZATIONS)} (or left out), got {self.quantize_base!r}",
-        )
-        p.check(
-            not (self.dora and self.quantize_base),
-            "dora",
-            "cannot be combined with --quantize-base: DoRA re-normalises the whole weight, which peft would have "
-            "to dequantize from bitsandbytes' layers every step (it fails on them); train DoRA on the full base",
         )
         extension = self.caption_extension.lower()
         p.check(

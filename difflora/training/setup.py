@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,10 +110,12 @@ def load_models(
         getattr(pipe, name).requires_grad_(False)
     # After the identity (the adapter's base hash is the unquantized weights'), before LoRA wraps the layers.
     # Trained text encoders too: their LoRA layers sit on the quantized Linear layers as the UNet's do.
-    quantized = None
-    if quantization:
-        frozen = {"unet": pipe.unet, **{name: getattr(pipe, name) for name in encoders}}
-        quantized = quantize_base(frozen, quantization, device=device, compute_dtype=weight_dtype)
+    frozen = {"unet": pipe.unet, **{name: getattr(pipe, name) for name in encoders}}
+    quantized = (
+        quantize_base(frozen, quantization, device=device, compute_dtype=weight_dtype)
+        if quantization
+        else None
+    )
     torch.manual_seed(seed)
     lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": rslora, "use_dora": dora}
     unet_targets_ = unet_targets(identity.family)
@@ -127,14 +129,22 @@ def load_models(
         for name in (encoders if train_text_encoder else [])
     }
     _place(pipe, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
+    _training_modes(pipe, encoders, text_modules, gradient_checkpointing=gradient_checkpointing)
+    return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners, quantized)
+
+
+def _training_modes(
+    pipe: Any, encoders: Sequence[str], trained: Mapping[str, Any], *, gradient_checkpointing: bool
+) -> None:
+    """The UNet and the trained text encoders in train mode (the frozen ones in eval mode), with gradient
+    checkpointing where asked."""
     pipe.unet.train()
     for name in encoders:
-        getattr(pipe, name).train(name in text_modules)
+        getattr(pipe, name).train(name in trained)
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        for name in text_modules:
+        for name in trained:
             getattr(pipe, name).gradient_checkpointing_enable()
-    return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners, quantized)
 
 
 def _inject(
