@@ -69,3 +69,27 @@ def _render_without_lora(pipe) -> np.ndarray:
             layer.enable_adapters(True)
         for parameter, wanted in grads.items():
             parameter.requires_grad_(wanted)
+
+
+def test_batched_previews_are_the_one_by_one_images_in_order(pipeline):
+    prompts, seeds = ["a red square", "a blue circle", "a red square"], [1, 2, 3]
+    single = render(pipeline, prompts, seeds=seeds, steps=3, guidance=5.0)
+    calls = []
+    original_call = type(pipeline).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original_call(self, *args, **kwargs)
+
+    type(pipeline).__call__ = counting
+    try:
+        batched = render(pipeline, prompts, seeds=seeds, steps=3, guidance=5.0, batch_pixels=2 * 16 * 16)
+    finally:
+        type(pipeline).__call__ = original_call
+    assert len(calls) == 2  # two images per call at 16x16, then the third alone
+    diffs = [
+        np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
+        for a, b in zip(single, batched)
+    ]
+    assert max(diffs) <= 2, diffs  # the same pictures, up to rounding of the batched matmuls
+    assert np.abs(np.asarray(single[0], dtype=np.int16) - np.asarray(single[1], dtype=np.int16)).mean() > 5

@@ -32,6 +32,9 @@ from difflora.safe_io import write_atomic
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_PROMPTS = 3
+# Preview images rendered per pipeline call, by pixels: a whole grid of 64-px images at once (where the
+# per-call overhead dominates), two 512-px images, one 1024-px image (memory grows with the batch).
+PREVIEW_BATCH_PIXELS = 2 * 512 * 512
 
 
 def default_prompts(captions: Sequence[str], count: int = DEFAULT_SAMPLE_PROMPTS) -> list[str]:
@@ -80,6 +83,7 @@ def render_sample_grid(
                 width=width,
                 height=height,
                 zero_terminal_snr=zero_terminal_snr,
+                batch_pixels=PREVIEW_BATCH_PIXELS,
             )
     finally:
         for module, mode in zip(modules, modes, strict=True):
