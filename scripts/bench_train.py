@@ -215,14 +215,19 @@ def _over_budget(args: argparse.Namespace) -> bool:
 
 
 def _save_reference_adapter(unet, path: Path) -> None:
-    """What the reference script does at its end (`StableDiffusionPipeline.save_lora_weights` of the peft
-    state dict), so both sides' end-to-end time stops at an adapter on disk."""
+    """What the reference script does at its end: `StableDiffusionPipeline.save_lora_weights` of the peft
+    state dict in diffusers' naming, so both sides' end-to-end time stops at an adapter on disk."""
+    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(path.parent),
+        unet_lora_layers=state,
+        weight_name=path.name,
+        safe_serialization=True,
+    )
 
 
 _PHASES = ("data", "vae_encode", "text_encode", "unet_forward", "backward", "optimizer")

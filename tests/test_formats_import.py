@@ -224,3 +224,35 @@ def test_imported_kohya_file_of_a_custom_model_composes_onto_it(tmp_path):
         down, up = tensors[f"{kohya}.lora_down.weight"], tensors[f"{kohya}.lora_up.weight"]
         expected = 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         torch.testing.assert_close(layer.get_delta_weight("imp"), expected)
+
+
+def test_the_diffusers_training_scripts_file_imports_with_its_updates(tmp_path):
+    """What diffusers' train_text_to_image_lora.py writes at its end: `save_lora_weights` of the peft state
+    dict converted to diffusers' names (`unet.<module>.lora.down.weight`, no alpha: alpha = rank)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_unet()
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
+    )
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    assert all(".lora." in key for key in state)  # the spelling this test is about
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(tmp_path),
+        unet_lora_layers=state,
+        weight_name="lora.safetensors",
+        safe_serialization=True,
+    )
+    adapter = load_adapter(tmp_path / "lora.safetensors")
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    assert len(adapter.modules) == len(layers) > 0
+    for name, layer in layers.items():
+        expected = layer.lora_B["default"].weight @ layer.lora_A["default"].weight  # scale alpha/rank = 1
+        assert torch.allclose(adapter.modules[f"unet.{name}"].delta(), expected.detach(), atol=1e-6)

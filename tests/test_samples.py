@@ -89,7 +89,7 @@ def test_batched_previews_are_the_one_by_one_images_in_order(pipeline):
     assert len(calls) == 2  # two images per call at 16x16, then the third alone
     diffs = [
         np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
-        for a, b in zip(single, batched)
+        for a, b in zip(single, batched, strict=True)
     ]
     assert max(diffs) <= 2, diffs  # the same pictures, up to rounding of the batched matmuls
     assert np.abs(np.asarray(single[0], dtype=np.int16) - np.asarray(single[1], dtype=np.int16)).mean() > 5

@@ -77,7 +77,9 @@ def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adap
 
 def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str) -> Adapter:
     """The Adapter in `tensors`, whichever layout they are in."""
-    if not any(".lora_" in key or "lora_" in key.split(".")[0] for key in tensors):
+    if not any(
+        ".lora_" in key or "lora_" in key.split(".")[0] or key.endswith(_MATRIX_SUFFIXES) for key in tensors
+    ):
         raise AdapterFormatError(
             f"{source} holds no LoRA tensors ({len(tensors)} tensors, none named lora_*)."
         )
