@@ -161,3 +161,29 @@ def test_text_cache_refuses_with_a_reason():
         train_text_encoder=False, augmentation=CaptionAugmentation(shuffle_tags=True)
     )
     assert not allowed and "shuffl" in why
+
+
+def test_large_images_are_encoded_one_per_call_small_ones_together(tmp_path, vae, monkeypatch):
+    from difflora.data import cache as cache_module
+
+    assert [cache_module.encode_batch(side * side, 4) for side in (64, 256, 320, 512, 1024)] == [
+        4,
+        4,
+        2,
+        1,
+        1,
+    ]
+    _, _, requests, _ = _setup(tmp_path)
+    sizes: list[int] = []
+    encode = vae_encoder(vae)
+
+    def recording(batch):
+        sizes.append(len(batch))
+        return encode(batch)
+
+    LatentCache(tmp_path / "small").build(requests, recording, model_identity="v", scaling_factor=1.0)
+    assert max(sizes) > 1  # the 32x32 and 48x32-bucket images share calls
+    sizes.clear()
+    monkeypatch.setattr(cache_module, "ENCODE_PIXELS", 16 * 16)  # as if every image were large
+    LatentCache(tmp_path / "large").build(requests, recording, model_identity="v", scaling_factor=1.0)
+    assert sizes == [1] * len(requests)

@@ -179,6 +179,17 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+# Pixels per VAE-encode call: 4 images up to 256x256, one at 512x512 and above. Measured on a 2-core CPU with
+# the SD 1.5 VAE at 512 px: 4.9-5.5 s per image one at a time, 5.8-6.2 s in batches of 4 (activations of
+# 4 x 128 x 512 x 512 floats no longer fit the caches); small images gain from batching.
+ENCODE_PIXELS = 4 * 256 * 256
+
+
+def encode_batch(area: int, most: int) -> int:
+    """Images of `area` pixels per VAE-encode call, at most `most`."""
+    return max(1, min(most, ENCODE_PIXELS // max(1, area)))
+
+
 def _batched(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -210,8 +221,8 @@ class LatentCache:
         for key, request in missing:
             by_bucket.setdefault(request.plan.bucket, []).append((key, request))
         done = 0
-        for group in by_bucket.values():
-            for chunk in _batched(group, batch_size):
+        for bucket, group in by_bucket.items():
+            for chunk in _batched(group, encode_batch(bucket.area, batch_size)):
                 self._encode_chunk(
                     chunk, encode, model_identity=model_identity, scaling_factor=scaling_factor
                 )
