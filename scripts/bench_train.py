@@ -65,7 +65,7 @@ def run_difflora(args: argparse.Namespace, began: float) -> dict:
     from difflora.config.train import TrainConfig
     from difflora.training.trainer import train
 
-    out = Path(args.workdir) / "difflora"
+    out = Path(args.workdir) / f"difflora-{os.getpid()}"  # a fresh cache each run: end to end pays it
     config = TrainConfig(
         data_dir=args.data,
         model=args.model,
