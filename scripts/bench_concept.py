@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_support import SEEDS, adapter_signature  # noqa: E402
+
 PROMPT = "a red crossglyph on a white background"
-SEEDS = (0, 1, 2, 3)
 CHECKPOINTS = (15, 30, 45, 60, 90, 120, 180, 240, 360)  # wall-clock seconds shown in the table
 
 
@@ -52,7 +54,6 @@ def train_difflora(args: argparse.Namespace) -> None:
 
 
 def train_reference(args: argparse.Namespace, began: float) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     from bench_train import run_reference
 
     snapshots = Path(args.workdir) / "reference"
@@ -90,16 +91,8 @@ def _snapshots(workdir: Path, started: dict[str, float]) -> dict[str, list[tuple
     }
 
 
-def _score(pipe, adapter: Path | None) -> float:
-    import numpy as np
-
-    from difflora.composition.composer import compose
-    from difflora.embedded.signatures import cross_score
-    from difflora.generation.pipeline import render
-
-    compose(pipe, f"{adapter}:1" if adapter else "")
-    images = render(pipe, [PROMPT] * len(SEEDS), seeds=list(SEEDS), steps=20, guidance=5.0)
-    return float(np.mean([cross_score(image) for image in images]))
+def _score(pipe, adapter) -> float:
+    return adapter_signature(pipe, adapter, PROMPT, "cross_score")
 
 
 def _child(kind: str, args: argparse.Namespace) -> float:

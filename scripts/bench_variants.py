@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_support import adapter_signature  # noqa: E402
+
 PROMPT = "a red circle on a white background, zebrastripes style"
-SEEDS = (0, 1, 2, 3)
 VARIANTS: dict[str, dict] = {
     "lora": {},
     "rslora": {"rslora": True},
@@ -63,16 +65,8 @@ def _train(name: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _signature(pipe, adapter: str | None) -> float:
-    import numpy as np
-
-    from difflora.composition.composer import compose
-    from difflora.embedded.signatures import stripe_energy
-    from difflora.generation.pipeline import render
-
-    compose(pipe, f"{adapter}:1" if adapter else "")
-    images = render(pipe, [PROMPT] * len(SEEDS), seeds=list(SEEDS), steps=20, guidance=5.0)
-    return float(np.mean([stripe_energy(image) for image in images]))
+def _signature(pipe, adapter) -> float:
+    return adapter_signature(pipe, adapter, PROMPT, "stripe_energy")
 
 
 def _child(name: str, args: argparse.Namespace) -> dict:
