@@ -67,10 +67,11 @@ def render(
     pipe.scheduler = make_scheduler(scheduler, original.config, zero_terminal_snr=zero_terminal_snr)
     total = steps * len(prompts)
     per_call = max(1, batch_pixels // (width * height)) if batch_pixels else 1
+    pairs = list(zip(prompts, seeds, strict=True))
     images: list[Image.Image] = []
     try:
-        for start in range(0, len(prompts), per_call):
-            chunk = list(zip(prompts, seeds, strict=True))[start : start + per_call]
+        for start in range(0, len(pairs), per_call):
+            chunk = pairs[start : start + per_call]
             callback = _step_callback(progress, start * steps, total, len(chunk)) if progress else None
             generators = [torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk]
             one = len(chunk) == 1  # the plain single-image call: what `difflora generate` has always made
