@@ -1,0 +1,43 @@
+"""Model families: one module per family, one registry. `family("sdxl")` is the only way code outside this
+package learns what a family does; it never compares family names itself.
+
+Detection order matters where signatures overlap: full-size families first, then the embedded model, then
+`custom` (anything SD-shaped that matches none).
+"""
+
+from __future__ import annotations
+
+from difflora.errors import ModelError
+from difflora.models.families.base import ModelFamily
+from difflora.models.families.custom import Custom
+from difflora.models.families.sd1 import SD1
+from difflora.models.families.sd2 import SD2
+from difflora.models.families.sdxl import SDXL
+from difflora.models.families.tiny import Tiny
+
+_REGISTRY: dict[str, ModelFamily] = {f.name: f for f in (SD1(), SD2(), SDXL(), Tiny(), Custom())}
+
+FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+"""Every family difflora knows, in detection order."""
+
+
+def family(name: str) -> ModelFamily:
+    """The family called `name` (as recorded in adapters' `difflora.base_family`)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(
+            f"Unknown model family {name!r}: difflora knows {', '.join(FAMILY_NAMES)}."
+        ) from None
+
+
+def families() -> tuple[ModelFamily, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def checkpoint_families() -> tuple[ModelFamily, ...]:
+    """The families a single-file checkpoint can be detected as (those with shipped configs)."""
+    return tuple(f for f in _REGISTRY.values() if f.config_folder is not None)
+
+
+__all__ = ["FAMILY_NAMES", "ModelFamily", "checkpoint_families", "families", "family"]

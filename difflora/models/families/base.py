@@ -1,0 +1,95 @@
+"""The model-family seam: what differs between base models, declared in one class per family.
+
+Everything that is not family-specific (data, cache, training loop, composition math, safe I/O, serving,
+CLI) asks a `ModelFamily` and never tests a family's name: adding a family adds a module here (and its
+shipped configs), not a branch elsewhere. A family declares facts as class attributes, as ComfyUI's
+`supported_models.py` does, and a variant subclasses and changes a few of them. Behaviour that differs
+between families is a method here, with the machinery it shares (epsilon/v noising, later flow matching,
+latent packing) in modules of its own that the families reuse.
+
+This module sits at the bottom of the import graph: it imports nothing from difflora but `errors`, so
+models/, formats/, training/ and generation/ can all ask it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+ARCHITECTURES_DIR = Path(__file__).resolve().parent.parent / "architectures"
+
+# LoRA targets: the attention projections of a diffusers UNet and of a CLIP text encoder.
+UNET_ATTENTION: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_ATTENTION: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+FULL_MODEL_LR = 1e-4
+
+
+class ModelFamily:
+    """One base-model family. Subclasses set the class attributes; instances are stateless singletons
+    registered in `difflora.models.families`."""
+
+    name: ClassVar[str]
+    """The family's key in adapter metadata (`difflora.base_family`) and everywhere in code."""
+    label: ClassVar[str]
+    """What messages and reports call it ("SD 1.x", "SDXL base")."""
+    components: ClassVar[tuple[str, ...]] = ("unet", "text_encoder")
+    """The pipeline components LoRA files name: the denoiser first, then the text encoders."""
+    denoiser: ClassVar[str] = "unet"
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    pipeline_class_name: ClassVar[str] = "StableDiffusionPipeline"
+    config_folder: ClassVar[str | None] = None
+    """Folder under models/architectures/ with the shipped diffusers configs and tokenizers (None: none)."""
+    has_reference: ClassVar[bool] = True
+    """Whether its module tree can be built offline (on the meta device) from shipped configs."""
+
+    # ---------------------------------------------------------------- what it predicts, at what size
+    default_prediction_type: ClassVar[str] = "epsilon"
+    native_resolution: ClassVar[int | None] = 512
+
+    # ---------------------------------------------------------------- detection from a single file
+    cross_attention_dim: ClassVar[int | None] = None
+    checkpoint_text_encoders: ClassVar[tuple[str, ...]] = ()
+    """Text-encoder key prefixes of the original (ldm/sgm) single-file layout."""
+    size_conditioning: ClassVar[bool] = False
+    """Whether the UNet takes SDXL's pooled text embedding and size/crop time ids."""
+
+    # ---------------------------------------------------------------- training defaults
+    default_unet_targets: ClassVar[tuple[str, ...]] = UNET_ATTENTION
+    default_text_encoder_targets: ClassVar[tuple[str, ...]] = CLIP_ATTENTION
+    default_learning_rate: ClassVar[float] = FULL_MODEL_LR
+
+    # ---------------------------------------------------------------- file layouts
+    kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
+    kohya_unet_names: ClassVar[Literal["diffusers", "sgm"]] = "diffusers"
+    """Which UNet module paths kohya names use when writing: diffusers paths, or the SGM/LDM paths kohya
+    uses for SDXL (every family reads both)."""
+    kohya_base_version: ClassVar[str] = "sd_v1"
+    """`ss_base_model_version`; A1111 lists any metadata-bearing LoRA as SD1 when it knows no better."""
+    kohya_v_suffix: ClassVar[bool] = False
+    """Whether a v-prediction base appends `_v` to `ss_base_model_version` (kohya's SD1/SD2 convention)."""
+    modelspec_architecture: ClassVar[str] = "custom/lora"
+    modelspec_architecture_v: ClassVar[str | None] = None
+    """ModelSpec architecture of the v-prediction variant, where it has its own."""
+    modelspec_implementation: ClassVar[str] = "diffusers"
+
+    # ---------------------------------------------------------------- derived facts
+    def config_dir(self) -> Path | None:
+        return ARCHITECTURES_DIR / self.config_folder if self.config_folder else None
+
+    def prediction_label(self, prediction_type: str) -> str:
+        """The label with the prediction type where it is not the family's usual one."""
+        if prediction_type == self.default_prediction_type:
+            return self.label
+        return f"{self.label} ({prediction_type.replace('_', '-')})"
+
+    def kohya_version(self, *, v_prediction: bool = False) -> str:
+        suffix = "_v" if v_prediction and self.kohya_v_suffix else ""
+        return self.kohya_base_version + suffix
+
+    def modelspec(self, *, v_prediction: bool = False) -> str:
+        if v_prediction and self.modelspec_architecture_v:
+            return self.modelspec_architecture_v
+        return self.modelspec_architecture
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}>"

@@ -1,0 +1,24 @@
+"""SD 2.x: OpenCLIP ViT-H text encoder, context 1024. A single file looks the same whether it was trained
+for v-prediction at 768 px (2.0-v, 2.1) or epsilon at 512 px (the -base models): the default is SD 2.1's."""
+
+from __future__ import annotations
+
+from difflora.models.families.base import ModelFamily
+
+
+class SD2(ModelFamily):
+    name = "sd2"
+    label = "SD 2.x"
+    config_folder = "sd21"
+    default_prediction_type = "v_prediction"
+    native_resolution = 768
+    cross_attention_dim = 1024
+    checkpoint_text_encoders = ("cond_stage_model.model.",)
+    kohya_base_version = "sd_v2"
+    kohya_v_suffix = True
+    modelspec_architecture = "stable-diffusion-v2-512/lora"
+    modelspec_architecture_v = "stable-diffusion-v2-768-v/lora"
+
+    def resolution_for(self, prediction_type: str) -> int:
+        """768 px for v-prediction (SD 2.1), 512 px for epsilon (SD 2.1-base)."""
+        return 768 if prediction_type == "v_prediction" else 512

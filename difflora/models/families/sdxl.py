@@ -1,0 +1,30 @@
+"""SDXL base: CLIP ViT-L + OpenCLIP ViT-bigG (hidden states concatenated, the second's pooled output as
+`text_embeds`), context 2048, size/crop micro-conditioning, 1024 px. kohya trains and names it on the SGM
+UNet (`input_blocks.4.1...`) with `lora_te1`/`lora_te2` for the two encoders."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from difflora.models.families.base import ModelFamily
+
+
+class SDXL(ModelFamily):
+    name = "sdxl"
+    label = "SDXL base"
+    components = ("unet", "text_encoder", "text_encoder_2")
+    text_encoders = ("text_encoder", "text_encoder_2")
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    config_folder = "sdxl"
+    native_resolution = 1024
+    cross_attention_dim = 2048
+    checkpoint_text_encoders = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+    size_conditioning = True
+    kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {
+        "text_encoder": "lora_te1",
+        "text_encoder_2": "lora_te2",
+    }
+    kohya_unet_names = "sgm"
+    kohya_base_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
