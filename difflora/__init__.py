@@ -35,6 +35,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from difflora.chatter import silence_known_chatter  # logging only: cheap
+
+silence_known_chatter()
+
 # public name -> the module that defines it
 _API: dict[str, str] = {
     "train": "difflora.training.trainer",

@@ -5,7 +5,10 @@
 # - torch is installed first, and only where none is importable: torch==2.13.0, the CPU build on a
 #   machine without CUDA, so a plain dependency resolution never pulls a multi-GB CUDA build by accident.
 #   A torch that is already there (for example your CUDA build) is respected.
-# - Then difflora itself, editable, with the extras given as arguments (e.g. "dev").
+# - Then difflora itself, editable, with the extras given as arguments (e.g. "dev"), every dependency at the
+#   version pinned in constraints.txt: the versions the test suite passes with, so an upstream release cannot
+#   break a fresh install. DIFFLORA_CONSTRAINTS names another constraints file, or none when set empty
+#   (scripts/refresh_pins.sh resolves the newest versions that way).
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 extras="${1:-}"
@@ -28,6 +31,7 @@ fi
 
 target="$repo_root"
 [ -n "$extras" ] && target="$repo_root[$extras]"
-"$python" -m pip install --quiet -e "$target"
+constraints="${DIFFLORA_CONSTRAINTS-$repo_root/constraints.txt}"
+"$python" -m pip install --quiet ${constraints:+--constraint "$constraints"} -e "$target"
 export PATH="$venv/bin:$PATH"
 export DIFFLORA_PYTHON="$python"

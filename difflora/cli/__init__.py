@@ -51,13 +51,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
     _configure_logging(debug)
 
 
-# Libraries whose INFO/WARNING logs are noise to a user (bitsandbytes: an optional CPU kernel missing).
+# Libraries whose INFO/WARNING logs are noise to a user of the command (bitsandbytes and kernels: see
+# difflora/chatter.py, which drops their known harmless lines for the Python API too).
 NOISY_LIBRARIES = (
     "diffusers",
     "transformers",
     "accelerate",
     "peft",
     "bitsandbytes",
+    "kernels",
     "urllib3",
     "httpx",
     "PIL",

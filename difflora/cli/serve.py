@@ -42,4 +42,9 @@ def serve_command(config_file: Path | None, **flags: Any) -> None:
         f"available) on http://{host}:{config.port} ({access}). Ctrl+C stops.",
         err=True,
     )
-    uvicorn.run(app, host=config.host, port=config.port, log_config=None)
+    # The line above says where it serves; uvicorn's own start-up, shut-down and per-request lines would
+    # repeat it on every start and request (GET /metrics counts requests by route and status). Its
+    # warnings and errors still show.
+    uvicorn.run(
+        app, host=config.host, port=config.port, log_config=None, log_level="warning", access_log=False
+    )

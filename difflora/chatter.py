@@ -1,0 +1,39 @@
+"""Third-party log lines that tell a difflora user nothing, silenced at their source.
+
+Each entry names the logger and the start of the one message it drops, and says why that message is
+harmless here. A filter on the emitting logger drops just that message, for the CLI and the Python API
+alike; everything else those libraries log still reaches the user (the CLI lowers their levels further).
+Installed when `difflora` is imported: it touches `logging` only, so `import difflora` stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# logger name -> message prefixes it drops
+KNOWN_CHATTER: dict[str, tuple[str, ...]] = {
+    # Importing peft imports bitsandbytes, whose CPU backend (on CPUs with AVX512-BF16) asks the `kernels`
+    # package for an optional 4-bit matmul kernel from the Hugging Face Hub at import time. In offline mode
+    # (HF_HUB_OFFLINE=1, as difflora's own scripts run) kernels says so on every command, and bitsandbytes
+    # then says the kernel is missing and falls back to its own CPU path: difflora needs nothing more, since
+    # --quantize-base runs on that path (or on CUDA) either way.
+    "kernels._internals.hf_hub": ("Skipping publisher trust check",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def silence_known_chatter() -> None:
+    """Attach the filters (once per logger, however often this is called)."""
+    for name, prefixes in KNOWN_CHATTER.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
