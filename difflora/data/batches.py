@@ -31,8 +31,8 @@ from torch.utils.data import Dataset, Sampler
 from difflora.data.buckets import Bucket, Crop, CropPlan, assign_bucket, plan_crop, render_pixels
 from difflora.data.cache import LatentCache, LatentRequest, TextEmbeddingCache
 from difflora.data.captions import CaptionAugmentation
+from difflora.data.examples import Example
 from difflora.data.images import load_image
-from difflora.data.scan import Example
 
 NO_AUGMENTATION = CaptionAugmentation()
 

@@ -1,4 +1,4 @@
-"""Image folder -> examples + a report of everything that was not used, and why.
+"""Image folder -> examples + a report of everything that was not used, and why (the types: examples.py).
 
 Public API (plain values; the trainer, ``check`` and the exporter read these):
 
@@ -32,14 +32,11 @@ empty caption falls back to the trigger word, else the class name, else "" (each
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from difflora.data.captions import (
     CAPTION_EXTENSIONS,
@@ -48,116 +45,17 @@ from difflora.data.captions import (
     apply_trigger,
     read_caption_file,
     read_metadata,
-    split_tags,
 )
+from difflora.data.examples import CaptionIssue, Example, FolderInfo, ScanResult, SkippedFile
 from difflora.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageRejected, decode_image, load_image
 from difflora.errors import DatasetError, first_n
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "CaptionIssue",
-    "Example",
-    "FolderInfo",
-    "ScanResult",
-    "SkippedFile",
-    "load_image",
-    "scan_folder",
-]
+__all__ = ["load_image", "scan_folder"]
 
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _SKIPPED_DIRS = {"__MACOSX"}
-
-
-@dataclass(frozen=True)
-class Example:
-    path: Path
-    caption: str  # final caption: trigger applied, fallbacks resolved
-    repeats: int
-    class_name: str | None
-    content_hash: str  # sha256 of the file's bytes
-    size: tuple[int, int]  # (width, height) after EXIF rotation
-    folder: str  # the folder that sets repeats, relative to the root ("." for the root)
-    caption_source: str | None = None  # ".txt", ".caption", "metadata.jsonl", "trigger", "class name", None
-    notes: tuple[str, ...] = ()  # conversions applied when loading (EXIF, CMYK, 16-bit, alpha, ...)
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    path: Path
-    reason: str
-
-
-@dataclass(frozen=True)
-class CaptionIssue:
-    path: Path
-    kind: Literal["missing", "empty", "too_long", "decoding", "conflict", "orphan", "metadata"]
-    message: str
-    level: Literal["warning", "error"] = "warning"
-
-
-@dataclass(frozen=True)
-class FolderInfo:
-    name: str  # relative to the root, "." for the root
-    path: Path
-    repeats: int
-    class_name: str | None
-    image_count: int
-    has_prefix: bool
-
-
-@dataclass
-class ScanResult:
-    root: Path
-    examples: list[Example] = field(default_factory=list)
-    skipped: list[SkippedFile] = field(default_factory=list)
-    caption_issues: list[CaptionIssue] = field(default_factory=list)
-    folders: list[FolderInfo] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    ignored: list[Path] = field(default_factory=list)
-
-    @property
-    def duplicates(self) -> dict[str, list[Path]]:
-        groups: dict[str, list[Path]] = defaultdict(list)
-        for example in self.examples:
-            groups[example.content_hash].append(example.path)
-        return {digest: paths for digest, paths in groups.items() if len(paths) > 1}
-
-    @property
-    def tag_frequency(self) -> dict[str, dict[str, int]]:
-        counts: dict[str, Counter] = defaultdict(Counter)
-        for example in self.examples:
-            counts[example.folder].update(split_tags(example.caption))
-        return {folder: dict(counter) for folder, counter in counts.items()}
-
-    @property
-    def dataset_dirs(self) -> dict[str, dict[str, int]]:
-        return {f.name: {"n_repeats": f.repeats, "img_count": f.image_count} for f in self.folders}
-
-    @property
-    def dataset_hash(self) -> str:
-        rows = sorted((e.content_hash, e.caption, e.repeats) for e in self.examples)
-        return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
-
-    @property
-    def errors(self) -> list[str]:
-        found = [f"{i.path}: {i.message}" for i in self.caption_issues if i.level == "error"]
-        if not self.examples:
-            found.append(_nothing_usable_message(self))
-        return found
-
-
-def _nothing_usable_message(result: ScanResult) -> str:
-    if result.skipped:
-        return (
-            f"no usable image in {result.root}: all {len(result.skipped)} image file(s) were skipped "
-            "(see the list above, or run `difflora check` on the folder)"
-        )
-    return (
-        f"no image found in {result.root} (looked for {', '.join(IMAGE_EXTENSIONS)} in any letter case, "
-        "in subfolders too): point to the folder that holds the images"
-    )
 
 
 # --------------------------------------------------------------------------------------------- folders

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from difflora.data.buckets import Bucket
 from difflora.data.captions import TokenCounter
-from difflora.data.scan import ScanResult
+from difflora.data.examples import ScanResult
 from difflora.errors import first_n
 from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
 

@@ -26,7 +26,7 @@ from difflora.data.batches import BucketBatchSampler, Draw, TrainingDataset, col
 from difflora.data.buckets import Bucket
 from difflora.data.cache import LatentCache, TextEmbeddingCache, random_crop_with_cache_message, vae_encoder
 from difflora.data.captions import CaptionAugmentation
-from difflora.data.scan import ScanResult
+from difflora.data.examples import ScanResult
 from difflora.errors import DatasetError
 from difflora.hashing import weights_fingerprint
 from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset

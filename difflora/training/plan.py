@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from difflora.data.batches import BucketBatchSampler, plan_examples
 from difflora.data.buckets import Bucket, CropPlan, bucket_histogram, make_buckets
 from difflora.data.captions import TokenCounter, rough_token_count
-from difflora.data.scan import ScanResult, scan_folder
+from difflora.data.examples import ScanResult
+from difflora.data.scan import scan_folder
 from difflora.errors import ConfigError
 
 if TYPE_CHECKING:
