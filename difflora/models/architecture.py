@@ -21,31 +21,32 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from difflora.errors import ModelError, first_n
+from difflora.models.families import ModelFamily, checkpoint_families, family
 from difflora.safe_io import read_safetensors_header
 
-KnownFamily = Literal["sd1", "sd2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
-ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
-_CONFIG_FOLDERS: dict[str, str] = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
-SUPPORTED = "SD 1.x, SD 2.x (512 px epsilon or 768 px v-prediction) and SDXL base"
+
+
+def _supported() -> str:
+    names = [f.supported_as or f.label for f in checkpoint_families()]
+    return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+
+
+SUPPORTED = _supported()
 
 UNET = "model.diffusion_model."
 CONV_IN = UNET + "input_blocks.0.0.weight"
 LABEL_EMB = UNET + "label_emb.0.0.weight"  # SDXL's size/crop conditioning (ldm `adm`)
 VAE_KEY = "first_stage_model.encoder.conv_in.weight"
-# Text-encoder prefixes of the original layouts: the HF CLIP wrapped by ldm/sgm, and OpenCLIP's own names.
+# Text-encoder prefixes of the original layouts (the HF CLIP wrapped by ldm/sgm, and OpenCLIP's own names),
+# labelled for messages: "CLIP ViT-L (cond_stage_model.transformer)".
 ENCODERS = {
-    "CLIP ViT-L (cond_stage_model.transformer)": "cond_stage_model.transformer.",
-    "OpenCLIP ViT-H (cond_stage_model.model)": "cond_stage_model.model.",
-    "CLIP ViT-L (conditioner.embedders.0.transformer)": "conditioner.embedders.0.transformer.",
-    "OpenCLIP ViT-bigG (conditioner.embedders.1.model)": "conditioner.embedders.1.model.",
-}
-# family -> (cross-attention context, text encoders, size/crop conditioning): the facts that decide.
-_SIGNATURES: dict[str, tuple[int, tuple[str, ...], bool]] = {
-    "sd1": (768, ("cond_stage_model.transformer.",), False),
-    "sd2": (1024, ("cond_stage_model.model.",), False),
-    "sdxl": (2048, ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."), True),
+    f"{name} ({prefix.rstrip('.')})": prefix
+    for candidate in checkpoint_families()
+    for name, prefix in zip(
+        candidate.checkpoint_encoder_names, candidate.checkpoint_text_encoders, strict=True
+    )
 }
 # Families that are not UNets, recognised by their block names (with or without the ldm prefix).
 _FOREIGN = {
@@ -59,9 +60,13 @@ class Architecture:
     """A supported base: its family, what its UNet predicts, its native resolution, and the shipped
     diffusers config folder that builds it offline from a single file."""
 
-    name: KnownFamily
+    name: str  # a family with shipped configs (`checkpoint_families()`)
     prediction_type: PredictionType
     resolution: int
+
+    @property
+    def family(self) -> ModelFamily:
+        return family(self.name)
 
     @property
     def config_dir(self) -> Path:
@@ -69,24 +74,21 @@ class Architecture:
 
     @property
     def pipeline_class_name(self) -> str:
-        return "StableDiffusionXLPipeline" if self.name == "sdxl" else "StableDiffusionPipeline"
+        return self.family.pipeline_class_name
 
     @property
     def label(self) -> str:
         """ "SD 1.x", "SD 2.x (v-prediction, 768 px)", "SDXL base": what messages and reports show."""
-        if self.name == "sd2":
-            return f"SD 2.x ({self.prediction_type.replace('_', '-')}, {self.resolution} px)"
-        base = "SD 1.x" if self.name == "sd1" else "SDXL base"
-        return base + (" (v-prediction)" if self.prediction_type == "v_prediction" else "")
+        return self.family.architecture_label(self.prediction_type, self.resolution)
 
 
 def config_folder(name: str) -> Path:
     """The shipped diffusers config folder (no weights) of family `name`."""
-    if name not in _CONFIG_FOLDERS:
-        raise ModelError(
-            f"No shipped configuration for {name!r}: known bases are {', '.join(_CONFIG_FOLDERS)}."
-        )
-    return ARCHITECTURES_DIR / _CONFIG_FOLDERS[name]
+    folder = family(name).config_dir()
+    if folder is None:
+        known = ", ".join(f.name for f in checkpoint_families())
+        raise ModelError(f"No shipped configuration for {name!r}: known bases are {known}.")
+    return folder
 
 
 def check_prediction_type(prediction_type: str | None) -> None:
@@ -96,15 +98,13 @@ def check_prediction_type(prediction_type: str | None) -> None:
         )
 
 
-def make_architecture(name: KnownFamily, prediction_type: str | None = None) -> Architecture:
-    """The architecture of family `name`; SD 2.x's resolution follows its prediction type (768 px for
-    v-prediction as SD 2.1, 512 px for epsilon as SD 2.1-base)."""
+def make_architecture(name: str, prediction_type: str | None = None) -> Architecture:
+    """The architecture of family `name`, predicting the family's usual type unless told; the resolution
+    may follow the prediction type (SD 2.x: 768 px for v-prediction as SD 2.1, 512 px for epsilon)."""
     check_prediction_type(prediction_type)
-    chosen = prediction_type or ("v_prediction" if name == "sd2" else "epsilon")
-    if name == "sd2":
-        resolution = 768 if chosen == "v_prediction" else 512
-    else:
-        resolution = 1024 if name == "sdxl" else 512
+    config_folder(name)  # only a family with shipped configs is an architecture
+    chosen = prediction_type or family(name).default_prediction_type
+    resolution = family(name).resolution_for(chosen) or 0
     return Architecture(name, chosen, resolution)  # type: ignore[arg-type]
 
 
@@ -123,8 +123,8 @@ def detect_architecture(
             )
         return found
     shapes, metadata = checkpoint_shapes(path, allow_pickle=allow_pickle)
-    family = classify_checkpoint(shapes, source=str(path))
-    return make_architecture(family, prediction_type or _declared_prediction(shapes, metadata))
+    found = classify_checkpoint(shapes, source=str(path))
+    return make_architecture(found, prediction_type or _declared_prediction(shapes, metadata))
 
 
 def checkpoint_shapes(
@@ -158,9 +158,7 @@ def _declared_prediction(shapes: Mapping[str, Any], metadata: Mapping[str, str])
     return {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon"}.get(declared)
 
 
-def classify_checkpoint(
-    shapes: Mapping[str, tuple[int, ...]], *, source: str = "the checkpoint"
-) -> KnownFamily:
+def classify_checkpoint(shapes: Mapping[str, tuple[int, ...]], *, source: str = "the checkpoint") -> str:
     """The family of an original-layout (ldm/sgm) checkpoint from its tensor names and shapes."""
     _refuse_other_kinds(shapes, source)
     if CONV_IN not in shapes:
@@ -174,32 +172,38 @@ def classify_checkpoint(
     context = shapes[context_key][-1] if context_key else None
     encoders = [prefix for prefix in ENCODERS.values() if any(k.startswith(prefix) for k in shapes)]
     conditioned = LABEL_EMB in shapes
-    for family, (want_context, want_encoders, want_conditioning) in _SIGNATURES.items():
-        if (
-            context == want_context
-            and set(want_encoders) <= set(encoders)
-            and conditioned == want_conditioning
-        ):
+    for candidate in checkpoint_families():
+        if candidate.matches_checkpoint(context, set(encoders), conditioned):
             _require_vae(shapes, source)
-            return family  # type: ignore[return-value]
+            return candidate.name
     names = [label for label, prefix in ENCODERS.items() if prefix in encoders] or ["none"]
     hint = " A UNet-only file cannot be loaded: use the full checkpoint." if names == ["none"] else ""
     raise ModelError(
         f"{source} matches none of {SUPPORTED}. What decided: cross-attention context "
         f"{context if context else 'not found'}"
         f"{f' ({context_key})' if context_key else ''}; text encoders: {', '.join(names)}; size/crop "
-        f"conditioning ({LABEL_EMB}): {'present' if conditioned else 'absent'}. SD 1.x has context 768 and "
-        "cond_stage_model.transformer; SD 2.x 1024 and cond_stage_model.model; SDXL base 2048, "
-        f"conditioner.embedders.0 and .1, and label_emb.{hint}"
+        f"conditioning ({LABEL_EMB}): {'present' if conditioned else 'absent'}. {_signatures()}.{hint}"
     )
+
+
+def _signatures() -> str:
+    """ "SD 1.x has context 768 and cond_stage_model.transformer; ...": what each family needs."""
+    described = []
+    for candidate in checkpoint_families():
+        needs = [prefix.rstrip(".") for prefix in candidate.checkpoint_text_encoders]
+        needs += ["label_emb"] if candidate.size_conditioning else []
+        described.append(
+            f"{candidate.label} has context {candidate.cross_attention_dim} and {', '.join(needs)}"
+        )
+    return "; ".join(described)
 
 
 def _refuse_other_kinds(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
     """Files that are not SD UNet checkpoints at all: other families, a LoRA, an SDXL refiner."""
-    for block, family in _FOREIGN.items():
+    for block, kind in _FOREIGN.items():
         key = next((k for k in shapes if k.startswith((block, UNET + block))), None)
         if key is not None:
-            raise ModelError(f"{source} is {family} ({key}). difflora supports {SUPPORTED}.")
+            raise ModelError(f"{source} is {kind} ({key}). difflora supports {SUPPORTED}.")
     if "edm_mean" in shapes:
         raise ModelError(
             f"{source} is Playground v2.5 (an EDM-trained SDXL: edm_mean). difflora supports {SUPPORTED}."
@@ -234,8 +238,7 @@ def _refuse_unusual_unet(shapes: Mapping[str, tuple[int, ...]], source: str) -> 
         )
     if channels_out != 320:
         raise ModelError(
-            f"{source} has a UNet {channels_out} channels wide ({CONV_IN}), where SD 1.x, 2.x and SDXL have "
-            "320: it is a non-standard (distilled or custom) architecture. Convert it to a diffusers folder "
+            f"{source} has a UNet {channels_out} channels wide ({CONV_IN}), where {SUPPORTED} have 320: it is a non-standard (distilled or custom) architecture. Convert it to a diffusers folder "
             "and pass that folder."
         )
 
@@ -296,23 +299,13 @@ def architecture_from_configs(
 ) -> Architecture | None:
     """The family follows from the UNet config; the native size from the configs themselves (UNet sample
     size × VAE factor: an SD 2.x base folder says 512 px where a single file cannot)."""
-    family = _family_from_unet_config(unet)
-    if family is None:
+    matched = next((f for f in checkpoint_families() if f.matches_unet_config(unet)), None)
+    if matched is None:
         return None
-    found = make_architecture(family, prediction_type)
+    found = make_architecture(matched.name, prediction_type)
     size = unet.get("sample_size", 0)
     native = (size if isinstance(size, int) else size[0]) * 2 ** (len(vae.get("block_out_channels", [0])) - 1)
     return Architecture(found.name, found.prediction_type, native or found.resolution)
-
-
-def _family_from_unet_config(unet: Mapping[str, Any]) -> KnownFamily | None:
-    channels = tuple(unet.get("block_out_channels", ()))
-    context = unet.get("cross_attention_dim")
-    if unet.get("addition_embed_type") == "text_time":
-        return "sdxl" if channels == (320, 640, 1280) and context == 2048 else None
-    if channels == (320, 640, 1280, 1280):
-        return {768: "sd1", 1024: "sd2"}.get(context)  # type: ignore[return-value]
-    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 from difflora.adapter.types import COMPONENTS
 from difflora.hashing import sha256_json, weights_fingerprint
-from difflora.models.architecture import KnownFamily
+from difflora.models.families import ModelFamily, checkpoint_families, families, family
 from difflora.models.loading import ModelSource
 
-# The full-size families whose module trees difflora knows (kohya names, consumers' key rules) are
-# `KnownFamily`, decided by `difflora.models.architecture`.
-Family = Literal[KnownFamily, "tiny", "custom"]
-KNOWN_FAMILIES: tuple[str, ...] = get_args(KnownFamily)
+# The full-size families whose module trees difflora knows (kohya names, consumers' key rules): those
+# with shipped configs, which single files are detected as.
+KNOWN_FAMILIES: tuple[str, ...] = tuple(known.name for known in checkpoint_families())
 
 
 @dataclass(frozen=True)
@@ -27,15 +26,15 @@ class ModelIdentity:
     component configs (two models with the same architecture accept each other's adapters); `base_hash`
     also covers the weights (a different hash on the same architecture only earns a warning)."""
 
-    family: Family
+    family: str  # a registered family's name (`difflora.models.families`)
     architecture: str
     base_hash: str
     prediction_type: str
     name: str
 
     @property
-    def text_encoder_count(self) -> int:
-        return 2 if self.family == "sdxl" else 1
+    def model_family(self) -> ModelFamily:
+        return family(self.family)
 
 
 def model_identity(pipe: Any) -> ModelIdentity:
@@ -51,7 +50,7 @@ def model_identity(pipe: Any) -> ModelIdentity:
 
 def _compute_identity(pipe: Any) -> ModelIdentity:
     unet_config = dict(pipe.unet.config)
-    family = _family(unet_config, pipe)
+    detected = _family(unet_config, pipe).name
     configs = {"unet": _stable_config(unet_config)}
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
@@ -61,31 +60,19 @@ def _compute_identity(pipe: Any) -> ModelIdentity:
     source: ModelSource | None = getattr(pipe, "_difflora_source", None)
     name = source.display if source else str(getattr(pipe, "name_or_path", "unknown"))
     return ModelIdentity(
-        family=family,
-        architecture=f"{family}-{structure}",
+        family=detected,
+        architecture=f"{detected}-{structure}",
         base_hash=base_weights_fingerprint(pipe),
         prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
         name=name,
     )
 
 
-def _family(unet_config: dict[str, Any], pipe: Any) -> Family:
-    cross = unet_config.get("cross_attention_dim")
-    channels = tuple(unet_config.get("block_out_channels", ()))
-    # SDXL's shape, not only its conditioning: a smaller UNet with text-time embeddings is another
-    # architecture, and exporting it under SDXL's module names would be wrong.
-    if (
-        unet_config.get("addition_embed_type") == "text_time"
-        and channels == (320, 640, 1280)
-        and cross == 2048
-    ):
-        return "sdxl"
-    if channels == (320, 640, 1280, 1280) and cross == 768:
-        return "sd1"
-    if channels == (320, 640, 1280, 1280) and cross == 1024:
-        return "sd2"
+def _family(unet_config: dict[str, Any], pipe: Any) -> ModelFamily:
+    """The first family, in the registry's detection order, that claims the model (the last claims all)."""
     source: ModelSource | None = getattr(pipe, "_difflora_source", None)
-    return "tiny" if source is not None and source.kind == "embedded" else "custom"
+    embedded = source is not None and source.kind == "embedded"
+    return next(f for f in families() if f.matches_model(unet_config, embedded=embedded))
 
 
 def _stable_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def load_single_file(
 
     pipeline_class = getattr(diffusers, architecture.pipeline_class_name)
     components: dict[str, Any] = {**base_tokenizers(architecture), "scheduler": base_scheduler(architecture)}
-    if architecture.name != "sdxl":
+    if architecture.family.pipeline_has_safety_checker:
         components |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
         with _diffusers_quiet():

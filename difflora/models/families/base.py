@@ -13,8 +13,15 @@ models/, formats/, training/ and generation/ can all ask it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
+
+from difflora.models.families.conditioning import (
+    PooledSizeConditioning,
+    TextConditioning,
+    takes_size_conditioning,
+)
 
 ARCHITECTURES_DIR = Path(__file__).resolve().parent.parent / "architectures"
 
@@ -57,6 +64,53 @@ class ModelFamily:
     default_unet_targets: ClassVar[tuple[str, ...]] = UNET_ATTENTION
     default_text_encoder_targets: ClassVar[tuple[str, ...]] = CLIP_ATTENTION
     default_learning_rate: ClassVar[float] = FULL_MODEL_LR
+
+    # ---- model side
+    checkpoint_encoder_names: ClassVar[tuple[str, ...]] = ()
+    """What each of `checkpoint_text_encoders` is ("CLIP ViT-L"), in the same order: for messages."""
+    unet_block_out_channels: ClassVar[tuple[int, ...] | None] = None
+    """The UNet's width per level: with the context and the conditioning, what identifies its config."""
+    supported_as: ClassVar[str | None] = None
+    """How the list of supported bases names it, where that says more than `label`."""
+    pipeline_has_safety_checker: ClassVar[bool] = True
+    """Whether its diffusers pipeline class takes a safety checker (which difflora leaves out)."""
+
+    def resolution_for(self, prediction_type: str) -> int | None:
+        """The native resolution of the variant predicting `prediction_type`."""
+        return self.native_resolution
+
+    def architecture_label(self, prediction_type: str, resolution: int) -> str:
+        """What messages and reports call a detected base ("SD 1.x", "SDXL base (v-prediction)")."""
+        return self.prediction_label(prediction_type)
+
+    def matches_checkpoint(self, context: int | None, encoders: set[str], conditioned: bool) -> bool:
+        """Whether a single file's facts (cross-attention context, text-encoder key prefixes present,
+        size/crop conditioning) are this family's."""
+        return (
+            self.cross_attention_dim is not None
+            and context == self.cross_attention_dim
+            and set(self.checkpoint_text_encoders) <= encoders
+            and conditioned == self.size_conditioning
+        )
+
+    def matches_unet_config(self, unet: Mapping[str, Any]) -> bool:
+        """Whether a diffusers UNet config is this family's: its shape, not only its conditioning (a
+        smaller UNet with size conditioning is another architecture, whose files need other names)."""
+        return (
+            self.unet_block_out_channels is not None
+            and tuple(unet.get("block_out_channels", ())) == self.unet_block_out_channels
+            and unet.get("cross_attention_dim") == self.cross_attention_dim
+            and takes_size_conditioning(unet) == self.size_conditioning
+        )
+
+    def matches_model(self, unet: Mapping[str, Any], *, embedded: bool) -> bool:
+        """Whether a loaded model (its UNet config; `embedded`: the model shipped inside difflora) is
+        this family's. The registry asks each family in detection order."""
+        return self.matches_unet_config(unet)
+
+    def conditioning(self, unet: Mapping[str, Any]) -> TextConditioning:
+        """How this family's denoiser is conditioned on text (what is encoded, cached and passed)."""
+        return PooledSizeConditioning() if self.size_conditioning else TextConditioning()
 
     # ---------------------------------------------------------------- file layouts
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}

@@ -3,7 +3,15 @@ UNet width, a test model). It trains and composes like SD 1.x; its files use SD 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from difflora.models.families.base import ModelFamily
+from difflora.models.families.conditioning import (
+    PooledSizeConditioning,
+    TextConditioning,
+    takes_size_conditioning,
+)
 
 
 class Custom(ModelFamily):
@@ -11,3 +19,12 @@ class Custom(ModelFamily):
     label = "custom architecture"
     native_resolution = None
     has_reference = False
+
+    # ---- model side
+    def matches_model(self, unet: Mapping[str, Any], *, embedded: bool) -> bool:
+        """Anything SD-shaped that no other family claims."""
+        return True
+
+    def conditioning(self, unet: Mapping[str, Any]) -> TextConditioning:
+        """What the UNet's config asks for: a custom model may be conditioned either way."""
+        return PooledSizeConditioning() if takes_size_conditioning(unet) else TextConditioning()

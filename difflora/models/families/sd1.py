@@ -8,6 +8,9 @@ from difflora.models.families.base import ModelFamily
 class SD1(ModelFamily):
     name = "sd1"
     label = "SD 1.x"
+    # ---- model side
+    checkpoint_encoder_names = ("CLIP ViT-L",)
+    unet_block_out_channels = (320, 640, 1280, 1280)
     config_folder = "sd15"
     cross_attention_dim = 768
     checkpoint_text_encoders = ("cond_stage_model.transformer.",)

@@ -9,6 +9,11 @@ from difflora.models.families.base import ModelFamily
 class SD2(ModelFamily):
     name = "sd2"
     label = "SD 2.x"
+    # ---- model side
+    checkpoint_encoder_names = ("OpenCLIP ViT-H",)
+    unet_block_out_channels = (320, 640, 1280, 1280)
+    supported_as = "SD 2.x (512 px epsilon or 768 px v-prediction)"
+
     config_folder = "sd21"
     default_prediction_type = "v_prediction"
     native_resolution = 768
@@ -22,3 +27,7 @@ class SD2(ModelFamily):
     def resolution_for(self, prediction_type: str) -> int:
         """768 px for v-prediction (SD 2.1), 512 px for epsilon (SD 2.1-base)."""
         return 768 if prediction_type == "v_prediction" else 512
+
+    def architecture_label(self, prediction_type: str, resolution: int) -> str:
+        """Both variants share one single-file layout, so the label says which was chosen."""
+        return f"{self.label} ({prediction_type.replace('_', '-')}, {resolution} px)"

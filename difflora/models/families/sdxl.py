@@ -12,6 +12,11 @@ from difflora.models.families.base import ModelFamily
 class SDXL(ModelFamily):
     name = "sdxl"
     label = "SDXL base"
+    # ---- model side
+    checkpoint_encoder_names = ("CLIP ViT-L", "OpenCLIP ViT-bigG")
+    unet_block_out_channels = (320, 640, 1280)
+    pipeline_has_safety_checker = False
+
     components = ("unet", "text_encoder", "text_encoder_2")
     text_encoders = ("text_encoder", "text_encoder_2")
     pipeline_class_name = "StableDiffusionXLPipeline"

@@ -4,6 +4,9 @@ shape through attention alone."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from difflora.models.families.base import UNET_ATTENTION, ModelFamily
 
 # Measured on the embedded model's sample subject (a new shape): 1e-3 barely moved it, 4e-3 did.
@@ -30,3 +33,7 @@ class Tiny(ModelFamily):
     default_unet_targets = TINY_MODEL_UNET_TARGETS
     default_learning_rate = TINY_MODEL_LR
     modelspec_architecture = "difflora-embedded/lora"
+
+    # ---- model side
+    def matches_model(self, unet: Mapping[str, Any], *, embedded: bool) -> bool:
+        return embedded
