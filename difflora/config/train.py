@@ -13,13 +13,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from difflora.adapter.targets import TEXT_ENCODER_TARGETS
 from difflora.config import Problems, build_config, read_toml
 from difflora.config.variants import check_variants
 from difflora.errors import ConfigError
 from difflora.generation.schedulers import SCHEDULER_NAMES
+
+if TYPE_CHECKING:
+    from difflora.models.families import ModelFamily
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
@@ -28,23 +31,6 @@ PredictionChoice = Literal["epsilon", "v_prediction"]
 Quantization = Literal["int8", "nf4"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
 
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
-# Measured on the embedded model's sample subject (a new shape): 1e-3 barely moved it, 4e-3 did.
-# Full-size SD models use the usual LoRA rate.
-TINY_MODEL_LR = 4e-3
-FULL_MODEL_LR = 1e-4
-# The embedded model is ~6 M parameters with 7 transformer blocks: measured on one H100 with the sample subject
-# (a cross, 24 images, rank 8, lr 4e-3, 16 generations), attention-only LoRA never drew it (cross score
-# 0.26-0.39 for ranks 8-32, 100-600 steps, with or without the text encoder) while these targets reached
-# 0.78 (88% of images pass) at 300 steps. Full-size SD models learn subjects through attention alone.
-TINY_MODEL_UNET_TARGETS: tuple[str, ...] = (
-    *UNET_TARGETS,
-    "conv1",
-    "conv2",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-)
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
 QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
@@ -114,7 +100,7 @@ class TrainConfig:
     unet_targets: tuple[str, ...] | None = None
     """UNet module names that get LoRA layers (suffixes of module paths). Default: the attention projections
     (to_q, to_k, to_v, to_out.0); on the embedded tiny model also its ResNet convs, proj_in/out and
-    feed-forward layers, without which it cannot learn a new shape (see TINY_MODEL_UNET_TARGETS)."""
+    feed-forward layers, without which it cannot learn a new shape (see difflora.models.families.tiny)."""
     train_text_encoder: bool = False
     """Also train LoRA layers on the text encoder(s) (disables the text-embedding cache)."""
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
@@ -322,19 +308,19 @@ class TrainConfig:
     def effective_adaptive_orth_reg(self) -> float:
         return self.adaptive_orth_reg if self.adaptive_orth_reg is not None else 0.5
 
-    def effective_learning_rate(self, family: str) -> float:
+    def effective_learning_rate(self, family: ModelFamily) -> float:
         """--learning-rate, else the default for the model family (see the field's help)."""
         if self.learning_rate is not None:
             return self.learning_rate
-        return TINY_MODEL_LR if family == "tiny" else FULL_MODEL_LR
+        return family.default_learning_rate
 
-    def effective_unet_targets(self, family: str) -> tuple[str, ...]:
-        """--unet-targets, else the attention projections (plus more on the embedded tiny model)."""
+    def effective_unet_targets(self, family: ModelFamily) -> tuple[str, ...]:
+        """--unet-targets, else the family's (the attention projections, more on the embedded model)."""
         if self.unet_targets is not None:
             return self.unet_targets
-        return TINY_MODEL_UNET_TARGETS if family == "tiny" else UNET_TARGETS
+        return family.default_unet_targets
 
-    def effective_text_encoder_lr(self, family: str, component: str = "text_encoder") -> float:
+    def effective_text_encoder_lr(self, family: ModelFamily, component: str = "text_encoder") -> float:
         """The text encoder's rate: --text-encoder-lr (--text-encoder-2-lr for SDXL's second encoder, which
         falls back to the first's), else --learning-rate's."""
         if component == "text_encoder_2" and self.text_encoder_2_lr is not None:

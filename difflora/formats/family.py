@@ -10,15 +10,15 @@ shapes fit (cross-attention width 768 = SD1, 1024 = SD2, 2048 = SDXL).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, get_args
+from typing import Any
 
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.errors import AdapterCompatibilityError
 from difflora.formats.naming import NameTable, reference_table
 from difflora.formats.reference import ModuleInfo, reference_families
-from difflora.models.identity import Family
+from difflora.models.families import FAMILY_NAMES
 
-FAMILIES: tuple[str, ...] = get_args(Family)
+FAMILIES: tuple[str, ...] = FAMILY_NAMES
 _KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _MODELSPEC = {
     "sd1": "stable-diffusion-v1/lora",

@@ -30,7 +30,7 @@ from difflora.data.examples import ScanResult
 from difflora.errors import DatasetError
 from difflora.hashing import weights_fingerprint
 from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
-from difflora.training.text import caption_encoder, pipeline_text_encoders
+from difflora.training.text import caption_encoder, pipeline_conditioning, pipeline_text_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _text_cache(examples, augmentation: CaptionAugmentation, pipe: Any, cache_di
     lengths = ",".join(str(tokenizer.model_max_length) for tokenizer in tokenizers)
     identity = weights_fingerprint(encoders) + lengths
     with torch.no_grad():
-        encode = caption_encoder(tokenizers, list(encoders.values()))
+        encode = caption_encoder(pipeline_conditioning(pipe), tokenizers, list(encoders.values()))
         keys, built = cache.build(sorted(captions), encode, encoder_identity=identity)
     logger.debug("text embeddings: %d cached before, %d computed", built.hits, built.computed)
     return _Memo(cache), keys

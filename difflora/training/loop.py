@@ -26,10 +26,11 @@ import torch
 from difflora.data.batches import derived_rng
 from difflora.errors import TrainingDivergedError
 from difflora.faults import fault_point
+from difflora.models.families.conditioning import TextConditioning
 from difflora.training.loss import diffusion_loss, noised_batch
 from difflora.training.outputs import render_samples, save_state
 from difflora.training.run import Run
-from difflora.training.text import caption_encoder, unet_conditioning
+from difflora.training.text import caption_encoder, pipeline_conditioning, unet_conditioning
 
 Stream = Iterator[tuple[int, dict[str, Any]]]
 
@@ -47,7 +48,10 @@ def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> to
         min_snr_gamma=objective.min_snr_gamma,
     )
     dtype = run.models.weight_dtype
-    hidden, added = unet_conditioning(_text(batch, run), batch, device=run.accelerator.device, dtype=dtype)
+    conditioning = pipeline_conditioning(run.models.pipe)
+    hidden, added = unet_conditioning(
+        conditioning, _text(batch, run, conditioning), batch, device=run.accelerator.device, dtype=dtype
+    )
     prediction = run.unet(noised.noisy.to(dtype), noised.timesteps, hidden, added_cond_kwargs=added).sample
     return diffusion_loss(prediction, noised.target, noised.weights)
 
@@ -63,12 +67,12 @@ def _latents(batch: dict[str, Any], run: Run, generator: torch.Generator) -> tor
         return vae.encode(pixels).latent_dist.sample(generator=generator).float()
 
 
-def _text(batch: dict[str, Any], run: Run) -> dict[str, torch.Tensor]:
+def _text(batch: dict[str, Any], run: Run, conditioning: TextConditioning) -> dict[str, torch.Tensor]:
     """The batch's cached text embeddings, or its captions encoded now (with gradients into the text
     encoders' LoRA layers when they train)."""
     if "text" in batch:
         return batch["text"]
-    encode = caption_encoder(run.tokenizers, list(run.text_encoders.values()))
+    encode = caption_encoder(conditioning, run.tokenizers, list(run.text_encoders.values()))
     if run.models.train_text_encoder:
         return encode(batch["caption"])
     with torch.no_grad():

@@ -30,7 +30,7 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         f"{run.samples.resolution} px{resolution_note}",
         f"  LoRA        rank {config.rank}, alpha {config.effective_alpha:g}{alpha_note}; UNet "
         f"{len(models.unet_modules)} modules"
-        + f" ({', '.join(config.effective_unet_targets(identity.family))}"
+        + f" ({', '.join(config.effective_unet_targets(identity.model_family))}"
         + (f"; default for a {identity.family} model)" if config.unet_targets is None else ")")
         + "".join(
             f", {name.replace('_', ' ')} {len(found)} modules"
@@ -62,11 +62,9 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
 
 
 def _label(models: Models) -> str:
-    """The base as users name it ("SDXL base", "SD 2.x (v-prediction, 768 px)"), or "custom"."""
+    """The base as users name it ("SDXL base", "SD 2.x (v-prediction, 768 px)", "custom architecture")."""
     architecture = pipeline_architecture(models.pipe)
-    if architecture is not None:
-        return architecture.label
-    return "embedded tiny model" if models.identity.family == "tiny" else "custom architecture"
+    return architecture.label if architecture is not None else models.identity.model_family.label
 
 
 def _variants(config: TrainConfig, run: Run) -> str:

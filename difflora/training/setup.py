@@ -21,10 +21,11 @@ from torch import nn
 from difflora.adapter.adaptive import add_adalora
 from difflora.adapter.inject import add_lora, remove_adapter
 from difflora.errors import ConfigError
+from difflora.models.families import ModelFamily
 from difflora.models.identity import ModelIdentity, model_identity
 from difflora.models.loading import load_pipeline
 from difflora.models.quantize import QuantizedBase, bitsandbytes_backend, quantize_base
-from difflora.training.text import TEXT_ENCODERS
+from difflora.training.text import TEXT_ENCODERS, pipeline_conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +41,6 @@ class Models:
     weight_dtype: torch.dtype
     tuners: dict[str, Any] = field(default_factory=dict)  # --adaptive-rank: peft's AdaLoraModel by component
     quantized: QuantizedBase | None = None  # --quantize-base: what was quantized
-
-    @property
-    def text_encoder_names(self) -> tuple[str, ...]:
-        """The pipeline's text encoders: ("text_encoder",), or both for SDXL."""
-        return tuple(name for name in TEXT_ENCODERS if getattr(self.pipe, name, None) is not None)
-
-    @property
-    def sdxl(self) -> bool:
-        return "text_encoder_2" in self.text_encoder_names
 
     @property
     def train_text_encoder(self) -> bool:
@@ -80,7 +72,7 @@ def load_models(
     rank: int,
     alpha: float,
     dropout: float,
-    unet_targets: Callable[[str], Sequence[str]],
+    unet_targets: Callable[[ModelFamily], Sequence[str]],
     text_encoder_targets: Sequence[str],
     train_text_encoder: bool,
     gradient_checkpointing: bool,
@@ -118,7 +110,7 @@ def load_models(
     )
     torch.manual_seed(seed)
     lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": rslora, "use_dora": dora}
-    unet_targets_ = unet_targets(identity.family)
+    unet_targets_ = unet_targets(identity.model_family)
     tuners: dict[str, Any] = {}
     lora.update(adaptive_init_rank=adaptive_init_rank)
     unet_modules = _inject(
@@ -274,22 +266,6 @@ def make_lr_scheduler(
 # ------------------------------------------------------------------------------------ CPU threads
 
 
-def _probe_added_conditioning(
-    unet: Any, batch: int, resolution: int, dtype: torch.dtype
-) -> dict[str, torch.Tensor] | None:
-    """SDXL's UNet also takes the pooled text embedding and the six size/crop time ids."""
-    config = unet.config
-    if config.get("addition_embed_type") != "text_time":
-        return None
-    pooled = int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
-    return {
-        "text_embeds": torch.randn(batch, pooled, dtype=dtype),
-        "time_ids": torch.tensor(
-            [[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype
-        ),
-    }
-
-
 def choose_threads(
     pipe: Any, *, candidates: Sequence[int], batch: int, resolution: int
 ) -> tuple[int, dict[int, float]]:
@@ -303,7 +279,8 @@ def choose_threads(
     tokens = int(pipe.tokenizer.model_max_length)
     hidden = torch.randn(batch, tokens, int(unet.config.cross_attention_dim), dtype=parameter.dtype)
     timesteps = torch.full((batch,), 500, dtype=torch.long)
-    added = _probe_added_conditioning(unet, batch, resolution, parameter.dtype)
+    conditioning = pipeline_conditioning(pipe)  # what the family's UNet takes beside the hidden states
+    added = conditioning.probe_inputs(dict(unet.config), batch, resolution, parameter.dtype)
     timings: dict[int, float] = {}
     with torch.no_grad():
         for threads in candidates:

@@ -294,7 +294,7 @@ def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any
     component's B matrices get a group of their own at ratio x the rate. Our own split rather than peft's
     create_loraplus_optimizer, which builds the optimizer itself: difflora chooses the optimizer
     (fused AdamW, 8-bit) and gives every component its rate."""
-    family = models.identity.family
+    family = models.identity.model_family
     trainable = models.trainable
     rates = {"unet": config.effective_learning_rate(family)}
     rates.update(
