@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from difflora.adapter.inject import add_lora, extract_weights
+from difflora.adapter.spec import LoraSpec
 from difflora.adapter.types import Adapter, AdapterMeta
 from difflora.errors import AdapterFormatError
 from difflora.formats.native import save_adapter
@@ -26,8 +27,8 @@ def _randomise_lora(model, seed: int) -> None:
 
 
 def _trained_adapter(pipe, *, rank=4, alpha=2.0, te_rank=2, te_alpha=6.0) -> Adapter:
-    add_lora(pipe.unet, component="unet", rank=rank, alpha=alpha)
-    add_lora(pipe.text_encoder, component="text_encoder", rank=te_rank, alpha=te_alpha)
+    add_lora(pipe.unet, "unet", LoraSpec(rank=rank, alpha=alpha))
+    add_lora(pipe.text_encoder, "text_encoder", LoraSpec(rank=te_rank, alpha=te_alpha))
     _randomise_lora(pipe.unet, 1)
     _randomise_lora(pipe.text_encoder, 2)
     modules = {f"unet.{k}": v for k, v in extract_weights(pipe.unet, component="unet").items()}

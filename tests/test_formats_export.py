@@ -15,6 +15,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
 from difflora.adapter.inject import add_lora, extract_weights, inject_weights
+from difflora.adapter.spec import LoraSpec
 from difflora.adapter.types import Adapter, AdapterMeta
 from difflora.config.export import ExportConfig
 from difflora.errors import AdapterCompatibilityError, ConfigError
@@ -30,7 +31,7 @@ def trained_like_adapter(pipe, *, rank=4, alpha=6.0, rslora=True) -> Adapter:
     modules = {}
     for component in ("unet", "text_encoder"):
         model = getattr(pipe, component)
-        add_lora(model, component=component, rank=rank, alpha=alpha, use_rslora=rslora, adapter_name="t")
+        add_lora(model, component, LoraSpec(rank=rank, alpha=alpha, rslora=rslora), adapter_name="t")
         torch.manual_seed(1)
         for layer in model.modules():
             if isinstance(layer, LoraLayer):

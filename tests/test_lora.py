@@ -9,6 +9,7 @@ import torch
 
 from difflora.adapter.inject import add_lora, extract_weights, parameter_report
 from difflora.adapter.names import classic_name
+from difflora.adapter.spec import LoraSpec
 from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from difflora.errors import TargetNotFoundError
 from tests.conftest import tiny_text_encoder, tiny_unet
@@ -35,8 +36,8 @@ def _te_output(encoder):
 def test_fresh_adapter_leaves_outputs_identical():
     base_unet, lora_unet = tiny_unet(), tiny_unet()
     base_te, lora_te = tiny_text_encoder(), tiny_text_encoder()
-    add_lora(lora_unet, component="unet", rank=4, alpha=8)
-    add_lora(lora_te, component="text_encoder", rank=4, alpha=8)
+    add_lora(lora_unet, "unet", LoraSpec(rank=4, alpha=8))
+    add_lora(lora_te, "text_encoder", LoraSpec(rank=4, alpha=8))
     assert torch.equal(_unet_output(base_unet), _unet_output(lora_unet))
     assert torch.equal(_te_output(base_te), _te_output(lora_te))
 
@@ -53,7 +54,7 @@ def test_adapted_projection_computes_w0x_plus_scaled_bax(factory, component, mod
     model = factory()
     base = dict(model.named_modules())[module_name]
     w0, bias = base.weight.detach().clone(), base.bias.detach().clone() if base.bias is not None else None
-    add_lora(model, component=component, rank=rank, alpha=alpha)
+    add_lora(model, component, LoraSpec(rank=rank, alpha=alpha))
     layer = dict(model.named_modules())[module_name]
     generator = torch.Generator().manual_seed(7)
     a = torch.randn(rank, w0.shape[1], generator=generator)
@@ -72,8 +73,8 @@ def test_adapted_projection_computes_w0x_plus_scaled_bax(factory, component, mod
 
 def test_only_lora_parameters_train():
     unet, te = tiny_unet(), tiny_text_encoder()
-    add_lora(unet, component="unet", rank=4, alpha=4)
-    add_lora(te, component="text_encoder", rank=4, alpha=4)
+    add_lora(unet, "unet", LoraSpec(rank=4, alpha=4))
+    add_lora(te, "text_encoder", LoraSpec(rank=4, alpha=4))
     for model in (unet, te):
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
         assert trainable, "no trainable parameters"
@@ -84,8 +85,8 @@ def test_only_lora_parameters_train():
 
 def test_targets_default_to_attention_projections():
     unet, te = tiny_unet(), tiny_text_encoder()
-    unet_names = add_lora(unet, component="unet", rank=2, alpha=2)
-    te_names = add_lora(te, component="text_encoder", rank=2, alpha=2)
+    unet_names = add_lora(unet, "unet", LoraSpec(rank=2, alpha=2))
+    te_names = add_lora(te, "text_encoder", LoraSpec(rank=2, alpha=2))
     # tiny UNet: 2 down + 2 up cross-attn blocks (1 + 2 transformers) + mid = 8 transformers x 2 attns x 4
     attention_layers = [n for n, _ in tiny_unet().named_modules() if n.endswith(("attn1", "attn2"))]
     assert len(unet_names) == 4 * len(attention_layers)
@@ -96,7 +97,7 @@ def test_targets_default_to_attention_projections():
 
 def test_unknown_target_names_valid_ones_and_close_match():
     with pytest.raises(TargetNotFoundError) as caught:
-        add_lora(tiny_unet(), component="unet", rank=2, alpha=2, targets=["to_qq"])
+        add_lora(tiny_unet(), "unet", LoraSpec(rank=2, alpha=2, unet_targets=("to_qq",)))
     message = str(caught.value)
     assert "'to_qq'" in message and "Did you mean 'to_q'" in message
     assert "to_out.0" in message and "proj_in" in message
@@ -105,7 +106,7 @@ def test_unknown_target_names_valid_ones_and_close_match():
 def test_parameter_report_counts_rank_times_in_plus_out():
     te = tiny_text_encoder()
     total_before = sum(p.numel() for p in te.parameters())
-    add_lora(te, component="text_encoder", rank=3, alpha=3)
+    add_lora(te, "text_encoder", LoraSpec(rank=3, alpha=3))
     rows = {row.component: row for row in parameter_report({"text_encoder": te})}
     expected = 2 * 4 * 3 * (32 + 32)  # layers x projections x rank x (in + out)
     assert rows["text_encoder"].trainable == expected
@@ -115,7 +116,7 @@ def test_parameter_report_counts_rank_times_in_plus_out():
 
 def test_extracted_weights_use_classic_text_encoder_names_and_bake_rslora():
     te = tiny_text_encoder()
-    add_lora(te, component="text_encoder", rank=4, alpha=3.0, use_rslora=True)
+    add_lora(te, "text_encoder", LoraSpec(rank=4, alpha=3.0, rslora=True))
     weights = extract_weights(te, component="text_encoder")
     name = "text_model." + TE_V
     assert name in weights

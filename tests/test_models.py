@@ -31,10 +31,11 @@ def test_identity_tells_two_bases_apart_but_not_two_architectures(tmp_path):
 
 def test_identity_ignores_injected_adapters(tmp_path):
     from difflora.adapter.inject import add_lora
+    from difflora.adapter.spec import LoraSpec
 
     plain = model_identity(tiny_pipeline(tmp_path))
     adapted_pipe = tiny_pipeline(tmp_path)
-    add_lora(adapted_pipe.unet, component="unet", rank=2, alpha=2)
+    add_lora(adapted_pipe.unet, "unet", LoraSpec(rank=2, alpha=2))
     assert model_identity(adapted_pipe).base_hash == plain.base_hash
 
 

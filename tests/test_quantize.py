@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 import difflora.training.setup as setup
+from difflora.adapter.spec import LoraSpec
 from difflora.cli import cli
 from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
@@ -139,9 +140,9 @@ def test_bf16_training_with_previews_between_steps(kind, tmp_path, cache_dir):
 
 def _models(kind: str):
     return load_models(
-        None, device=torch.device("cpu"), mixed_precision="no", rank=RANK, alpha=ALPHA, dropout=0.0,
-        unet_targets=lambda family: ATTENTION, text_encoder_targets=(), train_text_encoder=False,
-        gradient_checkpointing=False, seed=0, quantization=kind,
+        None, device=torch.device("cpu"), mixed_precision="no",
+        lora=lambda family: LoraSpec(rank=RANK, alpha=ALPHA, unet_targets=ATTENTION),
+        train_text_encoder=False, gradient_checkpointing=False, seed=0, quantization=kind,
     )  # fmt: skip
 
 

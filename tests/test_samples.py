@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from difflora.adapter.inject import add_lora
+from difflora.adapter.inject import add_lora, merged_lora
+from difflora.adapter.spec import LoraSpec
 from difflora.generation.pipeline import render
-from difflora.training.samples import merged_lora
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def _trained_looking(pipe) -> None:
     """LoRA on the UNet with a non-zero B, as after some training steps."""
-    add_lora(pipe.unet, component="unet", rank=4, alpha=8, targets=ATTENTION)
+    add_lora(pipe.unet, "unet", LoraSpec(rank=4, alpha=8, unet_targets=ATTENTION))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in pipe.unet.named_parameters():

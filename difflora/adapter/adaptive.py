@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,8 +30,8 @@ from torch import nn
 
 from difflora.adapter.inject import DEFAULT_ADAPTER, resolve_targets
 from difflora.adapter.names import classic_name
+from difflora.adapter.spec import LoraSpec
 from difflora.adapter.svd import kept_components
-from difflora.adapter.targets import default_targets
 from difflora.errors import ConfigError
 
 
@@ -85,28 +85,22 @@ class RankSchedule:
 
 
 def add_adalora(
-    model: nn.Module,
-    *,
-    component: str,
-    init_rank: int,
-    target_rank: int,
-    alpha: float,
-    targets: Sequence[str] | None = None,
-    dropout: float = 0.0,
-    adapter_name: str = DEFAULT_ADAPTER,
+    model: nn.Module, component: str, spec: LoraSpec, *, adapter_name: str = DEFAULT_ADAPTER
 ) -> tuple[list[str], AdaLoraModel]:
-    """Inject trainable AdaLoRA layers into `model` in place and freeze the rest; returns the live names of
-    the adapted modules and the peft tuner that owns the rank allocator (its schedule is set later by
-    RankAllocation, once the run's length is known: until then a placeholder one-step schedule)."""
-    targets = tuple(targets) if targets else default_targets(component)
+    """Inject trainable AdaLoRA layers into `model` in place, starting at `spec.adaptive_init_rank` and
+    pruned towards an average of `spec.rank`, and freeze the rest; returns the live names of the adapted
+    modules and the peft tuner that owns the rank allocator (its schedule is set later by RankAllocation,
+    once the run's length is known: until then a placeholder one-step schedule)."""
+    targets = spec.targets(component)
     matched = resolve_targets(model, targets, component=component)
+    init_rank = spec.adaptive_init_rank or spec.rank
     config = AdaLoraConfig(
         init_r=init_rank,
-        target_r=target_rank,
+        target_r=spec.rank,
         # peft scales by lora_alpha / init_rank: this keeps plain LoRA's alpha/rank, so --alpha and the
         # learning rate mean what they mean without --adaptive-rank.
-        lora_alpha=alpha * init_rank / target_rank,
-        lora_dropout=dropout,
+        lora_alpha=spec.alpha * init_rank / spec.rank,
+        lora_dropout=spec.dropout,
         target_modules=list(targets),
         total_step=1,
         init_lora_weights=True,

@@ -3,14 +3,16 @@
 peft owns the layer math: an adapted Linear computes W0·x + (alpha/rank)·B·A·dropout(x), with B zero-initialised
 so a fresh adapter changes nothing. This module only decides *where* adapters go (the attention projections
 by default, `targets.py`), validates the request against the live model with a helpful error, moves weights
-between peft layers and `LoraWeights` (by classic names, `names.py`), and reports parameter counts.
+between peft layers and `LoraWeights` (by classic names, `names.py`), fuses them into the base weights for
+a while (`merged_lora`, for sample grids), and reports parameter counts.
 """
 
 from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +22,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from difflora.adapter.names import adaptable_modules, classic_name, live_name
+from difflora.adapter.spec import LoraSpec
 from difflora.adapter.svd import svd_to_lora
-from difflora.adapter.targets import CONV_TARGETS, default_targets
 from difflora.adapter.types import LoraWeights
 from difflora.errors import TargetNotFoundError
 
@@ -57,40 +59,25 @@ def _missing_target_message(target: str, names: Iterable[str], component: str) -
 
 
 def add_lora(
-    model: nn.Module,
-    *,
-    component: str,
-    rank: int,
-    alpha: float,
-    targets: Sequence[str] | None = None,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-    conv_rank: int | None = None,
-    conv_alpha: float | None = None,
-    use_dora: bool = False,
-    adapter_name: str = DEFAULT_ADAPTER,
+    model: nn.Module, component: str, spec: LoraSpec, *, adapter_name: str = DEFAULT_ADAPTER
 ) -> list[str]:
-    """Inject trainable LoRA layers (A: kaiming-uniform, B: zeros) into `model` in place and freeze the rest.
-    `conv_rank` also adapts the ResNet 3x3 convolutions (LoCon), at their own rank and alpha (default: the
-    conv rank). `use_rslora` scales updates by alpha/sqrt(rank). `use_dora` makes every layer DoRA (peft's
-    trainable `lora_magnitude_vector`, one value per output row, starting at the base weight's row norms).
-    Returns the live names of the adapted modules."""
-    targets = tuple(targets) if targets else default_targets(component)
-    conv = CONV_TARGETS if conv_rank else ()
-    targets = (*targets, *(t for t in conv if t not in targets))
+    """Inject trainable LoRA layers (A: kaiming-uniform, B: zeros) into `model` in place, as `spec` says,
+    and freeze the rest. A DoRA layer's trainable `lora_magnitude_vector` (one value per output row) starts
+    at the base weight's row norms. Returns the live names of the adapted modules."""
+    targets = spec.targets(component)
     matched = resolve_targets(model, targets, component=component)
     # peft matches pattern keys as module-name suffixes: "conv1" is every ResNet's conv1.
-    conv_alpha = float(conv_alpha if conv_alpha is not None else conv_rank or 0)
+    rank_pattern, alpha_pattern = spec.conv_patterns(component)
     config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
         target_modules=list(targets),
         init_lora_weights=True,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
-        rank_pattern=dict.fromkeys(conv, conv_rank),
-        alpha_pattern=dict.fromkeys(conv, conv_alpha),
+        use_rslora=spec.rslora,
+        use_dora=spec.dora,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
     )
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
@@ -188,6 +175,53 @@ def extract_weights(
         )
         result[classic_name(component, name, model)] = LoraWeights(down, up, alpha, magnitude=magnitude)
     return result
+
+
+@contextmanager
+def merged_lora(models: Sequence[nn.Module], adapter_name: str = DEFAULT_ADAPTER) -> Iterator[None]:
+    """Inside: every plain LoRA layer of `models` computes with W0 + ΔW and its LoRA branch off. After: the
+    original weight tensors are back in place, untouched (put back, never un-merged by subtraction, which
+    would round), and every LoRA parameter's requires_grad is as before, so training goes on bit for bit.
+    Layers with other parametrisations (peft's DoRA: a normalised weight, not a sum; AdaLoRA's SVD form) or
+    on a quantized base layer (integer weights) keep peft's path."""
+    swapped: list[tuple[LoraLayer, nn.Module, torch.Tensor, dict[nn.Parameter, bool]]] = []
+    try:
+        for model in models:
+            for layer in model.modules():
+                if _mergeable(layer, adapter_name):
+                    swapped.append(_merge(layer, adapter_name))
+        yield
+    finally:
+        for layer, base, original, grads in reversed(swapped):
+            base.weight.data = original
+            layer.enable_adapters(True)
+            for parameter, wanted in grads.items():
+                parameter.requires_grad_(wanted)
+
+
+def _mergeable(layer: nn.Module, adapter_name: str) -> bool:
+    return (
+        isinstance(layer, LoraLayer)
+        and not isinstance(layer, AdaLoraLayer)  # its update is B·diag(E)·A / ranknum, not B·A
+        and adapter_name in layer.lora_A
+        and not layer.disable_adapters
+        and not layer.use_dora.get(adapter_name, False)
+        and type(layer.get_base_layer()) in (nn.Linear, nn.Conv2d)  # not a quantized base (--quantize-base)
+    )
+
+
+def _merge(layer: LoraLayer, adapter_name: str) -> tuple[LoraLayer, nn.Module, torch.Tensor, dict]:
+    down, up = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    weights = LoraWeights(
+        down=down.detach(), up=up.detach(), alpha=float(layer.scaling[adapter_name]) * down.shape[0]
+    )
+    base = layer.get_base_layer()
+    original = base.weight.data
+    delta = weights.delta().to(original.device).reshape(original.shape)
+    grads = {p: p.requires_grad for p in layer.parameters() if p is not base.weight}
+    base.weight.data = (original.float() + delta).to(original.dtype)
+    layer.enable_adapters(False)
+    return layer, base, original, grads
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from difflora.adapter.spec import LoraSpec
 from difflora.adapter.targets import TEXT_ENCODER_TARGETS
 from difflora.config import Problems, build_config, read_toml
 from difflora.config.variants import check_variants
@@ -319,6 +320,21 @@ class TrainConfig:
         if self.unet_targets is not None:
             return self.unet_targets
         return family.default_unet_targets
+
+    def lora_spec(self, family: ModelFamily) -> LoraSpec:
+        """The LoRA layers this run adds to a model of `family` (whose default targets fill the gaps)."""
+        return LoraSpec(
+            rank=self.rank,
+            alpha=self.effective_alpha,
+            dropout=self.lora_dropout,
+            unet_targets=self.effective_unet_targets(family),
+            text_encoder_targets=self.text_encoder_targets,
+            rslora=self.rslora,
+            dora=self.dora,
+            conv_rank=self.conv_rank,
+            conv_alpha=self.conv_alpha,
+            adaptive_init_rank=self.effective_adaptive_init_rank if self.adaptive_rank else None,
+        )
 
     def effective_text_encoder_lr(self, family: ModelFamily, component: str = "text_encoder") -> float:
         """The text encoder's rate: --text-encoder-lr (--text-encoder-2-lr for SDXL's second encoder, which

@@ -20,6 +20,7 @@ from torch import nn
 
 from difflora.adapter.adaptive import add_adalora
 from difflora.adapter.inject import add_lora, remove_adapter
+from difflora.adapter.spec import LoraSpec
 from difflora.errors import ConfigError
 from difflora.models.families import ModelFamily
 from difflora.models.identity import ModelIdentity, model_identity
@@ -69,27 +70,18 @@ def load_models(
     *,
     device: torch.device,
     mixed_precision: str,
-    rank: int,
-    alpha: float,
-    dropout: float,
-    unet_targets: Callable[[ModelFamily], Sequence[str]],
-    text_encoder_targets: Sequence[str],
+    lora: Callable[[ModelFamily], LoraSpec],
     train_text_encoder: bool,
     gradient_checkpointing: bool,
     seed: int,
     prediction_type: str | None = None,
-    rslora: bool = False,
-    conv_rank: int | None = None,
-    conv_alpha: float | None = None,
-    dora: bool = False,
-    adaptive_init_rank: int | None = None,
     quantization: str | None = None,
     pipe: Any | None = None,
 ) -> Models:
-    """The base with trainable LoRA layers. `pipe`: a base already loaded (with this dtype, prediction
-    type and quantization) by an earlier run of the same process, freed of its LoRA layers by `unload_lora`.
-    `adaptive_init_rank`: AdaLoRA layers starting at that rank, pruned to an average of `rank`.
-    `quantization` (int8, nf4) holds the UNet's and text encoders' Linear layers quantized."""
+    """The base with trainable LoRA layers, as `lora(family)` says for the loaded model's family (whose
+    defaults it may use). `pipe`: a base already loaded (with this dtype, prediction type and quantization)
+    by an earlier run of the same process, freed of its LoRA layers by `unload_lora`. `quantization` (int8,
+    nf4) holds the UNet's and text encoders' Linear layers quantized."""
     weight_dtype = DTYPES[mixed_precision]
     if quantization:
         bitsandbytes_backend(quantization)  # a missing backend is reported before a large model loads
@@ -109,15 +101,11 @@ def load_models(
         else None
     )
     torch.manual_seed(seed)
-    lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": rslora, "use_dora": dora}
-    unet_targets_ = unet_targets(identity.model_family)
+    spec = lora(identity.model_family)
     tuners: dict[str, Any] = {}
-    lora.update(adaptive_init_rank=adaptive_init_rank)
-    unet_modules = _inject(
-        pipe.unet, "unet", unet_targets_, tuners, conv_rank=conv_rank, conv_alpha=conv_alpha, **lora
-    )
+    unet_modules = _inject(pipe.unet, "unet", spec, tuners)
     text_modules = {
-        name: _inject(getattr(pipe, name), name, text_encoder_targets, tuners, **lora)
+        name: _inject(getattr(pipe, name), name, spec, tuners)
         for name in (encoders if train_text_encoder else [])
     }
     _place(pipe, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
@@ -139,27 +127,11 @@ def _training_modes(
             getattr(pipe, name).gradient_checkpointing_enable()
 
 
-def _inject(
-    module: nn.Module,
-    component: str,
-    targets: Sequence[str],
-    tuners: dict[str, Any],
-    *,
-    adaptive_init_rank: int | None = None,
-    **lora: Any,
-) -> list[str]:
+def _inject(module: nn.Module, component: str, spec: LoraSpec, tuners: dict[str, Any]) -> list[str]:
     """Plain LoRA layers, or AdaLoRA ones (their rank allocator's owner goes into `tuners`)."""
-    if adaptive_init_rank is None:
-        return add_lora(module, component=component, targets=targets, **lora)
-    matched, tuners[component] = add_adalora(
-        module,
-        component=component,
-        targets=targets,
-        init_rank=adaptive_init_rank,
-        target_rank=lora["rank"],
-        alpha=lora["alpha"],
-        dropout=lora["dropout"],
-    )
+    if spec.adaptive_init_rank is None:
+        return add_lora(module, component, spec)
+    matched, tuners[component] = add_adalora(module, component, spec)
     return matched
 
 
