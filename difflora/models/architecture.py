@@ -10,6 +10,10 @@ An SD 2.x file looks the same whether it was trained for v-prediction at 768 px 
 512 px (2.0-base, 2.1-base); the default is the former, as for SD 2.1, and `prediction_type="epsilon"` picks
 the latter. A file that says what it predicts is believed: a `v_pred` marker key (the convention ComfyUI
 reads) or kohya's `modelspec.prediction_type` metadata.
+
+What identifies each base is declared by its family class (`difflora.models.families`: context width, text
+encoders, conditioning, UNet widths, shipped configs); this module only reads a file's or folder's facts and
+asks each family in turn, so a new base adds a family module, not a branch here.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def _refuse_missing_weights(pipe: Any, path: Path, architecture: Architecture) -
     pass would then fail far from the cause. Name what is missing here."""
     missing = [
         f"{name}.{parameter}"
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        for name in (*architecture.family.components, "vae")
         if getattr(pipe, name, None) is not None
         for parameter, tensor in getattr(pipe, name).named_parameters()
         if tensor.is_meta

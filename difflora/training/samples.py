@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from difflora.adapter.inject import merged_lora
+from difflora.adapter.types import COMPONENTS
 from difflora.safe_io import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,8 @@ def render_sample_grid(
 
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [s for _ in prompts for s in seeds]
-    names = ("unet", "text_encoder", "text_encoder_2")
-    modules = [module for module in (getattr(pipe, name, None) for name in names) if module is not None]
+    present = (getattr(pipe, name, None) for name in COMPONENTS)
+    modules = [module for module in present if module is not None]
     modes = [m.training for m in modules]
     for module in modules:
         module.eval()
