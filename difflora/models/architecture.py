@@ -242,8 +242,9 @@ def _refuse_unusual_unet(shapes: Mapping[str, tuple[int, ...]], source: str) -> 
         )
     if channels_out != 320:
         raise ModelError(
-            f"{source} has a UNet {channels_out} channels wide ({CONV_IN}), where {SUPPORTED} have 320: it is a non-standard (distilled or custom) architecture. Convert it to a diffusers folder "
-            "and pass that folder."
+            f"{source} has a UNet {channels_out} channels wide ({CONV_IN}), where {SUPPORTED} have 320: it "
+            "is a non-standard (distilled or custom) architecture. Convert it to a diffusers folder and pass "
+            "that folder."
         )
 
 
