@@ -31,7 +31,7 @@ for _name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
 import torch  # noqa: E402
 
 from difflora.adapter.names import adaptable_modules, classic_name  # noqa: E402
-from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS  # noqa: E402
+from difflora.adapter.spec import TEXT_ENCODER_TARGETS, UNET_TARGETS  # noqa: E402
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights  # noqa: E402
 from difflora.composition.composer import Composer  # noqa: E402
 from difflora.composition.spec import AdapterWeight  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from difflora.adapter.spec import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.formats.reference import components_of, reference_modules
 

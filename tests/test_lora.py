@@ -9,8 +9,7 @@ import torch
 
 from difflora.adapter.inject import add_lora, extract_weights, parameter_report
 from difflora.adapter.names import classic_name
-from difflora.adapter.spec import LoraSpec
-from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from difflora.adapter.spec import TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraSpec
 from difflora.errors import TargetNotFoundError
 from tests.conftest import tiny_text_encoder, tiny_unet
 

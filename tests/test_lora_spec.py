@@ -9,8 +9,7 @@ import pytest
 
 from difflora.adapter.adaptive import add_adalora
 from difflora.adapter.inject import add_lora
-from difflora.adapter.spec import LoraSpec
-from difflora.adapter.targets import CONV_TARGETS, TEXT_ENCODER_TARGETS, UNET_TARGETS
+from difflora.adapter.spec import CONV_TARGETS, TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraSpec
 from difflora.config.train import TrainConfig
 from difflora.models.families import families
 from tests.conftest import tiny_text_encoder, tiny_unet

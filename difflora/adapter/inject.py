@@ -2,7 +2,7 @@
 
 peft owns the layer math: an adapted Linear computes W0·x + (alpha/rank)·B·A·dropout(x), with B zero-initialised
 so a fresh adapter changes nothing. This module only decides *where* adapters go (the attention projections
-by default, `targets.py`), validates the request against the live model with a helpful error, moves weights
+by default, `spec.py`), validates the request against the live model with a helpful error, moves weights
 between peft layers and `LoraWeights` (by classic names, `names.py`), fuses them into the base weights for
 a while (`merged_lora`, for sample grids), and reports parameter counts.
 """

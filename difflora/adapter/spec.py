@@ -1,14 +1,22 @@
-"""The LoRA settings of a run as one frozen value (peft's `LoraConfig` idea): built once from the job's
-configuration (`TrainConfig.lora_spec(family)`), handed to `add_lora` / `add_adalora` unchanged.
+"""What LoRA layers a run adds and where: the default targets (the attention projections, as kohya, diffusers
+and ComfyUI users expect) and the run's settings as one frozen value (peft's `LoraConfig` idea), built once
+from the job's configuration (`TrainConfig.lora_spec(family)`) and handed to `add_lora` / `add_adalora`.
 
-A leaf (no torch), like `targets.py`, whose defaults it applies.
+A leaf (no torch, no difflora import): the configuration and the injection code read the same values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difflora.adapter.targets import CONV_TARGETS, default_targets
+UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+# LoCon (--conv-rank): the UNet ResNets' 3x3 convolutions, kohya's lora_unet_..._conv1 / _conv2.
+CONV_TARGETS: tuple[str, ...] = ("conv1", "conv2")
+
+
+def default_targets(component: str) -> tuple[str, ...]:
+    return UNET_TARGETS if component == "unet" else TEXT_ENCODER_TARGETS
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
-from difflora.adapter.spec import LoraSpec
-from difflora.adapter.targets import TEXT_ENCODER_TARGETS
+from difflora.adapter.spec import TEXT_ENCODER_TARGETS, LoraSpec
 from difflora.config import Problems, build_config, read_toml
 from difflora.config.variants import check_variants
 from difflora.errors import ConfigError
 from difflora.generation.schedulers import SCHEDULER_NAMES
-
-if TYPE_CHECKING:
-    from difflora.models.families import ModelFamily
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
@@ -32,6 +28,19 @@ PredictionChoice = Literal["epsilon", "v_prediction"]
 Quantization = Literal["int8", "nf4"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
 
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
+
+
+class FamilyDefaults(Protocol):
+    """What a run's defaults read from the model's family (a `difflora.models.families.ModelFamily`; named
+    structurally so that config/ imports nothing above it)."""
+
+    @property
+    def default_learning_rate(self) -> float: ...
+
+    @property
+    def default_unet_targets(self) -> tuple[str, ...]: ...
+
+
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
 QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
@@ -309,19 +318,19 @@ class TrainConfig:
     def effective_adaptive_orth_reg(self) -> float:
         return self.adaptive_orth_reg if self.adaptive_orth_reg is not None else 0.5
 
-    def effective_learning_rate(self, family: ModelFamily) -> float:
+    def effective_learning_rate(self, family: FamilyDefaults) -> float:
         """--learning-rate, else the default for the model family (see the field's help)."""
         if self.learning_rate is not None:
             return self.learning_rate
         return family.default_learning_rate
 
-    def effective_unet_targets(self, family: ModelFamily) -> tuple[str, ...]:
+    def effective_unet_targets(self, family: FamilyDefaults) -> tuple[str, ...]:
         """--unet-targets, else the family's (the attention projections, more on the embedded model)."""
         if self.unet_targets is not None:
             return self.unet_targets
         return family.default_unet_targets
 
-    def lora_spec(self, family: ModelFamily) -> LoraSpec:
+    def lora_spec(self, family: FamilyDefaults) -> LoraSpec:
         """The LoRA layers this run adds to a model of `family` (whose default targets fill the gaps)."""
         return LoraSpec(
             rank=self.rank,
@@ -336,7 +345,7 @@ class TrainConfig:
             adaptive_init_rank=self.effective_adaptive_init_rank if self.adaptive_rank else None,
         )
 
-    def effective_text_encoder_lr(self, family: ModelFamily, component: str = "text_encoder") -> float:
+    def effective_text_encoder_lr(self, family: FamilyDefaults, component: str = "text_encoder") -> float:
         """The text encoder's rate: --text-encoder-lr (--text-encoder-2-lr for SDXL's second encoder, which
         falls back to the first's), else --learning-rate's."""
         if component == "text_encoder_2" and self.text_encoder_2_lr is not None:
