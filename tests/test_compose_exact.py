@@ -21,7 +21,7 @@ from safetensors import safe_open
 from difflora.adapter.names import adaptable_modules, classic_name
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.composition.composer import Composer, compose
-from difflora.composition.spec import parse_adapter_weights
+from difflora.config.spec import parse_adapter_weights
 from difflora.formats.native import save_adapter
 from difflora.generation.pipeline import render
 from difflora.models.identity import model_identity

@@ -9,7 +9,7 @@ import torch
 
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.composition.report import OVERDRIVE, composition_report
-from difflora.composition.spec import parse_adapter_weights
+from difflora.config.spec import parse_adapter_weights
 from tests.test_compose_exact import random_adapter
 
 

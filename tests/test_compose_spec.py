@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from difflora.composition.composer import compose
+from difflora.composition.find import find_adapter
 from difflora.composition.fit import check_compatible
-from difflora.composition.spec import GRAMMAR, AdapterWeight, find_adapter, parse_adapter_weights
+from difflora.config.spec import GRAMMAR, AdapterWeight, parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
 from difflora.formats.native import save_adapter
 from tests.conftest import tiny_pipeline, tiny_unet

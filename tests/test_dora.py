@@ -27,9 +27,9 @@ from difflora.cli import cli
 from difflora.composition.composer import compose
 from difflora.composition.merge import merge_adapters
 from difflora.composition.report import composition_report
-from difflora.composition.spec import parse_adapter_weights
 from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
+from difflora.config.spec import parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError, ConfigError
 from difflora.formats.consumers import a1111, comfyui
 from difflora.formats.dora_export import CONVERSION_KEY

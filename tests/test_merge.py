@@ -9,7 +9,7 @@ import torch
 
 from difflora.composition.composer import compose
 from difflora.composition.merge import merge, merge_adapters
-from difflora.composition.spec import parse_adapter_weights
+from difflora.config.spec import parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
 from difflora.formats.native import save_adapter
 from difflora.formats.read import load_adapter

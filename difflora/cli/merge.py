@@ -24,7 +24,7 @@ def merge_command(adapters: tuple[str, ...], config_file: Path | None, **flags: 
     concatenated). --rank K makes it smaller and reports each layer's relative error.
     """
     from difflora.composition.merge import merge
-    from difflora.composition.spec import parse_adapter_weights
+    from difflora.config.spec import parse_adapter_weights
 
     flags["adapters"] = adapters
     config = config_from_flags(MergeConfig, flags, config_file=config_file, section="merge")

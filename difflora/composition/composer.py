@@ -51,10 +51,11 @@ from peft.tuners.lora import LoraLayer
 from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.names import live_name
 from difflora.adapter.types import Adapter
+from difflora.composition.find import adapter_dirs as search_dirs
+from difflora.composition.find import find_adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
 from difflora.composition.report import dora_note
-from difflora.composition.spec import AdapterWeight, find_adapter, parse_adapter_weights
-from difflora.composition.spec import adapter_dirs as search_dirs
+from difflora.config.spec import AdapterWeight, parse_adapter_weights
 from difflora.errors import AdapterSpecError, ConfigError
 from difflora.formats.read import load_adapter
 from difflora.models.identity import model_identity

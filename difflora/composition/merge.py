@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
-from difflora.composition.spec import AdapterWeight, find_adapter, parse_adapter_weights
-from difflora.composition.spec import adapter_dirs as search_dirs
+from difflora.composition.find import adapter_dirs as search_dirs
+from difflora.composition.find import find_adapter
+from difflora.config.spec import AdapterWeight, parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError, ConfigError, Interrupted
 from difflora.formats.native import save_adapter
 from difflora.formats.read import load_adapter

@@ -4,7 +4,9 @@ Every job (train, generate, export, ...) has a dataclass in this package whose f
 field's docstring-comment is the flag's help. `load_config` applies the precedence, refuses unknown keys with
 the nearest valid name (a typo must never be silently ignored), and lets the dataclass's own validation list
 every problem at once in one ConfigError. `to_toml` writes the effective config back out, so that any adapter
-says how it was made and `--config` on that text reproduces the run.
+says how it was made and `--config` on that text reproduces the run. The grammars of the values the configs
+parse (`spec`: adapter sets and sweeps; `schedulers`: sampler names) live here too, so the package imports
+nothing of difflora above errors: every other package may read a config.
 """
 
 from __future__ import annotations

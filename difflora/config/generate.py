@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from difflora.composition.spec import AdapterWeight, parse_adapter_weights, parse_sweep
 from difflora.config import Problems
+from difflora.config.schedulers import SCHEDULER_NAMES
+from difflora.config.spec import AdapterWeight, parse_adapter_weights, parse_sweep
 from difflora.errors import DiffloraError
-from difflora.generation.schedulers import SCHEDULER_NAMES
 
 MAX_SWEEPS = 2
 
@@ -44,7 +44,7 @@ class GenerateConfig:
     height: int | None = None
     """Image height in pixels, a multiple of 8. Default: the model's native size."""
     scheduler: str = "euler"
-    """Sampler: difflora's name for a diffusers scheduler (see difflora.generation.schedulers)."""
+    """Sampler: difflora's name for a diffusers scheduler (see difflora.config.schedulers)."""
     out: str = "outputs"
     """Folder for the PNG files, their JSON sidecars and contact sheets."""
     fuse: bool = True

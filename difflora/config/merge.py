@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difflora.composition.spec import parse_adapter_weights
 from difflora.config import Problems
 from difflora.config.generate import check_spec
+from difflora.config.spec import parse_adapter_weights
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from difflora.adapter.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from difflora.config import Problems, build_config, read_toml
+from difflora.config.schedulers import SCHEDULER_NAMES
 from difflora.config.variants import check_variants
 from difflora.errors import ConfigError
-from difflora.generation.schedulers import SCHEDULER_NAMES
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]

@@ -22,8 +22,8 @@ from PIL import Image
 
 from difflora import __version__
 from difflora.composition.composer import Composer, compose
-from difflora.composition.spec import AdapterWeight
 from difflora.config.generate import GenerateConfig
+from difflora.config.spec import AdapterWeight
 from difflora.errors import Interrupted
 from difflora.generation.pipeline import a1111_parameters, image_grid, render, save_png
 

@@ -26,10 +26,11 @@ from typing import Any
 
 from difflora.adapter.types import Adapter
 from difflora.composition.composer import Composer, Mode, compose
+from difflora.composition.find import ADAPTER_SUFFIX, adapter_dirs, available_adapters
 from difflora.composition.fit import check_compatible, fit_to_modules
-from difflora.composition.spec import ADAPTER_SUFFIX, AdapterWeight, adapter_dirs, available_adapters
 from difflora.config.generate import GenerateConfig
 from difflora.config.serve import ServeConfig
+from difflora.config.spec import AdapterWeight
 from difflora.errors import AdapterSpecError, ConfigError, first_n
 from difflora.formats.read import load_adapter
 from difflora.generation.generate import render_settings, trained_with_zero_terminal_snr
