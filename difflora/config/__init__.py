@@ -54,6 +54,15 @@ class Problems:
             raise ConfigError(f"Invalid {what} configuration:\n  {listing}")
 
 
+def coerce_to_tuples(config: Any, *names: str) -> None:
+    """Store the named fields of a frozen config as tuples (callers may pass lists; None stays None). Only a
+    config's own __post_init__ calls this: after it, a config never changes."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None:
+            object.__setattr__(config, name, tuple(value))
+
+
 @cache
 def field_help(cls: type) -> dict[str, str]:
     """Each field of the config dataclass `cls` with its help: the string literal under its annotation in

@@ -108,14 +108,14 @@ def _default_device() -> str:
 
 
 def _with_sweep_adapters(
-    specs: list[AdapterWeight], sweeps: list[tuple[str, list[float]]]
+    specs: Sequence[AdapterWeight], sweeps: Sequence[tuple[str, Sequence[float]]]
 ) -> list[AdapterWeight]:
     """Adapters named only by --sweep are composed too (their weight is set per cell)."""
     names = {spec.name for spec in specs}
-    return specs + [AdapterWeight(name, values[0]) for name, values in sweeps if name not in names]
+    return [*specs, *(AdapterWeight(name, values[0]) for name, values in sweeps if name not in names)]
 
 
-def _grid_size(sweeps: Sequence[tuple[str, list[float]]]) -> int:
+def _grid_size(sweeps: Sequence[tuple[str, Sequence[float]]]) -> int:
     size = 1
     for _, values in sweeps:
         size *= len(values)

@@ -130,7 +130,7 @@ class Engine:
         """Render `request` with its adapters (and only those). Raises DiffloraError subclasses for
         everything the client can fix, before the model is touched."""
         self.check_limits(request)
-        specs = request.adapter_weights
+        specs = list(request.adapter_weights)
         seed = request.seed if request.seed is not None else random.randrange(2**31)
         arrived = time.perf_counter()
         with self._lock:
