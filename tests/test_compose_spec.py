@@ -114,4 +114,13 @@ def test_reweighting_an_adapter_that_is_not_composed_names_those_that_are(pipeli
     composer = compose(pipeline)
     composer.add(random_adapter(pipeline, seed=0, unet=("to_q",)), name="style")
     with pytest.raises(AdapterSpecError, match=r"'subject' is not composed here \(composed: style\)"):
-        composer.set_weights("subject:0.5")
+        composer.set_weights(parse_adapter_weights("subject:0.5"))
+
+
+def test_an_adapter_set_below_the_cli_is_parsed_values_never_text(pipeline):
+    composer = compose(pipeline)
+    with pytest.raises(TypeError, match=r"parse_adapter_weights\('style:0.7'\)"):
+        composer.set("style:0.7")
+    with pytest.raises(TypeError, match="parse_adapter_weights"):
+        composer.set_weights("style:0.7")
+    assert composer.adapters == []

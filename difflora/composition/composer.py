@@ -55,7 +55,7 @@ from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
 from difflora.composition.report import dora_note
-from difflora.config.spec import AdapterWeight, parse_adapter_weights
+from difflora.config.spec import AdapterWeight, adapter_set
 from difflora.errors import AdapterSpecError, ConfigError
 from difflora.formats.read import load_adapter
 from difflora.models.identity import model_identity
@@ -137,11 +137,11 @@ class Composer:
         self._add(AdapterWeight(name, weight, te_weight), adapter, None)
         self._apply()
 
-    def set(self, specs: Sequence[AdapterWeight] | str, *, loader: Loader | None = None) -> None:
+    def set(self, specs: Sequence[AdapterWeight], *, loader: Loader | None = None) -> None:
         """Make the composed set exactly `specs`, in their order: re-weight those present, load the new,
         drop the others. `loader(name)` -> (adapter, its file or None) supplies the new ones (default: find
         the file in the adapter directories and read it), e.g. from a cache of loaded adapters."""
-        specs = parse_adapter_weights(specs) if isinstance(specs, str) else list(specs)
+        specs = adapter_set(specs)
         wanted = {spec.name for spec in specs}
         try:
             for name in [n for n in self._entries if n not in wanted]:
@@ -161,10 +161,9 @@ class Composer:
         path = find_adapter(name, self.directories)
         return load_adapter(path), path
 
-    def set_weights(self, specs: Sequence[AdapterWeight] | str) -> None:
+    def set_weights(self, specs: Sequence[AdapterWeight]) -> None:
         """Change the weights of adapters already composed (others keep theirs)."""
-        specs = parse_adapter_weights(specs) if isinstance(specs, str) else list(specs)
-        for spec in specs:
+        for spec in adapter_set(specs):
             self._entry(spec.name).spec = spec
         self._apply()
 
@@ -324,15 +323,14 @@ class Composer:
 
 def compose(
     pipe: Any,
-    adapters: str | Sequence[AdapterWeight] = (),
+    adapters: Sequence[AdapterWeight] = (),
     *,
     mode: Mode = "fused",
     adapter_dirs: Sequence[str | os.PathLike] = (),
 ) -> Composer:
-    """Compose adapters (a spec such as "style:0.7,subject:0.3", or AdapterWeights) on `pipe` and return
-    the pipeline's Composer. A pipeline has one Composer: composing again replaces the previous set (from
+    """Compose adapters (`parse_adapter_weights("style:0.7,subject:0.3")`) on `pipe` and return the
+    pipeline's Composer. A pipeline has one Composer: composing again replaces the previous set (from
     the kept original weights, never on top of fused ones)."""
-    specs = parse_adapter_weights(adapters) if isinstance(adapters, str) else list(adapters)
     previous: Composer | None = getattr(pipe, "_difflora_composer", None)
     if previous is not None and previous.mode != mode:
         previous.clear()
@@ -340,5 +338,5 @@ def compose(
     composer = previous or Composer(pipe, mode, adapter_dirs=adapter_dirs)
     composer.directories = search_dirs(adapter_dirs)
     pipe._difflora_composer = composer
-    composer.set(specs)
+    composer.set(adapters)
     return composer

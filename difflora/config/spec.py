@@ -64,6 +64,14 @@ def parse_adapter_weights(spec: str | Sequence[str]) -> list[AdapterWeight]:
     return result
 
 
+def adapter_set(specs: Sequence[AdapterWeight]) -> list[AdapterWeight]:
+    """`specs` as a list. Text is refused rather than parsed: below the command line an adapter set is
+    parsed once, where it enters (a config, or the caller's parse_adapter_weights)."""
+    if isinstance(specs, str):
+        raise TypeError(f"An adapter set is a list of AdapterWeight: pass parse_adapter_weights({specs!r}).")
+    return list(specs)
+
+
 def _parse_fragment(fragment: str) -> AdapterWeight:
     parts = fragment.split(":")
     if len(parts) > 1 and _DRIVE.match(parts[0]) and parts[1][:1] in ("\\", "/"):
