@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
 
-from difflora.composition.composer import compose
+from difflora.composition.composer import Composer, compose
 from difflora.composition.find import find_adapter
 from difflora.composition.fit import check_compatible
 from difflora.config.spec import GRAMMAR, AdapterWeight, parse_adapter_weights
@@ -124,3 +126,23 @@ def test_an_adapter_set_below_the_cli_is_parsed_values_never_text(pipeline):
     with pytest.raises(TypeError, match="parse_adapter_weights"):
         composer.set_weights("style:0.7")
     assert composer.adapters == []
+
+
+def test_a_pipeline_has_one_composition_whichever_composer_changes_it(pipeline):
+    base = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+    compose(pipeline).add(random_adapter(pipeline, seed=0, unet=("to_q",)), 0.5, name="style")
+    assert "_difflora_composer" not in vars(pipeline)  # nothing of the composer hangs on diffusers' object
+    again = Composer(pipeline)  # takes the composition over, with the original weights it fused from
+    assert [str(a) for a in again.adapters] == ["style:0.5"]
+    again.clear()
+    assert all(torch.equal(v, base[k]) for k, v in pipeline.unet.state_dict().items())
+
+
+def test_a_composed_pipeline_is_freed_when_its_user_lets_it_go(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    composer = compose(pipe)
+    composer.add(random_adapter(pipe, seed=0, unet=("to_q",)), name="style")
+    alive = weakref.ref(pipe)
+    del pipe, composer
+    gc.collect()
+    assert alive() is None

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from difflora.cli import cli
+from difflora.errors import ConfigError
 from difflora.formats.native import save_adapter
 from difflora.generation.pipeline import read_png_parameters
 from difflora.models.loading import load_pipeline
@@ -133,6 +134,20 @@ def test_a_generate_parses_its_adapters_and_sweep_once(tmp_path, model_and_adapt
     )  # fmt: skip
     assert code == 0, output
     assert adapter_specs == [(("style:0.5",),)] and sweeps == [("subject:0,1",)]
+
+
+def test_generate_with_a_composer_keeps_its_set_and_refuses_another_mode(tmp_path, model_and_adapters):
+    from difflora.composition.composer import Composer
+    from difflora.config.generate import GenerateConfig
+    from difflora.generation.generate import generate
+
+    model, adapters = model_and_adapters
+    composer = Composer(load_pipeline(model))
+    settings = {"prompt": "x", "adapter_dir": (str(adapters),), "steps": 1, "out": str(tmp_path)}
+    generate(GenerateConfig(adapters=("style:0.5",), **settings), composer=composer)
+    assert [str(a) for a in composer.adapters] == ["style:0.5"]  # the caller's composer holds the set
+    with pytest.raises(ConfigError, match="--no-fuse"):
+        generate(GenerateConfig(fuse=False, **settings), composer=composer)
 
 
 def test_report_flag_writes_the_composition_report(tmp_path, model_and_adapters):

@@ -88,6 +88,7 @@ def client(engine):
 @pytest.fixture(scope="module")
 def reference(adapter_dir, tmp_path_factory):
     """`difflora.generate` on a pipeline of its own: (spec, seed, fuse) -> (pixels, parameters text)."""
+    from difflora.composition.composer import Composer
     from difflora.generation.generate import generate
     from difflora.models.loading import load_pipeline
 
@@ -101,7 +102,7 @@ def reference(adapter_dir, tmp_path_factory):
             adapters = (spec,) if spec else ()
             config = GenerateConfig(prompt=PROMPT, adapters=adapters, adapter_dir=(str(adapter_dir),),
                                     seed=seed, steps=STEPS, fuse=fuse, out=str(out / f"{len(results)}"))  # fmt: skip
-            path = generate(config, pipe=pipe)[0]
+            path = generate(config, composer=Composer(pipe, "fused" if fuse else "dynamic"))[0]
             results[key] = (pixels(path.read_bytes()), png_parameters(path.read_bytes()))
         return results[key]
 

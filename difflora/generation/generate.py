@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from difflora import __version__
-from difflora.composition.composer import Composer, compose
+from difflora.composition.composer import Composer, Mode
+from difflora.composition.find import adapter_dirs
 from difflora.config.generate import GenerateConfig
 from difflora.config.spec import AdapterWeight
-from difflora.errors import Interrupted
+from difflora.errors import ConfigError, Interrupted
 from difflora.generation.pipeline import a1111_parameters, image_grid, render, save_png
 
 logger = logging.getLogger(__name__)
@@ -48,25 +49,29 @@ class _Job:
     written: list[Path] = field(default_factory=list)  # those complete so far, for an interruption's message
 
 
-def generate(config: GenerateConfig, *, pipe: Any = None, progress: Progress | None = None) -> list[Path]:
+def generate(
+    config: GenerateConfig, *, composer: Composer | None = None, progress: Progress | None = None
+) -> list[Path]:
     """Render `config` and return the PNG paths written (images first, then the contact sheet or sweep
-    grid). With `pipe`, that pipeline is used and keeps the composed adapters afterwards."""
-    if pipe is None:
-        from difflora.models.loading import load_pipeline
-
-        pipe = load_pipeline(
-            config.model, device=config.device or _default_device(), prediction_type=config.prediction_type
+    grid). Without `composer`, the config's model is loaded and composed for this call alone; with one
+    (a Composer on a loaded pipeline, which the caller keeps to generate again), its pipeline renders and
+    keeps the config's adapters composed afterwards."""
+    mode: Mode = "fused" if config.fuse else "dynamic"
+    if composer is not None and composer.mode != mode:
+        raise ConfigError(
+            f"The composer given composes {composer.mode}, but the config asks for {mode} composition "
+            "(--fuse/--no-fuse): pass a Composer of that mode."
         )
+    composer = composer or Composer(_load(config), mode)
+    composer.directories = adapter_dirs(config.adapter_dir)  # where this config's adapters are found
+    composer.set(_with_sweep_adapters(config.adapter_weights, config.sweeps))
     seed = config.seed if config.seed is not None else random.randrange(2**31)
-    mode = "fused" if config.fuse else "dynamic"
-    specs = _with_sweep_adapters(config.adapter_weights, config.sweeps)
-    composer = compose(pipe, specs, mode=mode, adapter_dirs=config.adapter_dir)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.report:
         _write_report(composer, out)
     cells = max(1, _grid_size(config.sweeps))
-    job = _Job(config, pipe, composer, out, config.steps * config.num_images * cells, progress)
+    job = _Job(config, composer.pipe, composer, out, config.steps * config.num_images * cells, progress)
     job.expected = config.num_images * cells
     seeds = [seed + i for i in range(config.num_images)]
     try:
@@ -103,8 +108,11 @@ def _interrupted_message(job: _Job) -> str:
     )
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _load(config: GenerateConfig) -> Any:
+    from difflora.models.loading import load_pipeline
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_pipeline(config.model, device=device, prediction_type=config.prediction_type)
 
 
 def _with_sweep_adapters(
