@@ -169,9 +169,13 @@ class Composer:
     def set(self, specs: Sequence[AdapterWeight], *, loader: Loader | None = None) -> None:
         """Make the composed set exactly `specs`, in their order: re-weight those present, load the new,
         drop the others. `loader(name)` -> (adapter, its file or None) supplies the new ones (default: find
-        the file in the adapter directories and read it), e.g. from a cache of loaded adapters."""
+        the file in the adapter directories and read it), e.g. from a cache of loaded adapters. Every new
+        adapter is read and checked before the set changes: one refused leaves the model as it was."""
         specs = adapter_set(specs)
         wanted = {spec.name for spec in specs}
+        read = loader or self._read
+        fresh = [spec for spec in specs if spec.name not in self._state.entries]
+        new = {spec.name: self._checked(spec, *read(spec.name)) for spec in fresh}
         try:
             for name in [n for n in self._state.entries if n not in wanted]:
                 self._remove(name)
@@ -179,11 +183,11 @@ class Composer:
                 if spec.name in self._state.entries:
                     self._state.entries[spec.name].spec = spec
                 else:
-                    self._add(spec, *(loader or self._read)(spec.name))
+                    self._register(spec, *new[spec.name])
             # The spec's order is the order of the sum Σ wᵢ ΔWᵢ (float addition is not associative): the
             # same spec gives the same weights bit for bit, whatever was composed before it.
             self._state.entries = {spec.name: self._state.entries[spec.name] for spec in specs}
-        finally:  # an adapter refused half-way: the model still matches the adapters registered so far
+        finally:  # a failure half-way (peft injecting a layer): the model matches the adapters registered
             self._apply()
 
     def _read(self, name: str) -> tuple[Adapter, Path]:
@@ -230,6 +234,12 @@ class Composer:
         return self._state.entries[name]
 
     def _add(self, spec: AdapterWeight, adapter: Adapter, path: Path | None) -> None:
+        self._register(spec, *self._checked(spec, adapter, path))
+
+    def _checked(
+        self, spec: AdapterWeight, adapter: Adapter, path: Path | None
+    ) -> tuple[Adapter, Path | None]:
+        """The adapter fitted to the model's modules, once it is known to fit (the only place that checks)."""
         if spec.name in self._state.entries:
             raise AdapterSpecError(
                 f"Adapter {spec.name!r} is already composed; use set_weights to re-weight it."
@@ -241,7 +251,9 @@ class Composer:
                 "without --no-fuse; serve with mode fused)."
             )
         self._state.warnings += check_compatible(adapter, self.pipe, name=spec.name)
-        adapter = fit_to_modules(adapter, self.pipe)
+        return fit_to_modules(adapter, self.pipe), path
+
+    def _register(self, spec: AdapterWeight, adapter: Adapter, path: Path | None) -> None:
         self._state.counter += 1
         entry = _Entry(spec=spec, adapter=adapter, key=f"difflora{self._state.counter}", path=path)
         self._state.entries[spec.name] = entry

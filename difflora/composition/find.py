@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from difflora.errors import AdapterSpecError
+from difflora.errors import AdapterSpecError, first_n
 
 DEFAULT_ADAPTER_DIR = Path("adapters")
 ADAPTER_SUFFIX = ".safetensors"
@@ -37,29 +37,44 @@ def available_adapters(directories: Sequence[Path]) -> dict[str, Path]:
     return found
 
 
-def find_adapter(name: str, directories: Sequence[Path]) -> Path:
+class UnknownAdapterError(AdapterSpecError):
+    """An adapter name found in none of the adapter folders."""
+
+
+def find_adapter(name: str, directories: Sequence[Path], *, allow_paths: bool = True) -> Path:
     """The file an adapter spec NAME refers to: an existing path, else `<dir>/<name>.safetensors` in the
-    first directory that has it. An unknown name lists the available adapters and the closest matches."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path
+    first directory that has it. An unknown name lists the available adapters and the closest matches.
+    With `allow_paths=False` (a server: its clients must not make it read arbitrary files) NAME must be a
+    bare name, and an unknown one is told the names available, never the folders they are in."""
+    if not allow_paths:
+        _refuse_path(name)
+    elif Path(name).expanduser().is_file():
+        return Path(name).expanduser()
     for directory in directories:
         candidate = directory / (name if name.endswith(ADAPTER_SUFFIX) else name + ADAPTER_SUFFIX)
         if candidate.is_file():
             return candidate
-    raise AdapterSpecError(_unknown_message(name, directories))
+    raise UnknownAdapterError(_unknown_message(name, directories, show_folders=allow_paths))
 
 
-def _unknown_message(name: str, directories: Sequence[Path]) -> str:
+def _refuse_path(name: str) -> None:
+    stem = name.removesuffix(ADAPTER_SUFFIX)
+    if not stem or any(c in stem for c in "/\\:") or stem.startswith(".") or Path(stem).is_absolute():
+        raise AdapterSpecError(
+            f"Adapter {name!r}: a server request names adapters from its adapter folders (GET /adapters "
+            "lists them), not paths."
+        )
+
+
+def _unknown_message(name: str, directories: Sequence[Path], *, show_folders: bool) -> str:
     available = available_adapters(directories)
     searched = ", ".join(str(d) for d in directories)
-    if not available:
+    if not available and show_folders:
         return (
             f"Unknown adapter {name!r}: it is not a file, and no adapters were found in {searched}. "
             "Pass a path to a .safetensors file, or --adapter-dir with the folder holding your adapters."
         )
     close = difflib.get_close_matches(Path(name).stem, list(available), n=3, cutoff=0.4)
     hint = f" Closest: {', '.join(close)}." if close else ""
-    return (
-        f"Unknown adapter {name!r}.{hint}\nAvailable adapters (in {searched}): {', '.join(sorted(available))}"
-    )
+    where = f" (in {searched})" if show_folders else ""
+    return f"Unknown adapter {name!r}.{hint}\nAvailable adapters{where}: {first_n(sorted(available), 30) or 'none'}"

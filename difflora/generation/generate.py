@@ -163,6 +163,26 @@ def render_settings(config: GenerateConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in RENDER_SETTINGS}
 
 
+def image_record(
+    config: GenerateConfig, composer: Composer, image: Image.Image, seed: int
+) -> tuple[dict[str, Any], str]:
+    """What a PNG says of how it was made: the settings it was rendered with (its seed and actual size
+    included), and the A1111 `parameters` text naming the model and the composed adapters. Built here
+    alone, for `difflora generate` and the server, so that the two write the same text."""
+    settings = {
+        **render_settings(config),
+        "seed": seed,
+        "width": config.width or image.width,
+        "height": config.height or image.height,
+    }
+    adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in composer.adapters]
+    identity = composer.identity
+    parameters = a1111_parameters(
+        **settings, model=identity.name, model_hash=identity.base_hash, adapters=adapters
+    )
+    return settings, parameters
+
+
 def _sweep(job: _Job, seed: int) -> list[Path]:
     """One image per combination of sweep weights, same seed everywhere; columns = first sweep, rows =
     second. Returns the cells' PNGs, then the labelled grid."""
@@ -196,18 +216,9 @@ def _save(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     path = job.out / f"{index:05d}-{name or seed}.png"
-    config, composer = job.config, job.composer
+    composer = job.composer
     identity = composer.identity
-    adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in composer.adapters]
-    settings = {
-        **render_settings(config),
-        "seed": seed,
-        "width": config.width or image.width,
-        "height": config.height or image.height,
-    }
-    parameters = a1111_parameters(
-        **settings, model=identity.name, model_hash=identity.base_hash, adapters=adapters
-    )
+    settings, parameters = image_record(job.config, composer, image, seed)
     sidecar = {
         **settings,
         "model": {
