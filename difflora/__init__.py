@@ -14,7 +14,7 @@ and its peft layers), config/ (one frozen dataclass per job, TOML + flags, and t
 they parse once: adapter specs, sweeps, scheduler names), embedded/ (the shipped tiny model), serving/
 (`difflora serve`), cli/ (one thin module per command). Imports point one way: cli -> serving, training
 -> generation -> composition -> formats -> models -> adapter, data -> config -> errors (config reads
-nothing above it but the leaf adapter/targets.py's default target names).
+nothing above it but leaves, such as adapter/'s default LoRA target names).
 
 The public Python API, importable from here (each name is imported on first use, so `import difflora`
 and `difflora --help` do not pay for torch):
