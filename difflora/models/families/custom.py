@@ -11,3 +11,6 @@ class Custom(ModelFamily):
     label = "custom architecture"
     native_resolution = None
     has_reference = False
+
+    # ---- file layouts
+    consumer_stand_in = "sd1"
