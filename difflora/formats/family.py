@@ -39,7 +39,8 @@ def family_from_prefixes(kohya_names: Iterable[str]) -> str | None:
     for f in families():
         for prefix in f.kohya_text_encoder_prefixes.values():
             writers.setdefault(prefix, set()).add(f.name)
-    used = {prefix for prefix in writers if any(name.startswith(prefix + "_") for name in kohya_names)}
+    names = list(kohya_names)
+    used = {prefix for prefix in writers if any(name.startswith(prefix + "_") for name in names)}
     return next((next(iter(writers[p])) for p in sorted(used) if len(writers[p]) == 1), None)
 
 

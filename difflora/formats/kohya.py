@@ -153,16 +153,12 @@ def _resolve_names(raw: dict[str, LoraWeights], hint: str | None, source: str) -
     if unknown:
         listing = first_n(unknown, 20, separator="\n  ")
         raise AdapterFormatError(
-            f"{source}: {len(unknown)} LoRA module name(s) match no module of {_reference_labels()}:\n  "
-            f"{listing}\nNothing was loaded. The file may be for another architecture (SD3, Flux, ...) or use "
-            "a naming difflora does not read."
+            f"{source}: {len(unknown)} LoRA module name(s) match no module of a known architecture "
+            f"({', '.join(model_family(name).label for name in reference_families())}):\n  {listing}\n"
+            "Nothing was loaded. The file may be for another architecture (SD3, Flux, ...) or use a naming "
+            "difflora does not read."
         )
     return families.family_of(hint).name, _unique(keys, source)
-
-
-def _reference_labels() -> str:
-    labels = [model_family(name).label for name in reference_families()]
-    return ", ".join(labels[:-1]) + f" or the {labels[-1]}" if len(labels) > 1 else "".join(labels)
 
 
 def _unique(keys: dict[str, str], source: str) -> dict[str, str]:

@@ -3,7 +3,9 @@ the hashes kohya's tools compute. Module names and tensors are `difflora.formats
 
 Metadata written (all strings, as kohya's `save_weights` does):
 - the kohya minimum set: ss_v2, ss_base_model_version, ss_network_module, ss_network_dim, ss_network_alpha,
-  ss_network_args; plus ss_output_name (A1111's alias), ss_sd_model_name, ss_training_comment;
+  ss_network_args; plus ss_output_name (A1111's alias), ss_sd_model_name, ss_training_comment (ss_v2 and
+  ss_base_model_version, like modelspec.architecture/implementation/resolution, are the family's declared
+  facts: `ModelFamily.kohya_version()`, `.modelspec()`);
 - training facts, read from the adapter's `meta.extra` keys written by the trainer and, where a fact is
   absent there, from the training config TOML (`meta.config_toml`); absent facts are simply not written:
 
