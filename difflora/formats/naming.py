@@ -187,7 +187,8 @@ def text_encoder_prefixes(family: ModelFamily, components: Iterable[str]) -> dic
 def reference_table(family: str) -> NameTable:
     """The table of a reference architecture (`reference_families()`), built from its meta-device modules."""
     modules = {c: reference_modules(family, c) for c in components_of(family)}
-    return build_table(family, modules, unet=reference_model(family, "unet"))
+    unet = reference_model(family, "unet") if "unet" in modules else None  # SGM names exist for UNets only
+    return build_table(family, modules, unet=unet)
 
 
 def table_for_keys(family: str, keys: Iterable[str]) -> NameTable:

@@ -119,8 +119,8 @@ class ModelFamily:
         version = metadata.get("ss_base_model_version", "")
         architecture = metadata.get("modelspec.architecture", "")
         return (
-            bool(self.kohya_version_prefixes and version.startswith(self.kohya_version_prefixes))
-            or bool(self.modelspec_prefixes and architecture.startswith(self.modelspec_prefixes))
+            version.startswith(self.kohya_version_prefixes)  # no prefixes: never
+            or architecture.startswith(self.modelspec_prefixes)
             or (self.kohya_v2_flag and metadata.get("ss_v2") == "True")
         )
 
