@@ -63,9 +63,10 @@ def test_every_family_prefix_is_read():
 
 
 def test_the_embedded_model_is_a_reference_from_its_own_folder():
-    tiny = family("tiny")
-    assert tiny.config_dir() == EMBEDDED_MODEL_DIR
-    assert ("tiny" in reference_families()) == (EMBEDDED_MODEL_DIR / "unet" / "config.json").is_file()
+    installed = (EMBEDDED_MODEL_DIR / "unet" / "config.json").is_file()
+    assert ("tiny" in reference_families()) == installed
+    if installed:
+        assert reference_table("tiny").modules  # built from the embedded model's own configs
 
 
 @pytest.mark.parametrize("name", [f.name for f in SHIPPED])

@@ -29,7 +29,18 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     recorded = metadata.get("difflora.base_family", "")
     if recorded in FAMILY_NAMES:
         return recorded
-    return next((f.name for f in families() if f.states_metadata(metadata)), None)
+    return next((f.name for f in families() if _states(f, metadata)), None)
+
+
+def _states(family: ModelFamily, metadata: Mapping[str, str]) -> bool:
+    """Whether kohya's or ModelSpec's metadata names `family` (a family that declares no prefixes: never)."""
+    version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "")
+    return (
+        version.startswith(family.kohya_version_prefixes)
+        or architecture.startswith(family.modelspec_prefixes)
+        or (family.kohya_v2_flag and metadata.get("ss_v2") == "True")
+    )
 
 
 def family_from_prefixes(kohya_names: Iterable[str]) -> str | None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from difflora.errors import ModelError
-from difflora.models.families import families
+from difflora.models.families import ModelFamily, families
 from difflora.models.families import family as model_family
 
 # Bookkeeping keys of a transformers config.json that are not settings of the model's config class.
@@ -53,9 +53,17 @@ def components_of(family: str) -> tuple[str, ...]:
 
 def _config_path(family: str, component: str) -> Path | None:
     known = model_family(family)
-    folder = known.config_dir() if known.has_reference and component in known.components else None
+    folder = _config_folder(known) if known.has_reference and component in known.components else None
     path = folder / component / "config.json" if folder is not None else None
     return path if path is not None and path.is_file() else None
+
+
+def _config_folder(known: ModelFamily) -> Path | None:
+    if known.ships_with_difflora:  # the embedded model: its configs sit beside its weights
+        from difflora.embedded import EMBEDDED_MODEL_DIR
+
+        return EMBEDDED_MODEL_DIR
+    return known.config_dir()
 
 
 def load_config(family: str, component: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ models/, formats/, training/ and generation/ can all ask it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -91,8 +90,8 @@ class ModelFamily:
     a1111_version: ClassVar[str] = "SD1"
     """The version A1111 lists this family's checkpoints as (SD1, SD2, SDXL); it files every other as SD1."""
     ships_with_difflora: ClassVar[bool] = False
-    """Whether the base model is inside the package (loaded when `--model` is omitted), so its adapters
-    record a display name rather than a loadable base."""
+    """Whether the model is inside the package (loaded when `--model` is omitted; its configs sit beside its
+    weights in `difflora.embedded`), so its adapters record a display name rather than a loadable base."""
 
     # ---------------------------------------------------------------- derived facts
     def config_dir(self) -> Path | None:
@@ -112,17 +111,6 @@ class ModelFamily:
         if v_prediction and self.modelspec_architecture_v:
             return self.modelspec_architecture_v
         return self.modelspec_architecture
-
-    # ---- file layouts
-    def states_metadata(self, metadata: Mapping[str, str]) -> bool:
-        """Whether kohya's or ModelSpec's metadata of a file says it is for this family."""
-        version = metadata.get("ss_base_model_version", "")
-        architecture = metadata.get("modelspec.architecture", "")
-        return (
-            version.startswith(self.kohya_version_prefixes)  # no prefixes: never
-            or architecture.startswith(self.modelspec_prefixes)
-            or (self.kohya_v2_flag and metadata.get("ss_v2") == "True")
-        )
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"

@@ -9,8 +9,8 @@ from difflora.models.families.base import ModelFamily
 class Custom(ModelFamily):
     name = "custom"
     label = "custom architecture"
-    native_resolution = None
-    has_reference = False
-
     # ---- file layouts
     consumer_stand_in = "sd1"
+
+    native_resolution = None
+    has_reference = False

@@ -20,11 +20,6 @@ class SD2(ModelFamily):
     kohya_v_suffix = True
     modelspec_architecture = "stable-diffusion-v2-512/lora"
     modelspec_architecture_v = "stable-diffusion-v2-768-v/lora"
-
-    def resolution_for(self, prediction_type: str) -> int:
-        """768 px for v-prediction (SD 2.1), 512 px for epsilon (SD 2.1-base)."""
-        return 768 if prediction_type == "v_prediction" else 512
-
     # ---- file layouts
     kohya_version_prefixes = ("sd_v2",)
     kohya_v2_flag = True
@@ -34,3 +29,7 @@ class SD2(ModelFamily):
     consumer_text_encoder_layers: ClassVar[dict[str, int]] = {"text_encoder": 24}
     compvis_text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "model"}
     a1111_version = "SD2"
+
+    def resolution_for(self, prediction_type: str) -> int:
+        """768 px for v-prediction (SD 2.1), 512 px for epsilon (SD 2.1-base)."""
+        return 768 if prediction_type == "v_prediction" else 512

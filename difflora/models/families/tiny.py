@@ -4,9 +4,7 @@ shape through attention alone."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from difflora.models.families.base import ARCHITECTURES_DIR, UNET_ATTENTION, ModelFamily
+from difflora.models.families.base import UNET_ATTENTION, ModelFamily
 
 # Measured on the embedded model's sample subject (a new shape): 1e-3 barely moved it, 4e-3 did.
 TINY_MODEL_LR = 4e-3
@@ -29,15 +27,10 @@ class Tiny(ModelFamily):
     name = "tiny"
     label = "embedded tiny model"
     native_resolution = 64
-    default_unet_targets = TINY_MODEL_UNET_TARGETS
-    default_learning_rate = TINY_MODEL_LR
-    modelspec_architecture = "difflora-embedded/lora"
-
     # ---- file layouts
     consumer_stand_in = "sd1"
     ships_with_difflora = True
 
-    def config_dir(self) -> Path | None:
-        """The embedded model's own folder (`difflora.embedded.EMBEDDED_MODEL_DIR`; this package imports
-        nothing above it), which holds its configs beside its weights."""
-        return ARCHITECTURES_DIR.parent.parent / "embedded" / "model"
+    default_unet_targets = TINY_MODEL_UNET_TARGETS
+    default_learning_rate = TINY_MODEL_LR
+    modelspec_architecture = "difflora-embedded/lora"
