@@ -9,5 +9,8 @@ from difflora.models.families.base import ModelFamily
 class Custom(ModelFamily):
     name = "custom"
     label = "custom architecture"
+    # ---- file layouts
+    consumer_stand_in = "sd1"
+
     native_resolution = None
     has_reference = False

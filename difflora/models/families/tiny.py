@@ -27,6 +27,10 @@ class Tiny(ModelFamily):
     name = "tiny"
     label = "embedded tiny model"
     native_resolution = 64
+    # ---- file layouts
+    consumer_stand_in = "sd1"
+    ships_with_difflora = True
+
     default_unet_targets = TINY_MODEL_UNET_TARGETS
     default_learning_rate = TINY_MODEL_LR
     modelspec_architecture = "difflora-embedded/lora"
