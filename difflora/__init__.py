@@ -4,27 +4,29 @@ The data flow, one package per stage (each package's docstring says what it take
 
     image folder --data (scan, images, captions, buckets, batches, cache)--> examples, cached latents
           --training (trainer: setup -> loop -> outputs; loss, checkpoint, log, samples)--> adapter file
-    adapter file --composition (spec, fit, composer, report, merge)--> W = W0 + Σ wᵢ·ΔWᵢ on the model
+    adapter file --composition (find, fit, composer, report, merge)--> W = W0 + Σ wᵢ·ΔWᵢ on the model
           --generation (generate, pipeline, schedulers)--> PNG files with their parameters
     adapter file <--formats (read, native, kohya, diffusers_peft, export, consumers)--> ComfyUI / A1111 /
           Forge / diffusers files, both ways
 
 Beside the flow: models/ (--model in, a pipeline and its identity out), adapter/ (the in-memory adapter
-and its peft layers), config/ (one dataclass per job, TOML + flags), embedded/ (the shipped tiny model),
-cli/ (one thin module per command). Imports point one way: cli -> training / generation -> composition
--> formats -> adapter, models, data -> config, errors.
+and its peft layers), config/ (one frozen dataclass per job, TOML + flags, and the grammars of the values
+they parse once: adapter specs, sweeps, scheduler names), embedded/ (the shipped tiny model), serving/
+(`difflora serve`), cli/ (one thin module per command). Imports point one way: cli -> serving, training
+-> generation -> composition -> formats -> models -> adapter, data -> config -> errors (config reads
+nothing above it but leaves, such as adapter/'s default LoRA target names).
 
 The public Python API, importable from here (each name is imported on first use, so `import difflora`
 and `difflora --help` do not pay for torch):
 
     train(TrainConfig) -> Path               difflora.training.trainer.train
-    compose(pipe, "style:0.7,...") -> Composer  difflora.composition.composer.compose
+    compose(pipe, [AdapterWeight]) -> Composer  difflora.composition.composer.compose
     generate(GenerateConfig) -> [Path]       difflora.generation.generate.generate
     merge(weights, output, ...)              difflora.composition.merge.merge
     export_adapter(ExportConfig) -> Path     difflora.formats.export.export_adapter
     load_adapter(path) / save_adapter(...)   difflora.formats.read / difflora.formats.native
     load_pipeline(model=None), render(...)   difflora.models.loading / difflora.generation.pipeline
-    parse_adapter_weights("style:0.7")       difflora.composition.spec
+    parse_adapter_weights("style:0.7")       difflora.config.spec
     TrainConfig, GenerateConfig, MergeConfig, ExportConfig, Adapter, AdapterMeta, LoraWeights, Composer
 """
 
@@ -51,8 +53,8 @@ _API: dict[str, str] = {
     "load_adapter": "difflora.formats.read",
     "save_adapter": "difflora.formats.native",
     "load_pipeline": "difflora.models.loading",
-    "parse_adapter_weights": "difflora.composition.spec",
-    "AdapterWeight": "difflora.composition.spec",
+    "parse_adapter_weights": "difflora.config.spec",
+    "AdapterWeight": "difflora.config.spec",
     "Adapter": "difflora.adapter.types",
     "AdapterMeta": "difflora.adapter.types",
     "LoraWeights": "difflora.adapter.types",

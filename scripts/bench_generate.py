@@ -34,7 +34,7 @@ from difflora.adapter.names import adaptable_modules, classic_name  # noqa: E402
 from difflora.adapter.spec import TEXT_ENCODER_TARGETS, UNET_TARGETS  # noqa: E402
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights  # noqa: E402
 from difflora.composition.composer import Composer  # noqa: E402
-from difflora.composition.spec import AdapterWeight  # noqa: E402
+from difflora.config.spec import AdapterWeight  # noqa: E402
 from difflora.generation.pipeline import render  # noqa: E402
 from difflora.models.identity import model_identity  # noqa: E402
 from difflora.models.loading import load_pipeline  # noqa: E402

@@ -13,9 +13,10 @@ def adapter_signature(pipe, adapter: str | Path | None, prompt: str, measure: st
     import numpy as np
 
     from difflora.composition.composer import compose
+    from difflora.config.spec import parse_adapter_weights
     from difflora.embedded import signatures
     from difflora.generation.pipeline import render
 
-    compose(pipe, f"{adapter}:1" if adapter else "")
+    compose(pipe, parse_adapter_weights(f"{adapter}:1" if adapter else ""))
     images = render(pipe, [prompt] * len(SEEDS), seeds=list(SEEDS), steps=20, guidance=5.0)
     return float(np.mean([getattr(signatures, measure)(image) for image in images]))

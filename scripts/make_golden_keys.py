@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difflora.formats.kohya import to_kohya
+from difflora.models.families import checkpoint_families
 from tests.formats_support import synthetic_adapter
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "difflora" / "formats" / "golden"
@@ -20,7 +21,7 @@ GOLDEN_DIR = Path(__file__).resolve().parents[1] / "difflora" / "formats" / "gol
 
 def main() -> None:
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
-    for family in ("sd1", "sd2", "sdxl"):
+    for family in (f.name for f in checkpoint_families()):
         tensors, _ = to_kohya(synthetic_adapter(family, rank=1))
         names = sorted({key.split(".")[0] for key in tensors})
         path = GOLDEN_DIR / f"{family}_attention.txt"

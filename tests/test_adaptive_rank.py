@@ -21,6 +21,7 @@ import difflora.training.loop as loop
 from difflora.composition.composer import compose
 from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
+from difflora.config.spec import parse_adapter_weights
 from difflora.config.train import TrainConfig
 from difflora.errors import ConfigError
 from difflora.formats.export import export_adapter
@@ -159,7 +160,7 @@ def test_composes_with_an_ordinary_adapter_exactly(trained, tmp_path, mode):
     ]
     modules = [m.removeprefix("unet.") for m in picks]
     base = {m: pipe.unet.get_submodule(m).weight.detach().double().clone() for m in modules}
-    compose(pipe, "ada:0.7,plain:-0.4", mode=mode, adapter_dirs=[folder])
+    compose(pipe, parse_adapter_weights("ada:0.7,plain:-0.4"), mode=mode, adapter_dirs=[folder])
     for module in modules:
         _, delta = raw[f"unet.{module}"]
         mine = plain.modules[f"unet.{module}"]

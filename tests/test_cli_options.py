@@ -93,7 +93,7 @@ def test_flag_names_and_aliases_stay():
 
 
 def test_choices_come_from_the_code():
-    from difflora.generation.schedulers import SCHEDULER_NAMES
+    from difflora.config.schedulers import SCHEDULER_NAMES
 
     result = CliRunner().invoke(cli, ["generate", "--help"], terminal_width=10_000, max_content_width=10_000)
     assert f"--scheduler [{'|'.join(SCHEDULER_NAMES)}]" in result.output

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from difflora.adapter.names import adaptable_modules, classic_name
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.composition.composer import Composer, compose
-from difflora.composition.spec import parse_adapter_weights
+from difflora.config.spec import parse_adapter_weights
 from difflora.formats.native import save_adapter
 from difflora.generation.pipeline import render
 from difflora.models.identity import model_identity
@@ -163,7 +163,7 @@ def adapter_dir(files) -> Path:
 def test_fused_weights_equal_the_contract_computed_from_the_files(pipeline, files, adapter_dir, cache_bytes):
     base = base_weights(pipeline)
     composer = Composer(pipeline, "fused", adapter_dirs=[adapter_dir], delta_cache_bytes=cache_bytes)
-    composer.set(SPEC)
+    composer.set(parse_adapter_weights(SPEC))
     expected = expected_weights(base, files, SPEC)
     assert CONV in " ".join(expected) and any(k.startswith("text_encoder.") for k in expected)
     for key, want in expected.items():
@@ -176,7 +176,7 @@ def test_fused_weights_equal_the_contract_computed_from_the_files(pipeline, file
 
 def test_dynamic_forward_equals_the_contract(pipeline, files, adapter_dir):
     base = base_weights(pipeline)
-    compose(pipeline, SPEC, mode="dynamic", adapter_dirs=[adapter_dir])
+    compose(pipeline, parse_adapter_weights(SPEC), mode="dynamic", adapter_dirs=[adapter_dir])
     expected = expected_weights(base, files, SPEC)
     for key, want in expected.items():
         module = module_of(pipeline, key)
@@ -187,11 +187,11 @@ def test_dynamic_forward_equals_the_contract(pipeline, files, adapter_dir):
 def test_weight_zero_gives_the_base_model_bitwise_in_fused_mode(pipeline, adapter_dir):
     base_image = render(pipeline, ["a red circle"], seeds=[7], steps=3)[0]
     base = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
-    compose(pipeline, "style:0,subject:0:0,detail:0", adapter_dirs=[adapter_dir])
+    compose(pipeline, parse_adapter_weights("style:0,subject:0:0,detail:0"), adapter_dirs=[adapter_dir])
     assert all(torch.equal(v, base[k]) for k, v in pipeline.unet.state_dict().items())
     image = render(pipeline, ["a red circle"], seeds=[7], steps=3)[0]
     assert np.array_equal(np.asarray(image), np.asarray(base_image))
-    compose(pipeline, "style:1", adapter_dirs=[adapter_dir])
+    compose(pipeline, parse_adapter_weights("style:1"), adapter_dirs=[adapter_dir])
     assert not np.array_equal(
         np.asarray(render(pipeline, ["a red circle"], seeds=[7], steps=3)[0]), np.asarray(base_image)
     )
@@ -203,11 +203,13 @@ def test_100_cycles_of_compose_reweight_remove_leave_w0_bit_identical(pipeline, 
         c: {k: v.clone() for k, v in getattr(pipeline, c).state_dict().items()}
         for c in ("unet", "text_encoder")
     }
-    composer = compose(pipeline, "", mode=mode, adapter_dirs=[adapter_dir])
+    composer = compose(pipeline, parse_adapter_weights(""), mode=mode, adapter_dirs=[adapter_dir])
     rng = np.random.default_rng(0)
     for cycle in range(100 if mode == "fused" else 20):
-        composer.set(f"style:{rng.normal():.3f},subject:{rng.normal():.3f}:{rng.normal():.3f}")
-        composer.set_weights(f"style:{rng.normal():.3f}")
+        composer.set(
+            parse_adapter_weights(f"style:{rng.normal():.3f},subject:{rng.normal():.3f}:{rng.normal():.3f}")
+        )
+        composer.set_weights(parse_adapter_weights(f"style:{rng.normal():.3f}"))
         composer.load(parse_adapter_weights(f"detail:{rng.normal():.3f}")[0])
         composer.remove("subject")
         if cycle % 10 == 9:
@@ -223,15 +225,15 @@ def test_fused_and_dynamic_render_the_same_image(tmp_path, adapter_dir):
     images = []
     for mode in ("fused", "dynamic"):
         pipe = tiny_pipeline(tmp_path / mode)
-        compose(pipe, SPEC, mode=mode, adapter_dirs=[adapter_dir])
+        compose(pipe, parse_adapter_weights(SPEC), mode=mode, adapter_dirs=[adapter_dir])
         images.append(np.asarray(render(pipe, ["a blue square"], seeds=[3], steps=3)[0], dtype=np.int16))
     assert np.abs(images[0] - images[1]).max() <= 1
 
 
 def test_composing_again_replaces_the_set_from_the_original_weights(pipeline, files, adapter_dir):
     base = base_weights(pipeline)
-    compose(pipeline, "style:1,detail:-2", adapter_dirs=[adapter_dir])
-    composer = compose(pipeline, "subject:0.5", adapter_dirs=[adapter_dir])
+    compose(pipeline, parse_adapter_weights("style:1,detail:-2"), adapter_dirs=[adapter_dir])
+    composer = compose(pipeline, parse_adapter_weights("subject:0.5"), adapter_dirs=[adapter_dir])
     assert [str(a) for a in composer.adapters] == ["subject:0.5"]
     expected = expected_weights(base, files, "subject:0.5")
     for key, w0 in base.items():

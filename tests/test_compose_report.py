@@ -9,7 +9,7 @@ import torch
 
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.composition.report import OVERDRIVE, composition_report
-from difflora.composition.spec import parse_adapter_weights
+from difflora.config.spec import parse_adapter_weights
 from tests.test_compose_exact import random_adapter
 
 
@@ -76,5 +76,5 @@ def test_composer_report_uses_the_current_weights(pipeline):
     composer.add(adapter, 1.0, name="a")
     composer.add(adapter, 1.0, name="b")
     assert all(layer.drives == pytest.approx((2.0, 2.0)) for layer in composer.report().layers)
-    composer.set_weights("a:0.5,b:0.5")
+    composer.set_weights(parse_adapter_weights("a:0.5,b:0.5"))
     assert not composer.report().warnings

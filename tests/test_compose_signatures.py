@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from difflora.composition.composer import compose
+from difflora.config.spec import parse_adapter_weights
 from difflora.generation.pipeline import render
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def pipe(adapter_dir):
 def measure(pipe, adapter_dir: Path, spec: str, prompt: str, measure_fn) -> float:
     from difflora.embedded import signatures
 
-    compose(pipe, spec, adapter_dirs=[adapter_dir])
+    compose(pipe, parse_adapter_weights(spec), adapter_dirs=[adapter_dir])
     images = render(pipe, [prompt] * len(SEEDS), seeds=SEEDS, steps=STEPS)
     return float(np.mean([getattr(signatures, measure_fn)(image) for image in images]))
 

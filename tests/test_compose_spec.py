@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
 
-from difflora.composition.composer import compose
+from difflora.composition.composer import Composer, compose
+from difflora.composition.find import UnknownAdapterError, find_adapter
 from difflora.composition.fit import check_compatible
-from difflora.composition.spec import GRAMMAR, AdapterWeight, find_adapter, parse_adapter_weights
+from difflora.config.spec import GRAMMAR, AdapterWeight, parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
 from difflora.formats.native import save_adapter
 from tests.conftest import tiny_pipeline, tiny_unet
@@ -113,4 +116,61 @@ def test_reweighting_an_adapter_that_is_not_composed_names_those_that_are(pipeli
     composer = compose(pipeline)
     composer.add(random_adapter(pipeline, seed=0, unet=("to_q",)), name="style")
     with pytest.raises(AdapterSpecError, match=r"'subject' is not composed here \(composed: style\)"):
-        composer.set_weights("subject:0.5")
+        composer.set_weights(parse_adapter_weights("subject:0.5"))
+
+
+def test_an_adapter_set_below_the_cli_is_parsed_values_never_text(pipeline):
+    composer = compose(pipeline)
+    with pytest.raises(TypeError, match=r"parse_adapter_weights\('style:0.7'\)"):
+        composer.set("style:0.7")
+    with pytest.raises(TypeError, match="parse_adapter_weights"):
+        composer.set_weights("style:0.7")
+    assert composer.adapters == []
+
+
+def test_a_pipeline_has_one_composition_whichever_composer_changes_it(pipeline):
+    base = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+    compose(pipeline).add(random_adapter(pipeline, seed=0, unet=("to_q",)), 0.5, name="style")
+    assert "_difflora_composer" not in vars(pipeline)  # nothing of the composer hangs on diffusers' object
+    again = Composer(pipeline)  # takes the composition over, with the original weights it fused from
+    assert [str(a) for a in again.adapters] == ["style:0.5"]
+    again.clear()
+    assert all(torch.equal(v, base[k]) for k, v in pipeline.unet.state_dict().items())
+
+
+def test_a_composed_pipeline_is_freed_when_its_user_lets_it_go(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    composer = compose(pipe)
+    composer.add(random_adapter(pipe, seed=0, unet=("to_q",)), name="style")
+    alive = weakref.ref(pipe)
+    del pipe, composer
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_set_with_an_adapter_that_does_not_fit_is_refused_before_the_set_changes(tmp_path, pipeline):
+    other = tiny_pipeline(tmp_path / "other")
+    other.unet = tiny_unet(cross_attention_dim=48)
+    adapters = {
+        "style": random_adapter(pipeline, seed=0, unet=("to_q",)),
+        "foreign": random_adapter(other, seed=1, unet=("to_k",)),
+    }
+    adapters["foreign"].meta.base_architecture = ""  # only its shapes tell it apart
+    composer = compose(pipeline)
+    composer.add(adapters["style"], 0.5, name="style")
+    before = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+    with pytest.raises(AdapterCompatibilityError):
+        composer.set(parse_adapter_weights("foreign"), loader=lambda name: (adapters[name], None))
+    assert [str(a) for a in composer.adapters] == ["style:0.5"]
+    assert all(torch.equal(v, before[k]) for k, v in pipeline.unet.state_dict().items())
+
+
+def test_a_server_finds_adapters_by_name_only_and_never_shows_its_folders(tmp_path, pipeline):
+    save_adapter(random_adapter(pipeline, seed=0, unet=("to_q",)), tmp_path / "style.safetensors")
+    assert find_adapter("style", [tmp_path], allow_paths=False) == tmp_path / "style.safetensors"
+    for path in (str(tmp_path / "style.safetensors"), "../style", ".hidden", "C:style"):
+        with pytest.raises(AdapterSpecError, match="not paths"):
+            find_adapter(path, [tmp_path], allow_paths=False)
+    with pytest.raises(UnknownAdapterError, match="Closest: style") as error:
+        find_adapter("styel", [tmp_path], allow_paths=False)
+    assert str(tmp_path) not in str(error.value)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
 
 from difflora.config import Problems, load_config, parse_toml_text, to_toml
+from difflora.config.export import ExportConfig
+from difflora.config.generate import GenerateConfig
+from difflora.config.merge import MergeConfig
+from difflora.config.serve import ServeConfig
+from difflora.config.spec import AdapterWeight
 from difflora.config.train import TrainConfig
 from difflora.errors import ConfigError
 
@@ -82,3 +88,33 @@ def test_sample_scheduler_is_checked_before_training():
     with pytest.raises(ConfigError) as caught:
         TrainConfig(data_dir="x", sample_scheduler="eulr")
     assert "--sample-scheduler" in str(caught.value) and "euler-a" in str(caught.value)
+
+
+JOB_CONFIGS = {
+    "train": lambda: TrainConfig(data_dir="images", sample_prompts=["a cat"], sample_seeds=["3"]),
+    "generate": lambda: GenerateConfig(prompt="a cat", adapters=["style:0.7"], sweep=["style:0,1"]),
+    "merge": lambda: MergeConfig(adapters=["a:0.5", "b"], output="m.safetensors", adapter_dir=["x"]),
+    "export": lambda: ExportConfig(adapter="a.safetensors"),
+    "serve": lambda: ServeConfig(adapter_dir=["x"]),
+}
+
+
+@pytest.mark.parametrize("job", sorted(JOB_CONFIGS))
+def test_job_configs_are_frozen_with_their_lists_stored_as_tuples(job):
+    config = JOB_CONFIGS[job]()
+    field = dataclasses.fields(config)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(config, field, getattr(config, field))
+    for field in dataclasses.fields(config):
+        assert not isinstance(getattr(config, field.name), list), field.name
+    assert hash(config) == hash(JOB_CONFIGS[job]())  # frozen all the way down
+
+
+def test_adapter_sets_and_sweeps_are_parsed_once_into_values():
+    config = GenerateConfig(prompt="a cat", adapters=["style:0.7,subject:0.3:0.5"], sweep=["style:0,0.5"])
+    assert config.adapter_weights == (AdapterWeight("style", 0.7), AdapterWeight("subject", 0.3, 0.5))
+    assert config.adapter_weights is config.adapter_weights  # the value kept, not the text re-parsed
+    assert config.sweeps == (("style", (0.0, 0.5)),)
+    merge = MergeConfig(adapters=["a:0.5", "b"], output="m.safetensors")
+    assert merge.adapter_weights == (AdapterWeight("a", 0.5), AdapterWeight("b", 1.0))
+    assert TrainConfig(data_dir="images", sample_seeds=["3"]).sample_seeds == (3,)

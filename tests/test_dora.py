@@ -27,9 +27,9 @@ from difflora.cli import cli
 from difflora.composition.composer import compose
 from difflora.composition.merge import merge_adapters
 from difflora.composition.report import composition_report
-from difflora.composition.spec import parse_adapter_weights
 from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
+from difflora.config.spec import parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError, ConfigError
 from difflora.formats.consumers import a1111, comfyui
 from difflora.formats.dora_export import CONVERSION_KEY
@@ -129,7 +129,7 @@ def test_peft_layers_and_the_composer_apply_the_weight_computed_by_hand(trained,
     )
     assert not result.unexpected_keys
     pipe = load_pipeline(None)
-    composer = compose(pipe, str(trained))
+    composer = compose(pipe, parse_adapter_weights(str(trained)))
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     h = torch.randn(1, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim)
     t = torch.tensor([500])
@@ -183,7 +183,7 @@ def test_comfyui_export_is_per_column_and_consumers_apply_the_documented_weight(
     assert f"worst {100 * errors[worst]:.2f}%" in summary and worst in summary  # the error the export reports
     assert 0.05 < errors[worst] < 1  # not exact: a per-column magnitude cannot re-scale rows
     pipe = load_pipeline(None)  # difflora reads the export back as ComfyUI applies it
-    compose(pipe, str(exported))
+    compose(pipe, parse_adapter_weights(str(exported)))
     name, (w0, weight) = next(iter(expected.items()))
     parts = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == _kohya(name)}
     torch.testing.assert_close(
@@ -268,7 +268,7 @@ def test_composing_dora_with_another_adapter_says_how_and_is_order_free(trained,
 def test_what_cannot_take_a_dora_adapter_refuses_it_clearly(trained):
     dora = load_adapter(trained)
     with pytest.raises(ConfigError, match="DoRA adapter.*fused"):
-        compose(load_pipeline(None), str(trained), mode="dynamic")
+        compose(load_pipeline(None), parse_adapter_weights(str(trained)), mode="dynamic")
     with pytest.raises(AdapterCompatibilityError, match="DoRA adapters re-normalise"):
         merge_adapters(list(zip(parse_adapter_weights("a"), [dora], strict=True)))
 

@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
-from difflora.composition.spec import parse_adapter_weights, parse_sweep
 from difflora.config import load_config
 from difflora.config.generate import GenerateConfig
+from difflora.config.spec import parse_adapter_weights, parse_sweep
 from difflora.config.train import TrainConfig
 from difflora.data.scan import scan_folder
 from difflora.errors import DiffloraError

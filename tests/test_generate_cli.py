@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from difflora.cli import cli
+from difflora.errors import ConfigError
 from difflora.formats.native import save_adapter
 from difflora.generation.pipeline import read_png_parameters
 from difflora.models.loading import load_pipeline
@@ -104,6 +106,48 @@ def test_sweep_renders_the_same_seed_in_every_cell(tmp_path, model_and_adapters)
     assert not np.array_equal(pixels(sweep / "00000-5.png"), pixels(sweep / "00001-5.png"))
     assert "<lora:style:0>" in read_png_parameters(sweep / "00000-5.png")
     assert json.loads((sweep / "00002-sweep.json").read_text())["sweep"] == {"style": [0.0, 1.0]}
+
+
+def count_calls(monkeypatch, function) -> list[tuple]:
+    """Count `function`'s calls from every difflora module that holds it (imported since or before)."""
+    calls: list[tuple] = []
+
+    def counted(*args):
+        calls.append(args)
+        return function(*args)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("difflora")]:
+        if getattr(module, function.__name__, None) is function:
+            monkeypatch.setattr(module, function.__name__, counted)
+    return calls
+
+
+def test_a_generate_parses_its_adapters_and_sweep_once(tmp_path, model_and_adapters, monkeypatch):
+    import difflora.config.spec as spec
+
+    model, adapters = model_and_adapters
+    adapter_specs = count_calls(monkeypatch, spec.parse_adapter_weights)
+    sweeps = count_calls(monkeypatch, spec.parse_sweep)
+    code, output = run(
+        "generate", "x", "--model", str(model), "--adapter-dir", str(adapters), "--adapters", "style:0.5",
+        "--sweep", "subject:0,1", "--steps", "1", "--seed", "0", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 0, output
+    assert adapter_specs == [(("style:0.5",),)] and sweeps == [("subject:0,1",)]
+
+
+def test_generate_with_a_composer_keeps_its_set_and_refuses_another_mode(tmp_path, model_and_adapters):
+    from difflora.composition.composer import Composer
+    from difflora.config.generate import GenerateConfig
+    from difflora.generation.generate import generate
+
+    model, adapters = model_and_adapters
+    composer = Composer(load_pipeline(model))
+    settings = {"prompt": "x", "adapter_dir": (str(adapters),), "steps": 1, "out": str(tmp_path)}
+    generate(GenerateConfig(adapters=("style:0.5",), **settings), composer=composer)
+    assert [str(a) for a in composer.adapters] == ["style:0.5"]  # the caller's composer holds the set
+    with pytest.raises(ConfigError, match="--no-fuse"):
+        generate(GenerateConfig(fuse=False, **settings), composer=composer)
 
 
 def test_report_flag_writes_the_composition_report(tmp_path, model_and_adapters):

@@ -128,3 +128,19 @@ def test_each_stage_package_says_what_it_takes_in_and_hands_on(stage):
     init = PACKAGE / stage / "__init__.py"
     docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
     assert docstring and len(docstring.split()) >= 20, f"{init} needs a docstring describing the stage"
+
+
+def test_config_is_at_the_bottom_of_the_import_graph():
+    """Every package reads configs, so config/ reads nothing above it: only leaves (modules that import
+    nothing of difflora, such as errors and the default LoRA target names)."""
+    graph = import_graph()
+    upward = [
+        f"{name} imports {target}"
+        for name, targets in graph.items()
+        if name.startswith("difflora.config")
+        for target in sorted(targets)
+        if not target.startswith("difflora.config") and graph[target]
+    ]
+    assert not upward, "config/ must import nothing above it (move the shared name down):\n" + "\n".join(
+        upward
+    )

@@ -9,7 +9,7 @@ import torch
 
 from difflora.composition.composer import compose
 from difflora.composition.merge import merge, merge_adapters
-from difflora.composition.spec import parse_adapter_weights
+from difflora.config.spec import parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
 from difflora.formats.native import save_adapter
 from difflora.formats.read import load_adapter
@@ -36,7 +36,9 @@ def expected_deltas(files, spec: str) -> dict[str, torch.Tensor]:
 
 
 def test_exact_merge_file_equals_the_weighted_sum_of_updates(tmp_path, files):
-    result = merge(SPEC, tmp_path / "merged.safetensors", adapter_dirs=[files["style"].parent])
+    result = merge(
+        parse_adapter_weights(SPEC), tmp_path / "merged.safetensors", adapter_dirs=[files["style"].parent]
+    )
     merged_delta = read_file_deltas(tmp_path / "merged.safetensors")  # read back from the file, raw
     expected = expected_deltas(files, SPEC)
     assert merged_delta.keys() == expected.keys()
@@ -49,21 +51,23 @@ def test_exact_merge_file_equals_the_weighted_sum_of_updates(tmp_path, files):
 
 
 def test_merged_file_is_an_ordinary_adapter_that_composes_like_its_parts(tmp_path, pipeline, files):
-    merge(SPEC, tmp_path / "merged.safetensors", adapter_dirs=[files["style"].parent])
+    merge(parse_adapter_weights(SPEC), tmp_path / "merged.safetensors", adapter_dirs=[files["style"].parent])
     adapter = load_adapter(tmp_path / "merged.safetensors")
     assert adapter.meta.base_architecture == load_adapter(files["style"]).meta.base_architecture
     sources = json.loads(adapter.meta.extra["difflora.merged_from"])
     assert sources[1] == {"name": "subject", "weight": -0.4, "te_weight": -0.4}
     base = base_weights(pipeline)
-    compose(pipeline, "merged:1", adapter_dirs=[tmp_path])
+    compose(pipeline, parse_adapter_weights("merged:1"), adapter_dirs=[tmp_path])
     merged_weights = {key: module_of(pipeline, key).weight.clone() for key in base}
-    compose(pipeline, SPEC, adapter_dirs=[files["style"].parent])
+    compose(pipeline, parse_adapter_weights(SPEC), adapter_dirs=[files["style"].parent])
     for key in base:
         assert torch.allclose(module_of(pipeline, key).weight, merged_weights[key], atol=1e-6), key
 
 
 def test_svd_merge_reports_the_error_the_test_measures(tmp_path, files):
-    result = merge(SPEC, tmp_path / "r3.safetensors", rank=3, adapter_dirs=[files["style"].parent])
+    result = merge(
+        parse_adapter_weights(SPEC), tmp_path / "r3.safetensors", rank=3, adapter_dirs=[files["style"].parent]
+    )
     truncated = read_file_deltas(tmp_path / "r3.safetensors")
     expected = expected_deltas(files, SPEC)
     assert set(result.errors) == {
@@ -98,7 +102,12 @@ def test_merge_refuses_other_architectures_and_all_zero_weights(tmp_path, files)
 
 
 def test_svd_truncation_keeps_conv_shapes(tmp_path, files):
-    result = merge("detail:1", tmp_path / "d.safetensors", rank=2, adapter_dirs=[files["style"].parent])
+    result = merge(
+        parse_adapter_weights("detail:1"),
+        tmp_path / "d.safetensors",
+        rank=2,
+        adapter_dirs=[files["style"].parent],
+    )
     conv = result.adapter.modules["unet.down_blocks.0.resnets.0.conv1"]
     assert conv.down.ndim == 4 and conv.up.shape[2:] == (1, 1) and conv.rank == 2
     save_adapter(result.adapter, tmp_path / "again.safetensors")

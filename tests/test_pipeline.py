@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from difflora.config.schedulers import SCHEDULER_NAMES
 from difflora.errors import ConfigError
 from difflora.generation import pipeline as P
 from difflora.generation import schedulers as S
@@ -46,7 +47,7 @@ def test_render_refuses_unknown_scheduler_with_suggestion(pipeline):
 
 def test_schedulers_map_names_to_diffusers_classes():
     assert S.SCHEDULERS["euler"].__name__ == "EulerDiscreteScheduler"
-    assert set(S.SCHEDULERS) == set(S.SCHEDULER_NAMES)
+    assert set(S.SCHEDULERS) == set(SCHEDULER_NAMES)
 
 
 def test_image_grid_places_each_image_in_its_cell():

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from difflora.composition.composer import Composer
 from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
 from difflora.config.train import TrainConfig
@@ -98,7 +99,7 @@ def test_train_generate_export_from_a_single_file(checkpoint, tmp_path, monkeypa
         prompt="a photo of sks dog", adapters=(f"{adapter_path}:1",), steps=2, seed=0, width=64, height=64,
         out=str(tmp_path / "images-out"),
     )  # fmt: skip
-    written = generate(settings, pipe=pipe)
+    written = generate(settings, composer=Composer(pipe))
     del pipe
     gc.collect()
     assert Image.open(written[0]).size == (64, 64)

@@ -88,6 +88,7 @@ def client(engine):
 @pytest.fixture(scope="module")
 def reference(adapter_dir, tmp_path_factory):
     """`difflora.generate` on a pipeline of its own: (spec, seed, fuse) -> (pixels, parameters text)."""
+    from difflora.composition.composer import Composer
     from difflora.generation.generate import generate
     from difflora.models.loading import load_pipeline
 
@@ -101,7 +102,7 @@ def reference(adapter_dir, tmp_path_factory):
             adapters = (spec,) if spec else ()
             config = GenerateConfig(prompt=PROMPT, adapters=adapters, adapter_dir=(str(adapter_dir),),
                                     seed=seed, steps=STEPS, fuse=fuse, out=str(out / f"{len(results)}"))  # fmt: skip
-            path = generate(config, pipe=pipe)[0]
+            path = generate(config, composer=Composer(pipe, "fused" if fuse else "dynamic"))[0]
             results[key] = (pixels(path.read_bytes()), png_parameters(path.read_bytes()))
         return results[key]
 
@@ -371,17 +372,18 @@ def test_importing_difflora_and_its_cli_loads_neither_torch_nor_fastapi():
 
 def test_the_same_spec_composes_the_same_weights_whatever_came_before(tmp_path):
     from difflora.composition.composer import compose
+    from difflora.config.spec import parse_adapter_weights
     from tests.test_compose_exact import write_sample_adapters
 
     pipe = tiny_pipeline(tmp_path)
     write_sample_adapters(pipe, tmp_path / "adapters")
     dirs = [tmp_path / "adapters"]
     spec = "style:0.7,detail:0.4,subject:0.3"
-    fresh = compose(pipe, spec, adapter_dirs=dirs)
+    fresh = compose(pipe, parse_adapter_weights(spec), adapter_dirs=dirs)
     want = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     budget = fresh._cache_left
-    compose(pipe, "detail:0.4", adapter_dirs=dirs)
-    composer = compose(pipe, spec, adapter_dirs=dirs)  # style now enters after detail
+    compose(pipe, parse_adapter_weights("detail:0.4"), adapter_dirs=dirs)
+    composer = compose(pipe, parse_adapter_weights(spec), adapter_dirs=dirs)  # style now enters after detail
     # summed in another order, 14 of the UNet's tensors differ in their last bits (float addition)
     assert all(torch.equal(v, want[k]) for k, v in pipe.unet.state_dict().items())
     assert [entry.name for entry in composer.adapters] == ["style", "detail", "subject"]

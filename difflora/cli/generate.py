@@ -10,7 +10,7 @@ import click
 
 from difflora.cli.options import config_file_option, config_from_flags, config_options
 from difflora.config.generate import GenerateConfig
-from difflora.generation.schedulers import SCHEDULER_NAMES
+from difflora.config.schedulers import SCHEDULER_NAMES
 
 
 @click.command("generate")

@@ -25,7 +25,7 @@ def inspect_command(files: tuple[Path, ...], as_json: bool, allow_pickle: bool) 
         click.echo(adapter_facts_json(adapter) if as_json else describe_adapter(adapter, path))
     if len(adapters) > 1 and not as_json:
         from difflora.composition.report import composition_report
-        from difflora.composition.spec import AdapterWeight
+        from difflora.config.spec import AdapterWeight
 
         click.echo()  # several files: how they would interact if composed at weight 1 each
         names = (

@@ -24,12 +24,11 @@ def merge_command(adapters: tuple[str, ...], config_file: Path | None, **flags: 
     concatenated). --rank K makes it smaller and reports each layer's relative error.
     """
     from difflora.composition.merge import merge
-    from difflora.composition.spec import parse_adapter_weights
 
     flags["adapters"] = adapters
     config = config_from_flags(MergeConfig, flags, config_file=config_file, section="merge")
     result = merge(
-        parse_adapter_weights(config.adapters),
+        config.adapter_weights,
         config.output,
         rank=config.rank,
         adapter_dirs=config.adapter_dir,

@@ -11,9 +11,9 @@ from typing import Any
 import click
 
 from difflora.cli.options import config_file_option, config_options
+from difflora.config.schedulers import SCHEDULER_NAMES
 from difflora.config.train import TrainConfig
 from difflora.errors import Interrupted
-from difflora.generation.schedulers import SCHEDULER_NAMES
 
 
 @click.command("train")

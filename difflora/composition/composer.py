@@ -40,8 +40,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,13 +52,14 @@ from peft.tuners.lora import LoraLayer
 from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.names import live_name
 from difflora.adapter.types import Adapter
+from difflora.composition.find import adapter_dirs as search_dirs
+from difflora.composition.find import find_adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
 from difflora.composition.report import dora_note
-from difflora.composition.spec import AdapterWeight, find_adapter, parse_adapter_weights
-from difflora.composition.spec import adapter_dirs as search_dirs
+from difflora.config.spec import AdapterWeight, adapter_set
 from difflora.errors import AdapterSpecError, ConfigError
 from difflora.formats.read import load_adapter
-from difflora.models.identity import model_identity
+from difflora.models.identity import ModelIdentity, model_identity
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +80,36 @@ class _Entry:
     path: Path | None = None
 
 
+@dataclass
+class _Composition:
+    """What a pipeline's composition holds besides the pipeline: the composed set, the original W0 of every
+    weight it changed and the cached updates. It never refers to the pipeline, so it can be kept per
+    pipeline (in _COMPOSITIONS) without keeping the pipeline alive."""
+
+    mode: Mode
+    identity: ModelIdentity  # fingerprinted before any weight changed
+    cache_left: int  # bytes the cached updates may still take
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    pristine: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    deltas: dict[str, dict[tuple[str, str], torch.Tensor]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    counter: int = 0
+    dora_noted: tuple[str, ...] = ()
+
+
+# A pipeline has one composition, whichever Composer made on it changes it: a second Composer taking the
+# fused weights for W0 would make the composed set unrecoverable. Keyed weakly, so it goes with its pipeline.
+_COMPOSITIONS: weakref.WeakKeyDictionary[Any, _Composition] = weakref.WeakKeyDictionary()
+
+
 class Composer:
-    """The set of adapters composed on one pipeline, and their weights. One per pipeline (see `compose`).
+    """The set of adapters composed on one pipeline, and their weights.
 
     `load`/`add` adapters, `set_weights` to re-weight, `remove` or `set` to change the set, `clear` to
-    return to the base model. Every change leaves the model satisfying the module docstring's contract."""
+    return to the base model. Every change leaves the model satisfying the module docstring's contract.
+    A Composer made on a pipeline that is already composed takes that composition over (its adapters and
+    the original weights they were fused from); made in the other mode, it first returns the pipeline to
+    the base model."""
 
     def __init__(
         self,
@@ -94,22 +121,25 @@ class Composer:
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"Unknown composition mode {mode!r}; choose 'fused' or 'dynamic'.")
-        self.pipe, self.mode = pipe, mode
-        self.identity = model_identity(pipe)  # fingerprint the base before any weight changes
+        self.pipe = pipe
         self.directories = search_dirs(adapter_dirs)
-        self.warnings: list[str] = []
-        self._entries: dict[str, _Entry] = {}
-        self._pristine: dict[tuple[str, str], torch.Tensor] = {}
-        self._deltas: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
-        self._cache_left = delta_cache_bytes
-        self._counter = 0
-        self._dora_noted: tuple[str, ...] = ()
+        held = _COMPOSITIONS.get(pipe)
+        if held is not None and held.mode != mode:
+            Composer(pipe, held.mode).clear()  # the other mode's set goes first, back to the kept W0
+            held = None
+        self._state = held or _Composition(mode, model_identity(pipe), delta_cache_bytes)
+        _COMPOSITIONS[pipe] = self._state
+        self.mode, self.identity, self.warnings = mode, self._state.identity, self._state.warnings
+
+    @property
+    def _cache_left(self) -> int:
+        return self._state.cache_left
 
     # ------------------------------------------------------------------ the set of adapters
 
     @property
     def adapters(self) -> list[AdapterWeight]:
-        return [entry.spec for entry in self._entries.values()]
+        return [entry.spec for entry in self._state.entries.values()]
 
     def adapter(self, name: str) -> Adapter:
         return self._entry(name).adapter
@@ -132,38 +162,41 @@ class Composer:
         name: str | None = None,
     ) -> None:
         """Apply an in-memory adapter (named `name`, else its metadata name)."""
-        name = name or adapter.meta.name or f"adapter{len(self._entries)}"
+        name = name or adapter.meta.name or f"adapter{len(self._state.entries)}"
         self._add(AdapterWeight(name, weight, te_weight), adapter, None)
         self._apply()
 
-    def set(self, specs: Sequence[AdapterWeight] | str, *, loader: Loader | None = None) -> None:
+    def set(self, specs: Sequence[AdapterWeight], *, loader: Loader | None = None) -> None:
         """Make the composed set exactly `specs`, in their order: re-weight those present, load the new,
         drop the others. `loader(name)` -> (adapter, its file or None) supplies the new ones (default: find
-        the file in the adapter directories and read it), e.g. from a cache of loaded adapters."""
-        specs = parse_adapter_weights(specs) if isinstance(specs, str) else list(specs)
+        the file in the adapter directories and read it), e.g. from a cache of loaded adapters. Every new
+        adapter is read and checked before the set changes: one refused leaves the model as it was."""
+        specs = adapter_set(specs)
         wanted = {spec.name for spec in specs}
+        read = loader or self._read
+        fresh = [spec for spec in specs if spec.name not in self._state.entries]
+        new = {spec.name: self._checked(spec, *read(spec.name)) for spec in fresh}
         try:
-            for name in [n for n in self._entries if n not in wanted]:
+            for name in [n for n in self._state.entries if n not in wanted]:
                 self._remove(name)
             for spec in specs:
-                if spec.name in self._entries:
-                    self._entries[spec.name].spec = spec
+                if spec.name in self._state.entries:
+                    self._state.entries[spec.name].spec = spec
                 else:
-                    self._add(spec, *(loader or self._read)(spec.name))
+                    self._register(spec, *new[spec.name])
             # The spec's order is the order of the sum Σ wᵢ ΔWᵢ (float addition is not associative): the
             # same spec gives the same weights bit for bit, whatever was composed before it.
-            self._entries = {spec.name: self._entries[spec.name] for spec in specs}
-        finally:  # an adapter refused half-way: the model still matches the adapters registered so far
+            self._state.entries = {spec.name: self._state.entries[spec.name] for spec in specs}
+        finally:  # a failure half-way (peft injecting a layer): the model matches the adapters registered
             self._apply()
 
     def _read(self, name: str) -> tuple[Adapter, Path]:
         path = find_adapter(name, self.directories)
         return load_adapter(path), path
 
-    def set_weights(self, specs: Sequence[AdapterWeight] | str) -> None:
+    def set_weights(self, specs: Sequence[AdapterWeight]) -> None:
         """Change the weights of adapters already composed (others keep theirs)."""
-        specs = parse_adapter_weights(specs) if isinstance(specs, str) else list(specs)
-        for spec in specs:
+        for spec in adapter_set(specs):
             self._entry(spec.name).spec = spec
         self._apply()
 
@@ -174,7 +207,7 @@ class Composer:
 
     def clear(self) -> None:
         """Remove every adapter: the model is the base model again, bit for bit."""
-        for name in list(self._entries):
+        for name in list(self._state.entries):
             self._remove(name)
         self._apply()
 
@@ -182,25 +215,32 @@ class Composer:
         """The composition report (difflora.composition.report) for the current set and weights."""
         from difflora.composition.report import composition_report
 
-        pairs = [(entry.spec, entry.adapter) for entry in self._entries.values()]
+        pairs = [(entry.spec, entry.adapter) for entry in self._state.entries.values()]
         return composition_report(pairs, base=self._base_weight)
 
     def _base_weight(self, key: str) -> torch.Tensor:
         """The base weight W0 of module `key` ("<component>.<classic path>"), as the report measures DoRA by."""
         component, _, classic = key.partition(".")
         target = (component, live_name(component, classic, getattr(self.pipe, component)))
-        return self._pristine[target] if target in self._pristine else self._param(target).detach()
+        pristine = self._state.pristine
+        return pristine[target] if target in pristine else self._param(target).detach()
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _entry(self, name: str) -> _Entry:
-        if name not in self._entries:
-            listing = ", ".join(self._entries) or "none"
+        if name not in self._state.entries:
+            listing = ", ".join(self._state.entries) or "none"
             raise AdapterSpecError(f"Adapter {name!r} is not composed here (composed: {listing}).")
-        return self._entries[name]
+        return self._state.entries[name]
 
     def _add(self, spec: AdapterWeight, adapter: Adapter, path: Path | None) -> None:
-        if spec.name in self._entries:
+        self._register(spec, *self._checked(spec, adapter, path))
+
+    def _checked(
+        self, spec: AdapterWeight, adapter: Adapter, path: Path | None
+    ) -> tuple[Adapter, Path | None]:
+        """The adapter fitted to the model's modules, once it is known to fit (the only place that checks)."""
+        if spec.name in self._state.entries:
             raise AdapterSpecError(
                 f"Adapter {spec.name!r} is already composed; use set_weights to re-weight it."
             )
@@ -210,11 +250,13 @@ class Composer:
                 "composition (peft's unfused layers) cannot scale by a weight. Compose it fused (generate "
                 "without --no-fuse; serve with mode fused)."
             )
-        self.warnings += check_compatible(adapter, self.pipe, name=spec.name)
-        adapter = fit_to_modules(adapter, self.pipe)
-        self._counter += 1
-        entry = _Entry(spec=spec, adapter=adapter, key=f"difflora{self._counter}", path=path)
-        self._entries[spec.name] = entry
+        self._state.warnings += check_compatible(adapter, self.pipe, name=spec.name)
+        return fit_to_modules(adapter, self.pipe), path
+
+    def _register(self, spec: AdapterWeight, adapter: Adapter, path: Path | None) -> None:
+        self._state.counter += 1
+        entry = _Entry(spec=spec, adapter=adapter, key=f"difflora{self._state.counter}", path=path)
+        self._state.entries[spec.name] = entry
         if self.mode == "dynamic":
             for component in adapter.components:
                 with warnings.catch_warnings():  # peft warns that a model holds several adapters: intended
@@ -228,9 +270,11 @@ class Composer:
         logger.debug("composed %s (%d modules, %s mode)", spec, len(adapter.modules), self.mode)
 
     def _remove(self, name: str) -> None:
-        entry = self._entries.pop(name)
+        entry = self._state.entries.pop(name)
         # the budget goes back with the deltas, or a long-lived composer (a server) stops caching any
-        self._cache_left += sum(delta.numel() * 4 for delta in self._deltas.pop(entry.key, {}).values())
+        self._state.cache_left += sum(
+            delta.numel() * 4 for delta in self._state.deltas.pop(entry.key, {}).values()
+        )
         if self.mode == "dynamic":
             for component in entry.adapter.components:
                 remove_adapter(getattr(self.pipe, component), entry.key)
@@ -244,20 +288,20 @@ class Composer:
 
     def _note_dora(self) -> None:
         """Say once per set of adapters that a DoRA adapter among several is composed, and how."""
-        names = tuple(self._entries)
-        dora = [name for name, entry in self._entries.items() if entry.adapter.dora_axes]
-        if len(names) > 1 and dora and names != self._dora_noted:
+        names = tuple(self._state.entries)
+        dora = [name for name, entry in self._state.entries.items() if entry.adapter.dora_axes]
+        if len(names) > 1 and dora and names != self._state.dora_noted:
             message = dora_note(self.adapters, dora)
             logger.warning("%s", message)
-            self.warnings.append(message)
-        self._dora_noted = names
+            self._state.warnings.append(message)
+        self._state.dora_noted = names
 
     # ------------------------------------------------------------------ fused mode
 
     def _users(self) -> dict[tuple[str, str], list[tuple[_Entry, str]]]:
         """(component, live module name) -> [(entry, module key in the adapter)] for every adapted module."""
         users: dict[tuple[str, str], list[tuple[_Entry, str]]] = {}
-        for entry in self._entries.values():
+        for entry in self._state.entries.values():
             for key in entry.adapter.modules:
                 component, _, classic = key.partition(".")
                 live = live_name(component, classic, getattr(self.pipe, component))
@@ -266,14 +310,14 @@ class Composer:
 
     def _apply_fused(self) -> None:
         users = self._users()
-        for target in [t for t in self._pristine if t not in users]:
+        for target in [t for t in self._state.pristine if t not in users]:
             with torch.no_grad():
-                self._param(target).copy_(self._pristine.pop(target))
+                self._param(target).copy_(self._state.pristine.pop(target))
         for target, entries in users.items():
             param = self._param(target)
-            if target not in self._pristine:
-                self._pristine[target] = param.detach().clone()
-            w0 = self._pristine[target]
+            if target not in self._state.pristine:
+                self._state.pristine[target] = param.detach().clone()
+            w0 = self._state.pristine[target]
             active = [
                 (e, k, e.spec.weight_for(target[0])) for e, k in entries if e.spec.weight_for(target[0])
             ]
@@ -292,20 +336,21 @@ class Composer:
         return base_layer(module).weight
 
     def _delta(self, entry: _Entry, key: str, target: tuple[str, str], param: torch.Tensor) -> torch.Tensor:
-        cached = self._deltas.get(entry.key, {}).get(target)
+        cached = self._state.deltas.get(entry.key, {}).get(target)
         if cached is not None:
             return cached
         # a DoRA module's update is computed against the kept original weight, never a fused one
-        delta = entry.adapter.modules[key].delta(self._pristine[target]).to(param.device).reshape(param.shape)
-        if self._cache_left >= delta.numel() * 4:
-            self._cache_left -= delta.numel() * 4
-            self._deltas.setdefault(entry.key, {})[target] = delta
+        w0 = self._state.pristine[target]
+        delta = entry.adapter.modules[key].delta(w0).to(param.device).reshape(param.shape)
+        if self._state.cache_left >= delta.numel() * 4:
+            self._state.cache_left -= delta.numel() * 4
+            self._state.deltas.setdefault(entry.key, {})[target] = delta
         return delta
 
     # ------------------------------------------------------------------ dynamic mode
 
     def _apply_dynamic(self) -> None:
-        keys = {entry.key: entry for entry in self._entries.values()}
+        keys = {entry.key: entry for entry in self._state.entries.values()}
         for component in ("unet", "text_encoder", "text_encoder_2"):
             model = getattr(self.pipe, component, None)
             if model is None:
@@ -323,21 +368,14 @@ class Composer:
 
 def compose(
     pipe: Any,
-    adapters: str | Sequence[AdapterWeight] = (),
+    adapters: Sequence[AdapterWeight] = (),
     *,
     mode: Mode = "fused",
     adapter_dirs: Sequence[str | os.PathLike] = (),
 ) -> Composer:
-    """Compose adapters (a spec such as "style:0.7,subject:0.3", or AdapterWeights) on `pipe` and return
-    the pipeline's Composer. A pipeline has one Composer: composing again replaces the previous set (from
-    the kept original weights, never on top of fused ones)."""
-    specs = parse_adapter_weights(adapters) if isinstance(adapters, str) else list(adapters)
-    previous: Composer | None = getattr(pipe, "_difflora_composer", None)
-    if previous is not None and previous.mode != mode:
-        previous.clear()
-        previous = None
-    composer = previous or Composer(pipe, mode, adapter_dirs=adapter_dirs)
-    composer.directories = search_dirs(adapter_dirs)
-    pipe._difflora_composer = composer
-    composer.set(specs)
+    """Compose adapters (`parse_adapter_weights("style:0.7,subject:0.3")`) on `pipe` and return a Composer
+    of the pipeline's composition. Composing again replaces the previous set (from the kept original
+    weights, never on top of fused ones)."""
+    composer = Composer(pipe, mode, adapter_dirs=adapter_dirs)
+    composer.set(adapters)
     return composer

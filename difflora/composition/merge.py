@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
-from difflora.composition.spec import AdapterWeight, find_adapter, parse_adapter_weights
-from difflora.composition.spec import adapter_dirs as search_dirs
+from difflora.composition.find import adapter_dirs as search_dirs
+from difflora.composition.find import find_adapter
+from difflora.config.spec import AdapterWeight, adapter_set
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError, ConfigError, Interrupted
 from difflora.formats.native import save_adapter
 from difflora.formats.read import load_adapter
@@ -171,17 +172,16 @@ def _merged_meta(pairs: Sequence[tuple[AdapterWeight, Adapter]], name: str) -> A
 
 
 def merge(
-    adapters: str | Sequence[AdapterWeight],
+    adapters: Sequence[AdapterWeight],
     output: str | os.PathLike,
     *,
     rank: int | None = None,
     adapter_dirs: Sequence[str | os.PathLike] = (),
     config_toml: str = "",
 ) -> MergeResult:
-    """Load the adapters a spec names, merge them and write `output` atomically."""
-    specs = parse_adapter_weights(adapters) if isinstance(adapters, str) else list(adapters)
+    """Load the adapters named, merge them and write `output` atomically."""
     directories = search_dirs(adapter_dirs)
-    pairs = [(spec, load_adapter(find_adapter(spec.name, directories))) for spec in specs]
+    pairs = [(spec, load_adapter(find_adapter(spec.name, directories))) for spec in adapter_set(adapters)]
     output = Path(output)
     result = merge_adapters(pairs, rank=rank, name=output.stem)
     result.adapter.meta.config_toml = config_toml

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from difflora.adapter.types import Adapter, LoraWeights
-from difflora.composition.spec import AdapterWeight
+from difflora.config.spec import AdapterWeight
 from difflora.errors import first_n
 
 OVERDRIVE = 1.5

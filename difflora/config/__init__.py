@@ -4,7 +4,9 @@ Every job (train, generate, export, ...) has a dataclass in this package whose f
 field's docstring-comment is the flag's help. `load_config` applies the precedence, refuses unknown keys with
 the nearest valid name (a typo must never be silently ignored), and lets the dataclass's own validation list
 every problem at once in one ConfigError. `to_toml` writes the effective config back out, so that any adapter
-says how it was made and `--config` on that text reproduces the run.
+says how it was made and `--config` on that text reproduces the run. The grammars of the values the configs
+parse (`spec`: adapter sets and sweeps; `schedulers`: sampler names) live here too, so the package imports
+nothing of difflora above errors: every other package may read a config.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ class Problems:
         if self._items:
             listing = "\n  ".join(self._items)
             raise ConfigError(f"Invalid {what} configuration:\n  {listing}")
+
+
+def coerce_to_tuples(config: Any, *names: str) -> None:
+    """Store the named fields of a frozen config as tuples (callers may pass lists; None stays None). Only a
+    config's own __post_init__ calls this: after it, a config never changes."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None:
+            object.__setattr__(config, name, tuple(value))
 
 
 @cache

@@ -13,7 +13,7 @@ EXPORT_FORMATS: tuple[str, ...] = ("comfyui", "diffusers")
 EXPORT_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig:
     adapter: str = ""
     """The adapter file to export (any LoRA file difflora reads: its own, kohya, diffusers, PEFT)."""

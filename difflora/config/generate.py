@@ -7,17 +7,18 @@ its help. Validation collects every problem into one ConfigError naming the flag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
-from difflora.composition.spec import AdapterWeight, parse_adapter_weights, parse_sweep
-from difflora.config import Problems
+from difflora.config import Problems, coerce_to_tuples
+from difflora.config.schedulers import SCHEDULER_NAMES
+from difflora.config.spec import AdapterWeight, parse_adapter_weights, parse_sweep
 from difflora.errors import DiffloraError
-from difflora.generation.schedulers import SCHEDULER_NAMES
 
 MAX_SWEEPS = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateConfig:
     prompt: str = ""
     """The text prompt."""
@@ -44,7 +45,7 @@ class GenerateConfig:
     height: int | None = None
     """Image height in pixels, a multiple of 8. Default: the model's native size."""
     scheduler: str = "euler"
-    """Sampler: difflora's name for a diffusers scheduler (see difflora.generation.schedulers)."""
+    """Sampler: difflora's name for a diffusers scheduler (see difflora.config.schedulers)."""
     out: str = "outputs"
     """Folder for the PNG files, their JSON sidecars and contact sheets."""
     fuse: bool = True
@@ -58,9 +59,7 @@ class GenerateConfig:
     """torch device. Default: cuda when available, else cpu."""
 
     def __post_init__(self) -> None:
-        self.adapters = tuple(self.adapters)
-        self.adapter_dir = tuple(self.adapter_dir)
-        self.sweep = tuple(self.sweep)
+        coerce_to_tuples(self, "adapters", "adapter_dir", "sweep")
         p = Problems()
         p.check(bool(self.prompt.strip()), "prompt", "give a prompt")
         for name in ("steps", "num_images"):
@@ -79,14 +78,17 @@ class GenerateConfig:
         )
         p.raise_if_any("generate")
 
-    @property
-    def adapter_weights(self) -> list[AdapterWeight]:
-        return parse_adapter_weights(self.adapters)
+    # Parsed once, by the validation above: every reader (generate, the server) takes these values, never
+    # the text. Cached properties rather than fields, since every field of a config is a flag.
+    @cached_property
+    def adapter_weights(self) -> tuple[AdapterWeight, ...]:
+        """--adapters as AdapterWeights, in the order given."""
+        return tuple(parse_adapter_weights(self.adapters))
 
-    @property
-    def sweeps(self) -> list[tuple[str, list[float]]]:
-        """[(adapter name, weights)] from NAME:V1,V2,... entries."""
-        return [parse_sweep(text) for text in self.sweep]
+    @cached_property
+    def sweeps(self) -> tuple[tuple[str, tuple[float, ...]], ...]:
+        """((adapter name, weights), ...) from the NAME:V1,V2,... entries of --sweep."""
+        return tuple((name, tuple(values)) for name, values in map(parse_sweep, self.sweep))
 
 
 def check_spec(p: Problems, field: str, parse) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from difflora.composition.spec import parse_adapter_weights
-from difflora.config import Problems
+from difflora.config import Problems, coerce_to_tuples
 from difflora.config.generate import check_spec
+from difflora.config.spec import AdapterWeight, parse_adapter_weights
 
 
-@dataclass
+@dataclass(frozen=True)
 class MergeConfig:
     adapters: tuple[str, ...] = ()
     """Adapters to merge with their weights: NAME[:WEIGHT[:TE_WEIGHT]],..."""
@@ -21,10 +22,9 @@ class MergeConfig:
     """Extra folders searched for adapters by name (./adapters always is)."""
 
     def __post_init__(self) -> None:
-        self.adapters = tuple(self.adapters)
-        self.adapter_dir = tuple(self.adapter_dir)
+        coerce_to_tuples(self, "adapters", "adapter_dir")
         p = Problems()
-        check_spec(p, "adapters", lambda: parse_adapter_weights(self.adapters))
+        check_spec(p, "adapters", lambda: self.adapter_weights)
         p.check(bool(self.adapters), "adapters", "give at least one adapter to merge")
         p.check(bool(self.output), "output", "give the output file (-o merged.safetensors)")
         if self.output:
@@ -32,3 +32,8 @@ class MergeConfig:
         if self.rank is not None:
             p.check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")
         p.raise_if_any("merge")
+
+    @cached_property
+    def adapter_weights(self) -> tuple[AdapterWeight, ...]:
+        """The adapters as AdapterWeights, parsed once by the validation above."""
+        return tuple(parse_adapter_weights(self.adapters))

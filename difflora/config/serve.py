@@ -12,12 +12,12 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from difflora.config import Problems
+from difflora.config import Problems, coerce_to_tuples
 
 TOKEN_ENV = "DIFFLORA_SERVE_TOKEN"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     """Address to listen on. Anything but loopback (127.0.0.1, ::1, localhost) needs --token."""
@@ -55,7 +55,7 @@ class ServeConfig:
     """torch device. Default: cuda when available, else cpu."""
 
     def __post_init__(self) -> None:
-        self.adapter_dir = tuple(self.adapter_dir)
+        coerce_to_tuples(self, "adapter_dir")
         p = Problems()
         p.check(0 < self.port < 65536, "port", f"must be between 1 and 65535, got {self.port}")
         p.check(self.cache_mb >= 0, "cache_mb", f"must be 0 or more, got {self.cache_mb}")

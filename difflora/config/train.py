@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from difflora.adapter.spec import TEXT_ENCODER_TARGETS, LoraSpec
-from difflora.config import Problems, build_config, read_toml
+from difflora.config import Problems, build_config, coerce_to_tuples, read_toml
+from difflora.config.schedulers import SCHEDULER_NAMES
 from difflora.config.variants import check_variants
 from difflora.errors import ConfigError
-from difflora.generation.schedulers import SCHEDULER_NAMES
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
@@ -46,7 +46,7 @@ OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
 QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     data_dir: str = ""
     """Folder of images with same-name .txt/.caption captions (kohya `N_name/` subfolders give N repeats)."""
@@ -216,11 +216,8 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss (each such step is skipped)."""
 
     def __post_init__(self) -> None:
-        if self.unet_targets is not None:
-            self.unet_targets = tuple(self.unet_targets)
-        self.text_encoder_targets = tuple(self.text_encoder_targets)
-        self.sample_prompts = tuple(self.sample_prompts)
-        self.sample_seeds = tuple(int(s) for s in self.sample_seeds)
+        coerce_to_tuples(self, "unet_targets", "text_encoder_targets", "sample_prompts")
+        object.__setattr__(self, "sample_seeds", tuple(int(s) for s in self.sample_seeds))
         problems = Problems()
         problems.check(bool(self.data_dir), "data_dir", "give the folder of training images")
         self._check_counts(problems)

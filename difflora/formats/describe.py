@@ -37,9 +37,10 @@ def describe_adapter(adapter: Adapter, path: Path | str | None = None) -> str:
             lines.append(f"  {'':<14} DoRA: a magnitude {_counts(facts['dora'])} (not additive)")
     if path is not None and Path(path).is_file() and Path(path).suffix.lower() == ".safetensors":
         from difflora.formats.consumers.verdicts import file_verdicts, format_verdicts
+        from difflora.formats.family import family_of
 
         lines.append("Compatibility (each consumer's loading rules applied to every key):")
-        verdicts = file_verdicts(path, family=meta.base_family or "custom")
+        verdicts = file_verdicts(path, family=family_of(meta.base_family).name)
         lines += ["  " + line for line in format_verdicts(verdicts)]
     if meta.created_at:
         lines.append(f"Created:        {meta.created_at} (difflora {meta.difflora_version or '?'})")

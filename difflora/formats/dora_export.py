@@ -32,6 +32,7 @@ from difflora.adapter.dora import column_magnitude
 from difflora.adapter.names import live_name
 from difflora.adapter.types import Adapter
 from difflora.errors import AdapterCompatibilityError, ConfigError
+from difflora.formats.family import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def base_weights(adapter: Adapter, model: str | None) -> BaseWeights:
             "This DoRA adapter records no base model, and converting its magnitudes for ComfyUI/A1111 needs "
             "the base weights: pass --model with the model it was trained on."
         )
-    reference = model if model is not None else (None if meta.base_family == "tiny" else meta.base_model)
+    embedded = family_of(meta.base_family).ships_with_difflora  # recorded by display name: omit --model
+    reference = model if model is not None else (None if embedded else meta.base_model)
     pipe = load_pipeline(reference)
     identity = model_identity(pipe)
     if meta.base_architecture and meta.base_architecture != identity.architecture:

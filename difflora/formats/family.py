@@ -1,74 +1,58 @@
-"""Which base family (sd1, sd2, sdxl, tiny, custom) an adapter or a foreign file is for, and what each
-family is called in kohya's and ModelSpec's metadata.
+"""Which base family an adapter or a foreign file is for.
 
-The family decides the kohya naming (SDXL: `lora_te1`/`lora_te2` and SGM UNet names) and the metadata
-A1111 uses to list a LoRA (`ss_base_model_version`). It comes from the adapter's own record when there is
-one; otherwise from the file's metadata; otherwise from which reference architecture the module names *and*
-shapes fit (cross-attention width 768 = SD1, 1024 = SD2, 2048 = SDXL).
+The family decides the kohya naming (text-encoder prefixes, diffusers or SGM UNet names) and the metadata
+A1111 uses to list a LoRA (`ss_base_model_version`), all declared on its `ModelFamily`. It comes from the
+adapter's own record when there is one; otherwise from the file's metadata (what each family declares it
+reads as its own); otherwise from which reference architecture the module names *and* shapes fit (the
+cross-attention width tells the families apart).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.errors import AdapterCompatibilityError
 from difflora.formats.naming import NameTable, reference_table
 from difflora.formats.reference import ModuleInfo, reference_families
-from difflora.models.families import FAMILY_NAMES
-
-FAMILIES: tuple[str, ...] = FAMILY_NAMES
-_KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC = {
-    "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-512/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-    "tiny": "difflora-embedded/lora",
-}
-_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+from difflora.models.families import FALLBACK_FAMILY, FAMILY_NAMES, ModelFamily, families
+from difflora.models.families import family as model_family
 
 
-def kohya_base_version(family: str, *, v_prediction: bool = False) -> str:
-    """`ss_base_model_version`. The embedded and custom models use SD1-style naming and have no kohya value
-    of their own, so they are written as SD1 (A1111 files any metadata-bearing LoRA as SD1 anyway)."""
-    version = _KOHYA_VERSION.get(family, "sd_v1")
-    return f"{version}_v" if v_prediction and family in ("sd1", "sd2") else version
-
-
-def modelspec_architecture(family: str, *, v_prediction: bool = False) -> str:
-    if family == "sd2" and v_prediction:
-        return "stable-diffusion-v2-768-v/lora"
-    return _MODELSPEC.get(family, "custom/lora")
-
-
-def modelspec_implementation(family: str) -> str:
-    return "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers"
-
-
-def resolution(family: str, config: Mapping[str, Any]) -> str:
-    size = config.get("resolution") or _RESOLUTION.get(family)
-    return f"{size}x{size}" if size else ""
+def family_of(name: str | None) -> ModelFamily:
+    """The family a file records; an empty or unknown record is the fallback (an unrecognised architecture)."""
+    return model_family(name if name in FAMILY_NAMES else FALLBACK_FAMILY)
 
 
 def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     """The family a file's metadata states (difflora's own record, kohya's, or ModelSpec's), if any."""
     recorded = metadata.get("difflora.base_family", "")
-    if recorded in FAMILIES:
+    if recorded in FAMILY_NAMES:
         return recorded
+    return next((f.name for f in families() if _states(f, metadata)), None)
+
+
+def _states(family: ModelFamily, metadata: Mapping[str, str]) -> bool:
+    """Whether kohya's or ModelSpec's metadata names `family` (a family that declares no prefixes: never)."""
     version = metadata.get("ss_base_model_version", "")
     architecture = metadata.get("modelspec.architecture", "")
-    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if (
-        version.startswith("sd_v2")
-        or metadata.get("ss_v2") == "True"
-        or architecture.startswith("stable-diffusion-v2")
-    ):
-        return "sd2"
-    if version.startswith(("sd_v1", "sd_1")) or architecture.startswith("stable-diffusion-v1"):
-        return "sd1"
-    return None
+    return (
+        version.startswith(family.kohya_version_prefixes)
+        or architecture.startswith(family.modelspec_prefixes)
+        or (family.kohya_v2_flag and metadata.get("ss_v2") == "True")
+    )
+
+
+def family_from_prefixes(kohya_names: Iterable[str]) -> str | None:
+    """The family a kohya file's text-encoder prefixes single out: one that only that family writes (the
+    prefixes every one-encoder family shares tell nothing)."""
+    writers: dict[str, set[str]] = {}
+    for f in families():
+        for prefix in f.kohya_text_encoder_prefixes.values():
+            writers.setdefault(prefix, set()).add(f.name)
+    names = list(kohya_names)
+    used = {prefix for prefix in writers if any(name.startswith(prefix + "_") for name in names)}
+    return next((next(iter(writers[p])) for p in sorted(used) if len(writers[p]) == 1), None)
 
 
 def candidates(hint: str | None) -> list[str]:
@@ -98,12 +82,12 @@ def infer_family(modules: Mapping[str, LoraWeights], hint: str | None = None) ->
     for family in candidates(hint):
         if fits(modules, reference_table(family)):
             return family
-    return hint if hint in FAMILIES else "custom"
+    return family_of(hint).name
 
 
 def export_family(adapter: Adapter) -> str:
     recorded = adapter.meta.base_family
-    return recorded if recorded in FAMILIES else infer_family(adapter.modules)
+    return recorded if recorded in FAMILY_NAMES else infer_family(adapter.modules)
 
 
 def check_shapes(modules: Mapping[str, LoraWeights], table: NameTable, family: str) -> None:

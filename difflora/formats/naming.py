@@ -1,9 +1,10 @@
 """The one table between difflora's module names and kohya's (ComfyUI / A1111 / Forge / diffusers) names.
 
 difflora names a module "<component>.<classic module path>" (diffusers UNet paths; CLIP paths with the classic
-`text_model.` level). kohya names it `<prefix>_<path with "." replaced by "_">` where the prefix is `lora_unet`,
-`lora_te` (SD1.x/SD2.x) or `lora_te1`/`lora_te2` (SDXL), and where SDXL UNet paths are the original SGM/LDM
-paths (`input_blocks.4.1...`) because kohya trains SDXL on the SGM UNet.
+`text_model.` level). kohya names it `<prefix>_<path with "." replaced by "_">` where the prefix is `lora_unet` or the
+family's text-encoder prefix (`lora_te`, or `lora_te1`/`lora_te2` for two encoders), and where the UNet paths
+are diffusers paths or, for a family kohya trains on the SGM UNet, the original SGM/LDM paths
+(`input_blocks.4.1...`): each family declares which (`ModelFamily.kohya_unet_names`).
 
 Every table here is built from a live module tree (the reference architectures on the meta device, or the
 model/adapter at hand): the SGM path of a module comes from walking the UNet's blocks, never from string
@@ -28,17 +29,14 @@ from difflora.formats.reference import (
     reference_model,
     reference_modules,
 )
+from difflora.models.families import ModelFamily, families
+from difflora.models.families import family as model_family
 
 UNET_PREFIX = "lora_unet"
-SD_TE_PREFIXES = {"text_encoder": "lora_te"}
-SDXL_TE_PREFIXES = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-# Prefix -> component when reading. ComfyUI and diffusers both read `lora_te_` as the first text encoder
-# of SDXL too, so it is accepted everywhere.
-READ_PREFIXES = {
-    "lora_unet": "unet",
-    "lora_te": "text_encoder",
-    "lora_te1": "text_encoder",
-    "lora_te2": "text_encoder_2",
+# Prefix -> component when reading: every family's prefixes, whatever the file's family (ComfyUI and
+# diffusers read `lora_te_` as the first of two text encoders too).
+READ_PREFIXES = {UNET_PREFIX: "unet"} | {
+    prefix: component for f in families() for component, prefix in f.kohya_text_encoder_prefixes.items()
 }
 SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 # SGM names of a ResnetBlock2D's layers (ldm ResBlock: in_layers = [norm, act, conv], out_layers =
@@ -60,10 +58,6 @@ _UNET_TOP_LEVEL_SGM = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
-
-
-def te_prefixes(family: str) -> dict[str, str]:
-    return SDXL_TE_PREFIXES if family == "sdxl" else SD_TE_PREFIXES
 
 
 def flat(path: str) -> str:
@@ -151,12 +145,13 @@ def build_table(
     unet: nn.Module | None = None,
 ) -> NameTable:
     """The table for `modules` ({component: {classic path: info}}). With the live `unet`, SGM names are
-    known: SDXL exports under them, and every family reads them (kohya/A1111 files name SD1 blocks so too)."""
+    known: families kohya names on the SGM UNet export under them, and every family reads them (kohya/A1111
+    files name other UNets' blocks so too)."""
     table = NameTable(family, {f"{c}.{n}": info for c, names in modules.items() for n, info in names.items()})
     unet_names = list(modules.get("unet", {}))
     sgm = sgm_module_names(unet, unet_names) if unet is not None and unet_names else {}
-    two_encoders = family == "sdxl" or "text_encoder_2" in modules
-    te = SDXL_TE_PREFIXES if two_encoders else SD_TE_PREFIXES
+    te = text_encoder_prefixes(model_family(family), modules)
+    use_sgm = model_family(family).kohya_unet_names == "sgm"
     for key in table.modules:
         component, _, path = key.partition(".")
         if component == "unet":
@@ -165,7 +160,6 @@ def build_table(
             if path in sgm:
                 table.sgm[key] = sgm[path]
                 table.from_kohya[f"{UNET_PREFIX}_{flat(sgm[path])}"] = key
-            use_sgm = family == "sdxl"
             table.to_kohya[key] = f"{UNET_PREFIX}_{flat(sgm[path])}" if use_sgm else diffusers_form
         else:
             table.to_kohya[key] = f"{te[component]}_{flat(path)}"
@@ -175,11 +169,26 @@ def build_table(
     return table
 
 
+def text_encoder_prefixes(family: ModelFamily, components: Iterable[str]) -> dict[str, str]:
+    """The family's kohya text-encoder prefixes, or, for a model with more encoders than its family names
+    (a custom model with two), those of the first family that names them all."""
+    encoders = set(components) - {"unet"}
+    return next(
+        (
+            f.kohya_text_encoder_prefixes
+            for f in (family, *families())
+            if encoders <= set(f.kohya_text_encoder_prefixes)
+        ),
+        family.kohya_text_encoder_prefixes,
+    )
+
+
 @cache
 def reference_table(family: str) -> NameTable:
-    """The table of a reference architecture (sd1, sd2, sdxl, tiny), built from its meta-device modules."""
+    """The table of a reference architecture (`reference_families()`), built from its meta-device modules."""
     modules = {c: reference_modules(family, c) for c in components_of(family)}
-    return build_table(family, modules, unet=reference_model(family, "unet"))
+    unet = reference_model(family, "unet") if "unet" in modules else None  # SGM names exist for UNets only
+    return build_table(family, modules, unet=unet)
 
 
 def table_for_keys(family: str, keys: Iterable[str]) -> NameTable:
@@ -239,9 +248,9 @@ def _parses(pieces: tuple[str, ...], vocabulary: frozenset[str]) -> list[tuple[s
     return found
 
 
-def resolve_kohya_name(name: str, families: Iterable[str]) -> str | None:
-    """difflora key for kohya module `name`: looked up in each family's table in order, then parsed."""
-    for family in families:
+def resolve_kohya_name(name: str, candidates: Iterable[str]) -> str | None:
+    """difflora key for kohya module `name`: looked up in each candidate family's table in order, then parsed."""
+    for family in candidates:
         key = reference_table(family).from_kohya.get(name)
         if key is not None:
             return key

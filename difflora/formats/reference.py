@@ -1,10 +1,8 @@
-"""Reference architectures: the real SD1.5, SD2.1 and SDXL UNet and text-encoder configurations (public
-configs, shipped in `difflora/models/architectures/<base>/<component>/config.json`, the same folders that load
-single-file checkpoints offline), instantiated on the meta device. They give every module name and
+"""Reference architectures: the real UNet and text-encoder configurations of every family with a reference
+(public configs, shipped in each family's config folder, the same folders that load single-file checkpoints
+offline; the embedded model's own folder), instantiated on the meta device. They give every module name and
 shape of those models without a single weight being allocated, so name tables, golden key lists and
 compatibility verdicts are computed from the actual module trees, never from hand-written name lists.
-
-The embedded tiny model ("tiny") is a reference too when its configs are installed.
 """
 
 from __future__ import annotations
@@ -19,14 +17,11 @@ import torch
 from torch import nn
 
 from difflora.errors import ModelError
-from difflora.models.architecture import config_folder
-from difflora.models.identity import KNOWN_FAMILIES
+from difflora.models.families import ModelFamily, families
+from difflora.models.families import family as model_family
 
-_COMPONENTS = {
-    "sd1": ("unet", "text_encoder"),
-    "sd2": ("unet", "text_encoder"),
-    "sdxl": ("unet", "text_encoder", "text_encoder_2"),
-}
+# Bookkeeping keys of a transformers config.json that are not settings of the model's config class.
+_TRANSFORMERS_BOOKKEEPING = ("architectures", "model_type", "torch_dtype", "transformers_version", "dtype")
 
 
 @dataclass(frozen=True)
@@ -47,30 +42,35 @@ def module_info(module: nn.Module) -> ModuleInfo:
 
 
 def reference_families() -> tuple[str, ...]:
-    """Families whose module tree we can build offline: the three SD bases, plus the embedded model if present."""
-    return (*KNOWN_FAMILIES, "tiny") if _embedded_config("unet") is not None else KNOWN_FAMILIES
+    """Families whose module tree can be built offline: those with a reference whose configs are installed
+    (the embedded model's are absent from a bare source checkout)."""
+    return tuple(f.name for f in families() if f.has_reference and _config_path(f.name, f.denoiser))
 
 
 def components_of(family: str) -> tuple[str, ...]:
-    return _COMPONENTS.get(family, ("unet", "text_encoder"))
+    return model_family(family).components
 
 
-def _embedded_config(component: str) -> Path | None:
-    from difflora.embedded import EMBEDDED_MODEL_DIR
+def _config_path(family: str, component: str) -> Path | None:
+    known = model_family(family)
+    folder = _config_folder(known) if known.has_reference and component in known.components else None
+    path = folder / component / "config.json" if folder is not None else None
+    return path if path is not None and path.is_file() else None
 
-    path = EMBEDDED_MODEL_DIR / component / "config.json"
-    return path if path.is_file() else None
+
+def _config_folder(known: ModelFamily) -> Path | None:
+    if known.ships_with_difflora:  # the embedded model: its configs sit beside its weights
+        from difflora.embedded import EMBEDDED_MODEL_DIR
+
+        return EMBEDDED_MODEL_DIR
+    return known.config_dir()
 
 
 def load_config(family: str, component: str) -> dict[str, Any]:
-    """The component's configuration, without bookkeeping keys (those starting with '_')."""
-    if family == "tiny":
-        path = _embedded_config(component)
-    elif family in KNOWN_FAMILIES and component in _COMPONENTS[family]:
-        path = config_folder(family) / component / "config.json"
-    else:
-        path = None
-    if path is None or not path.is_file():
+    """The component's configuration, without bookkeeping keys (those starting with '_'), and the class it
+    builds as `_class_name` (a diffusers model's own key; a transformers model's first `architectures`)."""
+    path = _config_path(family, component)
+    if path is None:
         raise ModelError(f"No reference configuration for the {component} of family {family!r}.")
     raw = json.loads(path.read_text())
     return {key: value for key, value in raw.items() if not key.startswith("_")} | {
@@ -84,16 +84,16 @@ def reference_model(family: str, component: str) -> nn.Module:
     config = load_config(family, component)
     class_name = config.pop("_class_name")
     with torch.device("meta"):
-        if component == "unet":
-            from diffusers import UNet2DConditionModel
+        if "model_type" not in config:  # a diffusers model (UNet, transformer)
+            import diffusers
 
-            return UNet2DConditionModel.from_config(config)
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+            return getattr(diffusers, class_name).from_config(config)
+        import transformers
 
-        config = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype")}
-        config = {k: v for k, v in config.items() if k not in ("transformers_version", "dtype")}
-        model_class = CLIPTextModelWithProjection if "Projection" in class_name else CLIPTextModel
-        return model_class(CLIPTextConfig(**config))
+        settings = {k: v for k, v in config.items() if k not in _TRANSFORMERS_BOOKKEEPING}
+        return getattr(transformers, class_name)(
+            transformers.AutoConfig.for_model(config["model_type"], **settings)
+        )
 
 
 def adaptable(component: str, model: nn.Module) -> dict[str, ModuleInfo]:

@@ -2,5 +2,5 @@
 
 `generate.generate(config)` loads the model, composes the adapters (`difflora.composition`) and renders;
 `pipeline` renders deterministically per seed, draws contact sheets and writes PNGs with A1111
-`parameters`; `schedulers` maps sampler names to diffusers schedulers.
+`parameters`; `schedulers` builds the diffusers scheduler a sampler name (difflora.config.schedulers) stands for.
 """

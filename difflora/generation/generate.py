@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from difflora import __version__
-from difflora.composition.composer import Composer, compose
-from difflora.composition.spec import AdapterWeight
+from difflora.composition.composer import Composer, Mode
+from difflora.composition.find import adapter_dirs
 from difflora.config.generate import GenerateConfig
-from difflora.errors import Interrupted
+from difflora.config.spec import AdapterWeight
+from difflora.errors import ConfigError, Interrupted
 from difflora.generation.pipeline import a1111_parameters, image_grid, render, save_png
 
 logger = logging.getLogger(__name__)
@@ -48,25 +49,29 @@ class _Job:
     written: list[Path] = field(default_factory=list)  # those complete so far, for an interruption's message
 
 
-def generate(config: GenerateConfig, *, pipe: Any = None, progress: Progress | None = None) -> list[Path]:
+def generate(
+    config: GenerateConfig, *, composer: Composer | None = None, progress: Progress | None = None
+) -> list[Path]:
     """Render `config` and return the PNG paths written (images first, then the contact sheet or sweep
-    grid). With `pipe`, that pipeline is used and keeps the composed adapters afterwards."""
-    if pipe is None:
-        from difflora.models.loading import load_pipeline
-
-        pipe = load_pipeline(
-            config.model, device=config.device or _default_device(), prediction_type=config.prediction_type
+    grid). Without `composer`, the config's model is loaded and composed for this call alone; with one
+    (a Composer on a loaded pipeline, which the caller keeps to generate again), its pipeline renders and
+    keeps the config's adapters composed afterwards."""
+    mode: Mode = "fused" if config.fuse else "dynamic"
+    if composer is not None and composer.mode != mode:
+        raise ConfigError(
+            f"The composer given composes {composer.mode}, but the config asks for {mode} composition "
+            "(--fuse/--no-fuse): pass a Composer of that mode."
         )
+    composer = composer or Composer(_load(config), mode)
+    composer.directories = adapter_dirs(config.adapter_dir)  # where this config's adapters are found
+    composer.set(_with_sweep_adapters(config.adapter_weights, config.sweeps))
     seed = config.seed if config.seed is not None else random.randrange(2**31)
-    mode = "fused" if config.fuse else "dynamic"
-    specs = _with_sweep_adapters(config.adapter_weights, config.sweeps)
-    composer = compose(pipe, specs, mode=mode, adapter_dirs=config.adapter_dir)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.report:
         _write_report(composer, out)
     cells = max(1, _grid_size(config.sweeps))
-    job = _Job(config, pipe, composer, out, config.steps * config.num_images * cells, progress)
+    job = _Job(config, composer.pipe, composer, out, config.steps * config.num_images * cells, progress)
     job.expected = config.num_images * cells
     seeds = [seed + i for i in range(config.num_images)]
     try:
@@ -103,19 +108,22 @@ def _interrupted_message(job: _Job) -> str:
     )
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _load(config: GenerateConfig) -> Any:
+    from difflora.models.loading import load_pipeline
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_pipeline(config.model, device=device, prediction_type=config.prediction_type)
 
 
 def _with_sweep_adapters(
-    specs: list[AdapterWeight], sweeps: list[tuple[str, list[float]]]
+    specs: Sequence[AdapterWeight], sweeps: Sequence[tuple[str, Sequence[float]]]
 ) -> list[AdapterWeight]:
     """Adapters named only by --sweep are composed too (their weight is set per cell)."""
     names = {spec.name for spec in specs}
-    return specs + [AdapterWeight(name, values[0]) for name, values in sweeps if name not in names]
+    return [*specs, *(AdapterWeight(name, values[0]) for name, values in sweeps if name not in names)]
 
 
-def _grid_size(sweeps: Sequence[tuple[str, list[float]]]) -> int:
+def _grid_size(sweeps: Sequence[tuple[str, Sequence[float]]]) -> int:
     size = 1
     for _, values in sweeps:
         size *= len(values)
@@ -155,6 +163,26 @@ def render_settings(config: GenerateConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in RENDER_SETTINGS}
 
 
+def image_record(
+    config: GenerateConfig, composer: Composer, image: Image.Image, seed: int
+) -> tuple[dict[str, Any], str]:
+    """What a PNG says of how it was made: the settings it was rendered with (its seed and actual size
+    included), and the A1111 `parameters` text naming the model and the composed adapters. Built here
+    alone, for `difflora generate` and the server, so that the two write the same text."""
+    settings = {
+        **render_settings(config),
+        "seed": seed,
+        "width": config.width or image.width,
+        "height": config.height or image.height,
+    }
+    adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in composer.adapters]
+    identity = composer.identity
+    parameters = a1111_parameters(
+        **settings, model=identity.name, model_hash=identity.base_hash, adapters=adapters
+    )
+    return settings, parameters
+
+
 def _sweep(job: _Job, seed: int) -> list[Path]:
     """One image per combination of sweep weights, same seed everywhere; columns = first sweep, rows =
     second. Returns the cells' PNGs, then the labelled grid."""
@@ -188,18 +216,9 @@ def _save(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     path = job.out / f"{index:05d}-{name or seed}.png"
-    config, composer = job.config, job.composer
+    composer = job.composer
     identity = composer.identity
-    adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in composer.adapters]
-    settings = {
-        **render_settings(config),
-        "seed": seed,
-        "width": config.width or image.width,
-        "height": config.height or image.height,
-    }
-    parameters = a1111_parameters(
-        **settings, model=identity.name, model_hash=identity.base_hash, adapters=adapters
-    )
+    settings, parameters = image_record(job.config, composer, image, seed)
     sidecar = {
         **settings,
         "model": {

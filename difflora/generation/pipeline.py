@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from difflora.config.schedulers import DEFAULT_SCHEDULER, scheduler_label
 from difflora.errors import ConfigError
-from difflora.generation.schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_label
+from difflora.generation.schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from difflora.composition.find import UnknownAdapterError
 from difflora.config.generate import GenerateConfig
 from difflora.errors import (
     AdapterCompatibilityError,
@@ -35,7 +36,7 @@ from difflora.errors import (
     ConfigError,
     DiffloraError,
 )
-from difflora.serving.engine import Engine, Result, UnknownAdapterError
+from difflora.serving.engine import Engine, Result
 from difflora.serving.metrics import CONTENT_TYPE, exposition
 
 logger = logging.getLogger(__name__)

@@ -1,12 +1,13 @@
 """The serving engine: the base model loaded once, one request at a time on it, each with its own adapters.
 
-A request (a validated GenerateConfig) names adapters in the CLI grammar. Under the engine's lock, its
-adapters are found in the server's adapter folders (names only, never paths: a client must not make the
-server read arbitrary files), taken from the AdapterCache or read and checked against the model, and only
-then composed, so an unknown, broken or foreign adapter is refused before any weight changes. The
-pipeline's Composer then makes the composed set exactly the request's, in the request's order: the
-weights a request renders with depend only on its spec, never on what the previous request had (fused
-mode re-computes W0 + Σ wᵢ·ΔWᵢ from the kept W0, so nothing drifts however many requests pass).
+A request (a validated GenerateConfig) names adapters in the CLI grammar, parsed once by its config. Under
+the engine's lock, its adapters are found in the server's adapter folders (difflora.composition.find, names
+only, never paths: a client must not make the server read arbitrary files) and taken from the AdapterCache
+or read. The engine's Composer checks every new one against the model before the set changes, so an
+unknown, broken or foreign adapter is refused before any weight changes, then makes the composed set
+exactly the request's, in the request's order: the weights a request renders with depend only on its spec,
+never on what the previous request had (fused mode re-computes W0 + Σ wᵢ·ΔWᵢ from the kept W0, so nothing
+drifts however many requests pass). Its PNGs say how they were made in the words `difflora generate` uses.
 
 The composition mode is a deployment choice (`--mode`); the default, fused, comes from measurement (the
 numbers are in the comment on ServeConfig.mode).
@@ -14,7 +15,6 @@ numbers are in the comment on ServeConfig.mode).
 
 from __future__ import annotations
 
-import difflib
 import logging
 import random
 import threading
@@ -24,26 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difflora.adapter.types import Adapter
 from difflora.composition.composer import Composer, Mode, compose
-from difflora.composition.fit import check_compatible, fit_to_modules
-from difflora.composition.spec import ADAPTER_SUFFIX, AdapterWeight, adapter_dirs, available_adapters
+from difflora.composition.find import adapter_dirs, available_adapters, find_adapter
 from difflora.config.generate import GenerateConfig
 from difflora.config.serve import ServeConfig
-from difflora.errors import AdapterSpecError, ConfigError, first_n
+from difflora.config.spec import AdapterWeight
+from difflora.errors import ConfigError
 from difflora.formats.read import load_adapter
-from difflora.generation.generate import render_settings, trained_with_zero_terminal_snr
-from difflora.generation.pipeline import a1111_parameters, png_bytes, render
+from difflora.generation.generate import image_record, render_settings, trained_with_zero_terminal_snr
+from difflora.generation.pipeline import png_bytes, render
 from difflora.serving.cache import AdapterCache, CacheEntry
 from difflora.serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
-
-# The same settings, read the same way, as difflora.generation.generate records them.
-
-
-class UnknownAdapterError(AdapterSpecError):
-    """A request names an adapter that is not in the server's adapter folders."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,10 @@ class Engine:
         self.limits = limits or Limits()
         self.reload_each_request = reload_each_request
         self.metrics = metrics or ServerMetrics()
-        self.cache = AdapterCache(0 if reload_each_request else cache_bytes, self._read)
+        # the cache holds adapters as read: the composer checks and fits each as it joins the composed set
+        self.cache = AdapterCache(
+            0 if reload_each_request else cache_bytes, lambda _, path: load_adapter(path)
+        )
         self.composer: Composer = compose(pipe, (), mode=mode, adapter_dirs=adapter_dir)
         self.identity = self.composer.identity
         self._composed: dict[str, tuple[Path, tuple[int, int]]] = {}  # name -> (file, stamp) composed
@@ -129,7 +125,7 @@ class Engine:
         """Render `request` with its adapters (and only those). Raises DiffloraError subclasses for
         everything the client can fix, before the model is touched."""
         self.check_limits(request)
-        specs = request.adapter_weights
+        specs = list(request.adapter_weights)
         seed = request.seed if request.seed is not None else random.randrange(2**31)
         arrived = time.perf_counter()
         with self._lock:
@@ -138,7 +134,7 @@ class Engine:
                 started = time.perf_counter()
                 self._compose(specs)
                 composed = time.perf_counter()
-                images = self._render(request, specs, seed)
+                images = self._render(request, seed)
                 done = time.perf_counter()
             finally:
                 self.busy = False
@@ -177,31 +173,10 @@ class Engine:
     def find(self, name: str) -> Path:
         """The file of adapter `name` in the adapter folders. Paths are refused (422), unknown names get
         the closest available ones (404)."""
-        stem = name.removesuffix(ADAPTER_SUFFIX)
-        if not stem or any(c in stem for c in "/\\:") or stem.startswith(".") or Path(stem).is_absolute():
-            raise AdapterSpecError(
-                f"Adapter {name!r}: a server request names adapters from its adapter folders (GET /adapters "
-                "lists them), not paths."
-            )
-        for directory in self.directories:
-            candidate = directory / (stem + ADAPTER_SUFFIX)
-            if candidate.is_file():
-                return candidate
-        available = self.available()
-        close = difflib.get_close_matches(stem, list(available), n=3, cutoff=0.4)
-        hint = f" Closest: {', '.join(close)}." if close else ""
-        listing = first_n(sorted(available), 30) or "none"
-        raise UnknownAdapterError(f"Unknown adapter {name!r}.{hint} Available adapters: {listing}.")
+        return find_adapter(name, self.directories, allow_paths=False)
 
     def available(self) -> dict[str, Path]:
         return available_adapters(self.directories)
-
-    def _read(self, name: str, path: Path) -> Adapter:
-        """A cache miss: read the file and check it against the model (AdapterCompatibilityError names
-        both bases), once per load rather than once per request."""
-        adapter = load_adapter(path)
-        check_compatible(adapter, self.pipe, name=name)
-        return fit_to_modules(adapter, self.pipe)
 
     def _compose(self, specs: list[AdapterWeight]) -> None:
         entries: dict[str, CacheEntry] = {
@@ -228,26 +203,14 @@ class Engine:
 
     # ------------------------------------------------------------------ rendering
 
-    def _render(self, request: GenerateConfig, specs: list[AdapterWeight], seed: int) -> list[RenderedImage]:
+    def _render(self, request: GenerateConfig, seed: int) -> list[RenderedImage]:
         settings = render_settings(request)  # what difflora generate renders with and records
         prompt = settings.pop("prompt")
         seeds = [seed + i for i in range(request.num_images)]
         zero_snr = trained_with_zero_terminal_snr(self.composer)
         images = render(self.pipe, [prompt] * len(seeds), seeds=seeds, zero_terminal_snr=zero_snr, **settings)
-        adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in specs]
         result = []
         for image, image_seed in zip(images, seeds, strict=True):
-            parameters = a1111_parameters(
-                **{
-                    **settings,
-                    "width": request.width or image.width,
-                    "height": request.height or image.height,
-                },
-                prompt=prompt,
-                seed=image_seed,
-                model=self.identity.name,
-                model_hash=self.identity.base_hash,
-                adapters=adapters,
-            )
+            _, parameters = image_record(request, self.composer, image, image_seed)
             result.append(RenderedImage(png_bytes(image, parameters=parameters), parameters, image_seed))
         return result

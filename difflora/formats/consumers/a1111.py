@@ -10,8 +10,9 @@ from functools import cache
 import torch
 
 from difflora.formats.consumers.rules import CLIP_SUFFIXES, Verdict, te_layer_names
+from difflora.formats.family import family_of
 from difflora.formats.naming import NameTable, flat, reference_table
-from difflora.models.identity import KNOWN_FAMILIES
+from difflora.models.families import family as model_family
 
 # ----------------------------------------------------------------------------------------------- A1111
 
@@ -21,24 +22,33 @@ def a1111_modules(family: str) -> frozenset[str]:
     """A1111's `network_layer_mapping` names (compvis model) for the layers a LoRA can patch."""
     table = reference_table(family)
     names = {f"diffusion_model_{flat(sgm)}" for sgm in table.sgm.values()}
-    openclip = (
-        [("text_encoder", "")] if family == "sd2" else [("text_encoder_2", "1_")] if family == "sdxl" else []
-    )
-    for component, prefix in openclip:
-        for b in range(len(te_layer_names(table, component)) // len(CLIP_SUFFIXES)):
-            stem = f"{prefix}model_transformer_resblocks_{b}"
-            names.update({f"{stem}_attn", f"{stem}_attn_out_proj", f"{stem}_mlp_c_fc", f"{stem}_mlp_c_proj"})
-    clip_prefix = {"sd2": None, "sdxl": "0_"}.get(family, "")  # SD1-style models hold HF CLIP unprefixed
-    if clip_prefix is not None:
-        names.update(
-            f"{clip_prefix}transformer_{flat(key.partition('.')[2])}"
-            for key in table.modules
-            if key.startswith("text_encoder.")
-        )
+    for component, stem in model_family(family).compvis_text_encoders.items():
+        if _is_openclip(stem):  # OpenCLIP: one fused attention, MLP c_fc/c_proj
+            for b in range(len(te_layer_names(table, component)) // len(CLIP_SUFFIXES)):
+                block = f"{stem}_transformer_resblocks_{b}"
+                names.update(
+                    {f"{block}_attn", f"{block}_attn_out_proj", f"{block}_mlp_c_fc", f"{block}_mlp_c_proj"}
+                )
+        else:  # HF CLIP, named as in transformers below the embedder
+            names.update(
+                f"{stem}_{flat(key.partition('.')[2])}"
+                for key in table.modules
+                if key.startswith(component + ".")
+            )
     return frozenset(names)
 
 
-def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:
+def _is_openclip(stem: str) -> bool:
+    return stem.split("_")[-1] == "model"
+
+
+def _first_encoder_is_openclip(family: str) -> bool:
+    """A1111's `is_sd2`: the model's (first) text encoder is OpenCLIP, which decides how `lora_te_` names
+    convert."""
+    return _is_openclip(model_family(family).compvis_text_encoders.get("text_encoder", ""))
+
+
+def convert_diffusers_name_to_compvis(key: str, openclip: bool) -> str:
     """A1111's conversion of kohya diffusers-form names to compvis names (same regexes, same order)."""
     rules: list[tuple[str, object]] = [
         (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[0]}"),
@@ -76,7 +86,7 @@ def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:
             r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
             lambda m: f"diffusion_model_output_blocks_{2 + int(m[0]) * 3}_{2 if int(m[0]) > 0 else 1}_conv",
         ),
-        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: _te_compvis(m, is_sd2, "")),
+        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: _te_compvis(m, openclip, "")),
         (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", lambda m: _te_compvis(m, True, "1_")),
     ]
     for pattern, build in rules:
@@ -127,8 +137,8 @@ _A1111_TYPES = (  # network types and the tensors each needs (network_lora, netw
 )
 
 
-def _a1111_match(name: str, modules: frozenset[str], is_sd2: bool) -> str | None:
-    key = convert_diffusers_name_to_compvis(name, is_sd2)
+def _a1111_match(name: str, modules: frozenset[str], openclip: bool) -> str | None:
+    key = convert_diffusers_name_to_compvis(name, openclip)
     if key in modules:
         return key
     projection = re.match(r"(.*)_([qkv]_proj)$", key)
@@ -151,7 +161,7 @@ def a1111(keys: Sequence[str], metadata: Mapping[str, str], table: NameTable) ->
     dropped: dict[str, str] = {}
     for key in keys:
         name, _, part = key.partition(".")
-        if _a1111_match(name, modules, table.family == "sd2") is None:
+        if _a1111_match(name, modules, _first_encoder_is_openclip(table.family)) is None:
             dropped[key] = "Failed to match keys when loading network (no such compvis module)"
         else:
             parts.setdefault(name, set()).add(part)
@@ -167,21 +177,17 @@ def a1111(keys: Sequence[str], metadata: Mapping[str, str], table: NameTable) ->
 def a1111_listing(metadata: Mapping[str, str], family: str) -> str:
     """A1111's `detect_version` and what its Lora tab (lora_show_all off) does with the result."""
     version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl_"):
-        detected = "sdxl"
+    if version.startswith("sdxl_"):  # A1111's own test and version names (network.SdVersion)
+        detected = "SDXL"
     elif metadata.get("ss_v2") == "True":
-        detected = "sd2"
+        detected = "SD2"
     elif metadata:
-        detected = "sd1"
+        detected = "SD1"
     else:
         return "listed for every checkpoint (no metadata: version Unknown)"
-    label = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[detected]
-    expected = family if family in KNOWN_FAMILIES else "sd1"  # A1111 files the rest as SD1
-    if detected != expected:
-        return (
-            f"detected as {label}: HIDDEN when a {family} checkpoint is loaded (set lora_show_all to see it)"
-        )
-    return f"detected as {label}: listed for {label} checkpoints"
+    if detected != family_of(family).a1111_version:
+        return f"detected as {detected}: HIDDEN when a {family} checkpoint is loaded (set lora_show_all to see it)"
+    return f"detected as {detected}: listed for {detected} checkpoints"
 
 
 # ----------------------------------------------------------------------------------------------- weights

@@ -10,6 +10,7 @@ import torch
 
 from difflora.formats.consumers.rules import CLIP_SUFFIXES, Verdict, te_layer_names
 from difflora.formats.naming import NameTable, flat, reference_table
+from difflora.models.families import family as model_family
 
 # ----------------------------------------------------------------------------------------------- ComfyUI
 
@@ -25,8 +26,7 @@ def comfyui_names(family: str) -> frozenset[str]:
         processor = path.replace(".to_", ".processor.to_")
         processor = processor[:-2] if processor.endswith(".to_out.0") else processor
         names.update({processor, f"unet.{processor}"})
-    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
-    for component in encoders:
+    for component in model_family(family).text_encoders:
         for b, c in te_layer_names(table, component):
             flat_name = f"text_model_encoder_layers_{b}_{CLIP_SUFFIXES[c]}"
             if component == "text_encoder":

@@ -10,6 +10,7 @@ from functools import cache
 from difflora.errors import first_n
 from difflora.formats.consumers.rules import Verdict
 from difflora.formats.naming import NameTable, flat, reference_table
+from difflora.formats.reference import reference_model
 
 # ----------------------------------------------------------------------------------------------- diffusers
 
@@ -135,7 +136,7 @@ def _sgm_positional(body: str, table: NameTable) -> str | None:
         return diffusers_path  # conv_in, time_embed, label_emb, out: mapped directly
     kind, block, slot, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
     rest = _SGM_INNER.get(rest, rest)
-    per = 3  # layers_per_block + 1 for every SD1/SD2/SDXL UNet
+    per = reference_model(table.family, "unet").config.layers_per_block + 1
     if kind == "middle_block":
         inner = {0: "resnets.0", 1: "attentions.0", 2: "resnets.1"}.get(block)
         return f"mid_block.{inner}.{rest}" if inner else None

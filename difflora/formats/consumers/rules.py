@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from difflora.formats.naming import NameTable
+from difflora.models.families import family as model_family
 
 CLIP_SUFFIXES = {  # ComfyUI LORA_CLIP_MAP
     "mlp.fc1": "mlp_fc1",
@@ -14,9 +15,6 @@ CLIP_SUFFIXES = {  # ComfyUI LORA_CLIP_MAP
     "self_attn.v_proj": "self_attn_v_proj",
     "self_attn.out_proj": "self_attn_out_proj",
 }
-# ComfyUI and A1111 hold SD2's OpenCLIP-H with all 24 blocks (diffusers' SD2 text encoder drops the last,
-# unused one), so layer 23 keys load there.
-_CONSUMER_TE_LAYERS = {("sd2", "text_encoder"): 24}
 
 
 @dataclass
@@ -41,9 +39,10 @@ class Verdict:
 
 
 def te_layer_names(table: NameTable, component: str) -> list[tuple[int, str]]:
-    """(layer, CLIP suffix) pairs of a text encoder as the consumers hold it."""
+    """(layer, CLIP suffix) pairs of a text encoder as the consumers hold it (some with more layers than
+    diffusers: `ModelFamily.consumer_text_encoder_layers`)."""
     layers = {
         int(k.split(".")[4]) for k in table.modules if k.startswith(component + ".text_model.encoder.layers.")
     }
-    count = _CONSUMER_TE_LAYERS.get((table.family, component), len(layers))
+    count = model_family(table.family).consumer_text_encoder_layers.get(component, len(layers))
     return [(b, c) for b in range(count) for c in CLIP_SUFFIXES]

@@ -25,34 +25,49 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from difflora.errors import first_n
+from difflora.errors import ModelError, first_n
 from difflora.formats.consumers.a1111 import a1111
 from difflora.formats.consumers.comfyui import comfyui
 from difflora.formats.consumers.diffusers import diffusers
 from difflora.formats.consumers.rules import Verdict
+from difflora.formats.family import family_of
 from difflora.formats.naming import reference_table
 from difflora.formats.read import load_adapter
 from difflora.formats.reference import reference_families
+from difflora.models.families import ModelFamily
+from difflora.models.families import family as model_family
 from difflora.safe_io import read_safetensors
 
 
 def verdicts(keys: Sequence[str], metadata: Mapping[str, str], family: str) -> list[Verdict]:
     """Every consumer's verdict on a file with these tensor `keys`, for a model of `family`. Families no
-    consumer ships (the embedded model, custom ones) are checked against SD1.x, whose naming they share."""
-    known = family in reference_families()
-    table = reference_table(family if known else "sd1")
+    consumer ships and difflora has no reference for are checked against their stand-in, whose naming they
+    share."""
+    checked_as = _checked_as(family_of(family))
+    table = reference_table(checked_as)
     results = [comfyui(keys, table), a1111(keys, metadata, table), diffusers(keys, table)]
-    if not known:
+    if checked_as != family:
+        label = model_family(checked_as).label
         for result in results:
-            result.notes.append(f"no consumer ships a {family!r} model; names checked against SD1.x's")
+            result.notes.append(f"no consumer ships a {family!r} model; names checked against {label}'s")
     return results
+
+
+def _checked_as(family: ModelFamily) -> str:
+    if family.name in reference_families():
+        return family.name
+    if family.consumer_stand_in is None:
+        raise ModelError(
+            f"difflora has no reference architecture for {family.label} files to check them against."
+        )
+    return family.consumer_stand_in
 
 
 def file_verdicts(path: str | Path, family: str | None = None) -> list[Verdict]:
     """Verdicts for a LoRA file on disk; the family is the file's own (as `load_adapter` reads it) if not given."""
     tensors, metadata = read_safetensors(path)
     if family is None:
-        family = load_adapter(path).meta.base_family or "custom"
+        family = family_of(load_adapter(path).meta.base_family).name
     return verdicts(list(tensors), metadata, family)
 
 

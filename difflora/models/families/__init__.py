@@ -20,6 +20,9 @@ _REGISTRY: dict[str, ModelFamily] = {f.name: f for f in (SD1(), SD2(), SDXL(), T
 FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 """Every family difflora knows, in detection order."""
 
+FALLBACK_FAMILY: str = Custom.name
+"""The family of an SD-shaped model that matches no other, and of files that record none."""
+
 
 def family(name: str) -> ModelFamily:
     """The family called `name` (as recorded in adapters' `difflora.base_family`)."""
@@ -40,4 +43,4 @@ def checkpoint_families() -> tuple[ModelFamily, ...]:
     return tuple(f for f in _REGISTRY.values() if f.config_folder is not None)
 
 
-__all__ = ["FAMILY_NAMES", "ModelFamily", "checkpoint_families", "families", "family"]
+__all__ = ["FALLBACK_FAMILY", "FAMILY_NAMES", "ModelFamily", "checkpoint_families", "families", "family"]

@@ -106,7 +106,7 @@ class ModelFamily:
     def matches_model(self, unet: Mapping[str, Any], *, embedded: bool) -> bool:
         """Whether a loaded model (its UNet config; `embedded`: the model shipped inside difflora) is
         this family's. The registry asks each family in detection order."""
-        return self.matches_unet_config(unet)
+        return embedded if self.ships_with_difflora else self.matches_unet_config(unet)
 
     def conditioning(self, unet: Mapping[str, Any]) -> TextConditioning:
         """How this family's denoiser is conditioned on text (what is encoded, cached and passed)."""
@@ -125,6 +125,27 @@ class ModelFamily:
     modelspec_architecture_v: ClassVar[str | None] = None
     """ModelSpec architecture of the v-prediction variant, where it has its own."""
     modelspec_implementation: ClassVar[str] = "diffusers"
+    kohya_version_prefixes: ClassVar[tuple[str, ...]] = ()
+    """`ss_base_model_version` values (by prefix) that state this family when reading a file: kohya's own
+    and other trainers' (ai-toolkit writes `sd_1.5`, `sdxl_1.0`)."""
+    kohya_v2_flag: ClassVar[bool] = False
+    """kohya's `ss_v2`: written "True" for this family, and a file saying "True" is this family's."""
+    modelspec_prefixes: ClassVar[tuple[str, ...]] = ()
+    """`modelspec.architecture` values (by prefix) that state this family when reading a file."""
+    consumer_stand_in: ClassVar[str | None] = None
+    """The family whose consumer rules a file of this one is checked against when this one has no reference
+    tree (no consumer ships it; its files are named like that family's)."""
+    consumer_text_encoder_layers: ClassVar[dict[str, int]] = {}
+    """Text encoders that ComfyUI and A1111 hold with more layers than diffusers does: {component: layers}."""
+    compvis_text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "transformer"}
+    """How A1111 names each text encoder's modules: their path in the original checkpoint below the
+    conditioner, flattened. `transformer` is an HF CLIP layout (`transformer_text_model_encoder_layers_N_...`),
+    `model` an OpenCLIP one (`model_transformer_resblocks_N_...`); numbered embedders add `0_`, `1_`."""
+    a1111_version: ClassVar[str] = "SD1"
+    """The version A1111 lists this family's checkpoints as (SD1, SD2, SDXL); it files every other as SD1."""
+    ships_with_difflora: ClassVar[bool] = False
+    """Whether the model is inside the package (loaded when `--model` is omitted; its configs sit beside its
+    weights in `difflora.embedded`), so its adapters record a display name rather than a loadable base."""
 
     # ---------------------------------------------------------------- derived facts
     def config_dir(self) -> Path | None:

@@ -17,6 +17,9 @@ from difflora.models.families.conditioning import (
 class Custom(ModelFamily):
     name = "custom"
     label = "custom architecture"
+    # ---- file layouts
+    consumer_stand_in = "sd1"
+
     native_resolution = None
     has_reference = False
 

@@ -17,3 +17,7 @@ class SD1(ModelFamily):
     kohya_base_version = "sd_v1"
     kohya_v_suffix = True
     modelspec_architecture = "stable-diffusion-v1/lora"
+
+    # ---- file layouts
+    kohya_version_prefixes = ("sd_v1", "sd_1")
+    modelspec_prefixes = ("stable-diffusion-v1",)

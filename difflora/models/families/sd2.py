@@ -3,6 +3,8 @@ for v-prediction at 768 px (2.0-v, 2.1) or epsilon at 512 px (the -base models):
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from difflora.models.families.base import ModelFamily
 
 
@@ -23,6 +25,15 @@ class SD2(ModelFamily):
     kohya_v_suffix = True
     modelspec_architecture = "stable-diffusion-v2-512/lora"
     modelspec_architecture_v = "stable-diffusion-v2-768-v/lora"
+    # ---- file layouts
+    kohya_version_prefixes = ("sd_v2",)
+    kohya_v2_flag = True
+    modelspec_prefixes = ("stable-diffusion-v2",)
+    # ComfyUI and A1111 hold OpenCLIP-H with all 24 blocks (diffusers' SD 2.x text encoder drops the last,
+    # unused one), so layer 23 keys load there.
+    consumer_text_encoder_layers: ClassVar[dict[str, int]] = {"text_encoder": 24}
+    compvis_text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "model"}
+    a1111_version = "SD2"
 
     def resolution_for(self, prediction_type: str) -> int:
         """768 px for v-prediction (SD 2.1), 512 px for epsilon (SD 2.1-base)."""

@@ -33,3 +33,12 @@ class SDXL(ModelFamily):
     kohya_base_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+
+    # ---- file layouts
+    kohya_version_prefixes = ("sdxl",)
+    modelspec_prefixes = ("stable-diffusion-xl",)
+    compvis_text_encoders: ClassVar[dict[str, str]] = {
+        "text_encoder": "0_transformer",
+        "text_encoder_2": "1_model",
+    }
+    a1111_version = "SDXL"

@@ -4,9 +4,6 @@ shape through attention alone."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from difflora.models.families.base import UNET_ATTENTION, ModelFamily
 
 # Measured on the embedded model's sample subject (a new shape): 1e-3 barely moved it, 4e-3 did.
@@ -30,10 +27,10 @@ class Tiny(ModelFamily):
     name = "tiny"
     label = "embedded tiny model"
     native_resolution = 64
+    # ---- file layouts
+    consumer_stand_in = "sd1"
+    ships_with_difflora = True
+
     default_unet_targets = TINY_MODEL_UNET_TARGETS
     default_learning_rate = TINY_MODEL_LR
     modelspec_architecture = "difflora-embedded/lora"
-
-    # ---- model side
-    def matches_model(self, unet: Mapping[str, Any], *, embedded: bool) -> bool:
-        return embedded

@@ -1,26 +1,22 @@
-"""`--adapters NAME[:WEIGHT[:TE_WEIGHT]],...`: parsing the spec and finding the adapter files it names.
+"""`--adapters NAME[:WEIGHT[:TE_WEIGHT]],...` and `--sweep NAME:W1,W2,...`: the grammar, parsed into values.
 
-NAME is a path to a `.safetensors` file or the name of one found in the adapter directories (`./adapters`
-by default, where `difflora train` writes `<name>.safetensors`). WEIGHT defaults to 1.0 and may be negative;
-TE_WEIGHT (the text-encoder weight) defaults to WEIGHT and may also be written `te=0.5`, as A1111 users
-know it. A Windows drive letter (`C:\\loras\\x.safetensors:0.5`) is part of the name, not a weight.
+NAME is a path to a `.safetensors` file or the name of an adapter in the adapter folders (finding the file
+is difflora.composition.find's job). WEIGHT defaults to 1.0 and may be negative; TE_WEIGHT (the
+text-encoder weight) defaults to WEIGHT and may also be written `te=0.5`, as A1111 users know it. A Windows
+drive letter (`C:\\loras\\x.safetensors:0.5`) is part of the name, not a weight. A leaf beside the job
+configs that parse their flags with it: below the command line an adapter set is `Sequence[AdapterWeight]`.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from difflora.errors import AdapterSpecError
 
 GRAMMAR = "NAME[:WEIGHT[:TE_WEIGHT]][,NAME[:WEIGHT[:TE_WEIGHT]]...]  e.g. style:0.7,subject:0.3:0.5"
-DEFAULT_ADAPTER_DIR = Path("adapters")
-ADAPTER_SUFFIX = ".safetensors"
 _DRIVE = re.compile(r"^[A-Za-z]$")
 
 
@@ -68,6 +64,14 @@ def parse_adapter_weights(spec: str | Sequence[str]) -> list[AdapterWeight]:
     return result
 
 
+def adapter_set(specs: Sequence[AdapterWeight]) -> list[AdapterWeight]:
+    """`specs` as a list. Text is refused rather than parsed: below the command line an adapter set is
+    parsed once, where it enters (a config, or the caller's parse_adapter_weights)."""
+    if isinstance(specs, str):
+        raise TypeError(f"An adapter set is a list of AdapterWeight: pass parse_adapter_weights({specs!r}).")
+    return list(specs)
+
+
 def _parse_fragment(fragment: str) -> AdapterWeight:
     parts = fragment.split(":")
     if len(parts) > 1 and _DRIVE.match(parts[0]) and parts[1][:1] in ("\\", "/"):
@@ -98,57 +102,6 @@ def _number(text: str, fragment: str, what: str) -> float:
 
 def _spec_error(fragment: str, bad: str, why: str) -> AdapterSpecError:
     return AdapterSpecError(f"Malformed adapter spec {fragment!r}: {why} (at {bad!r}).\nGrammar: {GRAMMAR}")
-
-
-# ------------------------------------------------------------------------------------ finding adapter files
-
-
-def adapter_dirs(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
-    """The directories searched for adapters by name: those given, then ./adapters (difflora train's
-    default output directory). Duplicates removed, order kept."""
-    result: list[Path] = []
-    for directory in [*(Path(d) for d in extra), DEFAULT_ADAPTER_DIR]:
-        if directory.expanduser().resolve() not in [d.expanduser().resolve() for d in result]:
-            result.append(directory)
-    return result
-
-
-def available_adapters(directories: Sequence[Path]) -> dict[str, Path]:
-    """Adapter name -> file, for every `.safetensors` file directly in the directories (first one wins)."""
-    found: dict[str, Path] = {}
-    for directory in directories:
-        if directory.is_dir():
-            for path in sorted(directory.glob("*" + ADAPTER_SUFFIX)):
-                found.setdefault(path.stem, path)
-    return found
-
-
-def find_adapter(name: str, directories: Sequence[Path]) -> Path:
-    """The file an adapter spec NAME refers to: an existing path, else `<dir>/<name>.safetensors` in the
-    first directory that has it. An unknown name lists the available adapters and the closest matches."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path
-    for directory in directories:
-        candidate = directory / (name if name.endswith(ADAPTER_SUFFIX) else name + ADAPTER_SUFFIX)
-        if candidate.is_file():
-            return candidate
-    raise AdapterSpecError(_unknown_message(name, directories))
-
-
-def _unknown_message(name: str, directories: Sequence[Path]) -> str:
-    available = available_adapters(directories)
-    searched = ", ".join(str(d) for d in directories)
-    if not available:
-        return (
-            f"Unknown adapter {name!r}: it is not a file, and no adapters were found in {searched}. "
-            "Pass a path to a .safetensors file, or --adapter-dir with the folder holding your adapters."
-        )
-    close = difflib.get_close_matches(Path(name).stem, list(available), n=3, cutoff=0.4)
-    hint = f" Closest: {', '.join(close)}." if close else ""
-    return (
-        f"Unknown adapter {name!r}.{hint}\nAvailable adapters (in {searched}): {', '.join(sorted(available))}"
-    )
 
 
 def parse_sweep(text: str) -> tuple[str, list[float]]:
