@@ -257,12 +257,12 @@ def test_text_encoder_lora_has_its_own_learning_rate(workspace, tmp_path):
 
 
 def test_the_users_thread_count_is_respected_and_the_plan_says_why(workspace, tmp_path, monkeypatch):
-    import difflora.training.setup as setup
+    import difflora.training.threads as threads_module
 
     def no_probe(*args, **kwargs):
         raise AssertionError("the thread probe ran although OMP_NUM_THREADS was set")
 
-    monkeypatch.setattr(setup, "choose_threads", no_probe)
+    monkeypatch.setattr(threads_module, "fastest", no_probe)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what torch does at start-up with OMP_NUM_THREADS=1
@@ -320,7 +320,6 @@ def test_layers_whose_gradients_vanish_or_explode_are_named(tmp_path):
 
 def test_several_folders_in_one_run_share_the_base_and_equal_separate_runs(workspace, tmp_path, monkeypatch):
     import difflora.training.setup as setup
-
     other = tmp_path / "circles"
     other.mkdir()
     for index, image in enumerate(sorted((workspace / "stripes").glob("*.png"))[:4]):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,12 +236,9 @@ def make_lr_scheduler(
 # ------------------------------------------------------------------------------------ CPU threads
 
 
-def choose_threads(
-    pipe: Any, *, candidates: Sequence[int], batch: int, resolution: int
-) -> tuple[int, dict[int, float]]:
-    """The fastest torch thread count among `candidates`, timed on the UNet itself (forward, no grad).
-    On a shared machine, threads that wait for a busy core can make every op many times slower than one
-    thread alone (measured: 40x on 2 cores with one busy); on an idle machine more threads win."""
+def denoiser_probe(pipe: Any, *, batch: int, resolution: int) -> Callable[[], Any]:
+    """One forward of the UNet at the run's batch and size, with random inputs: what the thread probe
+    (difflora.training.threads) times."""
     unet = pipe.unet
     side = resolution // int(pipe.vae_scale_factor)
     parameter = next(unet.parameters())
@@ -253,55 +248,4 @@ def choose_threads(
     timesteps = torch.full((batch,), 500, dtype=torch.long)
     conditioning = pipeline_conditioning(pipe)  # what the family's UNet takes beside the hidden states
     added = conditioning.probe_inputs(dict(unet.config), batch, resolution, parameter.dtype)
-    timings: dict[int, float] = {}
-    with torch.no_grad():
-        for threads in candidates:
-            torch.set_num_threads(threads)
-            unet(latents, timesteps, hidden, added_cond_kwargs=added)  # warm-up: allocations, kernels
-            runs = []
-            for _ in range(2):
-                began = time.perf_counter()
-                unet(latents, timesteps, hidden, added_cond_kwargs=added)
-                runs.append(time.perf_counter() - began)
-            timings[threads] = min(runs)
-    # Keep the most threads unless fewer are clearly faster (x1.5): a coin-flip between near-equal timings
-    # would change the floating-point reduction order, and with it the exact numbers, from run to run.
-    best = candidates[0]
-    for threads in candidates[1:]:
-        if timings[threads] * 1.5 < timings[best]:
-            best = threads
-    torch.set_num_threads(best)
-    return best, timings
-
-
-def set_threads(
-    threads: int | None, accelerator: Any, pipe: Any, batch: int, resolution: int
-) -> tuple[str, bool]:
-    """Choose the CPU thread count: --num-threads, else the user's OMP_NUM_THREADS / MKL_NUM_THREADS or
-    torch.set_num_threads, else a short probe. Returns the plan's note and whether the user chose."""
-    if accelerator.device.type != "cpu":
-        return "", False
-    if threads is not None:
-        torch.set_num_threads(threads)
-        return f"torch threads: {threads} (--num-threads)", True
-    share = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
-    chosen = _threads_chosen_by_user(share)
-    if chosen:
-        return f"torch threads: {torch.get_num_threads()} ({chosen}; --num-threads overrides)", True
-    if share == 1:
-        torch.set_num_threads(1)
-        return "torch threads: 1 (one core per process)", False
-    best, timings = choose_threads(pipe, candidates=(share, 1), batch=batch, resolution=resolution)
-    measured = ", ".join(f"{n}: {t * 1000:.0f} ms" for n, t in timings.items())
-    return f"torch threads: {best} (measured a UNet forward with {measured}; --num-threads chooses)", False
-
-
-def _threads_chosen_by_user(share: int) -> str:
-    """What set the thread count, when the user did: an environment variable torch reads at start-up, or
-    torch.set_num_threads below this process's share of the cores (torch never starts below it unasked)."""
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        if os.environ.get(variable, "").strip():
-            return f"{variable}={os.environ[variable].strip()}"
-    if torch.get_num_threads() < share:
-        return "torch.set_num_threads"
-    return ""
+    return lambda: unet(latents, timesteps, hidden, added_cond_kwargs=added)

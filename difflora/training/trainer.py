@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,14 +49,15 @@ from difflora.training.run import (
 from difflora.training.samples import default_prompts
 from difflora.training.setup import (
     Models,
+    denoiser_probe,
     load_models,
     make_lr_scheduler,
     make_optimizer,
     release_vae_encoder,
-    set_threads,
     unload_lora,
 )
 from difflora.training.text import pipeline_text_encoders
+from difflora.training.threads import MEMORY_FILE, set_threads
 from difflora.training.timing import PhaseTimes
 
 if TYPE_CHECKING:
@@ -112,7 +114,11 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
     resolution = config.resolution or geometry.resolution
     with times.phase("threads"):
         threads_note, threads_chosen = set_threads(
-            config.num_threads, accelerator, models.pipe, config.batch_size, resolution
+            config.num_threads,
+            accelerator,
+            partial(denoiser_probe, models.pipe, batch=config.batch_size, resolution=resolution),
+            memory=paths.cache / MEMORY_FILE,
+            workload=f"{models.identity.architecture}, batch {config.batch_size}, {resolution} px",
         )
     settings = DataSettings.from_config(
         config, resolution=resolution, bucket_step=geometry.step, world_size=accelerator.num_processes
