@@ -38,6 +38,7 @@ from difflora.training.checkpoint import (
 from difflora.training.data import TrainingData
 from difflora.training.gradients import GradientMonitor
 from difflora.training.log import TrainLog
+from difflora.training.record import RunRecord
 from difflora.training.setup import Models
 from difflora.training.timing import PhaseTimes
 
@@ -124,17 +125,6 @@ class SampleSettings:
     scheduler: str
     resolution: int
     zero_terminal_snr: bool = False
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What a run says about itself in every checkpoint and in its adapter, computed once at setup."""
-
-    config: dict[str, Any]  # the effective configuration, as config_to_dict gives it
-    config_toml: str
-    trigger_words: tuple[str, ...]
-    facts: dict[str, Any]  # training facts that do not change during the run (lr, batch, seed, ...)
-    divergence_hints: tuple[str, ...]  # what to try when the loss stops being finite
 
 
 @dataclass

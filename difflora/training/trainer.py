@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from difflora.adapter.adaptive import RankAllocation, RankSchedule
-from difflora.config import config_to_dict, to_toml
+from difflora.config import to_toml
 from difflora.config.train import TrainConfig
 from difflora.data.cache import text_cache_allowed
 from difflora.data.captions import CaptionAugmentation
@@ -37,12 +37,12 @@ from difflora.training.loop import run_loop
 from difflora.training.outputs import finish_run
 from difflora.training.plan import DataSettings, Tokens
 from difflora.training.plan_text import describe_plan
+from difflora.training.record import run_record
 from difflora.training.run import (
     LoopSettings,
     Objective,
     Run,
     RunPaths,
-    RunRecord,
     SampleSettings,
     restore_or_start,
 )
@@ -246,8 +246,6 @@ def _assemble(
     *modules, optimizer_prepared = accelerator.prepare(*components.values(), optimizer)
     prepared = dict(zip(components, modules, strict=True))
     tokenizers, encoders = pipeline_text_encoders(models.pipe)
-    learning_rate = groups[0]["initial_lr"]  # "lr" already holds the warm-up's first value
-    facts = _static_facts(config, accelerator, resolution, optimizer_name, warmup, groups)
     return Run(
         accelerator=accelerator,
         models=models,
@@ -261,12 +259,13 @@ def _assemble(
         objective=_objective(config, models),
         loop=_loop_settings(config, total),
         samples=_sample_settings(config, data, resolution),
-        record=RunRecord(
-            config=config_to_dict(config),
-            config_toml=to_toml(config),
-            trigger_words=(config.trigger,) if config.trigger else (),
-            facts=facts,
-            divergence_hints=divergence_hints(config, learning_rate),
+        record=run_record(
+            config,
+            processes=accelerator.num_processes,
+            resolution=resolution,
+            optimizer_name=optimizer_name,
+            warmup=warmup,
+            groups=groups,
         ),
         ranks=_rank_allocation(config, models, total),
     )
@@ -348,48 +347,3 @@ def _sample_settings(config: TrainConfig, data: TrainingData, resolution: int) -
         resolution=resolution,
         zero_terminal_snr=config.zero_terminal_snr,
     )
-
-
-def _static_facts(
-    config: TrainConfig,
-    accelerator: Accelerator,
-    resolution: int,
-    optimizer_name: str,
-    warmup: int,
-    groups: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """The training facts every checkpoint's adapter records (`difflora.train.*` header keys)."""
-    return {
-        "learning_rate": groups[0]["initial_lr"],
-        "text_encoder_lr": 0.0,  # when it is not trained; then one rate per trained text encoder
-        **{f"{g['name']}_lr": g["initial_lr"] for g in groups[1:] if not g["name"].endswith("lora_B")},
-        "loraplus_ratio": config.loraplus_ratio,
-        "rslora": config.rslora,
-        "dora": config.dora,
-        "quantize_base": config.quantize_base or "no",  # the base the adapter applies to is unquantized
-        "zero_terminal_snr": config.zero_terminal_snr,
-        "seed": config.seed,
-        "batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation,
-        "resolution": resolution,
-        "mixed_precision": config.mixed_precision,
-        "min_snr_gamma": config.min_snr_gamma,
-        "noise_offset": config.noise_offset,
-        "optimizer": optimizer_name,
-        "lr_scheduler": config.lr_scheduler,
-        "lr_warmup_steps": warmup,
-    }
-
-
-def divergence_hints(config: TrainConfig, learning_rate: float) -> tuple[str, ...]:
-    """What to try when the loss stops being finite, most likely cause first."""
-    hints = [f"lower the learning rate (--learning-rate {learning_rate:g} -> {learning_rate / 10:g})"]
-    if config.mixed_precision == "fp16":
-        hints.insert(0, "fp16 overflowed: use --mixed-precision bf16 (or no)")
-    if config.noise_offset > 0.2:
-        hints.append(f"reduce --noise-offset ({config.noise_offset:g})")
-    if config.max_grad_norm == 0:
-        hints.append("turn gradient clipping back on (--max-grad-norm 1)")
-    hints.append(
-        f"check the images with `difflora check {config.data_dir}` (a broken image gives NaN latents)"
-    )
-    return tuple(hints)
