@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difflora.formats.kohya import to_kohya
-from tests.formats_support import synthetic_adapter
+from tests.support.formats import synthetic_adapter
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "difflora" / "formats" / "golden"
 

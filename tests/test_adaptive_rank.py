@@ -30,10 +30,10 @@ from difflora.generation.generate import generate
 from difflora.models.loading import load_pipeline
 from difflora.training.checkpoint import latest_checkpoint, load_checkpoint
 from difflora.training.trainer import train
-from tests.conftest import SAMPLE_DATA
-from tests.faults_support import run_cli
-from tests.test_compose_exact import effective_forward_error, random_adapter, read_file_deltas
-from tests.variants_support import ALPHA, RANK, variant_config
+from tests.support.adapters import effective_forward_error, random_adapter, read_file_deltas
+from tests.support.cli import run_cli
+from tests.support.paths import SAMPLE_DATA
+from tests.support.variants import ALPHA, RANK, variant_config
 
 INIT_RANK = 6
 
@@ -95,9 +95,9 @@ def _kohya_deltas(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, torch.Tensor]]]:
+def trained(tmp_path_factory, sample_cache) -> tuple[Path, dict[str, tuple[int, torch.Tensor]]]:
     out = tmp_path_factory.mktemp("adaptive")
-    path = train(_config(out, out / "cache"), progress=False)
+    path = train(_config(out, sample_cache), progress=False)
     return path, _raw_svd(out / "style.run")
 
 
@@ -181,8 +181,10 @@ def test_generates_with_the_adapter(trained, tmp_path):
     assert np.asarray(Image.open(generate(settings)[0])).shape == (64, 64, 3)
 
 
-def test_resumed_run_prunes_and_trains_bit_for_bit_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
+def test_resumed_run_prunes_and_trains_bit_for_bit_like_an_uninterrupted_one(
+    tmp_path, monkeypatch, sample_cache
+):
+    cache = sample_cache
     changes = dict(save_every=2, keep_checkpoints=5, train_text_encoder=False)
     straight = train(_config(tmp_path / "a", cache, **changes), progress=False)
     calls, real = {"n": 0}, loop.step_loss
@@ -223,11 +225,12 @@ def test_settings_peft_adalora_cannot_honour_are_refused(tmp_path, changes, mess
     assert message in str(error.value)
 
 
-def test_cli_trains_generates_and_exports(tmp_path):
+def test_cli_trains_generates_and_exports(tmp_path, sample_cache):
     out = tmp_path / "adapters"
     trained = run_cli(
         ["train", str(SAMPLE_DATA / "style"), "--output-dir", str(out), "--max-steps", "4", "--rank", "2",
-         "--adaptive-rank", "--adaptive-warmup", "0", "--sample-every", "0", "--num-threads", "1"]
+         "--adaptive-rank", "--adaptive-warmup", "0", "--sample-every", "0", "--num-threads", "1",
+         "--cache-dir", str(sample_cache)]
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     assert "adaptive rank (from 3): unet" in trained.stderr and "mean 2" in trained.stderr

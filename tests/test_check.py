@@ -11,8 +11,8 @@ from difflora.cli import cli
 from difflora.data.captions import clip_token_counter
 from difflora.models.geometry import model_geometry
 from difflora.training.check import run_check
-from tests.conftest import tiny_pipeline, tiny_tokenizer
-from tests.fixtures_images import make_messy_folder, make_simple_folder
+from tests.support.images import make_messy_folder, make_simple_folder
+from tests.support.models import tiny_pipeline, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from difflora.composition.fit import check_compatible
 from difflora.composition.spec import GRAMMAR, AdapterWeight, find_adapter, parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
 from difflora.formats.native import save_adapter
-from tests.conftest import tiny_pipeline, tiny_unet
-from tests.test_compose_exact import random_adapter
+from tests.support.adapters import random_adapter
+from tests.support.models import tiny_pipeline, tiny_unet
 
 
 def test_parse_defaults_negative_and_text_encoder_weights():
