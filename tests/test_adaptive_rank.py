@@ -181,6 +181,7 @@ def test_generates_with_the_adapter(trained, tmp_path):
     assert np.asarray(Image.open(generate(settings)[0])).shape == (64, 64, 3)
 
 
+@pytest.mark.slow
 def test_resumed_run_prunes_and_trains_bit_for_bit_like_an_uninterrupted_one(
     tmp_path, monkeypatch, sample_cache
 ):
@@ -225,6 +226,7 @@ def test_settings_peft_adalora_cannot_honour_are_refused(tmp_path, changes, mess
     assert message in str(error.value)
 
 
+@pytest.mark.slow
 def test_cli_trains_generates_and_exports(tmp_path, sample_cache):
     out = tmp_path / "adapters"
     trained = run_cli(

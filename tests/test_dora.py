@@ -287,6 +287,7 @@ def test_kohya_dora_scale_axis_is_read_from_its_shape(tmp_path):
         load_adapter(tmp_path / "a.safetensors")
 
 
+@pytest.mark.slow
 def test_cli_trains_generates_and_exports_a_dora_adapter(tmp_path, sample_cache):
     runner = CliRunner()
     result = runner.invoke(

@@ -72,6 +72,7 @@ def quantized(request, tmp_path_factory, sample_cache) -> tuple[str, Path]:
     return kind, _train(out, sample_cache, quantize_base=kind, train_text_encoder=kind == "int8")
 
 
+@pytest.mark.slow
 def test_the_first_loss_is_close_to_the_unquantized_bases(quantized, plain):
     kind, path = quantized
     # Same seed: same images, noise and timesteps; the difference is the quantization error alone.
@@ -80,6 +81,7 @@ def test_the_first_loss_is_close_to_the_unquantized_bases(quantized, plain):
     assert _first_loss(path) == pytest.approx(_first_loss(plain), rel=tolerance)
 
 
+@pytest.mark.slow
 def test_lora_trains_and_the_adapter_is_for_the_unquantized_base(quantized, tmp_path, caplog):
     kind, path = quantized
     parameters = load_checkpoint(latest_checkpoint(path.with_suffix(".run") / "checkpoints")).parameters
@@ -122,6 +124,7 @@ def test_lora_trains_and_the_adapter_is_for_the_unquantized_base(quantized, tmp_
         torch.testing.assert_close(found, ALPHA / RANK * (up @ down), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_bf16_training_with_previews_between_steps(kind, tmp_path, sample_cache):
     """Under bf16 autocast the prepared UNet answers in float32, which the next preview step feeds back."""
