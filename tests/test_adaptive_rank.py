@@ -94,6 +94,8 @@ def _kohya_deltas(path: Path) -> dict[str, torch.Tensor]:
     return deltas
 
 
+# The 6-step adaptive training with its text encoder (half a minute here) and what is checked on it are
+# end-to-end: slow, beside the CLI and resume runs.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, sample_cache) -> tuple[Path, dict[str, tuple[int, torch.Tensor]]]:
     out = tmp_path_factory.mktemp("adaptive")
@@ -101,6 +103,7 @@ def trained(tmp_path_factory, sample_cache) -> tuple[Path, dict[str, tuple[int, 
     return path, _raw_svd(out / "style.run")
 
 
+@pytest.mark.slow
 def test_ranks_are_pruned_per_module_to_the_target_average(trained):
     path, raw = trained
     ranks = {module: rank for module, (rank, _) in raw.items()}
@@ -115,6 +118,7 @@ def test_ranks_are_pruned_per_module_to_the_target_average(trained):
     assert "AdaLoRA" in (path.parent / "style.run" / "plan.txt").read_text()
 
 
+@pytest.mark.slow
 def test_saved_and_exported_updates_equal_the_trained_svd_update(trained, tmp_path):
     path, raw = trained
     expected = {m: delta for m, (rank, delta) in raw.items() if rank}
@@ -143,6 +147,7 @@ def test_saved_and_exported_updates_equal_the_trained_svd_update(trained, tmp_pa
     same(_kohya_deltas(kohya), lambda name: names.get(name, name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fused", "dynamic"])
 def test_composes_with_an_ordinary_adapter_exactly(trained, tmp_path, mode):
     path, raw = trained
@@ -172,6 +177,7 @@ def test_composes_with_an_ordinary_adapter_exactly(trained, tmp_path, mode):
             assert effective_forward_error(layer, want) < 1e-4
 
 
+@pytest.mark.slow
 def test_generates_with_the_adapter(trained, tmp_path):
     path, _ = trained
     settings = GenerateConfig(
