@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -232,6 +233,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; a GPU machine may have no network
     with tempfile.TemporaryDirectory(prefix="difflora-gpu-check-") as work:
         report = run(args, Path(work))
     table = report.markdown()

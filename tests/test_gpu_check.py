@@ -22,14 +22,20 @@ ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory) -> tuple[int, str, dict]:
-    out = tmp_path_factory.mktemp("gpu_check")
+def gpu_check():
+    """scripts/gpu_check.py as a module (scripts/ is no package)."""
     spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "scripts" / "gpu_check.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    code = module.main(["--dry-run", "--out", str(out / "table.md"), "--json", str(out / "figures.json")])
+    return module
+
+
+@pytest.fixture(scope="module")
+def dry_run(gpu_check, tmp_path_factory) -> tuple[int, str, dict]:
+    out = tmp_path_factory.mktemp("gpu_check")
+    code = gpu_check.main(["--dry-run", "--out", str(out / "table.md"), "--json", str(out / "figures.json")])
     return code, (out / "table.md").read_text(), json.loads((out / "figures.json").read_text())
 
 
@@ -108,3 +114,25 @@ def _forward_flops_by_hand() -> float:
             torch.randn(1, 4, 16, 16), torch.tensor([500]), encoder_hidden_states=context
         )  # 64 px: 16x16 latents
     return total[0]
+
+
+def test_a_failed_configuration_is_one_row_among_the_others_and_fails_the_check(gpu_check):
+    report = gpu_check.Report("GPU")
+    report.train.append(gpu_check.TrainRow("sd15", 512, "bf16", step_seconds=0.5, step_flops=2 * 10**12))
+    error = RuntimeError("CUDA out of memory. Tried to allocate 2 GiB | more\ndetails")
+    report.train.append(gpu_check.TrainRow("sdxl", 1024, "bf16", status=gpu_check.one_line(error)))
+    assert not gpu_check.Report("GPU", train=report.train[:1]).failed and report.failed
+    rows = _tables(report.markdown())[0]
+    assert [row[-1] for row in rows[1:]] == [
+        "ok",
+        "failed: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB / more",
+    ]
+    assert rows[1][TRAIN_COLUMNS.index("GFLOP/step")] == "2000.0"
+
+
+def test_the_peak_is_looked_up_by_gpu_name(gpu_check):
+    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3") == gpu_check.peak_tflops("NVIDIA H200") == 989.4
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_check.peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
+    assert gpu_check.peak_tflops("Some Future GPU") is None  # then --peak-tflops gives it
