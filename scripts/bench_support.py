@@ -1,10 +1,15 @@
-"""What several benchmark scripts measure alike: the mean signature of an adapter's images."""
+"""What several benchmark scripts share: the mean signature of an adapter's images, and full-size bases with
+random weights (no download)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 SEEDS = (0, 1, 2, 3)
+BASES = {"sd15": "sd1", "sdxl": "sdxl"}  # script name -> difflora family of the shipped config folder
+_WEIGHTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def adapter_signature(pipe, adapter: str | Path | None, prompt: str, measure: str) -> float:
@@ -20,3 +25,48 @@ def adapter_signature(pipe, adapter: str | Path | None, prompt: str, measure: st
     compose(pipe, parse_adapter_weights(f"{adapter}:1" if adapter else ""))
     images = render(pipe, [prompt] * len(SEEDS), seeds=list(SEEDS), steps=20, guidance=5.0)
     return float(np.mean([getattr(signatures, measure)(image) for image in images]))
+
+
+def random_base(name: str, models_dir: Path, *, dtype: Any = None, device: str = "cpu") -> Path:
+    """A diffusers folder of base `name` (a key of BASES) with random weights (PyTorch's default
+    initialisation, seed 0), built from difflora's shipped configs and tokenizer files; written once, then
+    reused. Benchmarks then run on the real model size without a download. `dtype` (default float32) is
+    how the weights are stored; `device` where they are initialised (a GPU does SDXL's 3.5 B in seconds)."""
+    import diffusers
+    import torch
+
+    from difflora.models.architecture import make_architecture
+    from difflora.models.single_file import base_scheduler, base_tokenizers
+
+    suffix = "" if dtype in (None, torch.float32) else f"-{str(dtype).removeprefix('torch.')}"
+    folder = models_dir / f"{name}-random{suffix}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    architecture = make_architecture(BASES[name])  # type: ignore[arg-type]
+    configs = architecture.config_dir
+    index = json.loads((configs / "model_index.json").read_text())
+    components: dict[str, Any] = {**base_tokenizers(architecture), "scheduler": base_scheduler(architecture)}
+    torch.manual_seed(0)
+    with torch.device(device):
+        for component in (c for c in _WEIGHTS if c in index):
+            library, class_name = index[component]
+            model = _random_model(library, class_name, configs / component)
+            components[component] = model.to("cpu", dtype or torch.float32)
+    if "safety_checker" in index:  # SD 1.x/2.x pipelines ask for one; difflora never loads it
+        components |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = getattr(diffusers, index["_class_name"])(**components)
+    partial = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(partial)
+    partial.rename(folder)  # a folder with model_index.json is always a complete one
+    return folder
+
+
+def _random_model(library: str, class_name: str, config_dir: Path) -> Any:
+    import diffusers
+    import transformers
+
+    if library == "diffusers":
+        model_class = getattr(diffusers, class_name)
+        return model_class.from_config(model_class.load_config(config_dir))
+    model_class = getattr(transformers, class_name)
+    return model_class(model_class.config_class.from_pretrained(config_dir))

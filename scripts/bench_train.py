@@ -44,6 +44,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_support import BASES, random_base  # noqa: E402
+
 REFERENCE_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
@@ -311,44 +314,6 @@ def _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler,
     return seconds[: args.steps], {phase: total / measured for phase, total in phases.items()}
 
 
-# ------------------------------------------------------------------------------------------ full-size base
-
-_FAMILIES = {"sd15": "sd1"}
-
-
-def random_base(name: str, models_dir: Path) -> Path:
-    """A diffusers folder of architecture `name` with random weights (PyTorch's default initialisation,
-    seed 0), built from difflora's shipped configs and tokenizer files; written once, then reused. Both
-    sides load the same folder, so the comparison is on the real model size without a download."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from difflora.models.architecture import make_architecture
-    from difflora.models.single_file import base_scheduler, base_tokenizers
-
-    folder = models_dir / f"{name}-random"
-    if (folder / "model_index.json").is_file():
-        return folder
-    architecture = make_architecture(_FAMILIES[name])  # type: ignore[arg-type]
-    configs = architecture.config_dir
-    torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder")),
-        tokenizer=base_tokenizers(architecture)["tokenizer"],
-        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
-        scheduler=base_scheduler(architecture),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    partial = folder.with_name(folder.name + ".partial")
-    pipe.save_pretrained(partial)
-    partial.rename(folder)  # a folder with model_index.json is always a complete one
-    return folder
-
-
 # ------------------------------------------------------------------------------------------ parent
 
 
@@ -390,9 +355,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the embedded model (or --base's)")
     parser.add_argument(
         "--base",
-        choices=["embedded", *_FAMILIES],
+        choices=["embedded", *BASES],
         default="embedded",
-        help="sd15: SD 1.5 size, random weights",
+        help="sd15 / sdxl: SD 1.5 / SDXL size, random weights",
     )
     parser.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "difflora-bench-models"))
     parser.add_argument("--steps", type=int, default=60)

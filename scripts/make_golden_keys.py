@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difflora.formats.kohya import to_kohya
 from difflora.models.families import checkpoint_families
-from tests.formats_support import synthetic_adapter
+from tests.support.formats import synthetic_adapter
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "difflora" / "formats" / "golden"
 

@@ -1,25 +1,24 @@
-"""Shared fixtures: tiny kwargs-built Stable Diffusion components (no hub, no embedded model needed).
-
-`tiny_pipeline()` builds a real StableDiffusionPipeline from small diffusers/transformers modules with a
-small byte-level BPE vocabulary written at test time, so unit tests exercise the real code paths in well
-under a second. End-to-end tests use the embedded model instead (difflora.embedded.EMBEDDED_MODEL_DIR).
-"""
+"""Fixtures only; the helpers they use live in tests/support/. Expensive artefacts (full-size checkpoints,
+sample_data's latents, the README's sample adapters) are built once per session and shared."""
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.support.adapters import random_adapter
+from tests.support.models import tiny_pipeline
+from tests.support.paths import SAMPLE_DATA
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-TINY_TOKENS = 16
 
 
 def pytest_addoption(parser) -> None:
@@ -32,129 +31,20 @@ def pytest_addoption(parser) -> None:
     )
 
 
-TINY_HIDDEN = 32
-
-
-def _byte_vocab() -> dict[str, int]:
-    """CLIP's byte-to-unicode alphabet, each char alone and with the end-of-word marker, plus specials."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return {token: index for index, token in enumerate(tokens)}
-
-
-def write_tiny_tokenizer(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(_byte_vocab()))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return directory
-
-
-def tiny_tokenizer(directory: Path):
-    from transformers import CLIPTokenizer
-
-    write_tiny_tokenizer(directory)
-    return CLIPTokenizer(
-        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=TINY_TOKENS
-    )
-
-
-def tiny_unet(seed: int = 0, cross_attention_dim: int = TINY_HIDDEN):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-
-
-def tiny_text_encoder(seed: int = 0, vocab_size: int = 514, *, projection: bool = False):
-    """A 2-layer CLIP text encoder; `projection` gives SDXL's second encoder (pooled, projected output)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=TINY_TOKENS,
-        projection_dim=TINY_HIDDEN,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
-def tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-
-
-def tiny_pipeline(tmp_path: Path, seed: int = 0):
-    """A complete StableDiffusionPipeline of tiny random modules (16x16 images, 8x8 latents)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(seed),
-        text_encoder=tiny_text_encoder(seed),
-        tokenizer=tiny_tokenizer(tmp_path / "tokenizer"),
-        unet=tiny_unet(seed),
-        scheduler=EulerDiscreteScheduler(
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
 def pipeline(tmp_path: Path):
     return tiny_pipeline(tmp_path)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DATA = REPO_ROOT / "sample_data"
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory) -> Path:
+    """One latent and text-embedding cache for every training on sample_data in the session: the images are
+    encoded once, not once per test module."""
+    return tmp_path_factory.mktemp("sample_cache")
 
 
 @pytest.fixture(scope="session")
-def sample_adapters(tmp_path_factory) -> Path:
+def sample_adapters(tmp_path_factory, sample_cache) -> Path:
     """The README's `difflora train sample_data/style` and `difflora train sample_data/subject`, with their
     defaults on the embedded model (only the sample grids are off), trained once per test session and shared
     by the end-to-end tests: `<dir>/<concept>.safetensors` and its run directory `<dir>/<concept>.run/`."""
@@ -165,42 +55,43 @@ def sample_adapters(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample_adapters")
     for concept in ("style", "subject"):
         command = ["train", str(SAMPLE_DATA / concept), "--output-dir", str(out), "--sample-every", "0"]
-        result = CliRunner().invoke(cli, command)
+        result = CliRunner().invoke(cli, [*command, "--cache-dir", str(sample_cache)])
         assert result.exit_code == 0, result.output
     return out
 
 
-def tiny_sdxl_pipeline(tmp_path: Path, seed: int = 0):
-    """A complete StableDiffusionXLPipeline of tiny random modules: two text encoders (the second with a
-    projection, whose pooled output conditions the UNet with the size/crop time ids), 16x16 images."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+@pytest.fixture(scope="session")
+def model_and_adapters(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny diffusers folder, and `style`/`subject` adapters made for it (in their own folder)."""
+    from difflora.formats.native import save_adapter
+    from difflora.models.loading import load_pipeline
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2 * TINY_HIDDEN,  # both encoders' hidden states, concatenated
-        attention_head_dim=8,
-        norm_num_groups=8,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=TINY_HIDDEN + 6 * 8,  # pooled text + 6 time ids
+    root = tmp_path_factory.mktemp("cli")
+    tiny_pipeline(root).save_pretrained(root / "model")
+    pipe = load_pipeline(root / "model")
+    adapters = root / "adapters"
+    save_adapter(
+        random_adapter(pipe, seed=1, unet=("to_q", "to_v"), te=("q_proj",), scale=0.5, name="style"),
+        adapters / "style.safetensors",
     )
-    pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae(seed),
-        text_encoder=tiny_text_encoder(seed),
-        text_encoder_2=tiny_text_encoder(seed, projection=True),
-        tokenizer=tiny_tokenizer(tmp_path / "tokenizer"),
-        tokenizer_2=tiny_tokenizer(tmp_path / "tokenizer_2"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
-        ),
+    save_adapter(
+        random_adapter(pipe, seed=2, unet=("to_k",), rank=2, scale=0.5), adapters / "subject.safetensors"
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return root / "model", adapters
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(request) -> Iterator[Path]:
+    """`<family>.safetensors`: the full-size random checkpoint of the family given by indirect
+    parametrisation (sd1, sd2, sdxl), written once per session. pytest groups the tests of one family
+    together and removes a file when the next family is asked for, so at most one (up to 7 GB) is on disk.
+    It lives in a fresh /tmp folder: pytest keeps tmp_path folders, which must not keep gigabytes."""
+    from tests.support.checkpoints import write_single_file
+
+    folder = Path(tempfile.mkdtemp(prefix="difflora-ckpt-", dir="/tmp"))
+    try:
+        path = folder / f"{request.param}.safetensors"
+        write_single_file(path, request.param)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -9,49 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from difflora.adapter.inject import add_lora, extract_weights
-from difflora.adapter.spec import LoraSpec
-from difflora.adapter.types import Adapter, AdapterMeta
 from difflora.errors import AdapterFormatError
 from difflora.formats.native import save_adapter
 from difflora.formats.read import load_adapter
-from tests.conftest import tiny_pipeline
-
-
-def _randomise_lora(model, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-
-
-def _trained_adapter(pipe, *, rank=4, alpha=2.0, te_rank=2, te_alpha=6.0) -> Adapter:
-    add_lora(pipe.unet, "unet", LoraSpec(rank=rank, alpha=alpha))
-    add_lora(pipe.text_encoder, "text_encoder", LoraSpec(rank=te_rank, alpha=te_alpha))
-    _randomise_lora(pipe.unet, 1)
-    _randomise_lora(pipe.text_encoder, 2)
-    modules = {f"unet.{k}": v for k, v in extract_weights(pipe.unet, component="unet").items()}
-    modules |= {
-        f"text_encoder.{k}": v
-        for k, v in extract_weights(pipe.text_encoder, component="text_encoder").items()
-    }
-    meta = AdapterMeta(
-        name="style",
-        base_model="tiny",
-        base_family="custom",
-        base_architecture="custom-abc",
-        base_hash="0123",
-        trigger_words=["zebrastripes"],
-        config_toml='rank = 4\nname = "style"\n',
-        created_at="2026-11-22T00:00:00+00:00",
-        extra={"difflora.train.steps": "12"},
-    )
-    return Adapter(modules=modules, meta=meta)
+from tests.support.adapters import trained_adapter
+from tests.support.models import tiny_pipeline
 
 
 def test_save_load_is_bit_exact_with_metadata(tmp_path):
-    adapter = _trained_adapter(tiny_pipeline(tmp_path))
+    adapter = trained_adapter(tiny_pipeline(tmp_path))
     path = save_adapter(adapter, tmp_path / "out" / "style.safetensors")
     loaded = load_adapter(path)
     assert loaded.modules.keys() == adapter.modules.keys()
@@ -63,7 +29,7 @@ def test_save_load_is_bit_exact_with_metadata(tmp_path):
 
 
 def test_file_uses_diffusers_peft_layout_with_classic_text_encoder_names(tmp_path):
-    adapter = _trained_adapter(tiny_pipeline(tmp_path))
+    adapter = trained_adapter(tiny_pipeline(tmp_path))
     path = save_adapter(adapter, tmp_path / "a.safetensors")
     keys = load_file(path).keys()
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
@@ -73,7 +39,7 @@ def test_file_uses_diffusers_peft_layout_with_classic_text_encoder_names(tmp_pat
 
 def test_diffusers_load_lora_weights_reproduces_outputs(tmp_path):
     trained = tiny_pipeline(tmp_path)
-    adapter = _trained_adapter(trained)  # alpha != rank in both components: metadata must carry alpha
+    adapter = trained_adapter(trained)  # alpha != rank in both components: metadata must carry alpha
     path = save_adapter(adapter, tmp_path / "a.safetensors")
     fresh = tiny_pipeline(tmp_path)  # same seed, same base weights
     fresh.load_lora_weights(str(path))
@@ -96,7 +62,7 @@ def test_diffusers_load_lora_weights_reproduces_outputs(tmp_path):
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    adapter = _trained_adapter(tiny_pipeline(tmp_path))
+    adapter = trained_adapter(tiny_pipeline(tmp_path))
     path = save_adapter(adapter, tmp_path / "a.safetensors")
     before = path.read_bytes()
 
@@ -112,7 +78,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_truncated_file_is_reported_as_truncated(tmp_path):
-    path = save_adapter(_trained_adapter(tiny_pipeline(tmp_path)), tmp_path / "a.safetensors")
+    path = save_adapter(trained_adapter(tiny_pipeline(tmp_path)), tmp_path / "a.safetensors")
     data = path.read_bytes()
     for cut in (len(data) // 2, 200):
         broken = tmp_path / f"cut{cut}.safetensors"
@@ -138,7 +104,7 @@ def test_file_without_lora_tensors_is_refused(tmp_path):
 
 
 def test_pickled_files_need_explicit_permission(tmp_path):
-    adapter = _trained_adapter(tiny_pipeline(tmp_path))
+    adapter = trained_adapter(tiny_pipeline(tmp_path))
     state = {f"{k}.lora_A.weight": w.down for k, w in adapter.modules.items()}
     state |= {f"{k}.lora_B.weight": w.up for k, w in adapter.modules.items()}
     path = tmp_path / "old.bin"
@@ -152,7 +118,7 @@ def test_pickled_files_need_explicit_permission(tmp_path):
 
 
 def test_header_metadata_says_how_the_adapter_was_made(tmp_path):
-    path = save_adapter(_trained_adapter(tiny_pipeline(tmp_path)), tmp_path / "a.safetensors")
+    path = save_adapter(trained_adapter(tiny_pipeline(tmp_path)), tmp_path / "a.safetensors")
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:

@@ -31,10 +31,10 @@ from difflora.generation.generate import generate
 from difflora.models.loading import load_pipeline
 from difflora.training.checkpoint import latest_checkpoint, load_checkpoint
 from difflora.training.trainer import train
-from tests.conftest import SAMPLE_DATA
-from tests.faults_support import run_cli
-from tests.test_compose_exact import effective_forward_error, random_adapter, read_file_deltas
-from tests.variants_support import ALPHA, RANK, variant_config
+from tests.support.adapters import effective_forward_error, random_adapter, read_file_deltas
+from tests.support.cli import run_cli
+from tests.support.paths import SAMPLE_DATA
+from tests.support.variants import ALPHA, RANK, variant_config
 
 INIT_RANK = 6
 
@@ -95,13 +95,16 @@ def _kohya_deltas(path: Path) -> dict[str, torch.Tensor]:
     return deltas
 
 
+# The 6-step adaptive training with its text encoder (half a minute here) and what is checked on it are
+# end-to-end: slow, beside the CLI and resume runs.
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, torch.Tensor]]]:
+def trained(tmp_path_factory, sample_cache) -> tuple[Path, dict[str, tuple[int, torch.Tensor]]]:
     out = tmp_path_factory.mktemp("adaptive")
-    path = train(_config(out, out / "cache"), progress=False)
+    path = train(_config(out, sample_cache), progress=False)
     return path, _raw_svd(out / "style.run")
 
 
+@pytest.mark.slow
 def test_ranks_are_pruned_per_module_to_the_target_average(trained):
     path, raw = trained
     ranks = {module: rank for module, (rank, _) in raw.items()}
@@ -116,6 +119,7 @@ def test_ranks_are_pruned_per_module_to_the_target_average(trained):
     assert "AdaLoRA" in (path.parent / "style.run" / "plan.txt").read_text()
 
 
+@pytest.mark.slow
 def test_saved_and_exported_updates_equal_the_trained_svd_update(trained, tmp_path):
     path, raw = trained
     expected = {m: delta for m, (rank, delta) in raw.items() if rank}
@@ -144,6 +148,7 @@ def test_saved_and_exported_updates_equal_the_trained_svd_update(trained, tmp_pa
     same(_kohya_deltas(kohya), lambda name: names.get(name, name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fused", "dynamic"])
 def test_composes_with_an_ordinary_adapter_exactly(trained, tmp_path, mode):
     path, raw = trained
@@ -173,6 +178,7 @@ def test_composes_with_an_ordinary_adapter_exactly(trained, tmp_path, mode):
             assert effective_forward_error(layer, want) < 1e-4
 
 
+@pytest.mark.slow
 def test_generates_with_the_adapter(trained, tmp_path):
     path, _ = trained
     settings = GenerateConfig(
@@ -182,8 +188,11 @@ def test_generates_with_the_adapter(trained, tmp_path):
     assert np.asarray(Image.open(generate(settings)[0])).shape == (64, 64, 3)
 
 
-def test_resumed_run_prunes_and_trains_bit_for_bit_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
+@pytest.mark.slow
+def test_resumed_run_prunes_and_trains_bit_for_bit_like_an_uninterrupted_one(
+    tmp_path, monkeypatch, sample_cache
+):
+    cache = sample_cache
     changes = dict(save_every=2, keep_checkpoints=5, train_text_encoder=False)
     straight = train(_config(tmp_path / "a", cache, **changes), progress=False)
     calls, real = {"n": 0}, loop.step_loss
@@ -224,11 +233,13 @@ def test_settings_peft_adalora_cannot_honour_are_refused(tmp_path, changes, mess
     assert message in str(error.value)
 
 
-def test_cli_trains_generates_and_exports(tmp_path):
+@pytest.mark.slow
+def test_cli_trains_generates_and_exports(tmp_path, sample_cache):
     out = tmp_path / "adapters"
     trained = run_cli(
         ["train", str(SAMPLE_DATA / "style"), "--output-dir", str(out), "--max-steps", "4", "--rank", "2",
-         "--adaptive-rank", "--adaptive-warmup", "0", "--sample-every", "0", "--num-threads", "1"]
+         "--adaptive-rank", "--adaptive-warmup", "0", "--sample-every", "0", "--num-threads", "1",
+         "--cache-dir", str(sample_cache)]
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     assert "adaptive rank (from 3): unet" in trained.stderr and "mean 2" in trained.stderr

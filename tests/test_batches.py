@@ -15,7 +15,7 @@ from difflora.data.captions import CaptionAugmentation
 from difflora.data.scan import scan_folder
 from difflora.errors import ConfigError
 from difflora.training.plan import make_plan
-from tests.fixtures_images import make_simple_folder, noise_rgb
+from tests.support.images import make_simple_folder, noise_rgb
 
 WIDE, TALL, SQUARE = Bucket(96, 32), Bucket(32, 96), Bucket(64, 64)
 

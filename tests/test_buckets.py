@@ -17,7 +17,7 @@ from difflora.data.buckets import (
     prepare_pixels,
     render_pixels,
 )
-from tests.fixtures_images import noise_rgb
+from tests.support.images import noise_rgb
 
 
 @pytest.mark.parametrize(("resolution", "step"), [(512, 64), (1024, 64), (64, 16), (256, 32)])

@@ -13,8 +13,8 @@ from difflora.data.cache import LatentCache, TextEmbeddingCache, text_cache_allo
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.scan import load_image, scan_folder
 from difflora.errors import DatasetError
-from tests.conftest import tiny_vae
-from tests.fixtures_images import make_simple_folder, noise_rgb
+from tests.support.images import make_simple_folder, noise_rgb
+from tests.support.models import tiny_vae
 
 
 class Counting:

@@ -8,11 +8,46 @@ import pytest
 from click.testing import CliRunner
 
 from difflora.cli import cli
-from difflora.data.captions import clip_token_counter
+from difflora.data.captions import TokenCounter, clip_token_counter
 from difflora.models.geometry import model_geometry
-from difflora.training.check import run_check
-from tests.conftest import tiny_pipeline, tiny_tokenizer
-from tests.fixtures_images import make_messy_folder, make_simple_folder
+from difflora.training.check import CheckReport, check_dataset
+from difflora.training.plan import DataSettings, Tokens
+from tests.support.images import make_messy_folder, make_simple_folder
+from tests.support.models import tiny_pipeline, tiny_tokenizer
+
+
+def run_check(
+    root: Path,
+    *,
+    caption_extension: str = ".txt",
+    trigger: str | None = None,
+    resolution: int = 512,
+    step: int = 64,
+    no_upscale: bool = False,
+    batch_size: int = 1,
+    gradient_accumulation: int = 1,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+    max_tokens: int | None = 75,
+    count_tokens: TokenCounter | None = None,
+) -> CheckReport:
+    """`check_dataset` with the settings spelled out (training's other knobs at their defaults)."""
+    settings = DataSettings(
+        root=Path(root),
+        caption_extension=caption_extension,
+        trigger=trigger,
+        resolution=resolution,
+        bucket_step=step,
+        no_upscale=no_upscale,
+        random_crop=False,
+        flip=False,
+        batch_size=batch_size,
+        gradient_accumulation=gradient_accumulation,
+        max_steps=max_steps,
+        epochs=epochs,
+        seed=0,
+    )
+    return check_dataset(settings, Tokens(max_tokens, count_tokens))
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from difflora import __version__
 from difflora.cli import cli
 from difflora.formats.native import save_adapter
-from tests.conftest import tiny_pipeline
-from tests.test_adapter import _trained_adapter
+from tests.support.adapters import trained_adapter
+from tests.support.models import tiny_pipeline
 
 
 def test_version_and_help():
@@ -20,7 +20,7 @@ def test_version_and_help():
 
 
 def test_inspect_prints_the_facts(tmp_path):
-    path = save_adapter(_trained_adapter(tiny_pipeline(tmp_path)), tmp_path / "style.safetensors")
+    path = save_adapter(trained_adapter(tiny_pipeline(tmp_path)), tmp_path / "style.safetensors")
     result = CliRunner().invoke(cli, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     out = result.output
@@ -36,7 +36,7 @@ def test_inspect_prints_the_facts(tmp_path):
 def test_inspect_json(tmp_path):
     import json
 
-    path = save_adapter(_trained_adapter(tiny_pipeline(tmp_path)), tmp_path / "style.safetensors")
+    path = save_adapter(trained_adapter(tiny_pipeline(tmp_path)), tmp_path / "style.safetensors")
     result = CliRunner().invoke(cli, ["inspect", "--json", str(path)])
     facts = json.loads(result.output)
     assert facts["modules"] == 64 and facts["components"]["unet"]["rank"] == 4

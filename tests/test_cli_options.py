@@ -17,6 +17,7 @@ from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
 from difflora.config.merge import MergeConfig
 from difflora.config.train import TrainConfig
+from tests.support.cli import expected_default, help_lines
 
 # command -> (its config dataclass, the field given as the positional argument)
 COMMANDS = {
@@ -25,29 +26,6 @@ COMMANDS = {
     "merge": (MergeConfig, "adapters"),
     "export": (ExportConfig, "adapter"),
 }
-HELP_LINE = re.compile(r"^  (-\S.*?)(?:\s{2,}(.*))?$")  # help on the next line after long flags
-
-
-def expected_default(field: dataclasses.Field) -> str | None:
-    """What --help should show for the field, worked out from the dataclass alone (None: nothing shown)."""
-    value = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-    if value is None or value is False or value == () or value == "":
-        return None
-    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def help_lines(command: str) -> dict[str, str]:
-    """Each flag of `difflora COMMAND --help` -> the help text on its line (one line per option)."""
-    result = CliRunner().invoke(cli, [command, "--help"], terminal_width=10_000, max_content_width=10_000)
-    assert result.exit_code == 0, result.output
-    lines: dict[str, str] = {}
-    rows = result.output.split("Options:", 1)[1].splitlines()
-    for row, following in zip(rows, [*rows[1:], ""], strict=True):
-        match = HELP_LINE.match(row)
-        if match:
-            for flag in re.findall(r"(?<![\w-])--?[\w-]+", match.group(1)):
-                lines[flag] = match.group(2) or following.strip()
-    return lines
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -8,101 +8,26 @@ adapts a Conv2d; the spec has a negative weight and a text-encoder weight differ
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
 
-from difflora.adapter.names import adaptable_modules, classic_name
-from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.composition.composer import Composer, compose
 from difflora.config.spec import parse_adapter_weights
-from difflora.formats.native import save_adapter
 from difflora.generation.pipeline import render
-from difflora.models.identity import model_identity
-from tests.conftest import tiny_pipeline
+from tests.support.adapters import (
+    CONV,
+    base_weights,
+    effective_forward_error,
+    module_of,
+    read_file_deltas,
+    write_sample_adapters,
+)
+from tests.support.models import tiny_pipeline
 
 SPEC = "style:0.8:0.3,subject:-0.6,detail:1.3"
-CONV = "down_blocks.0.resnets.0.conv1"
-
-
-def random_adapter(pipe, *, seed, unet, te=(), rank=4, alpha=4.0, odd=None, scale=0.2, name="") -> Adapter:
-    """Random A/B for the modules whose names end with one of `unet` / `te`. `odd` = (suffix, rank, alpha)
-    gives the first module with that suffix its own rank and alpha."""
-    generator = torch.Generator().manual_seed(seed)
-    identity = model_identity(pipe)
-    modules = {}
-    for component, suffixes in (("unet", unet), ("text_encoder", te)):
-        model = getattr(pipe, component)
-        for live, module in adaptable_modules(model).items():
-            if not any(live == s or live.endswith("." + s) for s in suffixes):
-                continue
-            r, a = rank, alpha
-            if (
-                odd
-                and live.endswith(odd[0])
-                and not any(k.endswith(odd[0]) and w.rank != rank for k, w in modules.items())
-            ):
-                r, a = odd[1], odd[2]
-            shape = module.weight.shape
-            down = torch.randn(r, *shape[1:], generator=generator) * scale
-            up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=generator) * scale
-            modules[f"{component}.{classic_name(component, live, model)}"] = LoraWeights(down, up, a)
-    meta = AdapterMeta(name=name, base_architecture=identity.architecture, base_hash=identity.base_hash)
-    return Adapter(modules, meta)
-
-
-def write_sample_adapters(pipe, directory: Path) -> dict[str, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    adapters = {
-        "style": random_adapter(
-            pipe,
-            seed=1,
-            unet=("to_q", "to_k", "to_v", "to_out.0"),
-            te=("q_proj", "v_proj"),
-            rank=4,
-            alpha=2.0,
-        ),
-        "subject": random_adapter(
-            pipe,
-            seed=2,
-            unet=("to_k", "to_v"),
-            te=("k_proj", "v_proj"),
-            rank=2,
-            alpha=8.0,
-            odd=("to_v", 3, 1.5),
-        ),
-        "detail": random_adapter(pipe, seed=3, unet=("to_out.0", CONV), rank=8, alpha=8.0),
-    }
-    return {name: save_adapter(a, directory / f"{name}.safetensors") for name, a in adapters.items()}
-
-
-def read_file_deltas(path: Path) -> dict[str, torch.Tensor]:
-    """module key -> (α/r)·B·A from the raw file: tensors via safe_open, alpha via the header's regexes."""
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        config = json.loads(handle.metadata()["lora_adapter_metadata"])
-    deltas = {}
-    for key in tensors:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key.removesuffix(".lora_A.weight")
-        down, up = tensors[key].double(), tensors[module + ".lora_B.weight"].double()
-        component, _, name = module.partition(".")
-        peft_name = name.removeprefix("text_model.")
-        alpha = config[f"{component}.lora_alpha"]
-        for pattern, value in config.get(f"{component}.alpha_pattern", {}).items():
-            if re.fullmatch(pattern, peft_name):
-                alpha = value
-        rank = down.shape[0]
-        delta = (alpha / rank) * (up.flatten(1) @ down.flatten(1))
-        deltas[module] = delta.reshape(up.shape[0], *down.shape[1:])
-    return deltas
 
 
 def expected_weights(
@@ -116,36 +41,6 @@ def expected_weights(
             result.setdefault(module, base[module].double().clone())
             result[module] += weight * delta
     return result
-
-
-def base_weights(pipe) -> dict[str, torch.Tensor]:
-    """W0 of every adaptable module, keyed like adapter modules (component.classic name)."""
-    result = {}
-    for component in ("unet", "text_encoder"):
-        model = getattr(pipe, component)
-        for live, module in adaptable_modules(model).items():
-            result[f"{component}.{classic_name(component, live, model)}"] = module.weight.detach().clone()
-    return result
-
-
-def module_of(pipe, key: str):
-    component, _, classic = key.partition(".")
-    model = getattr(pipe, component)
-    return model.get_submodule(classic.removeprefix("text_model.") if component != "unet" else classic)
-
-
-def effective_forward_error(module, weight: torch.Tensor) -> float:
-    """max |module(x) - x·Wᵀ - b| on random inputs: the effective weight of a peft (dynamic) layer."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        if weight.ndim == 4:
-            x = torch.randn(2, weight.shape[1], 8, 8, generator=generator)
-            expected = F.conv2d(x.double(), weight, base.bias.double(), base.stride, base.padding)
-        else:
-            x = torch.randn(5, weight.shape[1], generator=generator)
-            expected = F.linear(x.double(), weight, base.bias.double() if base.bias is not None else None)
-        return float((module(x).double() - expected).abs().max())
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.composition.report import OVERDRIVE, composition_report
 from difflora.config.spec import parse_adapter_weights
-from tests.test_compose_exact import random_adapter
+from tests.support.adapters import random_adapter
 
 
 def full_delta(weights: LoraWeights) -> torch.Tensor:

@@ -19,8 +19,6 @@ from difflora.generation.pipeline import render
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_DATA = REPO / "sample_data"
 SEEDS = [0, 1, 2, 3]
 STEPS = 20
 STYLE_PROMPT = "a red circle on a white background, zebrastripes style"

@@ -15,8 +15,8 @@ from difflora.composition.fit import check_compatible
 from difflora.config.spec import GRAMMAR, AdapterWeight, parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
 from difflora.formats.native import save_adapter
-from tests.conftest import tiny_pipeline, tiny_unet
-from tests.test_compose_exact import random_adapter
+from tests.support.adapters import random_adapter
+from tests.support.models import tiny_pipeline, tiny_unet
 
 
 def test_parse_defaults_negative_and_text_encoder_weights():

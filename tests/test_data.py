@@ -11,7 +11,7 @@ import pytest
 from difflora.data.captions import augment_caption, decode_text, rough_token_count
 from difflora.data.scan import load_image, scan_folder
 from difflora.errors import DatasetError
-from tests.fixtures_images import BLUE, RED, make_messy_folder, make_simple_folder, noise_rgb
+from tests.support.images import BLUE, RED, make_messy_folder, make_simple_folder, noise_rgb
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ from difflora.errors import DiskFullError
 from difflora.safe_io import format_bytes, write_atomic
 from difflora.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from difflora.training.log import TrainLog
-from tests.faults_support import assert_intact, make_workspace, run_cli, temporaries, train_args
+from tests.support.cli import run_cli
+from tests.support.faults import assert_intact, temporaries
+from tests.support.training import make_workspace, train_args
 
 
 @pytest.fixture

@@ -39,16 +39,16 @@ from difflora.generation.generate import generate
 from difflora.models.loading import load_pipeline
 from difflora.training.checkpoint import latest_checkpoint, load_checkpoint
 from difflora.training.trainer import train
-from tests.conftest import SAMPLE_DATA
-from tests.variants_support import ALPHA, ATTENTION, RANK, variant_config
+from tests.support.paths import SAMPLE_DATA
+from tests.support.variants import ALPHA, ATTENTION, RANK, variant_config
 
 CONV_RANK, CONV_ALPHA = 2, 1.0
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, sample_cache) -> Path:
     out = tmp_path_factory.mktemp("dora")
-    config = variant_config(out, out / "cache", conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, dora=True)
+    config = variant_config(out, sample_cache, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, dora=True)
     return train(config, progress=False)
 
 
@@ -287,12 +287,14 @@ def test_kohya_dora_scale_axis_is_read_from_its_shape(tmp_path):
         load_adapter(tmp_path / "a.safetensors")
 
 
-def test_cli_trains_generates_and_exports_a_dora_adapter(tmp_path):
+@pytest.mark.slow
+def test_cli_trains_generates_and_exports_a_dora_adapter(tmp_path, sample_cache):
     runner = CliRunner()
     result = runner.invoke(
         cli,
         ["train", str(SAMPLE_DATA / "style"), "--dora", "--max-steps", "2", "--rank", "2",
-         "--output-dir", str(tmp_path), "--sample-every", "0", "--save-every", "0", "--num-threads", "1"],
+         "--output-dir", str(tmp_path), "--sample-every", "0", "--save-every", "0", "--num-threads", "1",
+         "--cache-dir", str(sample_cache)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     adapter = tmp_path / "style.safetensors"

@@ -117,6 +117,7 @@ def test_sample_folders_show_their_signatures():
     assert all(signatures.cross_score(im) < signatures.CROSS_THRESHOLD for im, _ in style)
 
 
+@pytest.mark.slow
 def test_base_model_does_not_draw_the_sample_concepts(pipe):
     """Prompted with the sample captions, trigger words included, the base draws neither concept."""
     for folder, measure, threshold in (

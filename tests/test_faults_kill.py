@@ -20,14 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from difflora.training.checkpoint import latest_checkpoint
-from tests.faults_support import (
-    assert_intact,
-    make_workspace,
-    run_cli,
-    start_cli,
-    temporaries,
-    train_args,
-)
+from tests.support.cli import run_cli, start_cli
+from tests.support.faults import assert_intact, temporaries
+from tests.support.training import make_workspace, train_args
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.kohya import to_kohya
 from difflora.formats.native import adapter_state_dict, save_adapter
 from difflora.formats.reference import reference_model
-from tests.formats_support import synthetic_adapter
+from tests.support.formats import synthetic_adapter
 
 Q = "text_model_encoder_layers_0_self_attn_q_proj"
 

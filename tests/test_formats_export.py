@@ -22,8 +22,8 @@ from difflora.errors import AdapterCompatibilityError, ConfigError
 from difflora.formats.export import export_adapter
 from difflora.formats.native import save_adapter
 from difflora.formats.read import load_adapter
-from tests.conftest import tiny_pipeline
-from tests.formats_support import synthetic_adapter
+from tests.support.formats import synthetic_adapter
+from tests.support.models import tiny_pipeline
 
 
 def trained_like_adapter(pipe, *, rank=4, alpha=6.0, rslora=True) -> Adapter:

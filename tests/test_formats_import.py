@@ -14,7 +14,7 @@ from difflora.adapter.inject import inject_weights
 from difflora.errors import AdapterFormatError
 from difflora.formats.read import load_adapter
 from difflora.formats.reference import reference_modules
-from tests.conftest import tiny_unet
+from tests.support.models import tiny_unet
 
 
 def lora_pair(shape_in, out, rank, seed=0):

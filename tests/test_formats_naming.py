@@ -12,7 +12,7 @@ import torch
 from difflora.formats.kohya import to_kohya
 from difflora.formats.naming import parse_kohya_name, reference_table, resolve_kohya_name
 from difflora.formats.reference import reference_model
-from tests.formats_support import synthetic_adapter
+from tests.support.formats import synthetic_adapter
 
 GOLDEN = Path(__file__).resolve().parents[1] / "difflora" / "formats" / "golden"
 # Module counts of attention-only adapters (FORMATS.md): transformer blocks x 8 for the UNet, layers x 4 per
@@ -93,7 +93,7 @@ def test_families_never_disagree_about_a_name():
 
 
 def test_names_of_an_unknown_architecture_parse_without_guessing():
-    from tests.conftest import tiny_unet
+    from tests.support.models import tiny_unet
 
     for name, _ in tiny_unet().named_modules():
         if name.endswith(("to_q", "to_out.0", "proj_in", "ff.net.0.proj", "time_emb_proj")):

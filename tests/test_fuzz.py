@@ -34,7 +34,7 @@ from difflora.data.scan import scan_folder
 from difflora.errors import DiffloraError
 from difflora.formats.read import load_adapter
 from difflora.safe_io import read_safetensors, read_safetensors_header
-from tests.faults_support import run_cli
+from tests.support.cli import run_cli
 
 SEED = 1337
 CASE_SECONDS = 5.0  # far above any honest case (milliseconds); a hang trips it

@@ -15,26 +15,8 @@ from difflora.cli import cli
 from difflora.errors import ConfigError
 from difflora.formats.native import save_adapter
 from difflora.generation.pipeline import read_png_parameters
-from difflora.models.loading import load_pipeline
-from tests.conftest import tiny_pipeline
-from tests.test_compose_exact import random_adapter
-
-
-@pytest.fixture(scope="module")
-def model_and_adapters(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny diffusers folder, and `style`/`subject` adapters made for it (in their own folder)."""
-    root = tmp_path_factory.mktemp("cli")
-    tiny_pipeline(root).save_pretrained(root / "model")
-    pipe = load_pipeline(root / "model")
-    adapters = root / "adapters"
-    save_adapter(
-        random_adapter(pipe, seed=1, unet=("to_q", "to_v"), te=("q_proj",), scale=0.5, name="style"),
-        adapters / "style.safetensors",
-    )
-    save_adapter(
-        random_adapter(pipe, seed=2, unet=("to_k",), rank=2, scale=0.5), adapters / "subject.safetensors"
-    )
-    return root / "model", adapters
+from tests.support.adapters import random_adapter
+from tests.support.models import tiny_pipeline
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -140,6 +122,7 @@ def test_generate_with_a_composer_keeps_its_set_and_refuses_another_mode(tmp_pat
     from difflora.composition.composer import Composer
     from difflora.config.generate import GenerateConfig
     from difflora.generation.generate import generate
+    from difflora.models.loading import load_pipeline
 
     model, adapters = model_and_adapters
     composer = Composer(load_pipeline(model))

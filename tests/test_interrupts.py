@@ -13,26 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from difflora.formats.native import save_adapter
-from difflora.models.loading import load_pipeline
-from tests.conftest import tiny_pipeline
-from tests.faults_support import assert_intact, make_workspace, run_cli, start_cli, temporaries, train_args
-from tests.test_compose_exact import random_adapter
+from tests.support.cli import run_cli, start_cli
+from tests.support.faults import assert_intact, temporaries
+from tests.support.training import make_workspace, train_args
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_and_adapters(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("interrupts")
-    tiny_pipeline(root).save_pretrained(root / "model")
-    pipe = load_pipeline(root / "model")
-    adapters = root / "adapters"
-    save_adapter(
-        random_adapter(pipe, seed=1, unet=("to_q", "to_v"), name="style"), adapters / "style.safetensors"
-    )
-    save_adapter(random_adapter(pipe, seed=2, unet=("to_k",), rank=2), adapters / "subject.safetensors")
-    return root / "model", adapters
 
 
 def _generate(model: Path, adapters: Path, out: Path, images: int, steps: int = 2) -> list[str]:

@@ -19,15 +19,9 @@ import pytest
 from difflora.locks import LockedError, LockOwner, acquire, hold_lock, read_owner
 from difflora.training.lock import lock_path, sweep_temporaries, training_locks
 from difflora.training.run import RunPaths
-from tests.conftest import REPO_ROOT
-from tests.faults_support import (
-    cli_env,
-    make_workspace,
-    run_cli,
-    start_cli,
-    train_args,
-    wait_until_stopped,
-)
+from tests.support.cli import cli_env, run_cli, start_cli, wait_until_stopped
+from tests.support.paths import REPO_ROOT
+from tests.support.training import make_workspace, train_args
 
 HOLDER = """
 import sys, time

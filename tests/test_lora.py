@@ -11,7 +11,7 @@ from difflora.adapter.inject import add_lora, extract_weights, parameter_report
 from difflora.adapter.names import classic_name
 from difflora.adapter.spec import TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraSpec
 from difflora.errors import TargetNotFoundError
-from tests.conftest import tiny_text_encoder, tiny_unet
+from tests.support.models import tiny_text_encoder, tiny_unet
 
 UNET_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
 UNET_OUT = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"

@@ -12,7 +12,7 @@ from difflora.adapter.inject import add_lora
 from difflora.adapter.spec import CONV_TARGETS, TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraSpec
 from difflora.config.train import TrainConfig
 from difflora.models.families import families
-from tests.conftest import tiny_text_encoder, tiny_unet
+from tests.support.models import tiny_text_encoder, tiny_unet
 
 
 def test_the_spec_is_frozen():

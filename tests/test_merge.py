@@ -13,14 +13,14 @@ from difflora.config.spec import parse_adapter_weights
 from difflora.errors import AdapterCompatibilityError, AdapterSpecError
 from difflora.formats.native import save_adapter
 from difflora.formats.read import load_adapter
-from tests.test_compose_exact import base_weights, module_of, read_file_deltas, write_sample_adapters
+from tests.support.adapters import base_weights, module_of, read_file_deltas, write_sample_adapters
 
 SPEC = "style:0.7:0.2,subject:-0.4,detail:1.5"
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from tests.conftest import tiny_pipeline
+    from tests.support.models import tiny_pipeline
 
     directory = tmp_path_factory.mktemp("adapters")
     return write_sample_adapters(tiny_pipeline(directory), directory)

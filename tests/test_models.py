@@ -8,7 +8,7 @@ import torch
 from difflora.errors import ModelError
 from difflora.models.identity import model_identity
 from difflora.models.loading import load_pipeline, resolve_model
-from tests.conftest import tiny_pipeline
+from tests.support.models import tiny_pipeline
 
 
 def test_folder_loads_and_identity_is_stable(tmp_path):

@@ -1,6 +1,6 @@
 """Single-file checkpoints of the real bases: architecture detection, refusals, offline loading.
 
-The oracle is diffusers' own single-file converter: `tests/checkpoints.py` writes a checkpoint in the
+The oracle is diffusers' own single-file converter: `tests/support/checkpoints.py` writes a checkpoint in the
 original ldm/sgm layout from its own name mapping, diffusers loads it, and every parameter of the loaded
 pipeline must equal the tensor written under the original name the mapping gives it. A wrong name would
 leave a parameter on the meta device or put another tensor in its place. The full-size runs are slow (the
@@ -13,7 +13,6 @@ import json
 import math
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,8 +32,12 @@ from difflora.models.geometry import model_geometry
 from difflora.models.identity import model_identity
 from difflora.models.loading import load_pipeline
 from difflora.models.single_file import base_scheduler, base_tokenizers
-from tests.checkpoints import checkpoint_entries, original_tensor, write_header_only, write_single_file
-from tests.conftest import tiny_pipeline
+from tests.support.checkpoints import (
+    checkpoint_entries,
+    original_tensor,
+    write_header_only,
+)
+from tests.support.models import tiny_pipeline
 
 UNET = "model.diffusion_model."
 CONV_IN = UNET + "input_blocks.0.0.weight"
@@ -294,14 +297,6 @@ def no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture
-def big_file():
-    """A path in a fresh /tmp folder, removed afterwards (pytest keeps tmp_path folders: not 7 GB files)."""
-    folder = Path(tempfile.mkdtemp(prefix="difflora-ckpt-", dir="/tmp"))
-    yield folder / "model.safetensors"
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def assert_loaded_exactly(pipe, path: Path, entries) -> None:
     """Every parameter of every component equals the tensor written under its original name: the layout is
     exactly the original one and no parameter was left at an initial value."""
@@ -344,8 +339,9 @@ def unet_output_is_finite(pipe, context: int) -> bool:
 
 
 @pytest.mark.slow
-def test_an_sd15_checkpoint_loads_offline_exactly(big_file, no_network):
-    entries = write_single_file(big_file, "sd1")
+@pytest.mark.parametrize("real_checkpoint", ["sd1"], indirect=True)
+def test_an_sd15_checkpoint_loads_offline_exactly(real_checkpoint, no_network):
+    big_file, entries = real_checkpoint, checkpoint_entries("sd1")
     assert detect_architecture(big_file).label == "SD 1.x"
     pipe = load_pipeline(big_file)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
@@ -357,8 +353,9 @@ def test_an_sd15_checkpoint_loads_offline_exactly(big_file, no_network):
 
 
 @pytest.mark.slow
-def test_an_sd21_checkpoint_loads_offline_exactly(big_file, no_network):
-    entries = write_single_file(big_file, "sd2")
+@pytest.mark.parametrize("real_checkpoint", ["sd2"], indirect=True)
+def test_an_sd21_checkpoint_loads_offline_exactly(real_checkpoint, no_network):
+    big_file, entries = real_checkpoint, checkpoint_entries("sd2")
     pipe = load_pipeline(big_file)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert_loaded_exactly(pipe, big_file, entries)
@@ -373,8 +370,9 @@ def test_an_sd21_checkpoint_loads_offline_exactly(big_file, no_network):
 
 
 @pytest.mark.slow
-def test_an_sdxl_checkpoint_loads_offline_exactly(big_file, no_network):
-    entries = write_single_file(big_file, "sdxl")
+@pytest.mark.parametrize("real_checkpoint", ["sdxl"], indirect=True)
+def test_an_sdxl_checkpoint_loads_offline_exactly(real_checkpoint, no_network):
+    big_file, entries = real_checkpoint, checkpoint_entries("sdxl")
     assert detect_architecture(big_file).label == "SDXL base"
     pipe = load_pipeline(big_file, dtype=torch.bfloat16)  # bfloat16 keeps the peak RAM down
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"

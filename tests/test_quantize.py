@@ -37,16 +37,11 @@ from difflora.models.quantize import quantize_base
 from difflora.training.checkpoint import latest_checkpoint, load_checkpoint
 from difflora.training.setup import load_models
 from difflora.training.trainer import train
-from tests.conftest import SAMPLE_DATA
-from tests.variants_support import ALPHA, ATTENTION, RANK, variant_config
+from tests.support.paths import SAMPLE_DATA
+from tests.support.variants import ALPHA, ATTENTION, RANK, variant_config
 
 BNB_LAYERS = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("quantize-cache")
 
 
 def _train(out: Path, cache_dir: Path, **changes) -> Path:
@@ -66,18 +61,19 @@ def _first_loss(adapter_path: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory, cache_dir) -> Path:
-    return _train(tmp_path_factory.mktemp("plain"), cache_dir)
+def plain(tmp_path_factory, sample_cache) -> Path:
+    return _train(tmp_path_factory.mktemp("plain"), sample_cache)
 
 
 # int8 also trains the (quantized) text encoder's LoRA, nf4 the UNet's alone.
 @pytest.fixture(scope="module", params=["int8", "nf4"])
-def quantized(request, tmp_path_factory, cache_dir) -> tuple[str, Path]:
+def quantized(request, tmp_path_factory, sample_cache) -> tuple[str, Path]:
     kind = request.param
     out = tmp_path_factory.mktemp(kind)
-    return kind, _train(out, cache_dir, quantize_base=kind, train_text_encoder=kind == "int8")
+    return kind, _train(out, sample_cache, quantize_base=kind, train_text_encoder=kind == "int8")
 
 
+@pytest.mark.slow
 def test_the_first_loss_is_close_to_the_unquantized_bases(quantized, plain):
     kind, path = quantized
     # Same seed: same images, noise and timesteps; the difference is the quantization error alone.
@@ -86,6 +82,7 @@ def test_the_first_loss_is_close_to_the_unquantized_bases(quantized, plain):
     assert _first_loss(path) == pytest.approx(_first_loss(plain), rel=tolerance)
 
 
+@pytest.mark.slow
 def test_lora_trains_and_the_adapter_is_for_the_unquantized_base(quantized, tmp_path, caplog):
     kind, path = quantized
     parameters = load_checkpoint(latest_checkpoint(path.with_suffix(".run") / "checkpoints")).parameters
@@ -128,10 +125,11 @@ def test_lora_trains_and_the_adapter_is_for_the_unquantized_base(quantized, tmp_
         torch.testing.assert_close(found, ALPHA / RANK * (up @ down), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
-def test_bf16_training_with_previews_between_steps(kind, tmp_path, cache_dir):
+def test_bf16_training_with_previews_between_steps(kind, tmp_path, sample_cache):
     """Under bf16 autocast the prepared UNet answers in float32, which the next preview step feeds back."""
-    path = _train(tmp_path, cache_dir, quantize_base=kind, mixed_precision="bf16")
+    path = _train(tmp_path, sample_cache, quantize_base=kind, mixed_precision="bf16")
     parameters = load_checkpoint(latest_checkpoint(path.with_suffix(".run") / "checkpoints")).parameters
     ups = [p for key, p in parameters.items() if ".lora_B." in key]
     assert ups and all(p.dtype == torch.float32 and p.abs().max() > 0 for p in ups)

@@ -3,7 +3,8 @@ steps, generate with the adapter composed, export for ComfyUI / A1111, and read 
 key accounted for and the same ΔW per module.
 
 The checkpoints are SD 1.5 and SDXL base with their real configurations and random weights, written in the
-original (ldm / sgm) key layout by tests/checkpoints.py (fp16 on disk: 2.1 GB and 6.9 GB). SDXL trains with
+original (ldm / sgm) key layout by tests/support/checkpoints.py (fp16 on disk: 2.1 GB and 6.9 GB), once per
+session for this module and test_models_single_file.py (conftest.py's `real_checkpoint`). SDXL trains with
 bf16 frozen weights and both text encoders, which keeps this machine's memory under ~15 GB. Slow: about a
 minute for SD 1.5 and a few for SDXL on two CPU cores.
 """
@@ -11,9 +12,6 @@ minute for SD 1.5 and a few for SDXL on two CPU cores.
 from __future__ import annotations
 
 import gc
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,6 @@ from difflora.formats.read import load_adapter
 from difflora.generation.generate import generate
 from difflora.models.loading import load_pipeline
 from difflora.training.trainer import train
-from tests.checkpoints import write_single_file
 
 pytestmark = pytest.mark.slow
 
@@ -40,18 +37,6 @@ CASES = {
     "sd1": ("no", False, ()),
     "sdxl": ("bf16", True, ("lora_te1_", "lora_te2_")),
 }
-
-
-@pytest.fixture
-def checkpoint(request) -> Iterator[Path]:
-    """The family's checkpoint in a temporary folder of its own, removed after the test (gigabytes)."""
-    folder = Path(tempfile.mkdtemp(prefix="difflora-real-"))
-    try:
-        path = folder / f"{request.param}.safetensors"
-        write_single_file(path, request.param)
-        yield path
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _images(folder: Path) -> Path:
@@ -65,8 +50,9 @@ def _images(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("checkpoint", list(CASES), indirect=True)
-def test_train_generate_export_from_a_single_file(checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("real_checkpoint", list(CASES), indirect=True)
+def test_train_generate_export_from_a_single_file(real_checkpoint, tmp_path, monkeypatch):
+    checkpoint = real_checkpoint
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     family = checkpoint.stem
     precision, text_encoders, te_prefixes = CASES[family]

@@ -35,8 +35,9 @@ from difflora.serving.app import create_app
 from difflora.serving.cache import AdapterCache, adapter_bytes
 from difflora.serving.engine import Engine
 from difflora.serving.metrics import Counter, Histogram, exposition
-from tests.conftest import REPO_ROOT, tiny_pipeline
-from tests.test_compose_exact import random_adapter
+from tests.support.adapters import random_adapter
+from tests.support.models import tiny_pipeline
+from tests.support.paths import REPO_ROOT
 
 PROMPT = "a striped cat"
 STEPS = 2
@@ -345,7 +346,7 @@ def test_every_serve_config_field_is_a_flag_with_its_default_shown():
 
     from difflora.cli import cli
     from difflora.config import field_help
-    from tests.test_cli_options import expected_default, help_lines
+    from tests.support.cli import expected_default, help_lines
 
     options = {p.name: p for p in cli.commands["serve"].params if isinstance(p, click.Option)}
     assert set(options) - {"config_file", "help"} == {f.name for f in dataclasses.fields(ServeConfig)}
@@ -373,7 +374,7 @@ def test_importing_difflora_and_its_cli_loads_neither_torch_nor_fastapi():
 def test_the_same_spec_composes_the_same_weights_whatever_came_before(tmp_path):
     from difflora.composition.composer import compose
     from difflora.config.spec import parse_adapter_weights
-    from tests.test_compose_exact import write_sample_adapters
+    from tests.support.adapters import write_sample_adapters
 
     pipe = tiny_pipeline(tmp_path)
     write_sample_adapters(pipe, tmp_path / "adapters")

@@ -21,7 +21,7 @@ from difflora.errors import ConfigError, TrainingDivergedError
 from difflora.formats.read import load_adapter
 from difflora.models.identity import model_identity
 from difflora.models.loading import load_pipeline
-from tests.faults_support import make_workspace
+from tests.support.training import make_workspace, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +31,9 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _config(workspace: Path, out: Path, **changes) -> TrainConfig:
-    values = dict(
-        data_dir=str(workspace / "stripes"),
-        model=str(workspace / "model"),
-        output_dir=str(out),
-        cache_dir=str(workspace / "cache"),
-        resolution=16,
-        batch_size=4,
-        max_steps=6,
-        save_every=2,
-        sample_every=0,
-        learning_rate=1e-2,
-        num_threads=1,  # bit-exact comparisons between runs need the same reduction order
-    )
-    values.update(changes)
-    return TrainConfig(**values)
+    """6 steps at batch 4 with a checkpoint every 2 steps, the latents cached once for the whole module."""
+    run = dict(cache_dir=str(workspace / "cache"), batch_size=4, max_steps=6, save_every=2)
+    return tiny_train_config(workspace, out, data="stripes", **(run | changes))
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -320,6 +308,7 @@ def test_layers_whose_gradients_vanish_or_explode_are_named(tmp_path):
 
 def test_several_folders_in_one_run_share_the_base_and_equal_separate_runs(workspace, tmp_path, monkeypatch):
     import difflora.training.setup as setup
+
     other = tmp_path / "circles"
     other.mkdir()
     for index, image in enumerate(sorted((workspace / "stripes").glob("*.png"))[:4]):

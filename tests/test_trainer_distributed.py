@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from difflora.formats.read import load_adapter
-from tests.conftest import tiny_pipeline
+from tests.support.models import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,7 @@ import pytest
 import torch
 
 from difflora.models.loading import load_pipeline
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = REPO / "sample_data"
+from tests.support.paths import SAMPLE_DATA
 
 pytestmark = pytest.mark.slow
 

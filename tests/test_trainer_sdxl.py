@@ -22,7 +22,8 @@ from difflora.generation.generate import generate
 from difflora.generation.schedulers import make_scheduler
 from difflora.training.run import Objective
 from difflora.training.trainer import train
-from tests.conftest import tiny_pipeline, tiny_sdxl_pipeline
+from tests.support.models import tiny_pipeline, tiny_sdxl_pipeline
+from tests.support.training import tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +42,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _config(workspace: Path, out: Path, **changes) -> TrainConfig:
-    values = dict(
-        data_dir=str(workspace / "images"),
-        model=str(workspace / "model"),
-        output_dir=str(out),
-        cache_dir=str(out / "cache"),
-        resolution=16,
-        batch_size=1,
-        max_steps=2,
-        save_every=0,
-        sample_every=0,
-        learning_rate=1e-2,
-        num_threads=1,
-    )
-    values.update(changes)
-    return TrainConfig(**values)
+    return tiny_train_config(workspace, out, data="images", **changes)
 
 
 def test_the_unet_gets_pooled_text_and_the_size_and_crop_of_each_image(workspace, tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -21,12 +20,7 @@ from difflora.formats.read import load_adapter
 from difflora.generation.generate import generate
 from difflora.training.checkpoint import latest_checkpoint, load_checkpoint
 from difflora.training.trainer import train
-from tests.variants_support import variant_config
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("variant-cache")
+from tests.support.variants import variant_config
 
 
 def _train(out: Path, cache_dir: Path, **changes) -> Path:
@@ -81,8 +75,8 @@ def _generates(adapter_path: Path, tmp_path: Path) -> None:
     assert image.shape == (64, 64, 3)
 
 
-def test_rslora_scales_by_alpha_over_sqrt_rank_and_exports_it_baked(tmp_path, cache_dir):
-    path = _train(tmp_path, cache_dir, rslora=True)
+def test_rslora_scales_by_alpha_over_sqrt_rank_and_exports_it_baked(tmp_path, sample_cache):
+    path = _train(tmp_path, sample_cache, rslora=True)
     adapter = load_adapter(path)
     assert {w.alpha for w in adapter.modules.values()} == {8.0 * math.sqrt(4)}  # baked: alpha·sqrt(rank)
     expected = _raw_updates(tmp_path / "style.run", lambda module, rank: 8.0 / math.sqrt(rank))
@@ -92,8 +86,8 @@ def test_rslora_scales_by_alpha_over_sqrt_rank_and_exports_it_baked(tmp_path, ca
     assert "rsLoRA" in (tmp_path / "style.run" / "plan.txt").read_text()
 
 
-def test_locon_adapts_the_resnet_convolutions_at_their_own_rank(tmp_path, cache_dir):
-    path = _train(tmp_path, cache_dir, conv_rank=2, conv_alpha=1.0)
+def test_locon_adapts_the_resnet_convolutions_at_their_own_rank(tmp_path, sample_cache):
+    path = _train(tmp_path, sample_cache, conv_rank=2, conv_alpha=1.0)
     adapter = load_adapter(path)
     convs = {k: w for k, w in adapter.modules.items() if k.endswith((".conv1", ".conv2"))}
     assert convs and all(w.rank == 2 and w.alpha == 1.0 and w.down.ndim == 4 for w in convs.values())
@@ -109,9 +103,9 @@ def test_locon_adapts_the_resnet_convolutions_at_their_own_rank(tmp_path, cache_
     _generates(path, tmp_path)
 
 
-def test_loraplus_trains_b_at_ratio_times_the_rate(tmp_path, cache_dir):
+def test_loraplus_trains_b_at_ratio_times_the_rate(tmp_path, sample_cache):
     def first_step_b(out: Path, ratio: float) -> torch.Tensor:
-        _train(out, cache_dir, loraplus_ratio=ratio, max_steps=1, lr_warmup_steps=0, weight_decay=0.0)
+        _train(out, sample_cache, loraplus_ratio=ratio, max_steps=1, lr_warmup_steps=0, weight_decay=0.0)
         parameters = load_checkpoint(latest_checkpoint(out / "style.run" / "checkpoints")).parameters
         return torch.cat([p.flatten() for k, p in sorted(parameters.items()) if ".lora_B." in k])
 

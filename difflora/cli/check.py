@@ -39,19 +39,12 @@ _UNCHECKED = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not
 @config_options(TrainConfig, skip=_UNCHECKED)
 def check_command(folder: Path, config_file: Path | None, **flags: Any) -> None:
     """Check an image folder before training: what will be used, what will not, and why."""
-    # Imported here so that `difflora --help` does not pay for torch.
-    from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
-    from difflora.training.check import check_dataset
-    from difflora.training.plan import DataSettings, Tokens
+    from difflora.training.check import check_folder  # here: `difflora --help` does not pay for torch
 
     flags["data_dir"] = str(folder)
-    config = config_from_flags(TrainConfig, flags, config_file=config_file, section="train")
-    geometry = model_geometry(config.model, prediction_type=config.prediction_type)
-    resolution = config.resolution or geometry.resolution or FALLBACK_RESOLUTION
-    settings = DataSettings.from_config(config, resolution=resolution, bucket_step=geometry.step)
-    report = check_dataset(settings, Tokens.of(geometry))
-    if geometry.note:
-        click.echo(f"Note: {geometry.note}\n")
+    report = check_folder(config_from_flags(TrainConfig, flags, config_file=config_file, section="train"))
+    if report.model_note:
+        click.echo(f"Note: {report.model_note}\n")
     click.echo(report.render())
     if not report.ok:
         click.get_current_context().exit(1)

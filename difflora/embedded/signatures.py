@@ -121,12 +121,6 @@ def _blob_box(img: Image.Image | np.ndarray) -> np.ndarray | None:
     return blob[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
 
 
-def fill_ratio(img: Image.Image | np.ndarray) -> float:
-    """Share of the largest blob's bounding box that the blob covers (0 without foreground)."""
-    box = _blob_box(img)
-    return 0.0 if box is None else float(box.mean())
-
-
 def cross_score(img: Image.Image | np.ndarray) -> float:
     """Plus-likeness: mean fill of the plus cells minus mean fill of the corner cells of a 3x3 grid."""
     box = _blob_box(img)

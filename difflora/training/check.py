@@ -1,9 +1,9 @@
 """``difflora check ./images``: the training scan as a preflight report, without loading a model.
 
-``check_dataset`` plans the data set with ``plan_dataset``, the function ``train`` calls, and returns a
-``CheckReport`` (plain values; ``render()`` gives the text the CLI prints). ``report.errors`` lists what
-would stop training (nothing usable, conflicting caption sources); everything else is a warning the user
-may accept.
+``check_folder(config)`` reads the model's geometry (config files only) and calls ``check_dataset``, which
+plans the data set with ``plan_dataset``, the function ``train`` calls, and returns a ``CheckReport`` (plain
+values; ``render()`` gives the text the CLI prints). ``report.errors`` lists what would stop training
+(nothing usable, conflicting caption sources); everything else is a warning the user may accept.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from difflora.config.train import TrainConfig
 from difflora.data.buckets import Bucket
-from difflora.data.captions import TokenCounter
 from difflora.data.examples import ScanResult
 from difflora.errors import first_n
+from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
 from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
 
 LIST_LIMIT = 20  # longest list printed in full; the rest is counted
@@ -33,6 +34,7 @@ class CheckReport:
     plan: TrainingPlan | None  # None when nothing is usable
     max_tokens: int | None
     tokens_estimated: bool  # True when no tokenizer was available and token counts are a lower bound
+    model_note: str | None = None  # why the model's geometry fell back to defaults, if it did
 
     @property
     def errors(self) -> list[str]:
@@ -165,38 +167,15 @@ def _listing(lines: list[str], indent: str) -> str:
     return indent + first_n(lines, LIST_LIMIT, separator="\n" + indent)
 
 
-def run_check(
-    root: Path,
-    *,
-    caption_extension: str = ".txt",
-    trigger: str | None = None,
-    resolution: int = 512,
-    step: int = 64,
-    no_upscale: bool = False,
-    batch_size: int = 1,
-    gradient_accumulation: int = 1,
-    max_steps: int | None = None,
-    epochs: int | None = None,
-    max_tokens: int | None = 75,
-    count_tokens: TokenCounter | None = None,
-) -> CheckReport:
-    """`check_dataset` with the settings spelled out (training's other knobs at their defaults)."""
-    settings = DataSettings(
-        root=Path(root),
-        caption_extension=caption_extension,
-        trigger=trigger,
-        resolution=resolution,
-        bucket_step=step,
-        no_upscale=no_upscale,
-        random_crop=False,
-        flip=False,
-        batch_size=batch_size,
-        gradient_accumulation=gradient_accumulation,
-        max_steps=max_steps,
-        epochs=epochs,
-        seed=0,
-    )
-    return check_dataset(settings, Tokens(max_tokens, count_tokens))
+def check_folder(config: TrainConfig) -> CheckReport:
+    """The report `difflora check` prints for `config` (its data folder and the knobs that shape the plan):
+    buckets, token limit and resolution from the model's config files and tokenizer, no weights loaded."""
+    geometry = model_geometry(config.model, prediction_type=config.prediction_type)
+    resolution = config.resolution or geometry.resolution or FALLBACK_RESOLUTION
+    settings = DataSettings.from_config(config, resolution=resolution, bucket_step=geometry.step)
+    report = check_dataset(settings, Tokens.of(geometry))
+    report.model_note = geometry.note
+    return report
 
 
 def check_dataset(settings: DataSettings, tokens: Tokens) -> CheckReport:

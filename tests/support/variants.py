@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from difflora.config.train import TrainConfig
-from tests.conftest import SAMPLE_DATA
+from tests.support.paths import SAMPLE_DATA
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 RANK, ALPHA = 4, 8.0

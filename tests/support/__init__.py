@@ -1,0 +1,2 @@
+"""Helpers the tests share (builders, synthetic adapters, CLI runners, on-disk checks); fixtures stay in
+tests/conftest.py."""
