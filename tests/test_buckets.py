@@ -14,7 +14,6 @@ from difflora.data.buckets import (
     assign_bucket,
     make_buckets,
     plan_crop,
-    prepare_pixels,
     render_pixels,
 )
 from tests.support.images import noise_rgb
@@ -83,4 +82,4 @@ def test_pixels_match_numpy_crop_and_flip():
     flipped = render_pixels(image, plan, flip=True)
     assert torch.equal(flipped, pixels.flip(-1))
     assert pixels.min() >= -1 and pixels.max() <= 1
-    assert prepare_pixels(image, bucket).shape == (3, 64, 64)
+    assert render_pixels(image, plan_crop(image.size, bucket)).shape == (3, 64, 64)

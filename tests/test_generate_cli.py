@@ -14,8 +14,8 @@ from PIL import Image
 from difflora.cli import cli
 from difflora.errors import ConfigError
 from difflora.formats.native import save_adapter
-from difflora.generation.pipeline import read_png_parameters
 from tests.support.adapters import random_adapter
+from tests.support.images import read_png_parameters
 from tests.support.models import tiny_pipeline
 
 

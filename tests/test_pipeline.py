@@ -12,6 +12,7 @@ from difflora.config.schedulers import SCHEDULER_NAMES
 from difflora.errors import ConfigError
 from difflora.generation import pipeline as P
 from difflora.generation import schedulers as S
+from tests.support.images import read_png_parameters
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "euler-a", "dpm++-2m", "ddim"])
@@ -79,7 +80,7 @@ def test_png_carries_a1111_parameters_and_json_sidecar(tmp_path):
         adapters=[("style", 0.7, 0.5), ("subject", -0.25, -0.25)],
     )
     path = P.save_png(Image.new("RGB", (64, 48)), tmp_path / "img.png", parameters=text, sidecar={"seed": 42})
-    stored = P.read_png_parameters(path)
+    stored = read_png_parameters(path)
     first, negative, fields = stored.split("\n")
     assert first == "a striped cat <lora:style:0.7> <lora:subject:-0.25>"
     assert negative == "Negative prompt: blurry"

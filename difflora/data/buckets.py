@@ -138,18 +138,6 @@ def render_pixels(image: Image.Image, plan: CropPlan, *, flip: bool = False) -> 
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
-def prepare_pixels(
-    image: Image.Image,
-    bucket: Bucket,
-    *,
-    crop: Crop = "center",
-    flip: bool = False,
-    rng: random.Random | None = None,
-) -> torch.Tensor:
-    """``plan_crop`` + ``render_pixels`` in one call, for uncached training."""
-    return render_pixels(image, plan_crop(image.size, bucket, crop, rng), flip=flip)
-
-
 def bucket_histogram(assigned: list[Bucket]) -> dict[Bucket, int]:
     """Images per bucket, largest count first."""
     counts: dict[Bucket, int] = {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,9 +228,3 @@ def png_bytes(image: Image.Image, *, parameters: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
-
-
-def read_png_parameters(path: str | os.PathLike) -> str:
-    """The `parameters` text chunk of a PNG ("" when absent)."""
-    with Image.open(path) as img:
-        return str(img.info.get("parameters", ""))

@@ -7,6 +7,7 @@ what a correct scan must conclude about each file, so tests compare the scan aga
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -168,3 +169,9 @@ def make_simple_folder(root: Path, count: int = 4, size: tuple[int, int] = (32, 
         path.with_suffix(".txt").write_text(f"image {index}, tag a, tag b", encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def read_png_parameters(path: str | os.PathLike) -> str:
+    """The `parameters` text chunk of a PNG ("" when absent): what A1111 and ComfyUI read back."""
+    with Image.open(path) as img:
+        return str(img.info.get("parameters", ""))
