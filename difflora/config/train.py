@@ -17,8 +17,7 @@ from typing import Any, Literal, Protocol
 
 from difflora.adapter.spec import TEXT_ENCODER_TARGETS, LoraSpec
 from difflora.config import Problems, build_config, coerce_to_tuples, read_toml
-from difflora.config.schedulers import SCHEDULER_NAMES
-from difflora.config.variants import check_variants
+from difflora.config.train_checks import check_choices, check_counts, check_rates
 from difflora.errors import ConfigError
 
 Precision = Literal["no", "fp16", "bf16"]
@@ -26,8 +25,6 @@ Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["auto", "adamw", "adamw8bit"]
 PredictionChoice = Literal["epsilon", "v_prediction"]
 Quantization = Literal["int8", "nf4"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
-
-PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 
 
 class FamilyDefaults(Protocol):
@@ -39,11 +36,6 @@ class FamilyDefaults(Protocol):
 
     @property
     def default_unet_targets(self) -> tuple[str, ...]: ...
-
-
-SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
-OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
-QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -220,75 +212,10 @@ class TrainConfig:
         object.__setattr__(self, "sample_seeds", tuple(int(s) for s in self.sample_seeds))
         problems = Problems()
         problems.check(bool(self.data_dir), "data_dir", "give the folder of training images")
-        self._check_counts(problems)
-        self._check_rates(problems)
-        self._check_choices(problems)
+        check_counts(self, problems)
+        check_rates(self, problems)
+        check_choices(self, problems)
         problems.raise_if_any("train")
-
-    def _check_counts(self, p: Problems) -> None:
-        positive = ("rank", "batch_size", "gradient_accumulation", "keep_checkpoints", "sample_steps")
-        for name in positive:
-            p.check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        p.check(self.max_bad_steps >= 1, "max_bad_steps", f"must be at least 1, got {self.max_bad_steps}")
-        for name in ("max_steps", "epochs", "resolution", "num_threads"):
-            value = getattr(self, name)
-            p.check(value is None or value >= 1, name, f"must be at least 1, got {value}")
-        for name in ("save_every", "sample_every", "lr_warmup_steps", "grad_log_every"):
-            value = getattr(self, name)
-            p.check(value is None or value >= 0, name, f"must be 0 or more, got {value}")
-        p.check(self.keep_tokens >= 0, "keep_tokens", f"must be 0 or more, got {self.keep_tokens}")
-        if self.conv_rank is not None:
-            p.check(self.conv_rank >= 1, "conv_rank", f"must be at least 1, got {self.conv_rank}")
-        elif self.conv_alpha is not None:
-            p.add("conv_alpha", "given without --conv-rank: add --conv-rank to adapt the convolutions")
-        check_variants(self, p)
-        if self.max_steps is not None and self.epochs is not None:
-            p.add("max_steps", "--max-steps and --epochs both given: choose one (the other is derived)")
-        if self.resolution is not None and self.resolution % 8:
-            p.add("resolution", f"must be a multiple of 8 (the VAE's factor), got {self.resolution}")
-        p.check(
-            self.unet_targets is None or bool(self.unet_targets), "unet_targets", "name at least one module"
-        )
-        p.check(bool(self.sample_seeds), "sample_seeds", "give at least one seed")
-
-    def _check_rates(self, p: Problems) -> None:
-        if self.learning_rate is not None:
-            p.check(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
-        for name in ("text_encoder_lr", "text_encoder_2_lr"):
-            value = getattr(self, name)
-            p.check(value is None or value >= 0, name, "must be 0 or more")
-        for name in ("alpha", "conv_alpha"):
-            value = getattr(self, name)
-            p.check(value is None or value > 0, name, f"must be positive, got {value}")
-        p.check(self.loraplus_ratio > 0, "loraplus_ratio", f"must be positive, got {self.loraplus_ratio}")
-        for name in ("lora_dropout", "caption_dropout", "tag_dropout"):
-            value = getattr(self, name)
-            p.check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
-        for name in ("weight_decay", "max_grad_norm", "noise_offset", "min_snr_gamma"):
-            value = getattr(self, name)
-            p.check(value >= 0, name, f"must be 0 or more, got {value}")
-        p.check(self.sample_guidance >= 0, "sample_guidance", "must be 0 or more")
-
-    def _check_choices(self, p: Problems) -> None:
-        for name, choices in (
-            ("mixed_precision", PRECISIONS),
-            ("lr_scheduler", SCHEDULES),
-            ("optimizer", OPTIMIZERS),
-            ("sample_scheduler", SCHEDULER_NAMES),
-        ):
-            value = getattr(self, name)
-            p.check(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
-        p.check(
-            self.quantize_base in (None, *QUANTIZATIONS),
-            "quantize_base",
-            f"must be one of {', '.join(QUANTIZATIONS)} (or left out), got {self.quantize_base!r}",
-        )
-        extension = self.caption_extension.lower()
-        p.check(
-            extension.lstrip(".") in ("txt", "caption"),
-            "caption_extension",
-            f"must be .txt or .caption, got {self.caption_extension!r}",
-        )
 
     # Derived values: the plan prints these next to the rule that produced them.
     @property

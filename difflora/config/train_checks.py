@@ -1,0 +1,87 @@
+"""The value checks of `difflora train`'s configuration: counts, rates and closed choices. Each problem is
+collected with the flag it concerns, so one ConfigError lists them all. Kept apart from the field list in
+`train.py`, as the variant checks are in `variants.py`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difflora.config import Problems
+from difflora.config.schedulers import SCHEDULER_NAMES
+from difflora.config.variants import check_variants
+
+# The config is a difflora.config.train.TrainConfig being built; it is typed Any because train.py imports
+# this module (the import-cycle test counts type-only imports too).
+TrainConfig = Any
+PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
+OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
+QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
+
+
+def check_counts(config: TrainConfig, p: Problems) -> None:
+    positive = ("rank", "batch_size", "gradient_accumulation", "keep_checkpoints", "sample_steps")
+    for name in positive:
+        p.check(getattr(config, name) >= 1, name, f"must be at least 1, got {getattr(config, name)}")
+    p.check(config.max_bad_steps >= 1, "max_bad_steps", f"must be at least 1, got {config.max_bad_steps}")
+    for name in ("max_steps", "epochs", "resolution", "num_threads"):
+        value = getattr(config, name)
+        p.check(value is None or value >= 1, name, f"must be at least 1, got {value}")
+    for name in ("save_every", "sample_every", "lr_warmup_steps", "grad_log_every"):
+        value = getattr(config, name)
+        p.check(value is None or value >= 0, name, f"must be 0 or more, got {value}")
+    p.check(config.keep_tokens >= 0, "keep_tokens", f"must be 0 or more, got {config.keep_tokens}")
+    if config.conv_rank is not None:
+        p.check(config.conv_rank >= 1, "conv_rank", f"must be at least 1, got {config.conv_rank}")
+    elif config.conv_alpha is not None:
+        p.add("conv_alpha", "given without --conv-rank: add --conv-rank to adapt the convolutions")
+    check_variants(config, p)
+    if config.max_steps is not None and config.epochs is not None:
+        p.add("max_steps", "--max-steps and --epochs both given: choose one (the other is derived)")
+    if config.resolution is not None and config.resolution % 8:
+        p.add("resolution", f"must be a multiple of 8 (the VAE's factor), got {config.resolution}")
+    p.check(
+        config.unet_targets is None or bool(config.unet_targets), "unet_targets", "name at least one module"
+    )
+    p.check(bool(config.sample_seeds), "sample_seeds", "give at least one seed")
+
+
+def check_rates(config: TrainConfig, p: Problems) -> None:
+    if config.learning_rate is not None:
+        p.check(config.learning_rate > 0, "learning_rate", f"must be positive, got {config.learning_rate}")
+    for name in ("text_encoder_lr", "text_encoder_2_lr"):
+        value = getattr(config, name)
+        p.check(value is None or value >= 0, name, "must be 0 or more")
+    for name in ("alpha", "conv_alpha"):
+        value = getattr(config, name)
+        p.check(value is None or value > 0, name, f"must be positive, got {value}")
+    p.check(config.loraplus_ratio > 0, "loraplus_ratio", f"must be positive, got {config.loraplus_ratio}")
+    for name in ("lora_dropout", "caption_dropout", "tag_dropout"):
+        value = getattr(config, name)
+        p.check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+    for name in ("weight_decay", "max_grad_norm", "noise_offset", "min_snr_gamma"):
+        value = getattr(config, name)
+        p.check(value >= 0, name, f"must be 0 or more, got {value}")
+    p.check(config.sample_guidance >= 0, "sample_guidance", "must be 0 or more")
+
+
+def check_choices(config: TrainConfig, p: Problems) -> None:
+    for name, choices in (
+        ("mixed_precision", PRECISIONS),
+        ("lr_scheduler", SCHEDULES),
+        ("optimizer", OPTIMIZERS),
+        ("sample_scheduler", SCHEDULER_NAMES),
+    ):
+        value = getattr(config, name)
+        p.check(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
+    p.check(
+        config.quantize_base in (None, *QUANTIZATIONS),
+        "quantize_base",
+        f"must be one of {', '.join(QUANTIZATIONS)} (or left out), got {config.quantize_base!r}",
+    )
+    extension = config.caption_extension.lower()
+    p.check(
+        extension.lstrip(".") in ("txt", "caption"),
+        "caption_extension",
+        f"must be .txt or .caption, got {config.caption_extension!r}",
+    )
