@@ -32,26 +32,17 @@ def run_record(
     groups: list[dict[str, Any]],
 ) -> RunRecord:
     """`groups`: the optimizer's parameter groups, the UNet's first ("initial_lr": the rate before warm-up)."""
-    facts = static_facts(
-        config,
-        processes=processes,
-        resolution=resolution,
-        optimizer_name=optimizer_name,
-        warmup=warmup,
-        groups=groups,
-    )
     return RunRecord(
         config=config_to_dict(config),
         config_toml=to_toml(config),
         trigger_words=(config.trigger,) if config.trigger else (),
-        facts=facts,
+        facts=_static_facts(config, processes, resolution, optimizer_name, warmup, groups),
         divergence_hints=divergence_hints(config, groups[0]["initial_lr"]),
     )
 
 
-def static_facts(
+def _static_facts(
     config: TrainConfig,
-    *,
     processes: int,
     resolution: int,
     optimizer_name: str,
