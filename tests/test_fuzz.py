@@ -161,6 +161,7 @@ def _toml_document(rng: random.Random, cls: type) -> bytes:
     return text
 
 
+@pytest.mark.slow
 def test_toml_configs(tmp_path):
     rng = random.Random(SEED)
     path = tmp_path / "config.toml"
@@ -204,6 +205,7 @@ def _metadata_bytes(rng: random.Random, csv: bool) -> bytes:
     return b'{"file_name": ' + name + b', "text": ' + text + b"}\n" + noise(rng, 30) + b"\n[1]\n"
 
 
+@pytest.mark.slow
 def test_caption_and_metadata_files(tmp_path):
     rng = random.Random(SEED)
     root = tmp_path / "images"
@@ -309,6 +311,7 @@ def _damaged_file(rng: random.Random) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data
 
 
+@pytest.mark.slow
 def test_safetensors_headers_and_adapter_files(tmp_path):
     rng = random.Random(SEED)
     path = tmp_path / "adapter.safetensors"
