@@ -25,7 +25,7 @@ def unchosen(monkeypatch):
     torch.set_num_threads(before)
 
 
-def test_the_first_run_probes_and_later_runs_remember(unchosen, tmp_path):
+def test_the_first_run_probes_and_later_runs_remember(unchosen, tmp_path, monkeypatch):
     memory = tmp_path / "cache" / T.MEMORY_FILE
     probes = []
 
@@ -33,10 +33,11 @@ def test_the_first_run_probes_and_later_runs_remember(unchosen, tmp_path):
         probes.append(1)
         return lambda: torch.ones(64, 64) @ torch.ones(64, 64)
 
+    monkeypatch.setattr(T, "fastest", lambda forward, candidates: (forward(), (2, {2: 0.01, 1: 0.02}))[1])
     note, chosen = T.set_threads(None, CPU, probe, memory=memory, workload="tiny, batch 4, 64 px")
     assert probes == [1] and not chosen and "measured a denoiser forward" in note
     entry = json.loads(memory.read_text())[T.machine_key(2, "tiny, batch 4, 64 px")]
-    assert entry["threads"] in (1, 2) and set(entry["timings_ms"]) == {"1", "2"}
+    assert entry["threads"] == 2 and entry["timings_ms"] == {"2": 10.0, "1": 20.0}
 
     def no_probe():
         raise AssertionError("probed again on the same machine and workload")
@@ -50,6 +51,13 @@ def test_the_first_run_probes_and_later_runs_remember(unchosen, tmp_path):
     T.set_threads(None, CPU, probe, memory=memory, workload="sdxl, batch 1, 1024 px")
     assert probes == [1, 1]  # another workload is measured on its own
     assert len(json.loads(memory.read_text())) == 2  # and kept beside the first
+
+
+def test_a_busy_machine_s_answer_is_used_but_not_remembered(unchosen, tmp_path, monkeypatch):
+    memory = tmp_path / T.MEMORY_FILE
+    monkeypatch.setattr(T, "fastest", lambda forward, candidates: (1, {2: 0.4, 1: 0.01}))
+    note, _ = T.set_threads(None, CPU, lambda: None, memory=memory, workload="w")
+    assert "not remembered" in note and not memory.exists()
 
 
 def test_a_damaged_memory_is_measured_again_and_rewritten(unchosen, tmp_path):

@@ -4,7 +4,8 @@ The probe times the denoiser's forward at each candidate thread count (1.6 s and
 300-step runs on a 2-core machine: 2% and 8%). Its answer depends on the machine, the number of processes
 sharing it and the model's architecture, so it is remembered in the cache folder under exactly those, and
 only the first run on a machine pays. `--num-threads` or OMP_NUM_THREADS choose without a probe; deleting
-the file (named in the plan) probes again.
+the file (named in the plan) probes again. An answer of fewer threads than the process's share of the cores
+means other work held them during the probe, a passing state: it is used for the run but not remembered.
 """
 
 from __future__ import annotations
@@ -137,8 +138,12 @@ def set_threads(
             False,
         )
     best, timings = fastest(probe(), (share, 1))
-    remember(memory, key, best, timings)
     measured = ", ".join(f"{n}: {t * 1000:.0f} ms" for n, t in timings.items())
+    if best < share:
+        # Fewer threads win only while other work holds the cores: a passing state, so the next run
+        # measures again rather than inheriting a slow choice for an idle machine.
+        return f"torch threads: {best} (measured {measured}: the cores looked busy; not remembered)", False
+    remember(memory, key, best, timings)
     return (
         f"torch threads: {best} (measured a denoiser forward with {measured}; --num-threads chooses)",
         False,
