@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,13 @@ def cli_env(fault: str | None = None) -> dict[str, str]:
     return env
 
 
+def _interruptible() -> None:
+    """In the child, before exec: Ctrl-C's default action. A test run started in the background of a
+    non-interactive shell ignores SIGINT, and children inherit that, so the interruption tests' SIGINT
+    would do nothing; a user's terminal never starts difflora that way."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(
     args: list[str], *, fault: str | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
@@ -38,6 +46,7 @@ def run_cli(
         text=True,
         timeout=timeout,
         cwd=REPO_ROOT,
+        preexec_fn=_interruptible,
     )
 
 
@@ -49,6 +58,7 @@ def start_cli(args: list[str], *, fault: str | None = None) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO_ROOT,
+        preexec_fn=_interruptible,
     )
 
 
