@@ -5,6 +5,7 @@ from __future__ import annotations
 from difflora.adapter.inject import format_parameter_report, parameter_report
 from difflora.config.train import TrainConfig
 from difflora.models.architecture import pipeline_architecture
+from difflora.training.precision import precision_note
 from difflora.training.run import Run
 from difflora.training.setup import Models
 
@@ -55,7 +56,8 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         lines.insert(4, f"  quantized   {models.quantized.describe()}")
     if run.start_step:
         lines.append(f"  resuming    at step {run.start_step}")
-    for note in data.notes:
+    precision = precision_note(config.mixed_precision, run.accelerator.device)
+    for note in (*data.notes, *([precision] if precision else [])):
         lines.append(f"  note        {note}")
     report = format_parameter_report(parameter_report(models.trained_components))
     return "\n".join(lines) + "\n" + report
