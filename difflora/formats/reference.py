@@ -48,7 +48,9 @@ def reference_families() -> tuple[str, ...]:
 
 
 def components_of(family: str) -> tuple[str, ...]:
-    return model_family(family).components
+    """The family's components whose configurations are installed (a family's text-encoder configs may ship
+    apart from its denoiser's)."""
+    return tuple(c for c in model_family(family).components if _config_path(family, c) is not None)
 
 
 def _config_path(family: str, component: str) -> Path | None:
