@@ -27,7 +27,9 @@ def test_the_metadata_a_family_writes_reads_back_as_that_family(known, v_predict
     if known.kohya_version_prefixes:
         assert family_from_metadata(kohya) == known.name
     else:  # a variant kohya writes as its parent (Flux.1 schnell as "flux1"): only ModelSpec tells them apart
-        parent = next(f for f in SHIPPED if f is not known and f.kohya_base_version == known.kohya_base_version)
+        parent = next(
+            f for f in SHIPPED if f is not known and f.kohya_base_version == known.kohya_base_version
+        )
         assert family_from_metadata(kohya) == parent.name
     assert family_from_metadata(modelspec) == known.name
 

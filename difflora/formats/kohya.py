@@ -23,8 +23,8 @@ from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError, first_n
 from difflora.formats import family as families
 from difflora.formats.dora import KOHYA_DORA_SCALE, kohya_dora_scale, read_kohya_dora_scale
-from difflora.formats.kohya_metadata import FOREIGN_METADATA_PREFIXES, kohya_metadata
 from difflora.formats.fused import FusedLayer, fuse, split
+from difflora.formats.kohya_metadata import FOREIGN_METADATA_PREFIXES, kohya_metadata
 from difflora.formats.naming import (
     READ_PREFIXES,
     NameTable,
