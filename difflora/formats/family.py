@@ -25,21 +25,21 @@ def family_of(name: str | None) -> ModelFamily:
 
 
 def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    """The family a file's metadata states (difflora's own record, kohya's, or ModelSpec's), if any."""
+    """The family a file's metadata states (difflora's own record, ModelSpec's architecture, which names a
+    variant where kohya's version string may not, or kohya's), if any."""
     recorded = metadata.get("difflora.base_family", "")
     if recorded in FAMILY_NAMES:
         return recorded
-    return next((f.name for f in families() if _states(f, metadata)), None)
+    architecture = metadata.get("modelspec.architecture", "")
+    stated = next((f.name for f in families() if architecture.startswith(f.modelspec_prefixes)), None)
+    return stated or next((f.name for f in families() if _states(f, metadata)), None)
 
 
 def _states(family: ModelFamily, metadata: Mapping[str, str]) -> bool:
-    """Whether kohya's or ModelSpec's metadata names `family` (a family that declares no prefixes: never)."""
+    """Whether kohya's metadata names `family` (a family that declares no prefixes: never)."""
     version = metadata.get("ss_base_model_version", "")
-    architecture = metadata.get("modelspec.architecture", "")
-    return (
-        version.startswith(family.kohya_version_prefixes)
-        or architecture.startswith(family.modelspec_prefixes)
-        or (family.kohya_v2_flag and metadata.get("ss_v2") == "True")
+    return version.startswith(family.kohya_version_prefixes) or (
+        family.kohya_v2_flag and metadata.get("ss_v2") == "True"
     )
 
 

@@ -27,8 +27,10 @@ from difflora.formats.fused import FusedLayer, fuse, split
 from difflora.formats.kohya_metadata import FOREIGN_METADATA_PREFIXES, kohya_metadata
 from difflora.formats.naming import (
     READ_PREFIXES,
+    UNET_PREFIX,
     NameTable,
     build_table,
+    flat,
     reference_table,
     resolve_kohya_name,
     table_for_keys,
@@ -108,6 +110,32 @@ _OTHER_KINDS = {
 
 def is_kohya_key(key: str) -> bool:
     return key.startswith(KOHYA_PREFIXES)
+
+
+# ComfyUI's own layout (`diffusion_model.<original module path>.<tensor>`, what SimpleTuner's "comfyui" export
+# writes): the module is the original checkpoint's, the tensors kohya's or PEFT's.
+COMFYUI_PREFIX = "diffusion_model."
+_COMFYUI_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+def is_comfyui_key(key: str) -> bool:
+    return key.startswith(COMFYUI_PREFIX)
+
+
+def comfyui_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under kohya's names: `diffusion_model.X.Y.lora_A.weight` is the LoRA of original
+    module X.Y, which kohya calls `lora_unet_X_Y` (tensors other than a LoRA's keep their name, for
+    `from_kohya` to refuse by name)."""
+    result = {}
+    for key, tensor in tensors.items():
+        path = key.removeprefix(COMFYUI_PREFIX)
+        part = next((p for p in (*_COMFYUI_PARTS, *_LORA_PARTS) if path.endswith("." + p)), None)
+        if part is None:
+            result[key] = tensor
+            continue
+        module = path[: -len(part) - 1]
+        result[f"{UNET_PREFIX}_{flat(module)}.{_COMFYUI_PARTS.get(part, part)}"] = tensor
+    return result
 
 
 def from_kohya(

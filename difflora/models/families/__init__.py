@@ -16,9 +16,8 @@ from difflora.models.families.sd2 import SD2
 from difflora.models.families.sdxl import SDXL
 from difflora.models.families.tiny import Tiny
 
-# FluxSchnell before Flux: a schnell file's ModelSpec names it, while kohya's version string is dev's too.
 _REGISTRY: dict[str, ModelFamily] = {
-    f.name: f for f in (SD1(), SD2(), SDXL(), FluxSchnell(), Flux(), Tiny(), Custom())
+    f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), FluxSchnell(), Tiny(), Custom())
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)

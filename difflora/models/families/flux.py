@@ -32,11 +32,18 @@ class Flux(ModelFamily):
     kohya_denoiser_layout = "bfl"
     kohya_denoiser_aliases = ("lora_transformer",)
     kohya_base_version = "flux1"
+    kohya_network_module = "networks.lora_flux"
+    modelspec_states_prediction = False
+    native_resolution = 1024  # also ModelSpec's resolution (the model side declares the same)
     # kohya writes "flux1" for dev and schnell alike: schnell is told apart by its ModelSpec architecture.
     kohya_version_prefixes = ("flux1", "flux.1", "flux_1")
     modelspec_architecture = "flux-1-dev/lora"
-    modelspec_prefixes = ("flux-1-dev", "flux-1/")
+    modelspec_prefixes = ("flux-1-dev", "flux-1/")  # kohya's ARCH_FLUX_1_UNKNOWN is "flux-1"
     modelspec_implementation = "https://github.com/black-forest-labs/flux"
+    # ComfyUI maps every T5 Linear, as `lora_te3_` (kohya) and `lora_te2_` (OneTrainer, counting CLIP-L as 1).
+    consumer_encoder_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
+        "text_encoder_2": ("lora_te2", "lora_te3")
+    }
     # A1111 loads no Flux LoRA; Forge's Flux loader is ComfyUI's key map.
     consumers = ("comfyui", "forge", "diffusers")
 
