@@ -52,8 +52,6 @@ TOP_LEVEL: tuple[tuple[str, str, bool], ...] = (
     ("final_layer.linear", "proj_out", False),
     ("final_layer.adaLN_modulation.1", "norm_out.linear", True),
 )
-# diffusers' kohya converter drops these layers' alphas (`assign_remaining_weights`): written with alpha = rank.
-ALPHA_IGNORED = ("final_layer.linear", "final_layer.adaLN_modulation.1")
 BFL_ROOTS = (
     "double_blocks",
     "single_blocks",
@@ -82,7 +80,11 @@ def bfl_layers(component: str, modules: Mapping[str, ModuleInfo]) -> list[FusedL
                 layers += [layer] if layer else []
     for bfl_path, path, swap in TOP_LEVEL:
         layer = _layer(
-            component, bfl_path, (path,), modules, swap=swap, scale_in_up=bfl_path in ALPHA_IGNORED
+            component,
+            bfl_path,
+            (path,),
+            modules,
+            swap=swap,
         )
         layers += [layer] if layer else []
     return layers
@@ -100,7 +102,6 @@ def _layer(
     modules: Mapping[str, ModuleInfo],
     *,
     swap: bool,
-    scale_in_up: bool = False,
 ) -> FusedLayer | None:
     if not all(path in modules for path in paths):
         return None
@@ -110,6 +111,4 @@ def _layer(
     parts = tuple(
         Part(f"{component}.{path}", info.out_features) for path, info in zip(paths, infos, strict=True)
     )
-    return FusedLayer(
-        name=name, parts=parts, in_features=infos[0].in_features, swap_halves=swap, scale_in_up=scale_in_up
-    )
+    return FusedLayer(name=name, parts=parts, in_features=infos[0].in_features, swap_halves=swap)

@@ -13,9 +13,6 @@ one Linear per part. For parts i with LoRA (down_i [r_i, in], up_i [out_i, r_i],
   a dense up (a LoRA trained on the fused layer) gives each part the whole shared down and its rows of up.
   Both are exact: part i's ΔW is the fused ΔW's rows for part i, bit for bit in float32.
 
-A layer whose alpha some consumer ignores (diffusers drops Flux's final-layer alphas) is written with
-alpha = rank and the scale multiplied into its up (`scale_in_up`), which every consumer reads alike.
-
 A layer may also store its output rows permuted against diffusers' module (BFL's final modulation holds
 (shift, scale) where diffusers holds (scale, shift)): `swap_halves` moves the up's two row halves.
 """
@@ -46,7 +43,6 @@ class FusedLayer:
     parts: tuple[Part, ...]
     in_features: int
     swap_halves: bool = False
-    scale_in_up: bool = False  # written with alpha = rank, the scale in up: a consumer ignores its alpha
 
     @property
     def out_features(self) -> int:
@@ -83,8 +79,6 @@ def fuse(layer: FusedLayer, weights: Mapping[str, LoraWeights]) -> LoraWeights:
         up[start:stop, column : column + lora.rank] = block
         column += lora.rank
     up = _swap(up) if layer.swap_halves else up
-    if layer.scale_in_up and scale != 1.0:  # one rounding of up's values, then any alpha reading agrees
-        return LoraWeights(down=down, up=(up.double() * scale).to(dtype), alpha=float(rank))
     return LoraWeights(down=down, up=up, alpha=scale * rank)
 
 

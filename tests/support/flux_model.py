@@ -89,7 +89,7 @@ def peft_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
     deltas = {}
     for name, module in model.named_modules():
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
-            deltas[f"transformer.{name}"] = module.get_delta_weight("default").float()
+            deltas[f"transformer.{name}"] = module.get_delta_weight("default").detach().float()
     return deltas
 
 

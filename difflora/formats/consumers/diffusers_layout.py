@@ -1,12 +1,14 @@
 """diffusers' loading rules for a family whose kohya files name the denoiser in an original layout (Flux:
-`FluxLoraLoaderMixin.lora_state_dict`, `_convert_kohya_flux_lora_to_diffusers` in diffusers 0.42), for
-`difflora.formats.consumers`:
+`FluxLoraLoaderMixin.lora_state_dict` and `load_lora_weights`, `_convert_kohya_flux_lora_to_diffusers` in
+diffusers 0.42), for `difflora.formats.consumers`:
 
-- a file with any `.lora_down.weight` is converted as kohya's: each original layer of the model
-  (`lora_unet_double_blocks_N_img_attn_qkv`, ...; the fused ones split exactly, as difflora does) becomes
-  PEFT keys, with the layer's alpha folded in, except the final layer's two modules, whose alpha is read and
-  ignored (they load at scale 1: noted; difflora writes them with alpha = rank); `lora_te_`/`lora_te1_` CLIP modules load; other text-encoder keys (`lora_te3_`
-  T5) are logged "Unsupported keys" and dropped; any other leftover key is a ValueError for the file;
+- a file with any `.lora_down.weight` is converted as kohya's: only keys starting `lora_unet_`, `lora_te_`
+  or `lora_te1_` are kept (others, such as `lora_te3_` T5 modules, are filtered out); each original layer
+  inside a numbered block (`lora_unet_double_blocks_N_img_attn_qkv`, ...; the fused ones split exactly, as
+  difflora does) becomes `transformer.` PEFT keys with its alpha folded in; the layers outside the blocks
+  (`img_in`, `txt_in`, `time_in`, `vector_in`, `guidance_in`, `final_layer`) come out without the
+  `transformer.` prefix, so `load_lora_weights`, which keeps only `transformer.` keys, drops them; CLIP
+  modules load; any other `lora_unet_` key is a ValueError for the whole file;
 - otherwise PEFT keys with a `transformer.` / `text_encoder.` prefix load where they name a module.
 """
 
@@ -19,7 +21,7 @@ from difflora.formats.consumers.rules import Verdict
 from difflora.formats.naming import UNET_PREFIX, NameTable, flat
 
 _CLIP_PREFIXES = ("lora_te_", "lora_te1_")
-_FINAL = f"{UNET_PREFIX}_final_layer_"
+_KEPT = (f"{UNET_PREFIX}_", *_CLIP_PREFIXES)
 _PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
@@ -39,24 +41,24 @@ def _kohya(keys: list[str], table: NameTable) -> Verdict:
     }
     dropped: dict[str, str] = {}
     leftover: list[str] = []
-    ignored = sorted(key for key in keys if key.startswith(_FINAL) and key.endswith(".alpha"))
     for key in keys:
         name, _, part = key.partition(".")
-        if part not in _PARTS:
+        layer = table.layers.get(name)
+        if not name.startswith(_KEPT):
+            dropped[key] = (
+                "filtered out before conversion (diffusers converts lora_unet_/lora_te_/lora_te1_ only)"
+            )
+        elif part not in _PARTS or (layer is None and name not in clip):
             leftover.append(key)
-        elif name in table.layers or name in clip:
-            continue
-        elif name.startswith("lora_te"):
-            dropped[key] = "Unsupported keys for ai-toolkit: text-encoder module diffusers does not convert"
-        else:
-            leftover.append(key)
+        elif layer is not None and not _in_block(layer.name):
+            dropped[key] = "converted without the transformer. prefix, so load_lora_weights drops it"
     if leftover:
         listing = ", ".join(leftover[:5])
         return Verdict("diffusers", len(keys), 0, fatal=f"ValueError: incompatible keys: {listing}")
-    verdict = Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)
-    if ignored:
-        verdict.notes.append(
-            f"{len(ignored)} final-layer alpha(s) ignored: those modules load at scale 1 (right only where "
-            "alpha equals the rank, as difflora writes them)"
-        )
-    return verdict
+    return Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)
+
+
+def _in_block(path: str) -> bool:
+    """Whether an original layer lies inside a numbered block (`double_blocks.3.img_attn.qkv`)."""
+    parts = path.split(".")
+    return len(parts) > 2 and parts[1].isdigit()
