@@ -154,13 +154,22 @@ def from_kohya(
     hint = families.family_from_metadata(metadata) or families.family_from_prefixes(raw)
     if tables is None:
         tables = [reference_table(family) for family in families.candidates(hint)]
-    placed = _place(raw, tables)
-    if placed is not None:
-        table, keys = placed
+    table, keys, unplaced = _place(raw, tables)
+    if table is not None and not unplaced:
         modules = _unfused(raw, keys, table, source)
         modules = {key: _match_kind(w, table.modules[key].kind) for key, w in modules.items()}
         return Adapter(modules=dict(sorted(modules.items())), meta=_meta_from_kohya(metadata, table.family))
-    family, keys = _resolve_names(raw, hint, source)
+    try:
+        family, keys = _resolve_names(raw, hint, source)
+    except AdapterFormatError:
+        if table is None:
+            raise
+        listing = first_n(unplaced, 20, separator="\n  ")
+        raise AdapterFormatError(
+            f"{source}: {len(unplaced)} of {len(raw)} LoRA module name(s) match no module (or not its shape) of "
+            f"the {model_family(table.family).label} architecture the rest of the file fits:\n  {listing}\n"
+            "Nothing was loaded. Remove those keys, or use the model the file was trained for."
+        ) from None
     return Adapter(
         modules=dict(sorted({keys[name]: weights for name, weights in raw.items()}.items())),
         meta=_meta_from_kohya(metadata, family),
@@ -169,13 +178,19 @@ def from_kohya(
 
 def _place(
     raw: dict[str, LoraWeights], tables: Sequence[NameTable]
-) -> tuple[NameTable, dict[str, str]] | None:
-    """The first table holding every name with fitting shapes, and each name's difflora key or layer."""
+) -> tuple[NameTable | None, dict[str, str], list[str]]:
+    """The first table holding every name with fitting shapes, or else the one holding the most: the table,
+    each placed name's difflora key or layer, and the names it cannot place (None: no table places any)."""
+    best: tuple[NameTable | None, dict[str, str], list[str]] = (None, {}, sorted(raw))
     for table in tables:
         keys = {name: table.from_kohya.get(name) or (name if name in table.layers else None) for name in raw}
-        if all(key is not None and _fits(raw[name], key, table) for name, key in keys.items()):
-            return table, keys  # type: ignore[return-value]
-    return None
+        placed = {n: k for n, k in keys.items() if k is not None and _fits(raw[n], k, table)}
+        unplaced = sorted(set(raw) - set(placed))
+        if not unplaced:
+            return table, placed, []
+        if placed and len(unplaced) < len(best[2]):
+            best = (table, placed, unplaced)
+    return best
 
 
 def _fits(weights: LoraWeights, key: str, table: NameTable) -> bool:
