@@ -9,19 +9,25 @@ and the weights they make are compared with W0 + ΔW as peft computes it.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+from click.testing import CliRunner
 from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import safe_open
+from safetensors.torch import safe_open, save_file
 
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
+from difflora.cli import cli
+from difflora.formats.consumers.diffusers_layout import diffusers_layout
 from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.export import export_bytes
 from difflora.formats.kohya import to_kohya
+from difflora.formats.naming import build_table
 from difflora.formats.reference import adaptable, load_config, reference_modules
 from tests.support import comfyui_flux as comfy
+from tests.support import flux_files
 from tests.support.flux_model import base_weights, lora_model, peft_adapter, peft_deltas, small_flux
 
 
@@ -204,3 +210,59 @@ def test_metadata_states_flux_as_kohya_and_modelspec_do(model, tmp_path):
     with safe_open(str(path), "pt") as handle:
         header = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert (header["transformer.r"], header["transformer.lora_alpha"]) == (3, 6.0)
+
+
+@pytest.mark.parametrize(
+    ("targets", "loads"),
+    [
+        (("to_q", "to_out.0", "add_v_proj", "x_embedder", "norm_out.linear"), True),
+        (("to_q", "ff.net.2"), False),
+    ],
+    ids=["attention-and-top-level", "block-mlp"],
+)
+def test_diffusers_verdict_on_onetrainer_files_is_what_diffusers_does(targets, loads):
+    """diffusers converts OneTrainer's `lora_transformer_` names by block number and attention suffix: a
+    block's other layers become the whole block, which PEFT refuses, failing the file."""
+    model = lora_model(targets)
+    tensors = flux_files.onetrainer_file(peft_adapter(model))
+    table = build_table("flux", {"transformer": adaptable("transformer", model)})
+    verdict = diffusers_layout(list(tensors), table)
+    fresh = small_flux()
+    converted = FluxLoraLoaderMixin.lora_state_dict(dict(tensors))
+    if not loads:
+        assert verdict.fatal and "ff_net_2" in verdict.fatal
+        with pytest.raises(ValueError, match="not supported"):
+            fresh.load_lora_adapter(converted, prefix="transformer", adapter_name="ot")
+        return
+    assert verdict.complete
+    fresh.load_lora_adapter(converted, prefix="transformer", adapter_name="ot")
+    deltas = peft_deltas(model)
+    loaded = {
+        f"transformer.{n}": m.get_delta_weight("ot")
+        for n, m in fresh.named_modules()
+        if "ot" in getattr(m, "lora_A", {})
+    }
+    assert set(loaded) == set(deltas)
+    for key, delta in loaded.items():
+        torch.testing.assert_close(delta, deltas[key], rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_gives_each_consumers_verdict_on_a_flux_file(tmp_path):
+    adapter = reference_adapter()
+    tensors, metadata = to_kohya(adapter)
+    kohya = tmp_path / "kohya.safetensors"
+    save_file(tensors, kohya, metadata=metadata)
+    onetrainer = tmp_path / "onetrainer.safetensors"
+    save_file(flux_files.onetrainer_file(adapter), onetrainer)
+    result = CliRunner().invoke(cli, ["inspect", str(kohya)])
+    assert result.exit_code == 0, result.output
+    outside = [k for k in tensors if not k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks"))]
+    assert "Architecture:   flux" in result.output and "imported from kohya" in result.output
+    assert f"ComfyUI: loads all {len(tensors)} keys" in result.output
+    assert f"Forge: loads all {len(tensors)} keys" in result.output
+    assert f"diffusers: {len(tensors) - len(outside)}/{len(tensors)} keys load" in result.output
+    result = CliRunner().invoke(cli, ["inspect", str(onetrainer)])
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"transformer +{len(adapter.modules)} modules", result.output)
+    assert f"ComfyUI: loads all {3 * len(adapter.modules)} keys" in result.output
+    assert "diffusers: does NOT load" in result.output

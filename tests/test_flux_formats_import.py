@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from difflora.adapter.inject import inject_weights
+from difflora.adapter.types import LoraWeights
 from difflora.errors import AdapterFormatError
 from difflora.formats.kohya import to_kohya
 from difflora.formats.naming import build_table
 from difflora.formats.read import parse_state_dict
 from difflora.formats.reference import adaptable
-from tests.support import flux_files
+from tests.support import comfyui_flux, flux_files
 from tests.support.flux_model import lora_model, peft_adapter, peft_deltas, small_flux
 
 
@@ -136,3 +137,64 @@ def test_a_non_lora_tensor_in_a_comfyui_layout_file_is_refused_by_name(model):
     with pytest.raises(AdapterFormatError, match="diff_b") as error:
         parse_state_dict(tensors, {}, source="comfy.safetensors", tables=tables(model))
     assert "Nothing was loaded" in str(error.value)
+
+
+def text_encoders():
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(4)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=64,
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+        )
+    )
+    return clip, t5
+
+
+def test_text_encoder_modules_are_lora_te1_for_clip_and_lora_te3_for_t5(model):
+    clip, t5 = text_encoders()
+    live = {
+        "transformer": adaptable("transformer", model),
+        "text_encoder": adaptable("text_encoder", clip),
+        "text_encoder_2": adaptable("text_encoder_2", t5),
+    }
+    adapter = peft_adapter(model)
+    g = torch.Generator().manual_seed(9)
+    for component in ("text_encoder", "text_encoder_2"):
+        for path, info in live[component].items():
+            down, up = (
+                torch.randn(2, info.in_features, generator=g),
+                torch.randn(info.out_features, 2, generator=g),
+            )
+            adapter.modules[f"{component}.{path}"] = LoraWeights(down, up, 4.0)
+    tensors, metadata = to_kohya(adapter, dtype=torch.float32, modules=live)
+    names = {key.split(".")[0] for key in tensors}
+    assert "lora_te1_text_model_encoder_layers_1_self_attn_q_proj" in names
+    assert "lora_te3_encoder_block_1_layer_0_SelfAttention_q" in names
+    assert "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0" in names
+    te_names = {n for n in names if n.startswith("lora_te")}
+    comfy_map = comfyui_flux.text_encoder_key_map(clip.config.num_hidden_layers, list(live["text_encoder_2"]))
+    assert te_names <= set(comfy_map)  # ComfyUI places every text-encoder key (CLIP-L's MLP and attention)
+    back = parse_state_dict(tensors, metadata, source="te.safetensors", tables=[build_table("flux", live)])
+    assert set(back.modules) == set(adapter.modules)
+    for key, weights in back.modules.items():
+        torch.testing.assert_close(weights.delta(), adapter.modules[key].delta(), rtol=1e-5, atol=1e-6)

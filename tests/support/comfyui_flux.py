@@ -149,3 +149,31 @@ def patched(
         change = (strength * scale) * diff
         weight += function(change) if function is not None else change
     return result
+
+
+# ComfyUI's LORA_CLIP_MAP: the CLIP modules `model_lora_keys_clip` maps.
+CLIP_MAP = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
+
+
+def text_encoder_key_map(clip_layers: int, t5_linears: list[str]) -> dict[str, str]:
+    """`model_lora_keys_clip` for Flux's encoders (clip_l, t5xxl): CLIP-L's attention and MLP as
+    `lora_te_`/`lora_te1_text_model_encoder_layers_{b}_{...}`; every T5 Linear as `lora_te2_` (OneTrainer) and
+    `lora_te3_` + its path with '.' -> '_' (clip_l present, no clip_g: T5's index counts up from 2)."""
+    key_map = {}
+    for b in range(clip_layers):
+        for path, flat in CLIP_MAP.items():
+            weight = f"clip_l.transformer.text_model.encoder.layers.{b}.{path}.weight"
+            key_map[f"lora_te_text_model_encoder_layers_{b}_{flat}"] = weight
+            key_map[f"lora_te1_text_model_encoder_layers_{b}_{flat}"] = weight
+    for path in t5_linears:
+        weight = f"t5xxl.transformer.{path}.weight"
+        key_map[f"lora_te2_{path.replace('.', '_')}"] = weight
+        key_map[f"lora_te3_{path.replace('.', '_')}"] = weight
+    return key_map
