@@ -266,3 +266,24 @@ def test_inspect_gives_each_consumers_verdict_on_a_flux_file(tmp_path):
     assert re.search(rf"transformer +{len(adapter.modules)} modules", result.output)
     assert f"ComfyUI: loads all {3 * len(adapter.modules)} keys" in result.output
     assert "diffusers: does NOT load" in result.output
+
+
+def test_export_command_writes_a_flux_adapter_in_both_layouts(tmp_path):
+    from difflora.config.export import ExportConfig
+    from difflora.formats.export import export_adapter
+    from difflora.formats.native import save_adapter
+    from difflora.formats.read import load_adapter
+
+    adapter = reference_adapter()
+    native = save_adapter(adapter, tmp_path / "flux.safetensors")
+    for layout in ("comfyui", "diffusers"):
+        path = export_adapter(ExportConfig(adapter=str(native), format=layout, dtype="fp32"))
+        back = load_adapter(path)
+        assert back.meta.base_family == "flux" and set(back.modules) == set(adapter.modules)
+        for key, weights in back.modules.items():
+            vectors = torch.randn(weights.down.shape[1], 4)
+            got = weights.scale * (weights.up @ (weights.down @ vectors))
+            expected = adapter.modules[key].scale * (
+                adapter.modules[key].up @ (adapter.modules[key].down @ vectors)
+            )
+            assert float((got - expected).norm() / expected.norm()) < 1e-6, key

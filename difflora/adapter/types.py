@@ -138,8 +138,16 @@ def _single_or_counts(counter: Counter) -> Any:
     return next(iter(counter)) if len(counter) == 1 else dict(sorted(counter.items()))
 
 
-_CONTAINERS = ("transformer_blocks", "resnets", "attentions", "layers", "down_blocks", "up_blocks")
-_ATTENTION_LEVELS = ("attn1", "attn2", "self_attn", "mlp")
+_CONTAINERS = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "resnets",
+    "attentions",
+    "layers",
+    "down_blocks",
+    "up_blocks",
+)
+_ATTENTION_LEVELS = ("attn1", "attn2", "attn", "self_attn", "mlp")
 
 
 def _target_suffix(module_path: str) -> str:

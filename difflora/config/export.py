@@ -20,7 +20,8 @@ class ExportConfig:
     output: str | None = None
     """Where to write. Default: beside the adapter, <name>.<format>.safetensors."""
     format: ExportFormat = "comfyui"
-    """comfyui: kohya names (lora_unet_/lora_te_), loaded by ComfyUI, A1111/Forge and diffusers alike.
+    """comfyui: kohya names (lora_unet_/lora_te_; Flux in its fused original layout), loaded by ComfyUI,
+    A1111/Forge and diffusers alike.
     diffusers: difflora's native diffusers PEFT layout."""
     dtype: ExportDtype = "fp16"
     """Tensor precision of the written file (alpha is always stored exactly)."""
