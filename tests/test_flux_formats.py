@@ -20,6 +20,7 @@ from safetensors.torch import safe_open, save_file
 
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.cli import cli
+from difflora.errors import AdapterCompatibilityError
 from difflora.formats.consumers.diffusers_layout import diffusers_layout
 from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.export import export_bytes
@@ -287,3 +288,21 @@ def test_export_command_writes_a_flux_adapter_in_both_layouts(tmp_path):
                 adapter.modules[key].up @ (adapter.modules[key].down @ vectors)
             )
             assert float((got - expected).norm() / expected.norm()) < 1e-6, key
+
+
+def test_dora_exports_where_a_layer_is_one_module_and_is_refused_where_it_is_fused(model):
+    live = {"transformer": adaptable("transformer", model)}
+    adapter = peft_adapter(model)
+    renamed, fused = (
+        "transformer.transformer_blocks.0.attn.to_out.0",
+        "transformer.transformer_blocks.0.attn.to_q",
+    )
+    out_rows = adapter.modules[renamed].up.shape[0]
+    adapter.modules = {renamed: adapter.modules[renamed]}
+    adapter.modules[renamed].magnitude = torch.rand(out_rows) + 0.5
+    tensors, _ = to_kohya(adapter, dtype=torch.float32, modules=live)
+    assert "lora_unet_double_blocks_0_img_attn_proj.dora_scale" in tensors
+    adapter.modules[fused] = LoraWeights(torch.ones(2, 32), torch.ones(32, 2), 2.0, magnitude=torch.ones(32))
+    with pytest.raises(AdapterCompatibilityError, match="to_q") as error:
+        to_kohya(adapter, dtype=torch.float32, modules=live)
+    assert "--format diffusers" in str(error.value)

@@ -76,18 +76,25 @@ def to_kohya(
 
 
 def _fused_layers(adapter: Adapter, table: NameTable) -> dict[str, LoraWeights]:
-    """The LoRAs of the layers of the denoiser's original layout, each fused exactly from its parts'."""
+    """The LoRAs of the denoiser's original layout: a layer that is one module renamed takes its LoRA as
+    it is (DoRA included); one that fuses or reorders modules gets the LoRA fused exactly from its parts'."""
     grouped: dict[str, dict[str, LoraWeights]] = {}
     for key, weights in adapter.modules.items():
         if key in table.layer_of:
             grouped.setdefault(table.layer_of[key], {})[key] = weights
-    dora = sorted(key for parts in grouped.values() for key, w in parts.items() if w.is_dora)
+    renamed = {
+        name: next(iter(parts.values()))
+        for name, parts in grouped.items()
+        if len(table.layers[name].parts) == 1 and not table.layers[name].swap_halves
+    }
+    fused = {name: parts for name, parts in grouped.items() if name not in renamed}
+    dora = sorted(key for parts in fused.values() for key, w in parts.items() if w.is_dora)
     if dora:
         raise AdapterCompatibilityError(
             f"{len(dora)} DoRA module(s) ({first_n(dora, 3)}) lie in layers the kohya layout fuses; a DoRA "
             "magnitude has no fused form. Export with --format diffusers instead."
         )
-    return {name: fuse(table.layers[name], parts) for name, parts in grouped.items()}
+    return renamed | {name: fuse(table.layers[name], parts) for name, parts in fused.items()}
 
 
 # ----------------------------------------------------------------------------------------------- reading
