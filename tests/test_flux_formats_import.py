@@ -198,3 +198,34 @@ def test_text_encoder_modules_are_lora_te1_for_clip_and_lora_te3_for_t5(model):
     assert set(back.modules) == set(adapter.modules)
     for key, weights in back.modules.items():
         torch.testing.assert_close(weights.delta(), adapter.modules[key].delta(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"ss_base_model_version": "flux1"}, "flux"),  # kohya writes it for dev and schnell alike
+        ({"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-schnell/lora"}, "flux_schnell"),
+        ({"modelspec.architecture": "flux-1-dev/lora"}, "flux"),
+        ({"modelspec.architecture": "flux-1/lora"}, "flux"),  # kohya's "unknown Flux" architecture
+        (
+            {
+                "ss_base_model_version": "sdxl_base_v1-0",
+                "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            },
+            "sdxl",
+        ),
+    ],
+)
+def test_flux_files_are_told_apart_by_their_metadata(metadata, expected):
+    from difflora.formats.family import family_from_metadata
+
+    assert family_from_metadata(metadata) == expected
+
+
+def test_text_encoder_prefixes_name_the_family_only_with_the_denoisers_naming():
+    from difflora.formats.family import family_from_prefixes
+
+    te1 = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    assert family_from_prefixes([te1, "lora_unet_input_blocks_4_1_proj_in"]) == "sdxl"
+    assert family_from_prefixes([te1, "lora_unet_double_blocks_0_img_attn_qkv"]) is None  # dev or schnell
+    assert family_from_prefixes(["lora_te3_encoder_block_0_layer_0_SelfAttention_q"]) is None
