@@ -218,7 +218,8 @@ def _unfused(
         layer: FusedLayer | None = table.layers.get(keys[name])
         if layer is not None and weights.is_dora:
             raise AdapterFormatError(
-                f"{source}: {name} is a DoRA module on a fused layer, which difflora cannot split."
+                f"{source}: {name} is a DoRA module on a fused layer, whose magnitude difflora cannot split "
+                "into the layer's parts; load the file in ComfyUI, or use a plain LoRA."
             )
         parts = split(layer, weights) if layer is not None else {keys[name]: weights}
         for key, part in parts.items():
