@@ -229,3 +229,34 @@ def test_text_encoder_prefixes_name_the_family_only_with_the_denoisers_naming():
     assert family_from_prefixes([te1, "lora_unet_input_blocks_4_1_proj_in"]) == "sdxl"
     assert family_from_prefixes([te1, "lora_unet_double_blocks_0_img_attn_qkv"]) is None  # dev or schnell
     assert family_from_prefixes(["lora_te3_encoder_block_0_layer_0_SelfAttention_q"]) is None
+
+
+def test_comfyui_layout_with_text_encoders_imports(model):
+    """SimpleTuner's "comfyui" layout: `diffusion_model.<BFL>` and `text_encoders.{clip_l,t5xxl}.transformer.`."""
+    clip, t5 = text_encoders()
+    live = {
+        "transformer": adaptable("transformer", model),
+        "text_encoder": adaptable("text_encoder", clip),
+        "text_encoder_2": adaptable("text_encoder_2", t5),
+    }
+    tensors = flux_files.comfyui_file(peft_adapter(model), model)
+    g = torch.Generator().manual_seed(2)
+    expected = dict(peft_deltas(model))
+    for component, name, path in (
+        ("text_encoder", "clip_l", "text_model.encoder.layers.1.mlp.fc2"),
+        ("text_encoder_2", "t5xxl", "encoder.block.0.layer.1.DenseReluDense.wi_1"),
+    ):
+        info = live[component][path]
+        down, up = (
+            torch.randn(2, info.in_features, generator=g),
+            torch.randn(info.out_features, 2, generator=g),
+        )
+        stem = f"text_encoders.{name}.transformer.{path}"
+        tensors |= {
+            f"{stem}.lora_A.weight": down,
+            f"{stem}.lora_B.weight": up,
+            f"{stem}.alpha": torch.tensor(1.0),
+        }
+        expected[f"{component}.{path}"] = 0.5 * (up @ down)
+    adapter = parse_state_dict(tensors, {}, source="comfy.safetensors", tables=[build_table("flux", live)])
+    assert_same_updates(adapter, expected)

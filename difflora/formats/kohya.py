@@ -123,26 +123,38 @@ def is_kohya_key(key: str) -> bool:
 # writes): the module is the original checkpoint's, the tensors kohya's or PEFT's.
 COMFYUI_PREFIX = "diffusion_model."
 _COMFYUI_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# ComfyUI's text encoders (`text_encoders.<name>.transformer.<module path>`) and the kohya prefix each is
+# read under (`comfy/lora.py model_lora_keys_clip`; T5 is kohya's third encoder).
+_COMFYUI_ENCODERS = {"clip_l": "lora_te1", "clip_h": "lora_te", "clip_g": "lora_te2", "t5xxl": "lora_te3"}
+_COMFYUI_TEXT = "text_encoders."
 
 
 def is_comfyui_key(key: str) -> bool:
-    return key.startswith(COMFYUI_PREFIX)
+    return key.startswith((COMFYUI_PREFIX, _COMFYUI_TEXT))
 
 
 def comfyui_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same tensors under kohya's names: `diffusion_model.X.Y.lora_A.weight` is the LoRA of original
-    module X.Y, which kohya calls `lora_unet_X_Y` (tensors other than a LoRA's keep their name, for
-    `from_kohya` to refuse by name)."""
+    module X.Y, which kohya calls `lora_unet_X_Y`; `text_encoders.t5xxl.transformer.X.lora_A.weight` is
+    `lora_te3_X` (tensors other than a LoRA's keep their name, for `from_kohya` to refuse by name)."""
     result = {}
     for key, tensor in tensors.items():
-        path = key.removeprefix(COMFYUI_PREFIX)
+        prefix, path = _comfyui_module(key)
         part = next((p for p in (*_COMFYUI_PARTS, *_LORA_PARTS) if path.endswith("." + p)), None)
-        if part is None:
+        if prefix is None or part is None:
             result[key] = tensor
             continue
         module = path[: -len(part) - 1]
-        result[f"{UNET_PREFIX}_{flat(module)}.{_COMFYUI_PARTS.get(part, part)}"] = tensor
+        result[f"{prefix}_{flat(module)}.{_COMFYUI_PARTS.get(part, part)}"] = tensor
     return result
+
+
+def _comfyui_module(key: str) -> tuple[str | None, str]:
+    """(kohya prefix, the rest of the key) for a ComfyUI-layout key; no prefix for an unknown encoder."""
+    if key.startswith(COMFYUI_PREFIX):
+        return UNET_PREFIX, key.removeprefix(COMFYUI_PREFIX)
+    encoder, _, rest = key.removeprefix(_COMFYUI_TEXT).partition(".")
+    return _COMFYUI_ENCODERS.get(encoder), rest.removeprefix("transformer.")
 
 
 def from_kohya(
