@@ -306,3 +306,18 @@ def test_dora_exports_where_a_layer_is_one_module_and_is_refused_where_it_is_fus
     with pytest.raises(AdapterCompatibilityError, match="to_q") as error:
         to_kohya(adapter, dtype=torch.float32, modules=live)
     assert "--format diffusers" in str(error.value)
+
+
+def test_export_of_a_reduced_flux_takes_layer_sizes_from_the_model_folder(model, tmp_path):
+    """A Flux of another width than Flux.1's: the fused layers' part sizes come from `--model`'s configs."""
+    from safetensors.torch import load_file
+
+    from difflora.config.export import ExportConfig
+    from difflora.formats.export import export_adapter
+    from difflora.formats.native import save_adapter
+
+    model.save_config(tmp_path / "base" / "transformer")
+    native = save_adapter(peft_adapter(model), tmp_path / "small.safetensors")
+    path = export_adapter(ExportConfig(adapter=str(native), model=str(tmp_path / "base"), dtype="fp32"))
+    patched, expected, not_loaded = comfyui_result(model, load_file(path))
+    assert not not_loaded and max(relative_errors(patched, expected).values()) < 1e-5
