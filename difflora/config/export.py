@@ -29,7 +29,8 @@ class ExportConfig:
     """Replace an existing output file."""
     model: str | None = None
     """Base model a DoRA adapter's magnitudes are converted against for --format comfyui (they depend on the
-    base weights). Default: the base the adapter records."""
+    base weights), and whose diffusers folder gives the layer sizes of a model of another size than its
+    family's (a reduced Flux). Default: the base the adapter records."""
 
     def __post_init__(self) -> None:
         problems = Problems()
