@@ -17,16 +17,23 @@ def has_text_model_level(model: nn.Module) -> bool:
     return hasattr(model, "text_model")
 
 
+def is_flattened_clip(component: str, model: nn.Module) -> bool:
+    """A CLIP text encoder without the `text_model.` level (transformers 5). Other encoders (T5) never had
+    it: files name their modules as the model does (`encoder.block.0.layer.0.SelfAttention.q`)."""
+    clip = getattr(getattr(model, "config", None), "model_type", "clip_text_model") == "clip_text_model"
+    return component.startswith("text_encoder") and clip and not has_text_model_level(model)
+
+
 def classic_name(component: str, live: str, model: nn.Module) -> str:
-    """Live module path -> the name written to files (adds `text_model.` for flattened text encoders)."""
-    if component.startswith("text_encoder") and not has_text_model_level(model):
+    """Live module path -> the name written to files (adds `text_model.` for flattened CLIP encoders)."""
+    if is_flattened_clip(component, model):
         return TEXT_MODEL_PREFIX + live
     return live
 
 
 def live_name(component: str, classic: str, model: nn.Module) -> str:
     """Name from a file -> live module path in this model."""
-    if component.startswith("text_encoder") and not has_text_model_level(model):
+    if is_flattened_clip(component, model):
         return classic.removeprefix(TEXT_MODEL_PREFIX)
     return classic
 

@@ -1,6 +1,7 @@
 """What an adapter is in memory: LoraWeights per adapted module, AdapterMeta, and the Adapter holding both.
 
-Modules are keyed "<component>.<classic module path>" (components: unet, text_encoder, text_encoder_2), the
+Modules are keyed "<component>.<classic module path>" (components: unet or transformer, text_encoder,
+text_encoder_2), the
 names every LoRA consumer writes; how they are laid out on disk is difflora.formats' business.
 """
 
@@ -15,7 +16,7 @@ import torch
 from difflora import __version__
 from difflora.adapter import dora
 
-COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -137,8 +138,16 @@ def _single_or_counts(counter: Counter) -> Any:
     return next(iter(counter)) if len(counter) == 1 else dict(sorted(counter.items()))
 
 
-_CONTAINERS = ("transformer_blocks", "resnets", "attentions", "layers", "down_blocks", "up_blocks")
-_ATTENTION_LEVELS = ("attn1", "attn2", "self_attn", "mlp")
+_CONTAINERS = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "resnets",
+    "attentions",
+    "layers",
+    "down_blocks",
+    "up_blocks",
+)
+_ATTENTION_LEVELS = ("attn1", "attn2", "attn", "self_attn", "mlp")
 
 
 def _target_suffix(module_path: str) -> str:

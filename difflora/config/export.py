@@ -20,7 +20,8 @@ class ExportConfig:
     output: str | None = None
     """Where to write. Default: beside the adapter, <name>.<format>.safetensors."""
     format: ExportFormat = "comfyui"
-    """comfyui: kohya names (lora_unet_/lora_te_), loaded by ComfyUI, A1111/Forge and diffusers alike.
+    """comfyui: kohya names (lora_unet_/lora_te_; Flux in its fused original layout), loaded by ComfyUI,
+    A1111/Forge and diffusers alike.
     diffusers: difflora's native diffusers PEFT layout."""
     dtype: ExportDtype = "fp16"
     """Tensor precision of the written file (alpha is always stored exactly)."""
@@ -28,7 +29,8 @@ class ExportConfig:
     """Replace an existing output file."""
     model: str | None = None
     """Base model a DoRA adapter's magnitudes are converted against for --format comfyui (they depend on the
-    base weights). Default: the base the adapter records."""
+    base weights), and whose diffusers folder gives the layer sizes of a model of another size than its
+    family's (a reduced Flux). Default: the base the adapter records."""
 
     def __post_init__(self) -> None:
         problems = Problems()

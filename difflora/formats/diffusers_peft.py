@@ -103,8 +103,8 @@ def split_key(key: str) -> tuple[str, str] | None:
         rest = _processor_projection(rest, component)
         if rest is None:
             return None
-    if component.startswith("text_encoder") and rest.startswith("encoder."):
-        rest = "text_model." + rest  # a flattened (transformers 5) tree: files use the classic names
+    if component.startswith("text_encoder") and rest.startswith("encoder.layers."):
+        rest = "text_model." + rest  # a flattened (transformers 5) CLIP: files use the classic names
     return f"{component}.{rest}", marker[1]
 
 

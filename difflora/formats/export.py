@@ -14,6 +14,7 @@ against the base weights, and the export warns how far that is from the trained 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -26,8 +27,10 @@ from difflora.formats import family as families
 from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.dora_export import base_weights, needs_conversion, to_column_magnitudes
 from difflora.formats.kohya import to_kohya
+from difflora.formats.naming import reference_table
 from difflora.formats.native import adapter_state_dict, header_metadata
 from difflora.formats.read import load_adapter
+from difflora.formats.reference import ModuleInfo, folder_modules, reference_families
 from difflora.safe_io import interrupted_write_message, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -55,24 +58,47 @@ def export_adapter(config: ExportConfig) -> Path:
         logger.warning("%s", conversion.summary())
         adapter = conversion.adapter
     existed = output.exists()
+    modules = _model_tree(adapter, config.model) if config.format == "comfyui" else None
+    payload = export_bytes(adapter, config.format, DTYPES[config.dtype], modules=modules)
     try:
-        write_atomic(output, export_bytes(adapter, config.format, DTYPES[config.dtype]), fault="export-write")
+        write_atomic(output, payload, fault="export-write")
     except KeyboardInterrupt:
         raise Interrupted(interrupted_write_message(output, existed=existed)) from None
     logger.info("Wrote %s (%s, %s, %d modules)", output, config.format, config.dtype, len(adapter.modules))
     return output
 
 
-def export_bytes(adapter: Adapter, format: str, dtype: torch.dtype) -> bytes:
-    """The exported file's bytes (safetensors), after checking every consumer would load every key."""
+def export_bytes(
+    adapter: Adapter,
+    format: str,
+    dtype: torch.dtype,
+    *,
+    modules: Mapping[str, Mapping[str, ModuleInfo]] | None = None,
+) -> bytes:
+    """The exported file's bytes (safetensors), after checking every consumer would load every key.
+    `modules`: the model's module tree where it is not the family's reference architecture."""
     if format == "comfyui":
-        tensors, metadata = to_kohya(adapter, dtype=dtype)
+        tensors, metadata = to_kohya(adapter, dtype=dtype, modules=modules)
     else:
         tensors = adapter_state_dict(adapter)
         metadata = header_metadata(adapter)
     tensors = {key: _cast(key, value, dtype) for key, value in tensors.items()}
     _report_consumers(list(tensors), metadata, families.export_family(adapter), format)
     return save_safetensors_bytes(tensors, metadata=metadata)
+
+
+def _model_tree(adapter: Adapter, model: str | None) -> dict[str, dict[str, ModuleInfo]] | None:
+    """The base model's module tree, for an adapter of a family with a reference architecture whose shapes
+    it does not fit (a reduced model of that architecture), read from the base's diffusers folder (`--model`,
+    else the recorded base); None where the reference fits or no folder is at hand. Fused layers take their
+    parts' sizes from it."""
+    family = families.export_family(adapter)
+    if family not in reference_families() or families.fits(adapter.modules, reference_table(family)):
+        return None
+    folder = model or adapter.meta.base_model
+    if not folder or not Path(folder).is_dir():
+        return None
+    return folder_modules(folder, family) or None
 
 
 def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

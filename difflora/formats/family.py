@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.errors import AdapterCompatibilityError
-from difflora.formats.naming import NameTable, reference_table
+from difflora.formats.naming import LAYOUT_ROOTS, UNET_PREFIX, NameTable, reference_table
 from difflora.formats.reference import ModuleInfo, reference_families
 from difflora.models.families import FALLBACK_FAMILY, FAMILY_NAMES, ModelFamily, families
 from difflora.models.families import family as model_family
@@ -25,34 +25,48 @@ def family_of(name: str | None) -> ModelFamily:
 
 
 def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    """The family a file's metadata states (difflora's own record, kohya's, or ModelSpec's), if any."""
+    """The family a file's metadata states (difflora's own record, ModelSpec's architecture, which names a
+    variant where kohya's version string may not, or kohya's), if any."""
     recorded = metadata.get("difflora.base_family", "")
     if recorded in FAMILY_NAMES:
         return recorded
-    return next((f.name for f in families() if _states(f, metadata)), None)
+    architecture = metadata.get("modelspec.architecture", "")
+    stated = next((f.name for f in families() if architecture.startswith(f.modelspec_prefixes)), None)
+    return stated or next((f.name for f in families() if _states(f, metadata)), None)
 
 
 def _states(family: ModelFamily, metadata: Mapping[str, str]) -> bool:
-    """Whether kohya's or ModelSpec's metadata names `family` (a family that declares no prefixes: never)."""
+    """Whether kohya's metadata names `family` (a family that declares no prefixes: never)."""
     version = metadata.get("ss_base_model_version", "")
-    architecture = metadata.get("modelspec.architecture", "")
-    return (
-        version.startswith(family.kohya_version_prefixes)
-        or architecture.startswith(family.modelspec_prefixes)
-        or (family.kohya_v2_flag and metadata.get("ss_v2") == "True")
+    return version.startswith(family.kohya_version_prefixes) or (
+        family.kohya_v2_flag and metadata.get("ss_v2") == "True"
     )
 
 
 def family_from_prefixes(kohya_names: Iterable[str]) -> str | None:
-    """The family a kohya file's text-encoder prefixes single out: one that only that family writes (the
-    prefixes every one-encoder family shares tell nothing)."""
-    writers: dict[str, set[str]] = {}
-    for f in families():
-        for prefix in f.kohya_text_encoder_prefixes.values():
-            writers.setdefault(prefix, set()).add(f.name)
+    """The one family that writes every text-encoder prefix the file uses, among those whose denoiser
+    naming the file's `lora_unet_` names follow (an original layout's roots, or none); None when the
+    prefixes tell nothing (every one-encoder family writes `lora_te_`)."""
     names = list(kohya_names)
-    used = {prefix for prefix in writers if any(name.startswith(prefix + "_") for name in names)}
-    return next((next(iter(writers[p])) for p in sorted(used) if len(writers[p]) == 1), None)
+    used = {
+        prefix
+        for f in families()
+        for prefix in f.kohya_text_encoder_prefixes.values()
+        if any(name.startswith(prefix + "_") for name in names)
+    }
+    layouts = {layout for layout, roots in LAYOUT_ROOTS.items() if any(_in_roots(n, roots) for n in names)}
+    writers = [
+        f.name
+        for f in families()
+        if used
+        and used <= set(f.kohya_text_encoder_prefixes.values())
+        and (f.kohya_denoiser_layout in layouts if layouts else f.kohya_denoiser_layout is None)
+    ]
+    return writers[0] if len(writers) == 1 else None
+
+
+def _in_roots(name: str, roots: Iterable[str]) -> bool:
+    return any(name.startswith(f"{UNET_PREFIX}_{root}_") for root in roots)
 
 
 def candidates(hint: str | None) -> list[str]:

@@ -14,6 +14,7 @@ The file's metadata (kohya's, ModelSpec's and difflora's own, with kohya's hashe
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -22,10 +23,20 @@ from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError, first_n
 from difflora.formats import family as families
 from difflora.formats.dora import KOHYA_DORA_SCALE, kohya_dora_scale, read_kohya_dora_scale
+from difflora.formats.fused import FusedLayer, fuse, split
 from difflora.formats.kohya_metadata import FOREIGN_METADATA_PREFIXES, kohya_metadata
-from difflora.formats.naming import READ_PREFIXES, reference_table, resolve_kohya_name, table_for_keys
+from difflora.formats.naming import (
+    READ_PREFIXES,
+    UNET_PREFIX,
+    NameTable,
+    build_table,
+    flat,
+    reference_table,
+    resolve_kohya_name,
+    table_for_keys,
+)
 from difflora.formats.native import meta_from_header
-from difflora.formats.reference import reference_families
+from difflora.formats.reference import ModuleInfo, reference_families
 from difflora.models.families import family as model_family
 
 logger = logging.getLogger(__name__)
@@ -34,12 +45,17 @@ logger = logging.getLogger(__name__)
 
 
 def to_kohya(
-    adapter: Adapter, *, dtype: torch.dtype = torch.float16
+    adapter: Adapter,
+    *,
+    dtype: torch.dtype = torch.float16,
+    modules: Mapping[str, Mapping[str, ModuleInfo]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The adapter's tensors under kohya names, and the file's metadata (hashes included)."""
+    """The adapter's tensors under kohya names, and the file's metadata (hashes included). `modules` is
+    the live model's tree ({component: {path: shape}}) where it is not the family's reference architecture
+    (a reduced model): fused layers take their parts' sizes from it."""
     family = families.export_family(adapter)
-    table = table_for_keys(family, adapter.modules)
-    outside = sorted(set(adapter.modules) - set(table.to_kohya))
+    table = build_table(family, modules) if modules else table_for_keys(family, adapter.modules)
+    outside = sorted(set(adapter.modules) - set(table.to_kohya) - set(table.layer_of))
     if outside:
         raise AdapterCompatibilityError(
             f"{len(outside)} module(s) of this adapter do not exist in the {family} architecture: "
@@ -47,15 +63,38 @@ def to_kohya(
             "on its base."
         )
     families.check_shapes(adapter.modules, table, family)
+    named = {table.to_kohya[key]: w for key, w in adapter.modules.items() if key in table.to_kohya}
+    named |= _fused_layers(adapter, table)
     tensors: dict[str, torch.Tensor] = {}
-    for key, weights in adapter.modules.items():
-        name = table.to_kohya[key]
+    for name, weights in named.items():
         tensors[f"{name}.lora_down.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(weights.alpha), dtype=torch.float32)
         if weights.is_dora:  # float32 like alpha: its rounding would scale the whole weight
             tensors[f"{name}.{KOHYA_DORA_SCALE}"] = kohya_dora_scale(weights).to("cpu", torch.float32)
     return tensors, kohya_metadata(adapter, family, tensors)
+
+
+def _fused_layers(adapter: Adapter, table: NameTable) -> dict[str, LoraWeights]:
+    """The LoRAs of the denoiser's original layout: a layer that is one module renamed takes its LoRA as
+    it is (DoRA included); one that fuses or reorders modules gets the LoRA fused exactly from its parts'."""
+    grouped: dict[str, dict[str, LoraWeights]] = {}
+    for key, weights in adapter.modules.items():
+        if key in table.layer_of:
+            grouped.setdefault(table.layer_of[key], {})[key] = weights
+    renamed = {
+        name: next(iter(parts.values()))
+        for name, parts in grouped.items()
+        if len(table.layers[name].parts) == 1 and not table.layers[name].swap_halves
+    }
+    fused = {name: parts for name, parts in grouped.items() if name not in renamed}
+    dora = sorted(key for parts in fused.values() for key, w in parts.items() if w.is_dora)
+    if dora:
+        raise AdapterCompatibilityError(
+            f"{len(dora)} DoRA module(s) ({first_n(dora, 3)}) lie in layers the kohya layout fuses; a DoRA "
+            "magnitude has no fused form. Export with --format diffusers instead."
+        )
+    return renamed | {name: fuse(table.layers[name], parts) for name, parts in fused.items()}
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -80,22 +119,129 @@ def is_kohya_key(key: str) -> bool:
     return key.startswith(KOHYA_PREFIXES)
 
 
-def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str) -> Adapter:
-    """An Adapter from kohya/A1111/ComfyUI-style keys (UNet names in diffusers or SGM form, with or
-    without `.alpha`: missing means scale 1, as in kohya, ComfyUI and A1111). Every key is consumed or the
-    file is refused with the keys named: a partial import would silently change what the LoRA does."""
+# ComfyUI's own layout (`diffusion_model.<original module path>.<tensor>`, what SimpleTuner's "comfyui" export
+# writes): the module is the original checkpoint's, the tensors kohya's or PEFT's.
+COMFYUI_PREFIX = "diffusion_model."
+_COMFYUI_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# ComfyUI's text encoders (`text_encoders.<name>.transformer.<module path>`) and the kohya prefix each is
+# read under (`comfy/lora.py model_lora_keys_clip`; T5 is kohya's third encoder).
+_COMFYUI_ENCODERS = {"clip_l": "lora_te1", "clip_h": "lora_te", "clip_g": "lora_te2", "t5xxl": "lora_te3"}
+_COMFYUI_TEXT = "text_encoders."
+
+
+def is_comfyui_key(key: str) -> bool:
+    return key.startswith((COMFYUI_PREFIX, _COMFYUI_TEXT))
+
+
+def comfyui_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under kohya's names: `diffusion_model.X.Y.lora_A.weight` is the LoRA of original
+    module X.Y, which kohya calls `lora_unet_X_Y`; `text_encoders.t5xxl.transformer.X.lora_A.weight` is
+    `lora_te3_X` (tensors other than a LoRA's keep their name, for `from_kohya` to refuse by name)."""
+    result = {}
+    for key, tensor in tensors.items():
+        prefix, path = _comfyui_module(key)
+        part = next((p for p in (*_COMFYUI_PARTS, *_LORA_PARTS) if path.endswith("." + p)), None)
+        if prefix is None or part is None:
+            result[key] = tensor
+            continue
+        module = path[: -len(part) - 1]
+        result[f"{prefix}_{flat(module)}.{_COMFYUI_PARTS.get(part, part)}"] = tensor
+    return result
+
+
+def _comfyui_module(key: str) -> tuple[str | None, str]:
+    """(kohya prefix, the rest of the key) for a ComfyUI-layout key; no prefix for an unknown encoder."""
+    if key.startswith(COMFYUI_PREFIX):
+        return UNET_PREFIX, key.removeprefix(COMFYUI_PREFIX)
+    encoder, _, rest = key.removeprefix(_COMFYUI_TEXT).partition(".")
+    return _COMFYUI_ENCODERS.get(encoder), rest.removeprefix("transformer.")
+
+
+def from_kohya(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    *,
+    source: str,
+    tables: Sequence[NameTable] | None = None,
+) -> Adapter:
+    """An Adapter from kohya/A1111/ComfyUI-style keys (UNet names in diffusers or SGM form, a denoiser's
+    original layout with its fused layers split exactly, with or without `.alpha`: missing means scale 1, as
+    in kohya, ComfyUI and A1111). Every key is consumed or the file is refused with the keys named: a
+    partial import would silently change what the LoRA does. `tables`: the architectures to place names in
+    (default: every reference architecture, the file's own first)."""
     raw = {name: _module_weights(name, parts, source) for name, parts in _group(tensors, source).items()}
     hint = families.family_from_metadata(metadata) or families.family_from_prefixes(raw)
-    family, keys = _resolve_names(raw, hint, source)
-    modules = {keys[name]: weights for name, weights in raw.items()}
-    if family in reference_families():
-        table = reference_table(family)
-        # A module the reference tree lacks (a custom architecture named like this family) keeps its layout.
-        modules = {
-            key: _match_kind(w, table.modules[key].kind) if key in table.modules else w
-            for key, w in modules.items()
-        }
-    return Adapter(modules=dict(sorted(modules.items())), meta=_meta_from_kohya(metadata, family))
+    if tables is None:
+        tables = [reference_table(family) for family in families.candidates(hint)]
+    table, keys, unplaced = _place(raw, tables)
+    if table is not None and not unplaced:
+        modules = _unfused(raw, keys, table, source)
+        modules = {key: _match_kind(w, table.modules[key].kind) for key, w in modules.items()}
+        return Adapter(modules=dict(sorted(modules.items())), meta=_meta_from_kohya(metadata, table.family))
+    try:
+        family, keys = _resolve_names(raw, hint, source)
+    except AdapterFormatError:
+        if table is None:
+            raise
+        listing = first_n(unplaced, 20, separator="\n  ")
+        raise AdapterFormatError(
+            f"{source}: {len(unplaced)} of {len(raw)} LoRA module name(s) match no module (or not its shape) of "
+            f"the {model_family(table.family).label} architecture the rest of the file fits:\n  {listing}\n"
+            "Nothing was loaded. Remove those keys, or use the model the file was trained for."
+        ) from None
+    return Adapter(
+        modules=dict(sorted({keys[name]: weights for name, weights in raw.items()}.items())),
+        meta=_meta_from_kohya(metadata, family),
+    )
+
+
+def _place(
+    raw: dict[str, LoraWeights], tables: Sequence[NameTable]
+) -> tuple[NameTable | None, dict[str, str], list[str]]:
+    """The first table holding every name with fitting shapes, or else the one holding the most: the table,
+    each placed name's difflora key or layer, and the names it cannot place (None: no table places any)."""
+    best: tuple[NameTable | None, dict[str, str], list[str]] = (None, {}, sorted(raw))
+    for table in tables:
+        keys = {name: table.from_kohya.get(name) or (name if name in table.layers else None) for name in raw}
+        placed = {n: k for n, k in keys.items() if k is not None and _fits(raw[n], k, table)}
+        unplaced = sorted(set(raw) - set(placed))
+        if not unplaced:
+            return table, placed, []
+        if placed and len(unplaced) < len(best[2]):
+            best = (table, placed, unplaced)
+    return best
+
+
+def _fits(weights: LoraWeights, key: str, table: NameTable) -> bool:
+    if key in table.layers:
+        layer = table.layers[key]
+        return families.shape_fits(weights, ModuleInfo("linear", layer.in_features, layer.out_features))
+    return families.shape_fits(weights, table.modules[key])
+
+
+def _unfused(
+    raw: dict[str, LoraWeights], keys: dict[str, str], table: NameTable, source: str
+) -> dict[str, LoraWeights]:
+    """difflora key -> LoRA: fused layers split into their parts, the rest as named; a module named twice
+    (a fused layer and one of its parts, or two spellings) is refused."""
+    modules: dict[str, LoraWeights] = {}
+    origin: dict[str, str] = {}
+    for name, weights in raw.items():
+        layer: FusedLayer | None = table.layers.get(keys[name])
+        if layer is not None and weights.is_dora:
+            raise AdapterFormatError(
+                f"{source}: {name} is a DoRA module on a fused layer, whose magnitude difflora cannot split "
+                "into the layer's parts; load the file in ComfyUI, or use a plain LoRA."
+            )
+        parts = split(layer, weights) if layer is not None else {keys[name]: weights}
+        for key, part in parts.items():
+            if key in origin:
+                raise AdapterFormatError(
+                    f"{source}: {origin[key]} and {name} both name the module {key} (two spellings of one "
+                    "layer, or a fused layer and one of its parts). Keep one of them."
+                )
+            origin[key], modules[key] = name, part
+    return modules
 
 
 def _group(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -141,13 +287,8 @@ def _module_weights(name: str, parts: dict[str, torch.Tensor], source: str) -> L
 
 
 def _resolve_names(raw: dict[str, LoraWeights], hint: str | None, source: str) -> tuple[str, dict[str, str]]:
-    """Family and difflora key per kohya name: the first reference family whose table holds every name
-    with fitting shapes; failing that, each name on its own (custom architectures)."""
-    for family in families.candidates(hint):
-        table = reference_table(family)
-        keys = {name: table.from_kohya.get(name) for name in raw}
-        if all(keys.values()) and all(families.shape_fits(raw[n], table.modules[k]) for n, k in keys.items()):  # type: ignore[index]
-            return family, _unique(keys, source)  # type: ignore[arg-type]
+    """Family and difflora key per kohya name where no architecture holds them all (custom architectures):
+    each name on its own."""
     keys = {name: resolve_kohya_name(name, families.candidates(hint)) for name in raw}
     unknown = sorted(name for name, key in keys.items() if key is None)
     if unknown:

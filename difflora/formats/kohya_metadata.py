@@ -58,7 +58,6 @@ from difflora.models.families import family as model_family
 logger = logging.getLogger(__name__)
 
 MODELSPEC_VERSION = "1.0.1"
-NETWORK_MODULE = "networks.lora"
 FOREIGN_METADATA_PREFIXES = ("ss_", "modelspec.", "sshs_")
 _TRAIN_FACTS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
     ("steps", "max_steps", ("ss_steps", "ss_max_train_steps")),
@@ -111,7 +110,7 @@ def _minimum_metadata(adapter: Adapter, family: str) -> dict[str, str]:
     return {
         "ss_v2": str(model_family(family).kohya_v2_flag),
         "ss_base_model_version": model_family(family).kohya_version(v_prediction=v_prediction),
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": model_family(family).kohya_network_module,
         "ss_network_dim": "Dynamic" if dynamic else str(next(iter(ranks))),
         "ss_network_alpha": "Dynamic" if dynamic else _number(next(iter(alphas))),
         "ss_network_args": json.dumps(_network_args(adapter)),
@@ -179,7 +178,9 @@ def _modelspec(adapter: Adapter, family: str) -> dict[str, str]:
         "modelspec.title": meta.name or "difflora adapter",
         "modelspec.resolution": _resolution(family, _config_values(meta.config_toml)),
         "modelspec.date": meta.created_at,
-        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.prediction_type": (
+            ("v" if v_prediction else "epsilon") if model_family(family).modelspec_states_prediction else ""
+        ),
         "modelspec.trigger_phrase": ", ".join(meta.trigger_words),
     }
     return {key: value for key, value in spec.items() if value}

@@ -22,6 +22,8 @@ from functools import cache, lru_cache
 
 from torch import nn
 
+from difflora.formats.flux_names import BFL_ROOTS, bfl_layers
+from difflora.formats.fused import FusedLayer
 from difflora.formats.reference import (
     ModuleInfo,
     components_of,
@@ -35,9 +37,15 @@ from difflora.models.families import family as model_family
 UNET_PREFIX = "lora_unet"
 # Prefix -> component when reading: every family's prefixes, whatever the file's family (ComfyUI and
 # diffusers read `lora_te_` as the first of two text encoders too).
-READ_PREFIXES = {UNET_PREFIX: "unet"} | {
-    prefix: component for f in families() for component, prefix in f.kohya_text_encoder_prefixes.items()
-}
+READ_PREFIXES = (
+    {UNET_PREFIX: "unet"}
+    | {prefix: component for f in families() for component, prefix in f.kohya_text_encoder_prefixes.items()}
+    | {alias: f.denoiser for f in families() for alias in f.kohya_denoiser_aliases}
+)
+# Original layouts a family's denoiser may be named in (`ModelFamily.kohya_denoiser_layout`): each builds
+# the fused/renamed layers from the denoiser's module tree.
+DENOISER_LAYOUTS = {"bfl": bfl_layers}
+LAYOUT_ROOTS = {"bfl": BFL_ROOTS}  # the first segments of each layout's module paths
 SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 # SGM names of a ResnetBlock2D's layers (ldm ResBlock: in_layers = [norm, act, conv], out_layers =
 # [norm, act, dropout, conv], emb_layers = [act, linear]).
@@ -137,6 +145,10 @@ class NameTable:
     to_kohya: dict[str, str] = field(default_factory=dict)
     from_kohya: dict[str, str] = field(default_factory=dict)
     sgm: dict[str, str] = field(default_factory=dict)  # "unet.<diffusers path>" -> SGM path (all families)
+    # A denoiser named in an original layout: kohya name -> its layer, and difflora key -> that kohya name
+    # (several keys share one name where the layout fuses them).
+    layers: dict[str, FusedLayer] = field(default_factory=dict)
+    layer_of: dict[str, str] = field(default_factory=dict)
 
 
 def build_table(
@@ -150,10 +162,15 @@ def build_table(
     table = NameTable(family, {f"{c}.{n}": info for c, names in modules.items() for n, info in names.items()})
     unet_names = list(modules.get("unet", {}))
     sgm = sgm_module_names(unet, unet_names) if unet is not None and unet_names else {}
-    te = text_encoder_prefixes(model_family(family), modules)
-    use_sgm = model_family(family).kohya_unet_names == "sgm"
+    known = model_family(family)
+    te = text_encoder_prefixes(known, modules)
+    use_sgm = known.kohya_unet_names == "sgm"
+    if known.kohya_denoiser_layout and known.denoiser in modules:
+        _add_layout(table, known, modules[known.denoiser])
     for key in table.modules:
         component, _, path = key.partition(".")
+        if component == known.denoiser and known.kohya_denoiser_layout:
+            continue  # named by _add_layout
         if component == "unet":
             diffusers_form = f"{UNET_PREFIX}_{flat(path)}"
             table.from_kohya[diffusers_form] = key
@@ -169,10 +186,21 @@ def build_table(
     return table
 
 
+def _add_layout(table: NameTable, known: ModelFamily, modules: Mapping[str, ModuleInfo]) -> None:
+    """The denoiser's layers in the family's original layout (written and read as `lora_unet_<flat path>`,
+    as kohya names them), and the family's aliases that name its diffusers paths (read only)."""
+    for layer in DENOISER_LAYOUTS[known.kohya_denoiser_layout](known.denoiser, modules):  # type: ignore[index]
+        name = f"{UNET_PREFIX}_{flat(layer.name)}"
+        table.layers[name] = layer
+        table.layer_of.update({part.key: name for part in layer.parts})
+    for alias in known.kohya_denoiser_aliases:
+        table.from_kohya.update({f"{alias}_{flat(path)}": f"{known.denoiser}.{path}" for path in modules})
+
+
 def text_encoder_prefixes(family: ModelFamily, components: Iterable[str]) -> dict[str, str]:
     """The family's kohya text-encoder prefixes, or, for a model with more encoders than its family names
     (a custom model with two), those of the first family that names them all."""
-    encoders = set(components) - {"unet"}
+    encoders = set(components) - {"unet", family.denoiser}
     return next(
         (
             f.kohya_text_encoder_prefixes

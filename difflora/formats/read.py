@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -18,22 +19,26 @@ import torch
 from difflora.adapter.types import Adapter
 from difflora.errors import AdapterFormatError
 from difflora.formats.diffusers_peft import peft_config_problem, read_diffusers
-from difflora.formats.kohya import from_kohya, is_kohya_key
+from difflora.formats.kohya import comfyui_to_kohya, from_kohya, is_comfyui_key, is_kohya_key
+from difflora.formats.naming import NameTable
 from difflora.formats.native import is_native_layout, parse_native
 from difflora.safe_io import read_pickle, read_safetensors
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-Layout = Literal["difflora", "kohya", "diffusers", "mixed"]
+Layout = Literal["difflora", "kohya", "comfyui", "diffusers", "mixed"]
 
 
 def detect_format(
     tensors: dict[str, torch.Tensor] | list[str], metadata: dict[str, str] | None = None
 ) -> Layout:
-    """Which layout a file's keys are in: difflora's native one, kohya's, diffusers/PEFT, or a mix."""
+    """Which layout a file's keys are in: difflora's native one, kohya's, ComfyUI's `diffusion_model.`,
+    diffusers/PEFT, or a mix."""
     keys = list(tensors)
     kohya = sum(is_kohya_key(key) for key in keys)
     if keys and kohya == len(keys):
         return "kohya"
+    if keys and all(is_comfyui_key(key) for key in keys):
+        return "comfyui"
     if kohya:
         return "mixed"
     if metadata and "difflora.format_version" in metadata and is_native_layout(dict.fromkeys(keys)):  # type: ignore[arg-type]
@@ -41,11 +46,20 @@ def detect_format(
     return "diffusers"
 
 
-def read_foreign(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str) -> Adapter:
-    """An Adapter from a kohya or diffusers/PEFT file (every key applied, or an error naming the rest)."""
+def read_foreign(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    *,
+    source: str,
+    tables: Sequence[NameTable] | None = None,
+) -> Adapter:
+    """An Adapter from a kohya, ComfyUI or diffusers/PEFT file (every key applied, or an error naming the
+    rest). `tables`: the architectures to place kohya names in (default: the reference architectures)."""
     layout = detect_format(tensors, metadata)
     if layout == "kohya":
-        return from_kohya(tensors, metadata, source=source)
+        return from_kohya(tensors, metadata, source=source, tables=tables)
+    if layout == "comfyui":
+        return from_kohya(comfyui_to_kohya(tensors), metadata, source=source, tables=tables)
     if layout == "mixed":
         kohya = sorted(key for key in tensors if is_kohya_key(key))
         other = sorted(key for key in tensors if not is_kohya_key(key))
@@ -75,8 +89,14 @@ def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adap
     return adapter
 
 
-def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str) -> Adapter:
-    """The Adapter in `tensors`, whichever layout they are in."""
+def parse_state_dict(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    *,
+    source: str,
+    tables: Sequence[NameTable] | None = None,
+) -> Adapter:
+    """The Adapter in `tensors`, whichever layout they are in (`tables`: see `read_foreign`)."""
     if not any(
         ".lora_" in key or "lora_" in key.split(".")[0] or key.endswith(_MATRIX_SUFFIXES) for key in tensors
     ):
@@ -87,7 +107,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     check_metadata(metadata, source=source)
     if is_native_layout(tensors):
         return parse_native(tensors, metadata, source=source)
-    return read_foreign(tensors, metadata, source=source)
+    return read_foreign(tensors, metadata, source=source, tables=tables)
 
 
 # The names every reader takes for LoRA matrices (A/down, B/up) in any layout it reads, and for alphas.

@@ -48,7 +48,9 @@ def reference_families() -> tuple[str, ...]:
 
 
 def components_of(family: str) -> tuple[str, ...]:
-    return model_family(family).components
+    """The family's components whose configurations are installed (a family's text-encoder configs may ship
+    apart from its denoiser's)."""
+    return tuple(c for c in model_family(family).components if _config_path(family, c) is not None)
 
 
 def _config_path(family: str, component: str) -> Path | None:
@@ -72,6 +74,10 @@ def load_config(family: str, component: str) -> dict[str, Any]:
     path = _config_path(family, component)
     if path is None:
         raise ModelError(f"No reference configuration for the {component} of family {family!r}.")
+    return _read_config(path)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
     raw = json.loads(path.read_text())
     return {key: value for key, value in raw.items() if not key.startswith("_")} | {
         "_class_name": raw.get("_class_name", raw.get("architectures", ["CLIPTextModel"])[0])
@@ -81,7 +87,23 @@ def load_config(family: str, component: str) -> dict[str, Any]:
 @cache
 def reference_model(family: str, component: str) -> nn.Module:
     """The component built on the meta device (module tree and shapes only; cached, costs < 1 s for SDXL)."""
-    config = load_config(family, component)
+    return _meta_model(load_config(family, component))
+
+
+def folder_modules(folder: str | Path, family: str) -> dict[str, dict[str, ModuleInfo]]:
+    """The module trees of a diffusers model folder's components of `family` (built on the meta device from
+    their config.json): a model of the family's architecture at another size, whose shapes its reference
+    does not have."""
+    found = {}
+    for component in model_family(family).components:
+        path = Path(folder) / component / "config.json"
+        if path.is_file():
+            found[component] = adaptable(component, _meta_model(_read_config(path)))
+    return found
+
+
+def _meta_model(config: dict[str, Any]) -> nn.Module:
+    config = dict(config)
     class_name = config.pop("_class_name")
     with torch.device("meta"):
         if "model_type" not in config:  # a diffusers model (UNet, transformer)

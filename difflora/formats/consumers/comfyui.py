@@ -18,7 +18,7 @@ from difflora.models.families import family as model_family
 @cache
 def comfyui_names(family: str) -> frozenset[str]:
     table = reference_table(family)
-    names: set[str] = set()
+    names: set[str] = set(_layout_names(table))
     for key, sgm in table.sgm.items():
         path = key.removeprefix("unet.")
         names.update({f"lora_unet_{flat(sgm)}", f"lora_unet_{flat(path)}", f"lycoris_{flat(path)}"})
@@ -27,6 +27,7 @@ def comfyui_names(family: str) -> frozenset[str]:
         processor = processor[:-2] if processor.endswith(".to_out.0") else processor
         names.update({processor, f"unet.{processor}"})
     for component in model_family(family).text_encoders:
+        names.update(_whole_encoder_names(table, component))
         for b, c in te_layer_names(table, component):
             flat_name = f"text_model_encoder_layers_{b}_{CLIP_SUFFIXES[c]}"
             if component == "text_encoder":
@@ -35,6 +36,29 @@ def comfyui_names(family: str) -> frozenset[str]:
                 names.add(f"lora_te2_{flat_name}")
             names.add(f"{component}.text_model.encoder.layers.{b}.{c}")
     return frozenset(names)
+
+
+def _layout_names(table: NameTable) -> set[str]:
+    """A denoiser in an original layout (Flux's BFL), as `model_lora_keys_unet` maps it: every original
+    weight as `lora_unet_<flat path>` and `diffusion_model.<path>`, a single block's fused `linear1` also as
+    `<path>.linear1_qkv`, and each diffusers module (sliced into its fused weight) as `transformer.<path>`,
+    `lycoris_<flat path>` (SimpleTuner) and `lora_transformer_<flat path>` (OneTrainer)."""
+    names: set[str] = set()
+    for kohya_name, layer in table.layers.items():
+        names.update({kohya_name, f"diffusion_model.{layer.name}"})
+        if layer.name.endswith(".linear1"):
+            names.add(f"{layer.name}_qkv")
+        for part in layer.parts:
+            component, _, path = part.key.partition(".")
+            names.update({part.key, f"lycoris_{flat(path)}", f"lora_{component}_{flat(path)}"})
+    return names
+
+
+def _whole_encoder_names(table: NameTable, component: str) -> set[str]:
+    """A text encoder ComfyUI maps every Linear of (T5, by `lora_te<N>_<flat path>`), as the family declares."""
+    prefixes = model_family(table.family).consumer_encoder_prefixes.get(component, ())
+    paths = [k.partition(".")[2] for k in table.modules if k.startswith(component + ".")]
+    return {f"{prefix}_{flat(path)}" for prefix in prefixes for path in paths}
 
 
 _COMFY_PAIRS = (  # (up, down) tensor names after the module name
@@ -60,7 +84,8 @@ _COMFY_SINGLES += tuple(f".lokr_{n}" for n in ("w1", "w2", "w1_a", "w1_b", "w2_a
 _COMFY_SINGLES += tuple(f".{n}.weight" for n in ("a1", "a2", "b1", "b2"))
 
 
-def comfyui(keys: Sequence[str], table: NameTable) -> Verdict:
+def comfyui(keys: Sequence[str], table: NameTable, consumer: str = "ComfyUI") -> Verdict:
+    """`consumer`: Forge's loader is ComfyUI's key map, so its verdict is this one under its name."""
     known = comfyui_names(table.family)
     present = set(keys)
     loaded: set[str] = set()
@@ -73,7 +98,7 @@ def comfyui(keys: Sequence[str], table: NameTable) -> Verdict:
     dropped = {
         key: "lora key not loaded: no such layer in ComfyUI's key map" for key in keys if key not in loaded
     }
-    return Verdict("ComfyUI", len(keys), len(keys) - len(dropped), dropped)
+    return Verdict(consumer, len(keys), len(keys) - len(dropped), dropped)
 
 
 def _module_part(key: str) -> str:

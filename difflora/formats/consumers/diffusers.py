@@ -11,6 +11,7 @@ from difflora.errors import first_n
 from difflora.formats.consumers.rules import Verdict
 from difflora.formats.naming import NameTable, flat, reference_table
 from difflora.formats.reference import reference_model
+from difflora.models.families import family as model_family
 
 # ----------------------------------------------------------------------------------------------- diffusers
 
@@ -57,7 +58,7 @@ _DIFFUSERS_COMPOUNDS = frozenset(
 def diffusers(keys: Sequence[str], table: NameTable) -> Verdict:
     keys = list(keys)
     if not keys or not all(key.startswith(_KOHYA_PREFIXES) for key in keys):
-        return _diffusers_peft(keys, table)
+        return diffusers_peft(keys, table)
     groups: dict[str, set[str]] = {}
     for key in keys:
         name, _, part = key.partition(".")
@@ -149,17 +150,17 @@ def _sgm_positional(body: str, table: NameTable) -> str | None:
     return f"up_blocks.{block // per}.{inner}.{layer}.{rest}"
 
 
-def _diffusers_peft(keys: Sequence[str], table: NameTable) -> Verdict:
+def diffusers_peft(keys: Sequence[str], table: NameTable) -> Verdict:
     from difflora.formats.diffusers_peft import split_key
 
     dropped: dict[str, str] = {}
     for key in keys:
         component = key.split(".")[0]
-        if component not in ("unet", "text_encoder", "text_encoder_2"):
+        if component not in model_family(table.family).components:
             reason = (
                 "kohya key in a file that is not all-kohya: not converted"
                 if key.startswith(("lora_",))
-                else "no unet./text_encoder. prefix: not read"
+                else f"no {'./'.join(model_family(table.family).components)}. prefix: not read"
             )
             dropped[key] = reason
             continue

@@ -12,7 +12,10 @@ the module names of the architecture the file is for (the reference trees of `re
   `lora_te1_text_model`->`(0_)transformer_text_model` fallbacks, against the compvis module names; unmatched keys
   are reported as "Failed to match keys"; a matched module whose tensors no network type accepts makes the
   whole file fail. Listing: `ss_base_model_version`/`ss_v2` decide the version A1111 shows the LoRA for.
-  Forge's loader is ComfyUI's, so the ComfyUI verdict describes Forge's loading.
+  Forge's loader is ComfyUI's, so the ComfyUI verdict describes Forge's loading. A family that A1111 does
+  not load (Flux) is checked for ComfyUI, Forge (ComfyUI's key map) and diffusers, as it declares
+  (`ModelFamily.consumers`); its original layout's names are in ComfyUI's map (`comfyui._layout_names`)
+  and diffusers' kohya converter for it is `diffusers_layout`.
 - diffusers (`load_lora_weights`): kohya conversion only if every key starts with lora_te_/lora_unet_/
   lora_te1_/lora_te2_ (else only `unet.`/`text_encoder.` keys are read); SGM blocks remapped positionally with
   layers_per_block (SGM keys are dropped if diffusers-named UNet keys are also present); any tensor the
@@ -22,16 +25,17 @@ the module names of the architecture the file is for (the reference trees of `re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from difflora.errors import ModelError, first_n
 from difflora.formats.consumers.a1111 import a1111
 from difflora.formats.consumers.comfyui import comfyui
 from difflora.formats.consumers.diffusers import diffusers
+from difflora.formats.consumers.diffusers_layout import diffusers_layout
 from difflora.formats.consumers.rules import Verdict
 from difflora.formats.family import family_of
-from difflora.formats.naming import reference_table
+from difflora.formats.naming import NameTable, reference_table
 from difflora.formats.read import load_adapter
 from difflora.formats.reference import reference_families
 from difflora.models.families import ModelFamily
@@ -45,12 +49,20 @@ def verdicts(keys: Sequence[str], metadata: Mapping[str, str], family: str) -> l
     share."""
     checked_as = _checked_as(family_of(family))
     table = reference_table(checked_as)
-    results = [comfyui(keys, table), a1111(keys, metadata, table), diffusers(keys, table)]
+    results = [_CHECKS[name](keys, metadata, table) for name in model_family(checked_as).consumers]
     if checked_as != family:
         label = model_family(checked_as).label
         for result in results:
             result.notes.append(f"no consumer ships a {family!r} model; names checked against {label}'s")
     return results
+
+
+_CHECKS: dict[str, Callable[[Sequence[str], Mapping[str, str], NameTable], Verdict]] = {
+    "comfyui": lambda keys, metadata, table: comfyui(keys, table),
+    "forge": lambda keys, metadata, table: comfyui(keys, table, consumer="Forge"),
+    "a1111": a1111,
+    "diffusers": lambda keys, metadata, table: (diffusers_layout if table.layers else diffusers)(keys, table),
+}
 
 
 def _checked_as(family: ModelFamily) -> str:

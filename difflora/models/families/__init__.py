@@ -10,12 +10,15 @@ from __future__ import annotations
 from difflora.errors import ModelError
 from difflora.models.families.base import ModelFamily
 from difflora.models.families.custom import Custom
+from difflora.models.families.flux import Flux, FluxSchnell
 from difflora.models.families.sd1 import SD1
 from difflora.models.families.sd2 import SD2
 from difflora.models.families.sdxl import SDXL
 from difflora.models.families.tiny import Tiny
 
-_REGISTRY: dict[str, ModelFamily] = {f.name: f for f in (SD1(), SD2(), SDXL(), Tiny(), Custom())}
+_REGISTRY: dict[str, ModelFamily] = {
+    f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), FluxSchnell(), Tiny(), Custom())
+}
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 """Every family difflora knows, in detection order."""

@@ -143,6 +143,22 @@ class ModelFamily:
     `model` an OpenCLIP one (`model_transformer_resblocks_N_...`); numbered embedders add `0_`, `1_`."""
     a1111_version: ClassVar[str] = "SD1"
     """The version A1111 lists this family's checkpoints as (SD1, SD2, SDXL); it files every other as SD1."""
+    kohya_network_module: ClassVar[str] = "networks.lora"
+    """kohya's `ss_network_module`: the network script that trains (and names) this family's LoRAs."""
+    modelspec_states_prediction: ClassVar[bool] = True
+    """Whether ModelSpec's `prediction_type` (epsilon / v) applies; a flow-matching family has none."""
+    kohya_denoiser_layout: ClassVar[str | None] = None
+    """The original (non-diffusers) module layout kohya, ComfyUI and Forge name the denoiser in, where the
+    family has one that fuses or renames diffusers' modules ("bfl": Black Forest Labs' `double_blocks` /
+    `single_blocks`, `difflora.formats.flux_names`); None: the UNet names above."""
+    kohya_denoiser_aliases: ClassVar[tuple[str, ...]] = ()
+    """Further kohya-grammar prefixes whose names are the denoiser's flattened diffusers paths (OneTrainer's
+    `lora_transformer_`), read as this family's."""
+    consumer_encoder_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Text encoders whose every Linear ComfyUI maps (not only CLIP's attention and MLP), under these kohya
+    prefixes: {component: prefixes}."""
+    consumers: ClassVar[tuple[str, ...]] = ("comfyui", "a1111", "diffusers")
+    """The programs whose loading rules `inspect` and `export` check this family's files against."""
     ships_with_difflora: ClassVar[bool] = False
     """Whether the model is inside the package (loaded when `--model` is omitted; its configs sit beside its
     weights in `difflora.embedded`), so its adapters record a display name rather than a loadable base."""
