@@ -60,7 +60,9 @@ it is exercised (trained, LoRA-targetable) but carries no signal; `guidance_scal
 - Machine: {r["machine"]}; one torch thread at `nice -n 10`, the 2 cores shared with other jobs.
 - Date: {r["date"]}.
 - Command: `nice -n 10 python scripts/build_tiny_flux.py train --out /tmp/flux --minutes 60 --lr 6e-4`,
-  then `python scripts/build_tiny_flux.py ship --model /tmp/flux/{r["shipped_from"]}` (measures and writes this folder).
+  then `python scripts/build_tiny_flux.py ship --model CHECKPOINT` (measures and writes this folder), with
+  CHECKPOINT a copy of `/tmp/flux/last` saved at step {r["steps"]:,} (`{r["shipped_from"]}`).
+{r.get("note", "")}
 
 ## Measured prompt following
 
