@@ -4,9 +4,10 @@ key accounted for and the same ΔW per module.
 
 The checkpoints are SD 1.5 and SDXL base with their real configurations and random weights, written in the
 original (ldm / sgm) key layout by tests/support/checkpoints.py (fp16 on disk: 2.1 GB and 6.9 GB), once per
-session for this module and test_models_single_file.py (conftest.py's `real_checkpoint`). SDXL trains with
-bf16 frozen weights and both text encoders, which keeps this machine's memory under ~15 GB. Slow: about a
-minute for SD 1.5 and a few for SDXL on two CPU cores.
+session for this module and test_models_single_file.py (conftest.py's `real_checkpoint`). SDXL trains both
+text encoders in float32: this machine's CPU has no bf16 instructions, where bf16 convolutions run about 100x
+slower than float32 (a bf16 SDXL run here took over half an hour for two steps); float32 peaks at ~23 GB of resident memory (the 6.9 GB file mapped included).
+Slow: about a minute for SD 1.5 and a few for SDXL on two CPU cores.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.slow
 CASES = {
     # family: (mixed precision, train the text encoders, text-encoder key prefixes in the export)
     "sd1": ("no", False, ()),
-    "sdxl": ("bf16", True, ("lora_te1_", "lora_te2_")),
+    "sdxl": ("no", True, ("lora_te1_", "lora_te2_")),
 }
 
 
