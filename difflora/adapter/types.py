@@ -1,6 +1,6 @@
 """What an adapter is in memory: LoraWeights per adapted module, AdapterMeta, and the Adapter holding both.
 
-Modules are keyed "<component>.<classic module path>" (components: unet, text_encoder, text_encoder_2), the
+Modules are keyed "<component>.<classic module path>" (components: unet or transformer, text_encoder, text_encoder_2), the
 names every LoRA consumer writes; how they are laid out on disk is difflora.formats' business.
 """
 
@@ -15,7 +15,7 @@ import torch
 from difflora import __version__
 from difflora.adapter import dora
 
-COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 @dataclass

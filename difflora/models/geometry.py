@@ -66,8 +66,17 @@ def _single_file_geometry(path: Path, prediction_type: str | None) -> ModelGeome
 
 
 def pipeline_geometry(pipe: Any) -> ModelGeometry:
-    """The same geometry, read off a loaded pipeline (what training plans with)."""
-    return geometry_from_configs(dict(pipe.unet.config), dict(pipe.vae.config), pipe.tokenizer)
+    """The same geometry, read off a loaded pipeline (what training plans with), as its family says: the
+    native size and how often the denoiser halves the latents (a transformer's packing once, 2x2)."""
+    from difflora.models.identity import model_identity
+
+    family = model_identity(pipe).model_family
+    denoiser = dict(family.denoiser_of(pipe).config)
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    step = bucket_step(vae_factor, family.denoiser_downsamplings(denoiser))
+    tokenizer = pipe.tokenizer
+    tokens = clip_token_counter(tokenizer)
+    return ModelGeometry(family.default_pixels(pipe), step, tokens, tokenizer.model_max_length - 2, None)
 
 
 def geometry_from_configs(unet: dict[str, Any], vae: dict[str, Any], tokenizer: Any) -> ModelGeometry:

@@ -26,7 +26,8 @@ def pipeline_text_encoders(pipe: Any) -> tuple[list[Any], dict[str, torch.nn.Mod
 
 def pipeline_conditioning(pipe: Any) -> TextConditioning:
     """How the pipeline's denoiser is conditioned on text, as its family says."""
-    return model_identity(pipe).model_family.conditioning(dict(pipe.unet.config))
+    family = model_identity(pipe).model_family
+    return family.conditioning(dict(family.denoiser_of(pipe).config))
 
 
 def caption_encoder(

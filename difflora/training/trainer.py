@@ -27,6 +27,8 @@ from difflora.config.train import TrainConfig
 from difflora.data.cache import text_cache_allowed
 from difflora.data.captions import CaptionAugmentation
 from difflora.errors import ConfigError
+from difflora.models.dit_files import ComponentFiles
+from difflora.models.families.flow import TimestepSampling
 from difflora.models.geometry import pipeline_geometry
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
@@ -96,7 +98,15 @@ def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list
 
 
 def _base_key(config: TrainConfig) -> tuple[Any, ...]:
-    return (config.model, config.mixed_precision, config.prediction_type, config.quantize_base)
+    return (
+        config.model,
+        config.mixed_precision,
+        config.prediction_type,
+        config.quantize_base,
+        config.clip_l,
+        config.t5,
+        config.vae,
+    )
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -159,6 +169,7 @@ def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
         prediction_type=config.prediction_type,
         quantization=config.quantize_base,
         pipe=pipe,
+        files=ComponentFiles(config.clip_l, config.t5, config.vae),
     )
 
 
@@ -253,7 +264,7 @@ def _assemble(
         paths=paths,
         optimizer=optimizer_prepared,
         scheduler=scheduler,
-        unet=prepared["unet"],
+        unet=prepared[models.denoiser],
         text_encoders={name: prepared.get(name, encoder) for name, encoder in encoders.items()},
         tokenizers=tokenizers,
         objective=_objective(config, models),
@@ -292,7 +303,7 @@ def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any
     (fused AdamW, 8-bit) and gives every component its rate."""
     family = models.identity.model_family
     trainable = models.trainable
-    rates = {"unet": config.effective_learning_rate(family)}
+    rates = {models.denoiser: config.effective_learning_rate(family)}
     rates.update(
         {name: config.effective_text_encoder_lr(family, name) for name in models.text_encoder_modules}
     )
@@ -308,8 +319,21 @@ def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any
 
 
 def _objective(config: TrainConfig, models: Models) -> Objective:
+    family = models.identity.model_family
+    sampling = (
+        TimestepSampling(
+            config.timestep_sampling, config.timestep_mean, config.timestep_scale, config.timestep_shift
+        )
+        if config.timestep_sampling
+        else None
+    )
     objective = Objective.for_pipe(
-        models.pipe, config.noise_offset, config.min_snr_gamma, zero_terminal_snr=config.zero_terminal_snr
+        models.pipe,
+        config.noise_offset,
+        config.min_snr_gamma,
+        zero_terminal_snr=config.zero_terminal_snr,
+        flow=family.flow_schedule(dict(models.pipe.scheduler.config), sampling),
+        guidance=config.guidance,
     )
     if config.zero_terminal_snr and objective.prediction_type == "epsilon":
         raise ConfigError(

@@ -15,7 +15,7 @@ torch is imported inside the methods: this package stays importable without it (
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -47,6 +47,40 @@ class TextConditioning:
     ) -> dict[str, torch.Tensor] | None:
         """Random `added_cond_kwargs` of the right shapes, to time a forward pass without real data."""
         return None
+
+    def predict(
+        self,
+        model: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: Mapping[str, torch.Tensor],
+        batch: Mapping[str, Any],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        guidance: float,
+    ) -> torch.Tensor:
+        """The denoiser's output for latents `noisy` [B, C, H, W] at `timesteps`, shaped like them, run in
+        `dtype` on `device`. The UNet takes the hidden states and the added inputs; `guidance` is for
+        guidance-distilled models."""
+        added = self.added_inputs(text, batch)
+        moved = {name: value.to(device, dtype) for name, value in added.items()} if added else None
+        hidden = text["hidden"].to(device, dtype)
+        return model(noisy.to(dtype), timesteps, hidden, added_cond_kwargs=moved).sample
+
+    def probe(self, pipe: Any, model: torch.nn.Module, batch: int, resolution: int) -> Callable[[], Any]:
+        """One forward of the denoiser at a run's batch and size with random inputs (the thread probe)."""
+        import torch
+
+        config = model.config
+        side = resolution // int(pipe.vae_scale_factor)
+        parameter = next(model.parameters())
+        latents = torch.randn(batch, int(config.in_channels), side, side, dtype=parameter.dtype)
+        tokens = int(pipe.tokenizer.model_max_length)
+        hidden = torch.randn(batch, tokens, int(config.cross_attention_dim), dtype=parameter.dtype)
+        timesteps = torch.full((batch,), 500, dtype=torch.long)
+        added = self.probe_inputs(dict(config), batch, resolution, parameter.dtype)
+        return lambda: model(latents, timesteps, hidden, added_cond_kwargs=added)
 
 
 class PooledSizeConditioning(TextConditioning):
