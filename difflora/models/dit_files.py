@@ -20,7 +20,6 @@ from difflora.errors import ModelError
 from difflora.models.bfl_file import build_transformer
 from difflora.models.families import ModelFamily
 
-
 CLIP_HEAD_WIDTH = 64
 
 

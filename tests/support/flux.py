@@ -89,7 +89,10 @@ def tiny_flux_pipeline(
         json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     )
     tokenizer = CLIPTokenizer(
-        str(VOCAB_DIR / "vocab.json"), str(VOCAB_DIR / "merges.txt"), pad_token="<|endoftext|>"
+        str(VOCAB_DIR / "vocab.json"),
+        str(VOCAB_DIR / "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=77,
     )
     tokenizer_2 = T5TokenizerFast(
         tokenizer_file=str(folder / "tokenizer_2" / "tokenizer.json"),
