@@ -24,7 +24,7 @@ Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["auto", "adamw", "adamw8bit"]
 PredictionChoice = Literal["epsilon", "v_prediction"]
-Quantization = Literal["int8", "nf4"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
+Quantization = Literal["int8", "nf4", "fp8"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
 
 
 class FamilyDefaults(Protocol):
@@ -111,8 +111,8 @@ class TrainConfig:
     quantize_base: Quantization | None = None
     """Hold the frozen base's Linear layers quantized while the LoRA weights train in float32 (QLoRA):
     int8 (LLM.int8) or nf4 (4-bit NormalFloat), through bitsandbytes on the CPU or CUDA (pip install
-    'difflora[quantize]'). Less memory for the base; the adapter is an ordinary one for the unquantized base.
-    Default: off."""
+    'difflora[quantize]'), or fp8 (float8_e4m3fn storage upcast per layer, no extra package). Less memory
+    for the base; the adapter is an ordinary one for the unquantized base. Default: off."""
     targets: str | None = None
     """LoRA targets of the denoiser by preset, as its family declares them: attention (the default),
     attention-mlp (adds the feed-forward layers) or all-linear (every Linear). --unet-targets overrides it."""

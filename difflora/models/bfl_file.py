@@ -150,14 +150,15 @@ def _rename(
 def build_transformer(
     state: Mapping[str, torch.Tensor], shipped: Mapping[str, Any], dtype: torch.dtype
 ) -> Any:
-    """FluxTransformer2DModel holding a BFL file's weights (cast to `dtype`: fp8 files are upcast)."""
+    """The shipped config's transformer class (FluxTransformer2DModel) holding a BFL file's weights, cast to
+    `dtype` (fp8 files are upcast)."""
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
 
     stripped = strip_prefix(state)
     config = transformer_config({k: tuple(v.shape) for k, v in stripped.items()}, shipped)
     converted = {key: value.to(dtype) for key, value in to_diffusers(stripped).items()}
     with init_empty_weights():
-        model = FluxTransformer2DModel.from_config(config)
+        model = getattr(diffusers, shipped["_class_name"]).from_config(config)
     model.load_state_dict(converted, strict=True, assign=True)
     return model  # every tensor came from the file, already in dtype

@@ -24,7 +24,13 @@ from difflora.models.dit_files import ComponentFiles
 from difflora.models.families import ModelFamily
 from difflora.models.identity import ModelIdentity, model_identity
 from difflora.models.loading import load_pipeline
-from difflora.models.quantize import QuantizedBase, bitsandbytes_backend, quantize_base
+from difflora.models.quantize import (
+    BITSANDBYTES,
+    QuantizedBase,
+    bitsandbytes_backend,
+    fp8_base,
+    quantize_base,
+)
 from difflora.training.text import TEXT_ENCODERS, pipeline_conditioning
 
 logger = logging.getLogger(__name__)
@@ -88,7 +94,7 @@ def load_models(
     by an earlier run of the same process, freed of its LoRA layers by `unload_lora`. `quantization` (int8,
     nf4) holds the UNet's and text encoders' Linear layers quantized."""
     weight_dtype = DTYPES[mixed_precision]
-    if quantization:
+    if quantization in BITSANDBYTES:
         bitsandbytes_backend(quantization)  # a missing backend is reported before a large model loads
     # Loaded in the dtype the frozen weights train in: a full-size model never exists twice in memory.
     pipe = pipe or load_pipeline(model_ref, dtype=weight_dtype, prediction_type=prediction_type, files=files)
@@ -104,7 +110,7 @@ def load_models(
     frozen = {family.denoiser: denoiser, **{name: getattr(pipe, name) for name in encoders}}
     quantized = (
         quantize_base(frozen, quantization, device=device, compute_dtype=weight_dtype)
-        if quantization
+        if quantization in BITSANDBYTES
         else None
     )
     torch.manual_seed(seed)
@@ -117,6 +123,9 @@ def load_models(
     }
     _place(pipe, denoiser, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
     _training_modes(pipe, denoiser, encoders, text_modules, gradient_checkpointing=gradient_checkpointing)
+    if quantization == "fp8":  # after LoRA: peft would make A and B float8 like the weight it wraps
+        # the denoiser only: text encoders read their layers' weight dtype (T5), and their output is cached
+        quantized = fp8_base({family.denoiser: denoiser})
     return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners, quantized)
 
 

@@ -82,7 +82,10 @@ def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list
     written = []
     for index, config in enumerate(configs):
         key = _base_key(config)
-        reuse = any(_base_key(later) == key for later in configs[index + 1 :])
+        # an fp8 base is not shared: LoRA layers go in before its weights are stored as float8
+        reuse = config.quantize_base != "fp8" and any(
+            _base_key(later) == key for later in configs[index + 1 :]
+        )
         with training_locks(run_paths(config)):  # one run per output name and cache folder at a time
             run = setup(config, progress=progress, pipe=bases.pop(key, None), keep_base=reuse)
             try:

@@ -29,7 +29,7 @@ class TextConditioning:
         self, tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module], captions: list[str]
     ) -> dict[str, torch.Tensor]:
         """captions -> {"hidden": [B, tokens, dim]}."""
-        tokens = _tokens(tokenizers[0], captions)
+        tokens = padded_tokens(tokenizers[0], captions)
         encoder = encoders[0]
         device = next(encoder.parameters()).device
         wants_mask = getattr(encoder.config, "use_attention_mask", False)
@@ -94,7 +94,7 @@ class PooledSizeConditioning(TextConditioning):
 
         hidden, pooled = [], None
         for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
-            ids = _tokens(tokenizer, captions).input_ids.to(next(encoder.parameters()).device)
+            ids = padded_tokens(tokenizer, captions).input_ids.to(next(encoder.parameters()).device)
             output = encoder(ids, output_hidden_states=True)
             if output[0].ndim == 2:  # the projected pooled output (CLIPTextModelWithProjection)
                 pooled = output[0]
@@ -136,7 +136,7 @@ def takes_size_conditioning(unet_config: Mapping[str, Any]) -> bool:
     return unet_config.get("addition_embed_type") == "text_time"
 
 
-def _tokens(tokenizer: Any, captions: list[str]) -> Any:
+def padded_tokens(tokenizer: Any, captions: list[str]) -> Any:
     """Padded to the tokenizer's max length and truncated, as the pipelines tokenize prompts."""
     return tokenizer(
         captions,

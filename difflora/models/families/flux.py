@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from difflora.models.families.base import ALL_LINEAR, ARCHITECTURES_DIR, ModelFamily
-from difflora.models.families.conditioning import TextConditioning, _tokens
+from difflora.models.families.conditioning import TextConditioning, padded_tokens
 from difflora.models.families.flow import FlowSchedule, TimestepSampling
 
 if TYPE_CHECKING:
@@ -149,8 +149,8 @@ class FluxConditioning(TextConditioning):
     ) -> dict[str, torch.Tensor]:
         """captions -> {"hidden": [B, T5 tokens, T5 width], "pooled": [B, CLIP width]}."""
         clip, t5 = encoders
-        clip_ids = _tokens(tokenizers[0], captions).input_ids.to(next(clip.parameters()).device)
-        t5_ids = _tokens(tokenizers[1], captions).input_ids.to(next(t5.parameters()).device)
+        clip_ids = padded_tokens(tokenizers[0], captions).input_ids.to(next(clip.parameters()).device)
+        t5_ids = padded_tokens(tokenizers[1], captions).input_ids.to(next(t5.parameters()).device)
         pooled = clip(clip_ids, output_hidden_states=False).pooler_output
         return {"hidden": t5(t5_ids, output_hidden_states=False)[0], "pooled": pooled}
 
