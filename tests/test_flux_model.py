@@ -220,6 +220,9 @@ def test_training_adapts_the_preset_and_the_blocks_asked_for(adapters):
     assert set(style) == double | single
     assert set(subject) == single | {"transformer.single_transformer_blocks.0.proj_mlp"}
     assert all(float(delta.abs().max()) > 0 for delta in [*style.values(), *subject.values()])
+    plan = (adapters["subject"].parent / "subject.run" / "plan.txt").read_text()
+    assert "transformer 4 modules (attention-mlp: to_q" in plan and "blocks double=1-18 single=0" in plan
+    assert "flow_matching" in plan and "trainable" in plan  # the parameter count table
 
 
 def test_the_cli_trains_and_generates_with_two_composed_adapters(flux_dir, data, adapters, tmp_path):
@@ -300,3 +303,38 @@ def test_composition_is_w0_plus_the_weighted_updates_and_returns_to_base_bit_for
     assert np.array_equal(
         np.asarray(render(pipe, ["a red stripe"], seeds=[1], steps=2, width=32, height=32)[0]), image
     )
+
+
+def test_merge_writes_the_weighted_sum_of_the_updates(adapters, tmp_path):
+    from difflora.composition.merge import merge
+
+    merged = merge(
+        parse_adapter_weights("style:0.7,subject:0.3"),
+        tmp_path / "m.safetensors",
+        adapter_dirs=[adapters["style"].parent],
+    )
+    got = read_file_deltas(merged.path)
+    want: dict[str, torch.Tensor] = {}
+    for name, weight in (("style", 0.7), ("subject", 0.3)):
+        for key, delta in read_file_deltas(adapters[name]).items():
+            want[key] = want.get(key, torch.zeros_like(delta)) + weight * delta
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.allclose(got[key], value, rtol=1e-5, atol=1e-7), key
+
+
+def test_serve_renders_a_request_with_two_adapters_and_goes_back_to_base(flux_dir, adapters):
+    from difflora.config.generate import GenerateConfig
+    from difflora.serving.engine import Engine
+
+    pipe = load_pipeline(flux_dir)
+    engine = Engine(pipe, adapter_dir=[str(adapters["style"].parent)])
+    base = {name: m.weight.detach().clone() for name, m in adaptable_modules(pipe.transformer).items()}
+    request = GenerateConfig(
+        prompt="a red stripe", adapters=("style:0.7,subject:0.3",), steps=2, width=32, height=32
+    )
+    result = engine.generate(request)
+    assert len(result.images) == 1
+    engine.generate(GenerateConfig(prompt="a red stripe", steps=2, width=32, height=32))
+    for name, module in adaptable_modules(pipe.transformer).items():
+        assert torch.equal(module.weight, base[name]), name

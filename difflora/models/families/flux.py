@@ -49,6 +49,9 @@ class Flux(ModelFamily):
     label = "Flux.1 dev"
     # ---- file layouts
     modelspec_architecture = "flux-1-dev/lora"
+    # No reference name table yet: kohya/ComfyUI readers would try to name Flux modules with SD's rules.
+    # The formats side turns this on with its Flux key codecs.
+    has_reference = False
 
     # ---- model side
     components = ("transformer", "text_encoder", "text_encoder_2")
