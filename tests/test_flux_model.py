@@ -24,6 +24,7 @@ from difflora.models.architecture import detect_architecture
 from difflora.models.dit_files import ComponentFiles
 from difflora.models.families import family
 from difflora.models.families.flow import FlowSchedule, TimestepSampling, draw_sigmas
+from difflora.models.geometry import pipeline_geometry
 from difflora.models.identity import model_identity
 from difflora.models.loading import load_pipeline
 from difflora.training.trainer import train
@@ -114,6 +115,7 @@ def test_a_diffusers_folder_is_detected_from_its_transformer(flux_dir):
     identity = model_identity(pipe)
     assert (identity.family, identity.prediction_type) == ("flux", "flow_matching")
     assert family("flux").default_pixels(pipe) == 128 * 2  # FluxPipeline's 128 latent pixels, 2x autoencoder
+    assert pipeline_geometry(pipe).step == 2 * 2  # buckets keep the 2x2 packing whole: 2x autoencoder x 2
 
 
 # ------------------------------------------------------------------------------------------ single files
@@ -135,14 +137,16 @@ def test_a_bfl_transformer_with_separate_component_files_loads_every_weight(tmp_
         load_pipeline(paths["model"], files=ComponentFiles(t5=str(paths["t5"]), vae=str(paths["vae"])))
 
 
-def test_a_bf16_file_loads_in_the_dtype_asked_for(tmp_path):
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float8_e4m3fn], ids=str)
+def test_a_half_or_fp8_file_loads_upcast_to_the_dtype_asked_for(tmp_path, stored):
     pipe = tiny_flux_pipeline(seed=4)
-    paths = write_flux_files(pipe, tmp_path, dtype=torch.bfloat16)
+    paths = write_flux_files(pipe, tmp_path, dtype=stored)
     files = ComponentFiles(clip_l=str(paths["clip_l"]), t5=str(paths["t5"]), vae=str(paths["vae"]))
     loaded = load_pipeline(paths["model"], files=files, dtype=torch.bfloat16)
     want = pipe.transformer.state_dict()
     for key, value in loaded.transformer.state_dict().items():
-        assert value.dtype == torch.bfloat16 and torch.equal(value, want[key].to(torch.bfloat16)), key
+        assert value.dtype == torch.bfloat16, key
+        assert torch.equal(value, want[key].to(stored).to(torch.bfloat16)), key
 
 
 # ------------------------------------------------------------------------------------------ flow matching
@@ -338,3 +342,19 @@ def test_serve_renders_a_request_with_two_adapters_and_goes_back_to_base(flux_di
     engine.generate(GenerateConfig(prompt="a red stripe", steps=2, width=32, height=32))
     for name, module in adaptable_modules(pipe.transformer).items():
         assert torch.equal(module.weight, base[name]), name
+
+
+def test_target_presets_are_declared_per_family_sd_included():
+    from difflora.adapter.inject import resolve_targets
+    from difflora.models.families.base import UNET_ATTENTION
+    from tests.support.models import tiny_unet
+
+    for name in ("sd1", "sd2", "sdxl"):
+        assert family(name).target_preset("attention") == family(name).default_unet_targets == UNET_ATTENTION
+    config = TrainConfig(data_dir="x", targets="attention-mlp")
+    assert config.effective_unet_targets(family("sdxl")) == (*UNET_ATTENTION, "ff.net.0.proj", "ff.net.2")
+    unet = tiny_unet()
+    linear = [n for n, m in unet.named_modules() if type(m) is torch.nn.Linear]
+    assert resolve_targets(unet, family("sd1").target_preset("all-linear"), component="unet") == linear
+    with pytest.raises(ValueError, match="attention, attention-mlp, all-linear"):
+        family("flux").target_preset("attn")

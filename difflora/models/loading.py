@@ -142,15 +142,27 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _takes_safety_checker(folder: Path) -> bool:
+    """Whether the folder's pipeline class has a safety checker (which difflora always leaves out)."""
+    import inspect
+    import json
+
+    import diffusers
+
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    pipeline_class = getattr(diffusers, str(name), None)
+    return pipeline_class is None or "safety_checker" in inspect.signature(pipeline_class.__init__).parameters
+
+
 def _load_pipeline(source: ModelSource, *, dtype: torch.dtype) -> Any:
     from diffusers import DiffusionPipeline
 
     common: dict[str, Any] = {"torch_dtype": dtype}
     if source.kind in ("embedded", "folder"):
+        if _takes_safety_checker(Path(source.location)):  # FluxPipeline warns about an argument it lacks
+            common["safety_checker"] = None
         try:
-            return DiffusionPipeline.from_pretrained(
-                source.location, local_files_only=True, safety_checker=None, **common
-            )
+            return DiffusionPipeline.from_pretrained(source.location, local_files_only=True, **common)
         except (OSError, ValueError) as error:
             raise ModelError(f"Could not load the diffusers model in {source.location}: {error}") from None
     try:
