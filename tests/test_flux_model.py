@@ -358,3 +358,9 @@ def test_target_presets_are_declared_per_family_sd_included():
     assert resolve_targets(unet, family("sd1").target_preset("all-linear"), component="unet") == linear
     with pytest.raises(ValueError, match="attention, attention-mlp, all-linear"):
         family("flux").target_preset("attn")
+
+
+def test_the_text_encoder_option_trains_clip_l_and_leaves_t5_frozen(flux_dir, data, tmp_path):
+    path = _train(flux_dir, tmp_path, data / "style", 5, train_text_encoder=True, blocks=("double=1-18",))
+    components = {key.split(".")[0] for key in read_file_deltas(path)}
+    assert components == {"transformer", "text_encoder"}

@@ -124,7 +124,8 @@ class TrainConfig:
     (to_q, to_k, to_v, to_out.0); on the embedded tiny model also its ResNet convs, proj_in/out and
     feed-forward layers, without which it cannot learn a new shape (see difflora.models.families.tiny)."""
     train_text_encoder: bool = False
-    """Also train LoRA layers on the text encoder(s) (disables the text-embedding cache)."""
+    """Also train LoRA layers on the text encoder(s) (disables the text-embedding cache). Flux.1: CLIP-L only,
+    T5-XXL stays frozen."""
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
     """Text-encoder module names that get LoRA layers with --train-text-encoder."""
     text_encoder_lr: float | None = None

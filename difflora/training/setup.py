@@ -120,6 +120,7 @@ def load_models(
     text_modules = {
         name: _inject(getattr(pipe, name), name, spec, tuners)
         for name in (encoders if train_text_encoder else [])
+        if name in family.trainable_text_encoders
     }
     _place(pipe, denoiser, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
     _training_modes(pipe, denoiser, encoders, text_modules, gradient_checkpointing=gradient_checkpointing)

@@ -51,6 +51,8 @@ class ModelFamily:
     """Folder under models/architectures/ with the shipped diffusers configs and tokenizers (None: none)."""
     has_reference: ClassVar[bool] = True
     """Whether its module tree can be built offline (on the meta device) from shipped configs."""
+    trainable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
+    """The text encoders `--train-text-encoder` adds LoRA layers to (the others stay frozen)."""
     block_lists: ClassVar[dict[str, str]] = {}
     """Block kinds `--blocks` can limit a LoRA to, with the module list holding them (none for a UNet)."""
     single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {}

@@ -65,6 +65,8 @@ class Flux(ModelFamily):
     default_prediction_type = "flow_matching"
     native_resolution = 1024
     default_unet_targets = FLUX_ATTENTION
+    # --train-text-encoder: CLIP-L only; T5-XXL stays frozen (and cached), as kohya's and diffusers' defaults.
+    trainable_text_encoders = ("text_encoder",)
     guidance_embeds: ClassVar[bool] = True
     """Whether the transformer takes the guidance scale as an input (dev: guidance distillation)."""
     default_timestep_sampling: ClassVar[str] = "flux-shift"
