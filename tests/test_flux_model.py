@@ -24,7 +24,7 @@ from difflora.models.architecture import detect_architecture
 from difflora.models.dit_files import ComponentFiles
 from difflora.models.families import family
 from difflora.models.families.flow import FlowSchedule, TimestepSampling, draw_sigmas
-from difflora.models.geometry import pipeline_geometry
+from difflora.models.geometry import model_geometry, pipeline_geometry
 from difflora.models.identity import model_identity
 from difflora.models.loading import load_pipeline
 from difflora.training.trainer import train
@@ -133,6 +133,8 @@ def test_a_bfl_transformer_with_separate_component_files_loads_every_weight(tmp_
         assert set(want) == set(got), component
         for key, value in want.items():
             assert torch.equal(value, got[key]), f"{component}.{key}"
+    geometry = model_geometry(str(paths["model"]))  # what `difflora check` plans with, from configs alone
+    assert (geometry.resolution, geometry.step, geometry.note) == (1024, 16, None)
     with pytest.raises(ModelError, match="--clip-l FILE"):
         load_pipeline(paths["model"], files=ComponentFiles(t5=str(paths["t5"]), vae=str(paths["vae"])))
 

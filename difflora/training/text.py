@@ -5,7 +5,7 @@ knows which family a model is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,18 +35,3 @@ def caption_encoder(
 ) -> TextEncode:
     """captions -> {"hidden": [B, tokens, dim]} (+ what else the family's conditioning uses)."""
     return lambda captions: conditioning.encode(tokenizers, encoders, captions)
-
-
-def unet_conditioning(
-    conditioning: TextConditioning,
-    text: Mapping[str, torch.Tensor],
-    batch: Mapping[str, Any],
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """(encoder_hidden_states, added_cond_kwargs) for one batch; the second is None where the family's
-    denoiser takes nothing beside the hidden states."""
-    added = conditioning.added_inputs(text, batch)
-    moved = {name: value.to(device, dtype) for name, value in added.items()} if added else None
-    return text["hidden"].to(device, dtype), moved

@@ -30,7 +30,7 @@ UNET_ATTENTION: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 CLIP_ATTENTION: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_MLP: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 ALL_LINEAR: tuple[str, ...] = ("*",)
-"""`--targets all-linear`: every Linear and Conv2d module of the denoiser (`difflora.adapter.spec`)."""
+"""`--targets all-linear`: every Linear module of the denoiser (`difflora.adapter.inject.resolve_targets`)."""
 FULL_MODEL_LR = 1e-4
 
 
@@ -166,7 +166,7 @@ class ModelFamily:
 
     def target_preset(self, name: str) -> tuple[str, ...]:
         """The denoiser's LoRA targets of preset `name` (`--targets`): `attention` is the family's default,
-        `attention-mlp` adds the feed-forward layers, `all-linear` every Linear and Conv2d."""
+        `attention-mlp` adds the feed-forward layers, `all-linear` every Linear."""
         presets = self.target_presets()
         if name not in presets:
             raise ValueError(f"unknown --targets preset {name!r}: choose one of {', '.join(presets)}")
