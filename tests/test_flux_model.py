@@ -366,3 +366,24 @@ def test_the_text_encoder_option_trains_clip_l_and_leaves_t5_frozen(flux_dir, da
     path = _train(flux_dir, tmp_path, data / "style", 5, train_text_encoder=True, blocks=("double=1-18",))
     components = {key.split(".")[0] for key in read_file_deltas(path)}
     assert components == {"transformer", "text_encoder"}
+
+
+def test_an_all_in_one_checkpoint_loads_every_component_from_its_prefixes(tmp_path):
+    from safetensors.torch import load_file
+
+    pipe = tiny_flux_pipeline(seed=6)
+    paths = write_flux_files(pipe, tmp_path / "parts", prefix=True, dtype=torch.float32)
+    prefixes = {
+        "model": "",
+        "clip_l": "text_encoders.clip_l.transformer.",
+        "t5": "text_encoders.t5xxl.transformer.",
+    }
+    prefixes["vae"] = "vae."
+    combined = {
+        prefixes[name] + key: value for name, path in paths.items() for key, value in load_file(path).items()
+    }
+    save_file(combined, str(tmp_path / "flux1-dev-all-in-one.safetensors"))
+    loaded = load_pipeline(tmp_path / "flux1-dev-all-in-one.safetensors")
+    for component in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        want, got = getattr(pipe, component).state_dict(), getattr(loaded, component).state_dict()
+        assert set(want) == set(got) and all(torch.equal(v, got[k]) for k, v in want.items()), component
