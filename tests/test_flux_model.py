@@ -387,3 +387,21 @@ def test_an_all_in_one_checkpoint_loads_every_component_from_its_prefixes(tmp_pa
     for component in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         want, got = getattr(pipe, component).state_dict(), getattr(loaded, component).state_dict()
         assert set(want) == set(got) and all(torch.equal(v, got[k]) for k, v in want.items()), component
+
+
+def test_the_new_options_are_checked_with_the_flag_named():
+    from difflora.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(
+            data_dir="x", timestep_sampling="cosmap", targets="attn", blocks=("double",), timestep_scale=0
+        )
+    for flag in ("--timestep-sampling", "--targets", "--blocks", "--timestep-scale"):
+        assert flag in str(error.value)
+    spec = TrainConfig(data_dir="x", blocks=("double=0-2,5", "single=7")).lora_spec(family("flux"))
+    assert spec.blocks == (("transformer_blocks", (0, 1, 2, 5)), ("single_transformer_blocks", (7,)))
+    assert spec.keeps("transformer", "transformer_blocks.5.attn.to_q")
+    assert not spec.keeps("transformer", "transformer_blocks.3.attn.to_q")
+    assert spec.keeps("text_encoder", "encoder.layers.3.self_attn.q_proj")
+    with pytest.raises(ConfigError, match="block kinds are none"):
+        TrainConfig(data_dir="x", blocks=("double=0",)).lora_spec(family("sd1"))
