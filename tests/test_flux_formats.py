@@ -192,7 +192,7 @@ def test_full_size_exports_place_every_key_in_comfyuis_map():
 def test_metadata_states_flux_as_kohya_and_modelspec_do(model, tmp_path):
     adapter = peft_adapter(model)
     live = {"transformer": adaptable("transformer", model)}
-    for family, architecture in (("flux", "flux-1-dev/lora"), ("flux_schnell", "flux-1-schnell/lora")):
+    for family, architecture in (("flux", "flux-1-dev/lora"), ("flux-schnell", "flux-1-schnell/lora")):
         adapter.meta.base_family = family
         tensors, metadata = to_kohya(adapter, dtype=torch.float32, modules=live)
         assert metadata["ss_base_model_version"] == "flux1"

@@ -204,7 +204,7 @@ def test_text_encoder_modules_are_lora_te1_for_clip_and_lora_te3_for_t5(model):
     ("metadata", "expected"),
     [
         ({"ss_base_model_version": "flux1"}, "flux"),  # kohya writes it for dev and schnell alike
-        ({"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-schnell/lora"}, "flux_schnell"),
+        ({"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-schnell/lora"}, "flux-schnell"),
         ({"modelspec.architecture": "flux-1-dev/lora"}, "flux"),
         ({"modelspec.architecture": "flux-1/lora"}, "flux"),  # kohya's "unknown Flux" architecture
         (

@@ -35,12 +35,18 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], *, component: str)
     Raises TargetNotFoundError for a target that matches nothing, listing valid names and close matches."""
     names = list(adaptable_modules(model))
     matched: list[str] = []
+    if "*" in targets:  # --targets all-linear
+        return [name for name, module in adaptable_modules(model).items() if _is_linear(module)]
     for target in targets:
         hits = [name for name in names if name == target or name.endswith("." + target)]
         if not hits:
             raise TargetNotFoundError(_missing_target_message(target, names, component))
         matched.extend(hit for hit in hits if hit not in matched)
     return matched
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "base_layer", module), nn.Linear)
 
 
 def _missing_target_message(target: str, names: Iterable[str], component: str) -> str:
@@ -65,14 +71,21 @@ def add_lora(
     and freeze the rest. A DoRA layer's trainable `lora_magnitude_vector` (one value per output row) starts
     at the base weight's row norms. Returns the live names of the adapted modules."""
     targets = spec.targets(component)
-    matched = resolve_targets(model, targets, component=component)
+    matched = [
+        name for name in resolve_targets(model, targets, component=component) if spec.keeps(component, name)
+    ]
+    if not matched:
+        raise TargetNotFoundError(
+            f"--blocks leaves no LoRA target in the {component}: widen the block ranges."
+        )
     # peft matches pattern keys as module-name suffixes: "conv1" is every ResNet's conv1.
     rank_pattern, alpha_pattern = spec.conv_patterns(component)
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(targets),
+        # the live names where every module is not wanted (all-linear, --blocks), else peft's suffixes
+        target_modules=matched if "*" in targets or spec.blocks else list(targets),
         init_lora_weights=True,
         use_rslora=spec.rslora,
         use_dora=spec.dora,

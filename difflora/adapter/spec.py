@@ -16,7 +16,7 @@ CONV_TARGETS: tuple[str, ...] = ("conv1", "conv2")
 
 
 def default_targets(component: str) -> tuple[str, ...]:
-    return UNET_TARGETS if component == "unet" else TEXT_ENCODER_TARGETS
+    return TEXT_ENCODER_TARGETS if component.startswith("text_encoder") else UNET_TARGETS
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,30 @@ class LoraSpec:
     conv_rank: int | None = None
     conv_alpha: float | None = None
     adaptive_init_rank: int | None = None
+    blocks: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(module list, block indices) pairs limiting the denoiser's LoRA (`--blocks`): a module under a listed
+    module list is adapted only in the blocks named; () = every block."""
 
     def targets(self, component: str) -> tuple[str, ...]:
         """The module-name suffixes adapted in `component`, LoCon's convolutions included for the UNet."""
-        if component != "unet":
+        if component.startswith("text_encoder"):
             return self.text_encoder_targets or default_targets(component)
         chosen = self.unet_targets or default_targets(component)
         conv = CONV_TARGETS if self.conv_rank else ()
         return (*chosen, *(target for target in conv if target not in chosen))
 
+    def keeps(self, component: str, name: str) -> bool:
+        """Whether module `name` of `component` is inside the blocks the run adapts."""
+        if component.startswith("text_encoder"):
+            return True
+        for blocks, indices in self.blocks:
+            if name.startswith(blocks + "."):
+                return int(name.split(".")[len(blocks.split("."))]) in indices
+        return True
+
     def conv_patterns(self, component: str) -> tuple[dict[str, int], dict[str, float]]:
         """peft's (rank_pattern, alpha_pattern) giving LoCon's convolutions their own rank and alpha."""
-        if component != "unet" or not self.conv_rank:
+        if component.startswith("text_encoder") or not self.conv_rank:
             return {}, {}
         alpha = float(self.conv_alpha if self.conv_alpha is not None else self.conv_rank)
         return dict.fromkeys(CONV_TARGETS, self.conv_rank), dict.fromkeys(CONV_TARGETS, alpha)

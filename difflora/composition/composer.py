@@ -51,7 +51,7 @@ from peft.tuners.lora import LoraLayer
 
 from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.names import live_name
-from difflora.adapter.types import Adapter
+from difflora.adapter.types import COMPONENTS, Adapter
 from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
@@ -351,7 +351,7 @@ class Composer:
 
     def _apply_dynamic(self) -> None:
         keys = {entry.key: entry for entry in self._state.entries.values()}
-        for component in ("unet", "text_encoder", "text_encoder_2"):
+        for component in COMPONENTS:
             model = getattr(self.pipe, component, None)
             if model is None:
                 continue

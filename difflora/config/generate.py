@@ -28,6 +28,12 @@ class GenerateConfig:
     """Extra folders searched for adapters by name (./adapters, where `difflora train` writes, always is)."""
     model: str | None = None
     """Base model: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the embedded model."""
+    clip_l: str | None = None
+    """With a transformer-only Flux.1 file as --model: its CLIP-L text encoder (ComfyUI's clip_l.safetensors)."""
+    t5: str | None = None
+    """With a transformer-only Flux.1 file as --model: its T5-XXL encoder (e.g. t5xxl_fp16.safetensors)."""
+    vae: str | None = None
+    """With a transformer-only Flux.1 file as --model: its autoencoder (BFL's ae.safetensors)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the base's UNet predicts (as for `difflora train`). Default: the model's own."""
     negative_prompt: str = ""

@@ -33,8 +33,9 @@ class AdapterWeight:
         return self.weight if self.te_weight is None else self.te_weight
 
     def weight_for(self, component: str) -> float:
-        """The weight that applies to a component's modules ("unet", "text_encoder", "text_encoder_2")."""
-        return self.weight if component == "unet" else self.text_encoder_weight
+        """The weight that applies to a component's modules: the denoiser's ("unet", "transformer") or the
+        text encoders' ("text_encoder", "text_encoder_2")."""
+        return self.text_encoder_weight if component.startswith("text_encoder") else self.weight
 
     def __str__(self) -> str:
         text = f"{self.name}:{self.weight:g}"

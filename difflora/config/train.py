@@ -24,7 +24,7 @@ Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["auto", "adamw", "adamw8bit"]
 PredictionChoice = Literal["epsilon", "v_prediction"]
-Quantization = Literal["int8", "nf4"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
+Quantization = Literal["int8", "nf4", "fp8"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
 
 
 class FamilyDefaults(Protocol):
@@ -36,6 +36,14 @@ class FamilyDefaults(Protocol):
 
     @property
     def default_unet_targets(self) -> tuple[str, ...]: ...
+
+    def target_preset(self, name: str) -> tuple[str, ...]: ...
+
+    @property
+    def block_lists(self) -> dict[str, str]: ...
+
+    @property
+    def label(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,12 @@ class TrainConfig:
     # ---------------------------------------------------------------- model and LoRA
     model: str | None = None
     """Base model: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the embedded tiny model."""
+    clip_l: str | None = None
+    """With a transformer-only Flux.1 file as --model: its CLIP-L text encoder (ComfyUI's clip_l.safetensors)."""
+    t5: str | None = None
+    """With a transformer-only Flux.1 file as --model: its T5-XXL encoder (e.g. t5xxl_fp16.safetensors)."""
+    vae: str | None = None
+    """With a transformer-only Flux.1 file as --model: its autoencoder (BFL's ae.safetensors)."""
     prediction_type: PredictionChoice | None = None
     """What the base's UNet predicts: epsilon or v_prediction. Default: the model's own (its scheduler
     config, or for a single file the v_pred key / ModelSpec metadata, else v-prediction for SD 2.x).
@@ -97,14 +111,21 @@ class TrainConfig:
     quantize_base: Quantization | None = None
     """Hold the frozen base's Linear layers quantized while the LoRA weights train in float32 (QLoRA):
     int8 (LLM.int8) or nf4 (4-bit NormalFloat), through bitsandbytes on the CPU or CUDA (pip install
-    'difflora[quantize]'). Less memory for the base; the adapter is an ordinary one for the unquantized base.
-    Default: off."""
+    'difflora[quantize]'), or fp8 (float8_e4m3fn storage upcast per layer, no extra package). Less memory
+    for the base; the adapter is an ordinary one for the unquantized base. Default: off."""
+    targets: str | None = None
+    """LoRA targets of the denoiser by preset, as its family declares them: attention (the default),
+    attention-mlp (adds the feed-forward layers) or all-linear (every Linear). --unet-targets overrides it."""
+    blocks: tuple[str, ...] = ()
+    """Limit the LoRA to some transformer blocks, KIND=RANGES per kind (Flux: double=0-18, single=0-37,
+    e.g. --blocks double=7-12 --blocks single=0,5-9); kinds not named keep every block. Default: all blocks."""
     unet_targets: tuple[str, ...] | None = None
     """UNet module names that get LoRA layers (suffixes of module paths). Default: the attention projections
     (to_q, to_k, to_v, to_out.0); on the embedded tiny model also its ResNet convs, proj_in/out and
     feed-forward layers, without which it cannot learn a new shape (see difflora.models.families.tiny)."""
     train_text_encoder: bool = False
-    """Also train LoRA layers on the text encoder(s) (disables the text-embedding cache)."""
+    """Also train LoRA layers on the text encoder(s) (disables the text-embedding cache). Flux.1: CLIP-L only,
+    T5-XXL stays frozen."""
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
     """Text-encoder module names that get LoRA layers with --train-text-encoder."""
     text_encoder_lr: float | None = None
@@ -171,6 +192,19 @@ class TrainConfig:
     """Rescale the noise schedule to zero signal at the last timestep (Lin et al. 2023), so the model learns
     to start from pure noise; needs a v-prediction base (SD 2.x 768-v). Images generated with the adapter
     use the rescaled schedule too."""
+    timestep_sampling: str | None = None
+    """Flow-matching models (Flux.1): where σ is drawn: uniform, sigmoid (sigmoid of --timestep-scale·N(0,1)),
+    logit-normal (of --timestep-mean + --timestep-scale·N(0,1)), shift (sigmoid shifted by --timestep-shift)
+    or flux-shift (shifted by the image's token count, as Flux samples). Default: flux-shift for dev, sigmoid
+    for schnell."""
+    timestep_mean: float = 0.0
+    """Mean of logit-normal timestep sampling."""
+    timestep_scale: float = 1.0
+    """Scale of the normal behind sigmoid, logit-normal, shift and flux-shift sampling."""
+    timestep_shift: float = 3.0
+    """The constant shift of --timestep-sampling shift (SD3's 3.0)."""
+    guidance: float = 1.0
+    """Guidance-distilled models (Flux.1 dev): the guidance scale fed to the transformer while training."""
     noise_offset: float = 0.0
     """Add this much per-channel offset noise (helps very dark/bright images; 0.05-0.1 typical)."""
     min_snr_gamma: float = 5.0
@@ -208,7 +242,7 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss (each such step is skipped)."""
 
     def __post_init__(self) -> None:
-        coerce_to_tuples(self, "unet_targets", "text_encoder_targets", "sample_prompts")
+        coerce_to_tuples(self, "unet_targets", "text_encoder_targets", "sample_prompts", "blocks")
         object.__setattr__(self, "sample_seeds", tuple(int(s) for s in self.sample_seeds))
         problems = Problems()
         problems.check(bool(self.data_dir), "data_dir", "give the folder of training images")
@@ -252,6 +286,8 @@ class TrainConfig:
         """--unet-targets, else the family's (the attention projections, more on the embedded model)."""
         if self.unet_targets is not None:
             return self.unet_targets
+        if self.targets is not None:
+            return family.target_preset(self.targets)
         return family.default_unet_targets
 
     def lora_spec(self, family: FamilyDefaults) -> LoraSpec:
@@ -267,6 +303,7 @@ class TrainConfig:
             conv_rank=self.conv_rank,
             conv_alpha=self.conv_alpha,
             adaptive_init_rank=self.effective_adaptive_init_rank if self.adaptive_rank else None,
+            blocks=block_filter(self.blocks, family.block_lists),
         )
 
     def effective_text_encoder_lr(self, family: FamilyDefaults, component: str = "text_encoder") -> float:
@@ -277,6 +314,23 @@ class TrainConfig:
         if self.text_encoder_lr is not None:
             return self.text_encoder_lr
         return self.effective_learning_rate(family)
+
+
+def block_filter(specs: Sequence[str], lists: Mapping[str, str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """`--blocks double=0-3,7` -> (("transformer_blocks", (0, 1, 2, 3, 7)),): each kind's module list (as
+    the family names it) with the block indices kept."""
+    found = []
+    for spec in specs:
+        kind, _, ranges = spec.partition("=")
+        if kind not in lists:
+            known = ", ".join(lists) or "none (it has no numbered transformer blocks)"
+            raise ConfigError(f"--blocks {spec}: the model's block kinds are {known}.")
+        indices: list[int] = []
+        for part in ranges.split(","):
+            low, _, high = part.strip().partition("-")
+            indices.extend(range(int(low), int(high or low) + 1))
+        found.append((lists[kind], tuple(sorted(set(indices)))))
+    return tuple(found)
 
 
 # Fields that may change between a run and its resumption without changing what is trained.

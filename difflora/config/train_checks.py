@@ -16,7 +16,10 @@ TrainConfig = Any
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
-QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4")
+QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4", "fp8")
+# difflora.models.families.flow's SAMPLINGS and ModelFamily.target_presets' names (config/ imports no model code)
+TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "sigmoid", "logit-normal", "shift", "flux-shift")
+TARGET_PRESETS: tuple[str, ...] = ("attention", "attention-mlp", "all-linear")
 
 
 def check_counts(config: TrainConfig, p: Problems) -> None:
@@ -79,9 +82,24 @@ def check_choices(config: TrainConfig, p: Problems) -> None:
         "quantize_base",
         f"must be one of {', '.join(QUANTIZATIONS)} (or left out), got {config.quantize_base!r}",
     )
+    for name, choices in (("timestep_sampling", TIMESTEP_SAMPLINGS), ("targets", TARGET_PRESETS)):
+        value = getattr(config, name)
+        p.check(value in (None, *choices), name, f"must be one of {', '.join(choices)}, got {value!r}")
+    p.check(config.timestep_scale > 0, "timestep_scale", f"must be positive, got {config.timestep_scale}")
+    p.check(config.timestep_shift > 0, "timestep_shift", f"must be positive, got {config.timestep_shift}")
+    for spec in config.blocks:
+        kind, _, ranges = spec.partition("=")
+        valid = bool(kind) and bool(ranges) and all(_is_range(part) for part in ranges.split(","))
+        p.check(valid, "blocks", f"{spec!r} is not KIND=RANGES (e.g. double=0-18 or single=0,5-9)")
     extension = config.caption_extension.lower()
     p.check(
         extension.lstrip(".") in ("txt", "caption"),
         "caption_extension",
         f"must be .txt or .caption, got {config.caption_extension!r}",
     )
+
+
+def _is_range(text: str) -> bool:
+    """`7` or `0-18`: a block index or an inclusive range of them."""
+    low, _, high = text.strip().partition("-")
+    return low.isdigit() and (not high or (high.isdigit() and int(high) >= int(low)))

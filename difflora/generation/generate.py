@@ -109,10 +109,12 @@ def _interrupted_message(job: _Job) -> str:
 
 
 def _load(config: GenerateConfig) -> Any:
+    from difflora.models.dit_files import ComponentFiles
     from difflora.models.loading import load_pipeline
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pipeline(config.model, device=device, prediction_type=config.prediction_type)
+    files = ComponentFiles(config.clip_l, config.t5, config.vae)
+    return load_pipeline(config.model, device=device, prediction_type=config.prediction_type, files=files)
 
 
 def _with_sweep_adapters(

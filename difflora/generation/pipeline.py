@@ -32,8 +32,11 @@ logger = logging.getLogger(__name__)
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
-    """(width, height) the model was made for: UNet sample size times the VAE's downscale factor."""
-    size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    """(width, height) the model was made for, as its family says (a UNet's sample size times the VAE's
+    downscale factor)."""
+    from difflora.models.identity import model_identity
+
+    size = model_identity(pipe).model_family.default_pixels(pipe)
     return size, size
 
 

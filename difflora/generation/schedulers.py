@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from difflora.config.schedulers import SCHEDULER_TABLE, check_scheduler
+from difflora.config.schedulers import DEFAULT_SCHEDULER, SCHEDULER_TABLE, check_scheduler
+from difflora.errors import ConfigError
 
 
 def __getattr__(name: str) -> Any:
@@ -28,6 +29,14 @@ ZERO_TERMINAL_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "traili
 def make_scheduler(name: str, base_config: Any, *, zero_terminal_snr: bool = False) -> Any:
     """A scheduler of kind `name` built from the model's own scheduler config (betas, prediction type)."""
     check_scheduler(name)
+    flow = str(base_config.get("_class_name", "")).startswith("FlowMatch")
+    if flow:  # a flow-matching model (Flux.1): its own Euler sampler, shift settings included
+        if name != DEFAULT_SCHEDULER:
+            raise ConfigError(
+                f"--scheduler {name}: flow-matching models (Flux.1) sample with {DEFAULT_SCHEDULER} only "
+                "(their flow-matching Euler sampler); leave --scheduler out."
+            )
+        return type_of(base_config).from_config(base_config)
     class_name, extra, _ = SCHEDULER_TABLE[name]
     overrides = {**extra, **(ZERO_TERMINAL_SNR if zero_terminal_snr else {})}
     import diffusers
@@ -35,3 +44,10 @@ def make_scheduler(name: str, base_config: Any, *, zero_terminal_snr: bool = Fal
     # As keyword arguments, not merged into the config: from_config drops config keys the saved config
     # lists under _use_default_values, which would silently undo an override.
     return getattr(diffusers, class_name).from_config(base_config, **overrides)
+
+
+def type_of(config: Any) -> Any:
+    """The diffusers scheduler class a scheduler config names."""
+    import diffusers
+
+    return getattr(diffusers, str(config["_class_name"]))

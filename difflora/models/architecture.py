@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from difflora.errors import ModelError, first_n
-from difflora.models.families import ModelFamily, checkpoint_families, family
+from difflora.models.families import (
+    DENOISERS,
+    ModelFamily,
+    checkpoint_families,
+    family,
+    shipped_families,
+    transformer_file_families,
+)
 from difflora.safe_io import read_safetensors_header
 
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -33,7 +40,7 @@ PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
 
 
 def _supported() -> str:
-    names = [f.supported_as or f.label for f in checkpoint_families()]
+    names = [f.supported_as or f.label for f in shipped_families()]
     return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
 
 
@@ -52,10 +59,9 @@ ENCODERS = {
         candidate.checkpoint_encoder_names, candidate.checkpoint_text_encoders, strict=True
     )
 }
-# Families that are not UNets, recognised by their block names (with or without the ldm prefix).
+# Families difflora does not train, recognised by their block names (with or without the ldm prefix).
 _FOREIGN = {
-    "joint_blocks.": "Stable Diffusion 3 / 3.5 (an MMDiT transformer, not a UNet)",
-    "double_blocks.": "Flux (a transformer, not a UNet)",
+    "joint_blocks.": "Stable Diffusion 3 / 3.5 (an MMDiT transformer)",
 }
 
 
@@ -127,8 +133,38 @@ def detect_architecture(
             )
         return found
     shapes, metadata = checkpoint_shapes(path, allow_pickle=allow_pickle)
+    transformer = classify_transformer_file(shapes, source=str(path))
+    if transformer is not None:
+        return _transformer_architecture(transformer, prediction_type, str(path))
     found = classify_checkpoint(shapes, source=str(path))
     return make_architecture(found, prediction_type or _declared_prediction(shapes, metadata))
+
+
+def classify_transformer_file(shapes: Mapping[str, tuple[int, ...]], *, source: str) -> str | None:
+    """The family of a transformer single file (BFL's layout), None for any other file."""
+    claimed = [f for f in transformer_file_families() if f.matches_transformer_file(shapes)]
+    if not claimed:
+        return None
+    from difflora.models.bfl_file import REQUIRED, strip_prefix
+
+    missing = [key for key in REQUIRED if key not in strip_prefix(shapes)]
+    if missing:
+        first = next(key for key in shapes if claimed[0].matches_transformer_file([key]))
+        raise ModelError(
+            f"{source} is a {claimed[0].label} transformer file ({first}) but lacks {', '.join(missing)}: it is "
+            f"incomplete. difflora supports {SUPPORTED}."
+        )
+    return next(f.name for f in claimed if f.matches_transformer_keys(shapes))
+
+
+def _transformer_architecture(name: str, prediction_type: str | None, source: str) -> Architecture:
+    """A transformer family predicts what it was trained for: an SD prediction type is refused."""
+    if prediction_type is not None and prediction_type != family(name).default_prediction_type:
+        raise ModelError(
+            f"{source} is {family(name).label}, which predicts {family(name).default_prediction_type}: "
+            "--prediction-type is for SD bases; leave it out."
+        )
+    return Architecture(name, family(name).default_prediction_type, family(name).native_resolution or 0)  # type: ignore[arg-type]
 
 
 def checkpoint_shapes(
@@ -270,10 +306,13 @@ def folder_architecture(folder: Path, *, prediction_type: str | None = None) -> 
     index = _read_json(folder / "model_index.json")
     pipeline = str(index.get("_class_name", "unknown"))
     unet_path = folder / "unet" / "config.json"
+    transformer_path = folder / "transformer" / "config.json"
+    if not unet_path.is_file() and transformer_path.is_file():
+        return _folder_transformer(folder, pipeline, _read_json(transformer_path), prediction_type)
     if not unet_path.is_file():
         raise ModelError(
-            f"{folder} holds a {pipeline}, which has no UNet (SD3, Flux and other transformer models are not "
-            f"supported). difflora supports {SUPPORTED}."
+            f"{folder} holds a {pipeline}, which has no UNet (nor a transformer/config.json). difflora "
+            f"supports {SUPPORTED}."
         )
     unet = _read_json(unet_path)
     if unet.get("in_channels", 4) != 4:
@@ -293,8 +332,27 @@ def folder_architecture(folder: Path, *, prediction_type: str | None = None) -> 
     return architecture_from_configs(unet, _read_json(folder / "vae" / "config.json"), predicts)
 
 
+def _folder_transformer(
+    folder: Path, pipeline: str, config: Mapping[str, Any], prediction_type: str | None
+) -> Architecture:
+    """A diffusers folder whose denoiser is a transformer: one of the families' (any width or depth)."""
+    matched = next(
+        (f for f in shipped_families() if f.matches_denoisers({"transformer": config}, embedded=False)), None
+    )
+    if matched is None:
+        raise ModelError(
+            f"{folder} holds a {pipeline} whose transformer ({config.get('_class_name', 'unknown')}) is not one "
+            f"difflora trains. difflora supports {SUPPORTED}."
+        )
+    return _transformer_architecture(matched.name, prediction_type, str(folder))
+
+
 def pipeline_architecture(pipe: Any) -> Architecture | None:
     """The architecture of a loaded pipeline, from its components' configs (None for a custom one)."""
+    denoisers = {name: dict(getattr(pipe, name).config) for name in DENOISERS if getattr(pipe, name, None)}
+    for known in transformer_file_families():
+        if known.matches_denoisers(denoisers, embedded=False):
+            return make_architecture(known.name)
     predicts = pipe.scheduler.config.get("prediction_type", "epsilon")
     return architecture_from_configs(dict(pipe.unet.config), dict(pipe.vae.config), predicts)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from difflora.data.buckets import bucket_step
 from difflora.data.captions import TokenCounter, clip_token_counter
-from difflora.models.architecture import detect_architecture
+from difflora.models.architecture import detect_architecture, folder_architecture
+from difflora.models.families import ModelFamily
 from difflora.models.loading import resolve_model
 from difflora.models.single_file import base_tokenizers
 
@@ -44,6 +45,11 @@ def model_geometry(model: str | None, *, prediction_type: str | None = None) -> 
         if source.kind not in ("embedded", "folder"):
             raise ValueError(f"{source.kind} models are not read by check")
         folder = Path(source.location)
+        if not (folder / "unet").is_dir():  # a transformer model (Flux.1): its family's geometry
+            architecture = folder_architecture(folder, prediction_type=prediction_type)
+            if architecture is not None:
+                tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+                return _family_geometry(folder, architecture.family, architecture.resolution, tokenizer)
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -58,16 +64,33 @@ def model_geometry(model: str | None, *, prediction_type: str | None = None) -> 
 
 def _single_file_geometry(path: Path, prediction_type: str | None) -> ModelGeometry:
     architecture = detect_architecture(path, prediction_type=prediction_type)
-    folder = architecture.config_dir
-    unet = json.loads((folder / "unet" / "config.json").read_text())
+    tokenizer = base_tokenizers(architecture)["tokenizer"]
+    # the detected resolution: an SD 2.x 512-px base uses 2.1's configs
+    return _family_geometry(architecture.config_dir, architecture.family, architecture.resolution, tokenizer)
+
+
+def _family_geometry(folder: Path, family: ModelFamily, resolution: int, tokenizer: Any) -> ModelGeometry:
+    """The geometry of a config folder as its family reads it (its denoiser's downsamplings)."""
+    denoiser = json.loads((folder / family.denoiser / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
-    geometry = geometry_from_configs(unet, vae, base_tokenizers(architecture)["tokenizer"])
-    return replace(geometry, resolution=architecture.resolution)  # an SD 2.x 512-px base uses 2.1's configs
+    step = bucket_step(2 ** (len(vae["block_out_channels"]) - 1), family.denoiser_downsamplings(denoiser))
+    return ModelGeometry(
+        resolution, step, clip_token_counter(tokenizer), tokenizer.model_max_length - 2, None
+    )
 
 
 def pipeline_geometry(pipe: Any) -> ModelGeometry:
-    """The same geometry, read off a loaded pipeline (what training plans with)."""
-    return geometry_from_configs(dict(pipe.unet.config), dict(pipe.vae.config), pipe.tokenizer)
+    """The same geometry, read off a loaded pipeline (what training plans with), as its family says: the
+    native size and how often the denoiser halves the latents (a transformer's packing once, 2x2)."""
+    from difflora.models.identity import model_identity
+
+    family = model_identity(pipe).model_family
+    denoiser = dict(family.denoiser_of(pipe).config)
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    step = bucket_step(vae_factor, family.denoiser_downsamplings(denoiser))
+    tokenizer = pipe.tokenizer
+    tokens = clip_token_counter(tokenizer)
+    return ModelGeometry(family.default_pixels(pipe), step, tokens, tokenizer.model_max_length - 2, None)
 
 
 def geometry_from_configs(unet: dict[str, Any], vae: dict[str, Any], tokenizer: Any) -> ModelGeometry:

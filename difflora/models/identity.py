@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from difflora.adapter.types import COMPONENTS
+from difflora.errors import ModelError
 from difflora.hashing import sha256_json, weights_fingerprint
-from difflora.models.families import ModelFamily, checkpoint_families, families, family
+from difflora.models.families import (
+    DENOISERS,
+    ModelFamily,
+    checkpoint_families,
+    families,
+    family,
+    shipped_families,
+)
 from difflora.models.loading import ModelSource
 
 # The full-size families whose module trees difflora knows (kohya names, consumers' key rules): those
@@ -49,9 +57,10 @@ def model_identity(pipe: Any) -> ModelIdentity:
 
 
 def _compute_identity(pipe: Any) -> ModelIdentity:
-    unet_config = dict(pipe.unet.config)
-    detected = _family(unet_config, pipe).name
-    configs = {"unet": _stable_config(unet_config)}
+    denoisers = {name: dict(getattr(pipe, name).config) for name in DENOISERS if getattr(pipe, name, None)}
+    detected = _family(denoisers, pipe)
+    # keyed by the denoiser's component name: an SD model's fingerprint is what it always was
+    configs = {detected.denoiser: _stable_config(denoisers[detected.denoiser])}
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
         if encoder is not None:
@@ -60,19 +69,26 @@ def _compute_identity(pipe: Any) -> ModelIdentity:
     source: ModelSource | None = getattr(pipe, "_difflora_source", None)
     name = source.display if source else str(getattr(pipe, "name_or_path", "unknown"))
     return ModelIdentity(
-        family=detected,
-        architecture=f"{detected}-{structure}",
+        family=detected.name,
+        architecture=f"{detected.name}-{structure}",
         base_hash=base_weights_fingerprint(pipe),
-        prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
+        prediction_type=detected.prediction_type_of(pipe.scheduler.config),
         name=name,
     )
 
 
-def _family(unet_config: dict[str, Any], pipe: Any) -> ModelFamily:
-    """The first family, in the registry's detection order, that claims the model (the last claims all)."""
+def _family(denoisers: dict[str, dict[str, Any]], pipe: Any) -> ModelFamily:
+    """The first family, in the registry's detection order, that claims the model (the last claims every
+    SD-shaped one)."""
     source: ModelSource | None = getattr(pipe, "_difflora_source", None)
     embedded = source is not None and source.kind == "embedded"
-    return next(f for f in families() if f.matches_model(unet_config, embedded=embedded))
+    found = next((f for f in families() if f.matches_denoisers(denoisers, embedded=embedded)), None)
+    if found is None:
+        raise ModelError(
+            f"{type(pipe).__name__} has no denoiser difflora knows (looked for {', '.join(DENOISERS)}): "
+            f"difflora supports {', '.join(f.label for f in shipped_families())}."
+        )
+    return found
 
 
 def _stable_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 from difflora.embedded import EMBEDDED_MODEL_DIR
 from difflora.errors import ModelError
 from difflora.models.architecture import check_prediction_type, folder_architecture
+from difflora.models.dit_files import ComponentFiles
 from difflora.models.single_file import load_single_file
 
 logger = logging.getLogger(__name__)
@@ -77,21 +78,35 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     prediction_type: str | None = None,
+    files: ComponentFiles | None = None,
 ) -> Any:
-    """Load a text-to-image pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline).
+    """Load a text-to-image pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline or FluxPipeline).
+    `files`: the text encoders and VAE of a transformer-only single file (Flux.1), as files of their own.
 
     `prediction_type` ("epsilon" or "v_prediction") overrides what the model's scheduler config says, or,
     for a single file, what its architecture implies (SD 2.x defaults to SD 2.1's v-prediction at 768 px;
     pass "epsilon" for a 512-px SD 2.x base)."""
     source = resolve_model(ref)
-    pipe = _load(source, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    pipe = _load(source, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type, files=files)
     pipe.set_progress_bar_config(disable=True)
     pipe._difflora_source = source  # read by model_identity(); diffusers pipelines accept attributes
     return pipe.to(device)
 
 
-def _load(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool, prediction_type: str | None) -> Any:
+def _load(
+    source: ModelSource,
+    *,
+    dtype: torch.dtype,
+    allow_pickle: bool,
+    prediction_type: str | None,
+    files: ComponentFiles | None = None,
+) -> Any:
     check_prediction_type(prediction_type)
+    if files is not None and files.given() and source.kind != "single_file":
+        flags = ", ".join("--" + name.replace("_", "-") for name in files.given())
+        raise ModelError(
+            f"{flags}: component files go with a single-file transformer --model; leave them out."
+        )
     _quiet_loading()
     with warnings.catch_warnings():
         # diffusers >= 0.36 renamed torch_dtype to dtype and warns on the old name; older releases, which
@@ -99,7 +114,11 @@ def _load(source: ModelSource, *, dtype: torch.dtype, allow_pickle: bool, predic
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         if source.kind == "single_file":
             return load_single_file(
-                Path(source.location), dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type
+                Path(source.location),
+                dtype=dtype,
+                allow_pickle=allow_pickle,
+                prediction_type=prediction_type,
+                files=files,
             )
         if source.kind == "folder":
             folder_architecture(Path(source.location), prediction_type=prediction_type)  # refuses SD3, ...
@@ -123,15 +142,27 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _takes_safety_checker(folder: Path) -> bool:
+    """Whether the folder's pipeline class has a safety checker (which difflora always leaves out)."""
+    import inspect
+    import json
+
+    import diffusers
+
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    pipeline_class = getattr(diffusers, str(name), None)
+    return pipeline_class is None or "safety_checker" in inspect.signature(pipeline_class.__init__).parameters
+
+
 def _load_pipeline(source: ModelSource, *, dtype: torch.dtype) -> Any:
     from diffusers import DiffusionPipeline
 
     common: dict[str, Any] = {"torch_dtype": dtype}
     if source.kind in ("embedded", "folder"):
+        if _takes_safety_checker(Path(source.location)):  # FluxPipeline warns about an argument it lacks
+            common["safety_checker"] = None
         try:
-            return DiffusionPipeline.from_pretrained(
-                source.location, local_files_only=True, safety_checker=None, **common
-            )
+            return DiffusionPipeline.from_pretrained(source.location, local_files_only=True, **common)
         except (OSError, ValueError) as error:
             raise ModelError(f"Could not load the diffusers model in {source.location}: {error}") from None
     try:

@@ -35,7 +35,14 @@ INSTALL = "pip install 'difflora[quantize]' (bitsandbytes >= 0.50, which runs on
 # diffusers' BitsAndBytesConfig default).
 INT8_THRESHOLD = 6.0
 LAYER_NAMES = {"int8": "Linear8bitLt (LLM.int8)", "nf4": "Linear4bit (NF4, double-quantized scales)"}
-COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text-encoder", "text_encoder_2": "text-encoder-2"}
+BITSANDBYTES: tuple[str, ...] = tuple(LAYER_NAMES)
+"""The kinds bitsandbytes quantizes; `fp8` is difflora's own (`difflora.models.fp8`)."""
+COMPONENT_LABELS = {
+    "unet": "UNet",
+    "transformer": "transformer",
+    "text_encoder": "text-encoder",
+    "text_encoder_2": "text-encoder-2",
+}
 # The attribute peft's LoRA dispatch reads from the model to choose its bitsandbytes layers.
 PEFT_FLAGS = {"int8": "is_loaded_in_8bit", "nf4": "is_loaded_in_4bit"}
 
@@ -52,6 +59,13 @@ class QuantizedBase:
 
     def describe(self) -> str:
         """One line of the plan."""
+        if self.kind == "fp8":
+            counts = ", ".join(f"{n} {COMPONENT_LABELS.get(c, c)}" for c, n in self.layers.items())
+            return (
+                f"fp8 (float8_e4m3fn storage, upcast per layer): {counts} Linear layers, their weights "
+                f"{self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB; LoRA trains in float32, "
+                "samples render it unfused, and the adapter is for the unquantized base"
+            )
         counts = ", ".join(
             f"{count} {COMPONENT_LABELS.get(name, name)}" for name, count in self.layers.items()
         )
@@ -170,3 +184,18 @@ def _linear_bytes(module: nn.Module) -> int:
             tensors.append(scales)
         total += sum(t.numel() * t.element_size() for t in tensors)
     return total
+
+
+def fp8_base(components: Mapping[str, nn.Module]) -> QuantizedBase:
+    """`--quantize-base fp8`: every frozen Linear of `components` held as float8 (`difflora.models.fp8`)."""
+    from difflora.models.fp8 import Float8Linear, to_fp8
+
+    before = sum(_linear_bytes(module) for module in components.values())
+    layers = to_fp8(components)
+    stored = [m for module in components.values() for m in module.modules() if isinstance(m, Float8Linear)]
+    after = sum(_linear_bytes(module) for module in components.values())  # Linear layers left (LoRA's)
+    after += sum(
+        m.weight_bits.numel() + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+        for m in stored
+    )
+    return QuantizedBase(kind="fp8", layers=layers, bytes_before=before, bytes_after=after)

@@ -21,6 +21,7 @@ import torch
 from difflora.embedded import EMBEDDED_MODEL_DIR
 from difflora.errors import ModelError, first_n
 from difflora.models.architecture import Architecture, detect_architecture
+from difflora.models.dit_files import ComponentFiles, load_transformer_file
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _TOKENIZER_SETTINGS = ("bos_token", "eos_token", "pad_token", "unk_token", "mode
 def base_tokenizers(architecture: Architecture) -> dict[str, Any]:
     """{"tokenizer": ..., "tokenizer_2": ...} (SDXL has two) with the base's published settings: CLIP-L pads
     with "<|endoftext|>", OpenCLIP (SD 2.x, SDXL's second) with "!"; both stop at 77 tokens."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
     tokenizers = {}
     for name in ("tokenizer", "tokenizer_2"):
@@ -41,6 +42,11 @@ def base_tokenizers(architecture: Architecture) -> dict[str, Any]:
         if not config_path.is_file():
             continue
         settings = json.loads(config_path.read_text())
+        own = architecture.family.tokenizer_file(name)
+        if own is not None:  # a SentencePiece tokenizer (T5) shipped as its tokenizer.json
+            keys = ("eos_token", "pad_token", "unk_token", "extra_ids", "model_max_length")
+            tokenizers[name] = T5TokenizerFast(tokenizer_file=str(own), **{k: settings[k] for k in keys})
+            continue
         tokenizers[name] = CLIPTokenizer(
             str(VOCAB_DIR / "vocab.json"),
             str(VOCAB_DIR / "merges.txt"),
@@ -59,15 +65,36 @@ def base_scheduler(architecture: Architecture) -> Any:
     return scheduler_class.from_config(config, prediction_type=architecture.prediction_type)
 
 
+def _refuse_component_files(files: ComponentFiles | None, architecture: Architecture, path: Path) -> None:
+    given = files.given() if files is not None else {}
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ModelError(
+            f"{flags}: {path} is an {architecture.label} checkpoint, which holds its own text encoders and VAE; "
+            "component files go with a transformer-only file (Flux.1). Leave them out."
+        )
+
+
 def load_single_file(
     path: Path,
     *,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     prediction_type: str | None = None,
+    files: ComponentFiles | None = None,
 ) -> Any:
-    """The pipeline of a single-file checkpoint, after its architecture was detected from its keys."""
+    """The pipeline of a single-file checkpoint, after its architecture was detected from its keys. A
+    transformer file (Flux.1) takes its other components from itself or from `files`."""
     architecture = detect_architecture(path, prediction_type=prediction_type, allow_pickle=allow_pickle)
+    if architecture.family.checkpoint_layout != "ldm":
+        return load_transformer_file(
+            path,
+            architecture.family,
+            files or ComponentFiles(),
+            dtype=dtype,
+            tokenizers=base_tokenizers(architecture),
+        )
+    _refuse_component_files(files, architecture, path)
     import diffusers
 
     pipeline_class = getattr(diffusers, architecture.pipeline_class_name)

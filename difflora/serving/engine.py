@@ -33,6 +33,7 @@ from difflora.errors import ConfigError
 from difflora.formats.read import load_adapter
 from difflora.generation.generate import image_record, render_settings, trained_with_zero_terminal_snr
 from difflora.generation.pipeline import png_bytes, render
+from difflora.models.identity import model_identity
 from difflora.serving.cache import AdapterCache, CacheEntry
 from difflora.serving.metrics import ServerMetrics
 
@@ -100,10 +101,14 @@ class Engine:
         if pipe is None:
             import torch
 
+            from difflora.models.dit_files import ComponentFiles
             from difflora.models.loading import load_pipeline
 
             device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            pipe = load_pipeline(config.model, device=device, prediction_type=config.prediction_type)
+            files = ComponentFiles(config.clip_l, config.t5, config.vae)
+            pipe = load_pipeline(
+                config.model, device=device, prediction_type=config.prediction_type, files=files
+            )
         limits = Limits(config.max_size, config.max_steps, config.max_images)
         cache_bytes = int(config.cache_mb * 2**20)
         return cls(
@@ -149,7 +154,7 @@ class Engine:
         """This server's limits (each message names the limit and its flag), on top of GenerateConfig's
         own validation."""
         limits, problems = self.limits, []
-        native = int(self.pipe.unet.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 8))
+        native = model_identity(self.pipe).model_family.default_pixels(self.pipe)
         for name in ("width", "height"):
             value = getattr(request, name) or native
             if value > limits.max_size:

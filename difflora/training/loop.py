@@ -30,7 +30,7 @@ from difflora.models.families.conditioning import TextConditioning
 from difflora.training.loss import diffusion_loss, noised_batch
 from difflora.training.outputs import render_samples, save_state
 from difflora.training.run import Run
-from difflora.training.text import caption_encoder, pipeline_conditioning, unet_conditioning
+from difflora.training.text import caption_encoder, pipeline_conditioning
 
 Stream = Iterator[tuple[int, dict[str, Any]]]
 
@@ -38,21 +38,29 @@ Stream = Iterator[tuple[int, dict[str, Any]]]
 def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> torch.Tensor:
     """The diffusion loss of one micro-batch (the test suite patches this to inject a NaN)."""
     objective = run.objective
-    latents = _latents(batch, run, generator) * objective.scaling_factor
-    noised = noised_batch(
-        latents,
-        generator,
-        alphas_cumprod=objective.alphas_cumprod,
-        prediction_type=objective.prediction_type,
-        noise_offset=objective.noise_offset,
-        min_snr_gamma=objective.min_snr_gamma,
-    )
-    dtype = run.models.weight_dtype
+    latents = objective.normalize(_latents(batch, run, generator))
+    if objective.flow is not None:  # rectified flow: σ, x_σ and the velocity target
+        noised = objective.flow.noised(latents, generator)
+    else:
+        noised = noised_batch(
+            latents,
+            generator,
+            alphas_cumprod=objective.alphas_cumprod,
+            prediction_type=objective.prediction_type,
+            noise_offset=objective.noise_offset,
+            min_snr_gamma=objective.min_snr_gamma,
+        )
     conditioning = pipeline_conditioning(run.models.pipe)
-    hidden, added = unet_conditioning(
-        conditioning, _text(batch, run, conditioning), batch, device=run.accelerator.device, dtype=dtype
+    prediction = conditioning.predict(
+        run.unet,
+        noised.noisy,
+        noised.timesteps,
+        _text(batch, run, conditioning),
+        batch,
+        device=run.accelerator.device,
+        dtype=run.models.weight_dtype,
+        guidance=objective.guidance,
     )
-    prediction = run.unet(noised.noisy.to(dtype), noised.timesteps, hidden, added_cond_kwargs=added).sample
     return diffusion_loss(prediction, noised.target, noised.weights)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from difflora.adapter.inject import format_parameter_report, parameter_report
 from difflora.config.train import TrainConfig
 from difflora.models.architecture import pipeline_architecture
+from difflora.models.quantize import COMPONENT_LABELS
 from difflora.training.precision import precision_note
 from difflora.training.run import Run
 from difflora.training.setup import Models
@@ -29,10 +30,15 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         f"  buckets     {buckets}",
         f"  model       {identity.name} ({_label(models)}, {identity.architecture}, {identity.prediction_type}), "
         f"{run.samples.resolution} px{resolution_note}",
-        f"  LoRA        rank {config.rank}, alpha {config.effective_alpha:g}{alpha_note}; UNet "
-        f"{len(models.unet_modules)} modules"
-        + f" ({', '.join(config.effective_unet_targets(identity.model_family))}"
-        + (f"; default for a {identity.family} model)" if config.unet_targets is None else ")")
+        f"  LoRA        rank {config.rank}, alpha {config.effective_alpha:g}{alpha_note}; "
+        f"{COMPONENT_LABELS.get(models.denoiser, models.denoiser)} {len(models.unet_modules)} modules"
+        + f" ({_preset(config)}{', '.join(config.effective_unet_targets(identity.model_family))}"
+        + (
+            f"; default for a {identity.family} model)"
+            if config.unet_targets is None and config.targets is None
+            else ")"
+        )
+        + (f", blocks {' '.join(config.blocks)}" if config.blocks else "")
         + "".join(
             f", {name.replace('_', ' ')} {len(found)} modules"
             for name, found in models.text_encoder_modules.items()
@@ -61,6 +67,11 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         lines.append(f"  note        {note}")
     report = format_parameter_report(parameter_report(models.trained_components))
     return "\n".join(lines) + "\n" + report
+
+
+def _preset(config: TrainConfig) -> str:
+    """ "attention-mlp: " where --targets chose the targets by preset name."""
+    return f"{config.targets}: " if config.targets and config.unet_targets is None else ""
 
 
 def _label(models: Models) -> str:

@@ -80,10 +80,24 @@ class Objective:
     scaling_factor: float
     noise_offset: float
     min_snr_gamma: float
+    shift_factor: float = 0.0  # the autoencoder's latent shift (Flux's), subtracted before scaling
+    flow: Any = None  # a flow-matching family's FlowSchedule (difflora.models.families.flow); None: DDPM
+    guidance: float = 1.0  # the guidance input of guidance-distilled transformers while training
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Autoencoder latents as the denoiser sees them: (x - shift) · scale, as the pipelines decode."""
+        return (latents - self.shift_factor) * self.scaling_factor
 
     @classmethod
     def for_pipe(
-        cls, pipe: Any, noise_offset: float, min_snr_gamma: float, *, zero_terminal_snr: bool = False
+        cls,
+        pipe: Any,
+        noise_offset: float,
+        min_snr_gamma: float,
+        *,
+        zero_terminal_snr: bool = False,
+        flow: Any = None,
+        guidance: float = 1.0,
     ) -> Objective:
         from diffusers import DDPMScheduler
 
@@ -97,6 +111,9 @@ class Objective:
             scaling_factor=float(pipe.vae.config.scaling_factor),
             noise_offset=noise_offset,
             min_snr_gamma=min_snr_gamma,
+            shift_factor=float(pipe.vae.config.get("shift_factor") or 0.0),
+            flow=flow,
+            guidance=guidance,
         )
 
 
@@ -135,7 +152,7 @@ class Run:
     paths: RunPaths
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    unet: torch.nn.Module  # possibly DDP-wrapped
+    unet: torch.nn.Module  # the denoiser (a UNet or a transformer), possibly DDP-wrapped
     text_encoders: dict[str, torch.nn.Module]  # by component; the trained ones possibly DDP-wrapped
     tokenizers: list[Any]  # in the text encoders' order
     objective: Objective

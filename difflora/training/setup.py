@@ -20,10 +20,17 @@ from difflora.adapter.adaptive import add_adalora
 from difflora.adapter.inject import add_lora, remove_adapter
 from difflora.adapter.spec import LoraSpec
 from difflora.errors import ConfigError
+from difflora.models.dit_files import ComponentFiles
 from difflora.models.families import ModelFamily
 from difflora.models.identity import ModelIdentity, model_identity
 from difflora.models.loading import load_pipeline
-from difflora.models.quantize import QuantizedBase, bitsandbytes_backend, quantize_base
+from difflora.models.quantize import (
+    BITSANDBYTES,
+    QuantizedBase,
+    bitsandbytes_backend,
+    fp8_base,
+    quantize_base,
+)
 from difflora.training.text import TEXT_ENCODERS, pipeline_conditioning
 
 logger = logging.getLogger(__name__)
@@ -42,13 +49,18 @@ class Models:
     quantized: QuantizedBase | None = None  # --quantize-base: what was quantized
 
     @property
+    def denoiser(self) -> str:
+        """The denoiser's component name ("unet", "transformer"), as the model's family says."""
+        return self.identity.model_family.denoiser
+
+    @property
     def train_text_encoder(self) -> bool:
         return bool(self.text_encoder_modules)
 
     @property
     def trained_components(self) -> dict[str, nn.Module]:
         """The UNet and each trained text encoder, by component name."""
-        found = {"unet": self.pipe.unet}
+        found = {self.denoiser: self.identity.model_family.denoiser_of(self.pipe)}
         found.update({name: getattr(self.pipe, name) for name in self.text_encoder_modules})
         return found
 
@@ -75,16 +87,17 @@ def load_models(
     prediction_type: str | None = None,
     quantization: str | None = None,
     pipe: Any | None = None,
+    files: ComponentFiles | None = None,
 ) -> Models:
     """The base with trainable LoRA layers, as `lora(family)` says for the loaded model's family (whose
     defaults it may use). `pipe`: a base already loaded (with this dtype, prediction type and quantization)
     by an earlier run of the same process, freed of its LoRA layers by `unload_lora`. `quantization` (int8,
     nf4) holds the UNet's and text encoders' Linear layers quantized."""
     weight_dtype = DTYPES[mixed_precision]
-    if quantization:
+    if quantization in BITSANDBYTES:
         bitsandbytes_backend(quantization)  # a missing backend is reported before a large model loads
     # Loaded in the dtype the frozen weights train in: a full-size model never exists twice in memory.
-    pipe = pipe or load_pipeline(model_ref, dtype=weight_dtype, prediction_type=prediction_type)
+    pipe = pipe or load_pipeline(model_ref, dtype=weight_dtype, prediction_type=prediction_type, files=files)
     identity = model_identity(pipe)  # before LoRA: the adapter records the pristine base
     encoders = [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
     pipe.vae.requires_grad_(False)
@@ -92,35 +105,46 @@ def load_models(
         getattr(pipe, name).requires_grad_(False)
     # After the identity (the adapter's base hash is the unquantized weights'), before LoRA wraps the layers.
     # Trained text encoders too: their LoRA layers sit on the quantized Linear layers as the UNet's do.
-    frozen = {"unet": pipe.unet, **{name: getattr(pipe, name) for name in encoders}}
+    family = identity.model_family
+    denoiser = family.denoiser_of(pipe)
+    frozen = {family.denoiser: denoiser, **{name: getattr(pipe, name) for name in encoders}}
     quantized = (
         quantize_base(frozen, quantization, device=device, compute_dtype=weight_dtype)
-        if quantization
+        if quantization in BITSANDBYTES
         else None
     )
     torch.manual_seed(seed)
-    spec = lora(identity.model_family)
+    spec = lora(family)
     tuners: dict[str, Any] = {}
-    unet_modules = _inject(pipe.unet, "unet", spec, tuners)
+    unet_modules = _inject(denoiser, family.denoiser, spec, tuners)
     text_modules = {
         name: _inject(getattr(pipe, name), name, spec, tuners)
         for name in (encoders if train_text_encoder else [])
+        if name in family.trainable_text_encoders
     }
-    _place(pipe, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
-    _training_modes(pipe, encoders, text_modules, gradient_checkpointing=gradient_checkpointing)
+    _place(pipe, denoiser, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
+    _training_modes(pipe, denoiser, encoders, text_modules, gradient_checkpointing=gradient_checkpointing)
+    if quantization == "fp8":  # after LoRA: peft would make A and B float8 like the weight it wraps
+        # the denoiser only: text encoders read their layers' weight dtype (T5), and their output is cached
+        quantized = fp8_base({family.denoiser: denoiser})
     return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners, quantized)
 
 
 def _training_modes(
-    pipe: Any, encoders: Sequence[str], trained: Mapping[str, Any], *, gradient_checkpointing: bool
+    pipe: Any,
+    denoiser: nn.Module,
+    encoders: Sequence[str],
+    trained: Mapping[str, Any],
+    *,
+    gradient_checkpointing: bool,
 ) -> None:
     """The UNet and the trained text encoders in train mode (the frozen ones in eval mode), with gradient
     checkpointing where asked."""
-    pipe.unet.train()
+    denoiser.train()
     for name in encoders:
         getattr(pipe, name).train(name in trained)
     if gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for name in trained:
             getattr(pipe, name).gradient_checkpointing_enable()
 
@@ -134,12 +158,18 @@ def _inject(module: nn.Module, component: str, spec: LoraSpec, tuners: dict[str,
 
 
 def _place(
-    pipe: Any, encoders: Sequence[str], device: torch.device, dtype: torch.dtype, *, vae_fp32: bool
+    pipe: Any,
+    denoiser: nn.Module,
+    encoders: Sequence[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    vae_fp32: bool,
 ) -> None:
     """Frozen weights in the mixed-precision dtype, trainable LoRA weights in float32 (as diffusers'
     `cast_training_params` does): optimizer updates to half-precision weights would round away. The VAE stays
     float32 under fp16, where SD and SDXL VAEs overflow to NaN (kohya's `--no_half_vae`)."""
-    for module in (pipe.unet, *(getattr(pipe, name) for name in encoders)):
+    for module in (denoiser, *(getattr(pipe, name) for name in encoders)):
         _move(module, device, dtype)
         for parameter in module.parameters():
             if parameter.requires_grad:
@@ -163,9 +193,9 @@ def unload_lora(models: Models) -> None:
     for component, module in models.trained_components.items():
         remove_adapter(module)
         module.requires_grad_(False)
-        if component == "unet" and module.is_gradient_checkpointing:
+        if component == models.denoiser and module.is_gradient_checkpointing:
             module.disable_gradient_checkpointing()
-        elif component != "unet" and getattr(module, "is_gradient_checkpointing", False):
+        elif component != models.denoiser and getattr(module, "is_gradient_checkpointing", False):
             module.gradient_checkpointing_disable()
 
 
@@ -237,15 +267,7 @@ def make_lr_scheduler(
 
 
 def denoiser_probe(pipe: Any, *, batch: int, resolution: int) -> Callable[[], Any]:
-    """One forward of the UNet at the run's batch and size, with random inputs: what the thread probe
-    (difflora.training.threads) times."""
-    unet = pipe.unet
-    side = resolution // int(pipe.vae_scale_factor)
-    parameter = next(unet.parameters())
-    latents = torch.randn(batch, int(unet.config.in_channels), side, side, dtype=parameter.dtype)
-    tokens = int(pipe.tokenizer.model_max_length)
-    hidden = torch.randn(batch, tokens, int(unet.config.cross_attention_dim), dtype=parameter.dtype)
-    timesteps = torch.full((batch,), 500, dtype=torch.long)
-    conditioning = pipeline_conditioning(pipe)  # what the family's UNet takes beside the hidden states
-    added = conditioning.probe_inputs(dict(unet.config), batch, resolution, parameter.dtype)
-    return lambda: unet(latents, timesteps, hidden, added_cond_kwargs=added)
+    """One forward of the denoiser at the run's batch and size, with random inputs: what the thread probe
+    (difflora.training.threads) times. Its family's conditioning knows the inputs it takes."""
+    denoiser = model_identity(pipe).model_family.denoiser_of(pipe)
+    return pipeline_conditioning(pipe).probe(pipe, denoiser, batch, resolution)

@@ -5,7 +5,7 @@ knows which family a model is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,8 @@ def pipeline_text_encoders(pipe: Any) -> tuple[list[Any], dict[str, torch.nn.Mod
 
 def pipeline_conditioning(pipe: Any) -> TextConditioning:
     """How the pipeline's denoiser is conditioned on text, as its family says."""
-    return model_identity(pipe).model_family.conditioning(dict(pipe.unet.config))
+    family = model_identity(pipe).model_family
+    return family.conditioning(dict(family.denoiser_of(pipe).config))
 
 
 def caption_encoder(
@@ -34,18 +35,3 @@ def caption_encoder(
 ) -> TextEncode:
     """captions -> {"hidden": [B, tokens, dim]} (+ what else the family's conditioning uses)."""
     return lambda captions: conditioning.encode(tokenizers, encoders, captions)
-
-
-def unet_conditioning(
-    conditioning: TextConditioning,
-    text: Mapping[str, torch.Tensor],
-    batch: Mapping[str, Any],
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """(encoder_hidden_states, added_cond_kwargs) for one batch; the second is None where the family's
-    denoiser takes nothing beside the hidden states."""
-    added = conditioning.added_inputs(text, batch)
-    moved = {name: value.to(device, dtype) for name, value in added.items()} if added else None
-    return text["hidden"].to(device, dtype), moved

@@ -27,6 +27,8 @@ from difflora.config.train import TrainConfig
 from difflora.data.cache import text_cache_allowed
 from difflora.data.captions import CaptionAugmentation
 from difflora.errors import ConfigError
+from difflora.models.dit_files import ComponentFiles
+from difflora.models.families.flow import TimestepSampling
 from difflora.models.geometry import pipeline_geometry
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
@@ -80,7 +82,10 @@ def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list
     written = []
     for index, config in enumerate(configs):
         key = _base_key(config)
-        reuse = any(_base_key(later) == key for later in configs[index + 1 :])
+        # an fp8 base is not shared: LoRA layers go in before its weights are stored as float8
+        reuse = config.quantize_base != "fp8" and any(
+            _base_key(later) == key for later in configs[index + 1 :]
+        )
         with training_locks(run_paths(config)):  # one run per output name and cache folder at a time
             run = setup(config, progress=progress, pipe=bases.pop(key, None), keep_base=reuse)
             try:
@@ -96,7 +101,15 @@ def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list
 
 
 def _base_key(config: TrainConfig) -> tuple[Any, ...]:
-    return (config.model, config.mixed_precision, config.prediction_type, config.quantize_base)
+    return (
+        config.model,
+        config.mixed_precision,
+        config.prediction_type,
+        config.quantize_base,
+        config.clip_l,
+        config.t5,
+        config.vae,
+    )
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -159,6 +172,7 @@ def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
         prediction_type=config.prediction_type,
         quantization=config.quantize_base,
         pipe=pipe,
+        files=ComponentFiles(config.clip_l, config.t5, config.vae),
     )
 
 
@@ -253,7 +267,7 @@ def _assemble(
         paths=paths,
         optimizer=optimizer_prepared,
         scheduler=scheduler,
-        unet=prepared["unet"],
+        unet=prepared[models.denoiser],
         text_encoders={name: prepared.get(name, encoder) for name, encoder in encoders.items()},
         tokenizers=tokenizers,
         objective=_objective(config, models),
@@ -292,7 +306,7 @@ def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any
     (fused AdamW, 8-bit) and gives every component its rate."""
     family = models.identity.model_family
     trainable = models.trainable
-    rates = {"unet": config.effective_learning_rate(family)}
+    rates = {models.denoiser: config.effective_learning_rate(family)}
     rates.update(
         {name: config.effective_text_encoder_lr(family, name) for name in models.text_encoder_modules}
     )
@@ -308,8 +322,21 @@ def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any
 
 
 def _objective(config: TrainConfig, models: Models) -> Objective:
+    family = models.identity.model_family
+    sampling = (
+        TimestepSampling(
+            config.timestep_sampling, config.timestep_mean, config.timestep_scale, config.timestep_shift
+        )
+        if config.timestep_sampling
+        else None
+    )
     objective = Objective.for_pipe(
-        models.pipe, config.noise_offset, config.min_snr_gamma, zero_terminal_snr=config.zero_terminal_snr
+        models.pipe,
+        config.noise_offset,
+        config.min_snr_gamma,
+        zero_terminal_snr=config.zero_terminal_snr,
+        flow=family.flow_schedule(dict(models.pipe.scheduler.config), sampling),
+        guidance=config.guidance,
     )
     if config.zero_terminal_snr and objective.prediction_type == "epsilon":
         raise ConfigError(

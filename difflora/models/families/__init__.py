@@ -42,8 +42,35 @@ def families() -> tuple[ModelFamily, ...]:
 
 
 def checkpoint_families() -> tuple[ModelFamily, ...]:
-    """The families a single-file checkpoint can be detected as (those with shipped configs)."""
+    """The families an original-layout (ldm/sgm) single-file checkpoint can be detected as (those with
+    shipped configs and that layout)."""
+    return tuple(
+        f for f in _REGISTRY.values() if f.config_folder is not None and f.checkpoint_layout == "ldm"
+    )
+
+
+def shipped_families() -> tuple[ModelFamily, ...]:
+    """Every family with shipped configs, whatever layout its single files come in (what `--model` takes)."""
     return tuple(f for f in _REGISTRY.values() if f.config_folder is not None)
 
 
-__all__ = ["FALLBACK_FAMILY", "FAMILY_NAMES", "ModelFamily", "checkpoint_families", "families", "family"]
+def transformer_file_families() -> tuple[ModelFamily, ...]:
+    """The families whose single files are BFL transformer files, in detection order."""
+    return tuple(f for f in shipped_families() if f.checkpoint_layout == "bfl")
+
+
+DENOISERS: tuple[str, ...] = tuple(dict.fromkeys(f.denoiser for f in _REGISTRY.values()))
+"""The pipeline components that are a family's denoiser ("unet", "transformer")."""
+
+
+__all__ = [
+    "DENOISERS",
+    "FALLBACK_FAMILY",
+    "FAMILY_NAMES",
+    "ModelFamily",
+    "checkpoint_families",
+    "families",
+    "family",
+    "shipped_families",
+    "transformer_file_families",
+]

@@ -28,6 +28,9 @@ ARCHITECTURES_DIR = Path(__file__).resolve().parent.parent / "architectures"
 # LoRA targets: the attention projections of a diffusers UNet and of a CLIP text encoder.
 UNET_ATTENTION: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 CLIP_ATTENTION: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_MLP: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
+ALL_LINEAR: tuple[str, ...] = ("*",)
+"""`--targets all-linear`: every Linear module of the denoiser (`difflora.adapter.inject.resolve_targets`)."""
 FULL_MODEL_LR = 1e-4
 
 
@@ -48,6 +51,15 @@ class ModelFamily:
     """Folder under models/architectures/ with the shipped diffusers configs and tokenizers (None: none)."""
     has_reference: ClassVar[bool] = True
     """Whether its module tree can be built offline (on the meta device) from shipped configs."""
+    trainable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
+    """The text encoders `--train-text-encoder` adds LoRA layers to (the others stay frozen)."""
+    block_lists: ClassVar[dict[str, str]] = {}
+    """Block kinds `--blocks` can limit a LoRA to, with the module list holding them (none for a UNet)."""
+    single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
+    part_options: ClassVar[dict[str, str]] = {}
+    checkpoint_layout: ClassVar[str] = "ldm"
+    """The single-file layout its checkpoints come in: `ldm` (SD's original layout, told apart by
+    `matches_checkpoint`) or `bfl` (Black Forest Labs' transformer file, by `matches_transformer_keys`)."""
 
     # ---------------------------------------------------------------- what it predicts, at what size
     default_prediction_type: ClassVar[str] = "epsilon"
@@ -108,9 +120,64 @@ class ModelFamily:
         this family's. The registry asks each family in detection order."""
         return embedded if self.ships_with_difflora else self.matches_unet_config(unet)
 
+    def matches_denoisers(self, denoisers: Mapping[str, Mapping[str, Any]], *, embedded: bool) -> bool:
+        """Whether a loaded model is this family's, given the configs of the denoiser components it has
+        ({"unet": ...} for SD, {"transformer": ...} for a DiT): its own denoiser must be among them."""
+        config = denoisers.get(self.denoiser)
+        return config is not None and self.matches_model(config, embedded=embedded)
+
     def conditioning(self, unet: Mapping[str, Any]) -> TextConditioning:
         """How this family's denoiser is conditioned on text (what is encoded, cached and passed)."""
         return PooledSizeConditioning() if self.size_conditioning else TextConditioning()
+
+    def tokenizer_file(self, name: str) -> Path | None:
+        """A `tokenizer.json` that builds tokenizer `name` (None: a CLIP tokenizer from the shared vocabulary)."""
+        return None
+
+    def matches_transformer_file(self, keys: Any) -> bool:
+        """Whether a single file's tensor names are this family's transformer layout (`checkpoint_layout`
+        `bfl`); ldm files are told apart by `matches_checkpoint`."""
+        return False
+
+    def matches_transformer_keys(self, keys: Any) -> bool:
+        """Which variant of the transformer layout a file is (asked after `matches_transformer_file`)."""
+        return False
+
+    def denoiser_of(self, pipe: Any) -> Any:
+        """The pipeline's denoiser module (what LoRA layers train on)."""
+        return getattr(pipe, self.denoiser)
+
+    def prediction_type_of(self, scheduler_config: Mapping[str, Any]) -> str:
+        """What a model of this family predicts, as its scheduler config says (diffusers' default: epsilon)."""
+        return str(scheduler_config.get("prediction_type", "epsilon"))
+
+    def default_pixels(self, pipe: Any) -> int:
+        """The side of a default generated image: the UNet's sample size times the VAE's factor."""
+        return int(self.denoiser_of(pipe).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+    def denoiser_downsamplings(self, denoiser_config: Mapping[str, Any]) -> int:
+        """How many times the denoiser halves the latents (bucket sides must survive each): a UNet's levels."""
+        return len(denoiser_config["block_out_channels"]) - 1
+
+    def flow_schedule(self, scheduler_config: Mapping[str, Any], sampling: Any) -> Any:
+        """The rectified-flow noising of a flow-matching family (`difflora.models.families.flow`), None for
+        the DDPM families, which noise with their betas."""
+        return None
+
+    def target_preset(self, name: str) -> tuple[str, ...]:
+        """The denoiser's LoRA targets of preset `name` (`--targets`): `attention` is the family's default,
+        `attention-mlp` adds the feed-forward layers, `all-linear` every Linear."""
+        presets = self.target_presets()
+        if name not in presets:
+            raise ValueError(f"unknown --targets preset {name!r}: choose one of {', '.join(presets)}")
+        return presets[name]
+
+    def target_presets(self) -> dict[str, tuple[str, ...]]:
+        return {
+            "attention": self.default_unet_targets,
+            "attention-mlp": (*self.default_unet_targets, *UNET_MLP),
+            "all-linear": ALL_LINEAR,
+        }
 
     # ---------------------------------------------------------------- file layouts
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}

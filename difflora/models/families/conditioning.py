@@ -15,7 +15,7 @@ torch is imported inside the methods: this package stays importable without it (
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class TextConditioning:
         self, tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module], captions: list[str]
     ) -> dict[str, torch.Tensor]:
         """captions -> {"hidden": [B, tokens, dim]}."""
-        tokens = _tokens(tokenizers[0], captions)
+        tokens = padded_tokens(tokenizers[0], captions)
         encoder = encoders[0]
         device = next(encoder.parameters()).device
         wants_mask = getattr(encoder.config, "use_attention_mask", False)
@@ -48,6 +48,40 @@ class TextConditioning:
         """Random `added_cond_kwargs` of the right shapes, to time a forward pass without real data."""
         return None
 
+    def predict(
+        self,
+        model: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: Mapping[str, torch.Tensor],
+        batch: Mapping[str, Any],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        guidance: float,
+    ) -> torch.Tensor:
+        """The denoiser's output for latents `noisy` [B, C, H, W] at `timesteps`, shaped like them, run in
+        `dtype` on `device`. The UNet takes the hidden states and the added inputs; `guidance` is for
+        guidance-distilled models."""
+        added = self.added_inputs(text, batch)
+        moved = {name: value.to(device, dtype) for name, value in added.items()} if added else None
+        hidden = text["hidden"].to(device, dtype)
+        return model(noisy.to(dtype), timesteps, hidden, added_cond_kwargs=moved).sample
+
+    def probe(self, pipe: Any, model: torch.nn.Module, batch: int, resolution: int) -> Callable[[], Any]:
+        """One forward of the denoiser at a run's batch and size with random inputs (the thread probe)."""
+        import torch
+
+        config = model.config
+        side = resolution // int(pipe.vae_scale_factor)
+        parameter = next(model.parameters())
+        latents = torch.randn(batch, int(config.in_channels), side, side, dtype=parameter.dtype)
+        tokens = int(pipe.tokenizer.model_max_length)
+        hidden = torch.randn(batch, tokens, int(config.cross_attention_dim), dtype=parameter.dtype)
+        timesteps = torch.full((batch,), 500, dtype=torch.long)
+        added = self.probe_inputs(dict(config), batch, resolution, parameter.dtype)
+        return lambda: model(latents, timesteps, hidden, added_cond_kwargs=added)
+
 
 class PooledSizeConditioning(TextConditioning):
     """Hidden states of every encoder side by side, the pooled projection, and size/crop time ids."""
@@ -60,7 +94,7 @@ class PooledSizeConditioning(TextConditioning):
 
         hidden, pooled = [], None
         for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
-            ids = _tokens(tokenizer, captions).input_ids.to(next(encoder.parameters()).device)
+            ids = padded_tokens(tokenizer, captions).input_ids.to(next(encoder.parameters()).device)
             output = encoder(ids, output_hidden_states=True)
             if output[0].ndim == 2:  # the projected pooled output (CLIPTextModelWithProjection)
                 pooled = output[0]
@@ -102,7 +136,7 @@ def takes_size_conditioning(unet_config: Mapping[str, Any]) -> bool:
     return unet_config.get("addition_embed_type") == "text_time"
 
 
-def _tokens(tokenizer: Any, captions: list[str]) -> Any:
+def padded_tokens(tokenizer: Any, captions: list[str]) -> Any:
     """Padded to the tokenizer's max length and truncated, as the pipelines tokenize prompts."""
     return tokenizer(
         captions,

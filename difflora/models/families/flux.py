@@ -1,5 +1,10 @@
-"""Flux.1 (Black Forest Labs): an MMDiT transformer (double-stream then single-stream blocks), CLIP-L
-(pooled) and T5-XXL text encoders. dev is guidance-distilled (a guidance embedding); schnell is not.
+"""Flux.1 (Black Forest Labs): a 12 B rectified-flow transformer of double-stream (image and text apart,
+joint attention) and single-stream blocks over 2x2-packed latents of a 16-channel autoencoder; CLIP ViT-L's
+pooled output and T5-XXL v1.1's hidden states condition it. `dev` is guidance-distilled (it takes the
+guidance scale as an input, `guidance_in.*` in BFL's files); `schnell` is timestep-distilled and has none.
+
+Shared machinery: the flow-matching objective is `flow.py`; the latent packing and position ids are
+diffusers' `FluxPipeline` static methods, so training sees exactly what generation feeds the transformer.
 
 File layouts: kohya, ComfyUI and Forge name the transformer in BFL's original layout
 (`double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, ...), whose fused q/k/v (and, in single blocks,
@@ -10,19 +15,120 @@ and `lora_te3_` (T5), kohya's convention (`networks/lora_flux.py`).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from difflora.models.families.base import ModelFamily
+from difflora.models.families.base import ALL_LINEAR, ARCHITECTURES_DIR, ModelFamily
+from difflora.models.families.conditioning import TextConditioning, padded_tokens
+from difflora.models.families.flow import FlowSchedule, TimestepSampling
+
+if TYPE_CHECKING:
+    import torch
+
+# Attention of both block kinds: q/k/v/out of the image stream and of the text stream (double blocks),
+# q/k/v of the single blocks (their output projection is shared with the MLP: `attention-mlp` adds it).
+FLUX_ATTENTION: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+FLUX_MLP: tuple[str, ...] = (
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+)
+# What BFL's single files hold, with or without ComfyUI's `model.diffusion_model.` prefix.
+BFL_PREFIX = "model.diffusion_model."
+BFL_DOUBLE, BFL_SINGLE, BFL_GUIDANCE = "double_blocks.", "single_blocks.", "guidance_in."
 
 
 class Flux(ModelFamily):
     name = "flux"
     label = "Flux.1 dev"
+    # ---- model side
     components = ("transformer", "text_encoder", "text_encoder_2")
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
     pipeline_class_name = "FluxPipeline"
+    pipeline_has_safety_checker = False
     config_folder = "flux1-dev"
+    checkpoint_layout = "bfl"
+    checkpoint_encoder_names = ("CLIP ViT-L", "T5-XXL v1.1")
+    default_prediction_type = "flow_matching"
+    native_resolution = 1024
+    default_unet_targets = FLUX_ATTENTION
+    # --train-text-encoder: CLIP-L only; T5-XXL stays frozen (and cached), as kohya's and diffusers' defaults.
+    trainable_text_encoders = ("text_encoder",)
+    guidance_embeds: ClassVar[bool] = True
+    """Whether the transformer takes the guidance scale as an input (dev: guidance distillation)."""
+    default_timestep_sampling: ClassVar[str] = "flux-shift"
+    block_lists: ClassVar[dict[str, str]] = {
+        "double": "transformer_blocks",
+        "single": "single_transformer_blocks",
+    }
+    """Block kinds a LoRA can be limited to (`--blocks double=0-18`), with the module list holding them."""
+    single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "text_encoder": ("text_encoders.clip_l.transformer.",),
+        "text_encoder_2": ("text_encoders.t5xxl.transformer.",),
+        "vae": ("vae.", "first_stage_model."),
+    }
+    """Key prefixes of the other components in an all-in-one file (ComfyUI's layout); a transformer-only
+    file takes them from separate files."""
+    part_options: ClassVar[dict[str, str]] = {"text_encoder": "clip_l", "text_encoder_2": "t5", "vae": "vae"}
+    """The option (`--clip-l`, `--t5`, `--vae`) that gives each component as a file of its own."""
+
+    def matches_model(self, unet: Mapping[str, Any], *, embedded: bool) -> bool:
+        """A FluxTransformer2DModel config (any width or depth) with or without the guidance input."""
+        is_flux = "joint_attention_dim" in unet and "num_single_layers" in unet
+        return is_flux and bool(unet.get("guidance_embeds")) == self.guidance_embeds
+
+    def matches_transformer_keys(self, keys: Collection[str]) -> bool:
+        """Whether a BFL single-file transformer (its tensor names) is this variant: dev has `guidance_in`."""
+        guided = any(key.startswith((BFL_GUIDANCE, BFL_PREFIX + BFL_GUIDANCE)) for key in keys)
+        return guided == self.guidance_embeds
+
+    def matches_transformer_file(self, keys: Collection[str]) -> bool:
+        """Whether a single file holds a BFL transformer (its double blocks, with or without the prefix)."""
+        return any(key.startswith((BFL_DOUBLE, BFL_PREFIX + BFL_DOUBLE)) for key in keys)
+
+    def conditioning(self, unet: Mapping[str, Any]) -> TextConditioning:
+        return FluxConditioning()
+
+    def tokenizer_file(self, name: str) -> Path | None:
+        """T5's tokenizer.json, shipped once (in flux1-dev/) for both variants."""
+        return ARCHITECTURES_DIR / "flux1-dev" / name / "tokenizer.json" if name == "tokenizer_2" else None
+
+    def prediction_type_of(self, scheduler_config: Mapping[str, Any]) -> str:
+        return self.default_prediction_type
+
+    def default_pixels(self, pipe: Any) -> int:
+        """FluxPipeline's own default: 128 latent pixels (1024 px with the 8x autoencoder)."""
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def denoiser_downsamplings(self, denoiser_config: Mapping[str, Any]) -> int:
+        """Once: 2x2 latent pixels are packed into one token (16-px buckets with the 8x autoencoder)."""
+        return 1
+
+    def flow_schedule(self, scheduler_config: Mapping[str, Any], sampling: Any) -> FlowSchedule:
+        return FlowSchedule.from_scheduler(scheduler_config, sampling or self.default_sampling())
+
+    def default_sampling(self) -> TimestepSampling:
+        return TimestepSampling(self.default_timestep_sampling)
+
+    def target_presets(self) -> dict[str, tuple[str, ...]]:
+        return {
+            "attention": FLUX_ATTENTION,
+            "attention-mlp": (*FLUX_ATTENTION, *FLUX_MLP),
+            "all-linear": ALL_LINEAR,
+        }
 
     # ---- file layouts
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {
@@ -34,7 +140,6 @@ class Flux(ModelFamily):
     kohya_base_version = "flux1"
     kohya_network_module = "networks.lora_flux"
     modelspec_states_prediction = False
-    native_resolution = 1024  # also ModelSpec's resolution (the model side declares the same)
     # kohya writes "flux1" for dev and schnell alike: schnell is told apart by its ModelSpec architecture.
     kohya_version_prefixes = ("flux1", "flux.1", "flux_1")
     modelspec_architecture = "flux-1-dev/lora"
@@ -49,11 +154,81 @@ class Flux(ModelFamily):
 
 
 class FluxSchnell(Flux):
-    name = "flux_schnell"
+    name = "flux-schnell"
     label = "Flux.1 schnell"
-    config_folder = "flux1-schnell"
-
     # ---- file layouts
     kohya_version_prefixes = ()
     modelspec_architecture = "flux-1-schnell/lora"
     modelspec_prefixes = ("flux-1-schnell",)
+
+    # ---- model side
+    config_folder = "flux1-schnell"
+    guidance_embeds = False
+    # schnell's scheduler samples unshifted (shift 1, no dynamic shifting): train where it samples.
+    default_timestep_sampling = "sigmoid"
+
+
+class FluxConditioning(TextConditioning):
+    """CLIP ViT-L's pooled output and T5's last hidden state, as `FluxPipeline.encode_prompt` computes them
+    (each tokenizer pads to its own max length: 77 and 512 tokens); the transformer takes the packed
+    latents with their position ids, zero text ids, σ and (dev) the guidance scale."""
+
+    def encode(
+        self, tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module], captions: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """captions -> {"hidden": [B, T5 tokens, T5 width], "pooled": [B, CLIP width]}."""
+        clip, t5 = encoders
+        clip_ids = padded_tokens(tokenizers[0], captions).input_ids.to(next(clip.parameters()).device)
+        t5_ids = padded_tokens(tokenizers[1], captions).input_ids.to(next(t5.parameters()).device)
+        pooled = clip(clip_ids, output_hidden_states=False).pooler_output
+        return {"hidden": t5(t5_ids, output_hidden_states=False)[0], "pooled": pooled}
+
+    def predict(
+        self,
+        model: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: Mapping[str, torch.Tensor],
+        batch: Mapping[str, Any],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        guidance: float,
+    ) -> torch.Tensor:
+        import torch
+        from diffusers import FluxPipeline
+
+        size, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy.to(device, dtype), size, channels, height, width)
+        hidden = text["hidden"].to(device, dtype)
+        config = getattr(model, "module", model).config  # DDP wraps the transformer
+        output = model(
+            hidden_states=packed,
+            timestep=timesteps.to(device, dtype),
+            guidance=torch.full((size,), guidance, device=device) if config.guidance_embeds else None,
+            pooled_projections=text["pooled"].to(device, dtype),
+            encoder_hidden_states=hidden,
+            txt_ids=torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, device, dtype),
+            return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(output, height, width, 1)  # latent pixels: a factor of 1
+
+    def probe(self, pipe: Any, model: torch.nn.Module, batch: int, resolution: int) -> Callable[[], Any]:
+        import torch
+
+        parameter = next(model.parameters())
+        side = 2 * (resolution // (2 * int(pipe.vae_scale_factor)))
+        latents = torch.randn(batch, int(pipe.vae.config.latent_channels), side, side)
+        config = model.config
+        text = {
+            "hidden": torch.randn(
+                batch, int(pipe.tokenizer_2.model_max_length), int(config.joint_attention_dim)
+            ),
+            "pooled": torch.randn(batch, int(config.pooled_projection_dim)),
+        }
+        sigmas = torch.full((batch,), 0.5)
+        device, dtype = parameter.device, parameter.dtype
+        return lambda: self.predict(
+            model, latents, sigmas, text, {}, device=device, dtype=dtype, guidance=1.0
+        )
