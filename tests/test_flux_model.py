@@ -229,6 +229,8 @@ def test_training_adapts_the_preset_and_the_blocks_asked_for(adapters):
     plan = (adapters["subject"].parent / "subject.run" / "plan.txt").read_text()
     assert "transformer 4 modules (attention-mlp: to_q" in plan and "blocks double=1-18 single=0" in plan
     assert "flow_matching" in plan and "trainable" in plan  # the parameter count table
+    # dev's default σ sampling is named; the ε/v-only settings (min-SNR, noise offset) are not listed
+    assert "flow matching, timesteps flux-shift" in plan and "min-SNR" not in plan
 
 
 def test_the_cli_trains_and_generates_with_two_composed_adapters(flux_dir, data, adapters, tmp_path):

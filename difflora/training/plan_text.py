@@ -48,7 +48,7 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         f"  length      {plan.max_steps} steps, {plan.epochs} epoch(s) of {plan.steps_per_epoch} steps ({plan.rule})",
         f"  optimizer   {facts['optimizer']}, lr {facts['learning_rate']:g}{lr_note}{te}, {config.lr_scheduler} schedule, "
         f"warm-up {facts['lr_warmup_steps']} steps{warmup_note}, grad clip {config.max_grad_norm:g}, "
-        f"min-SNR-γ {config.min_snr_gamma:g}, noise offset {config.noise_offset:g}, precision {config.mixed_precision}",
+        f"{_objective(config, run)}, precision {config.mixed_precision}",
         f"  saves       every {run.loop.save_every} steps + at the end -> {run.paths.checkpoints} (keep {config.keep_checkpoints})",
         f"  samples     every {run.loop.sample_every} steps, {len(run.samples.prompts)} prompt(s) x seeds {list(config.sample_seeds)}"
         if run.loop.sample_every
@@ -72,6 +72,19 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
 def _preset(config: TrainConfig) -> str:
     """ "attention-mlp: " where --targets chose the targets by preset name."""
     return f"{config.targets}: " if config.targets and config.unet_targets is None else ""
+
+
+def _objective(config: TrainConfig, run: Run) -> str:
+    """The noising settings that apply: σ sampling for flow matching (min-SNR weighting and the noise
+    offset are ε/v settings that a flow objective does not use, so the plan does not list them)."""
+    flow = run.objective.flow
+    if flow is None:
+        return f"min-SNR-γ {config.min_snr_gamma:g}, noise offset {config.noise_offset:g}"
+    sampling = flow.sampling
+    return (
+        f"flow matching, timesteps {sampling.kind} (mean {sampling.mean:g}, scale {sampling.scale:g}, "
+        f"shift {sampling.shift:g})"
+    )
 
 
 def _label(models: Models) -> str:
