@@ -10,11 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support.adapters import random_adapter
 from tests.support.models import tiny_pipeline
 from tests.support.paths import SAMPLE_DATA
+from tests.support.scheduling import schedule
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: each runs torch (and the CLI subprocesses it starts) on one thread; more
+    # would oversubscribe the cores. Subprocesses read the variable; this process is told directly.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -29,6 +36,11 @@ def pytest_addoption(parser) -> None:
         help="how many kill -9 points tests/test_faults_kill.py tries on a training run: the 4 named write "
         "windows, then seeded random times over the run (default 6; 20 for the full sweep)",
     )
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by their session fixtures' params
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    schedule(items)
 
 
 @pytest.fixture

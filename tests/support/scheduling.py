@@ -1,0 +1,47 @@
+"""How the suite is split across pytest-xdist workers (`-n auto --dist loadgroup` in pyproject).
+
+Each test module is one unit of work, so its module-scoped fixtures are built once. Two kinds of module
+are merged into one unit:
+
+- the full-size ones: they write multi-gigabyte random checkpoints (the session's `real_checkpoint`) and
+  train at full width, SDXL near this machine's whole memory, so two of them must never run at once;
+- the users of the session's `sample_adapters` (the README's two trainings): on one worker they are
+  trained once, not once per worker.
+
+Units are handed out in the order of `order_key`: longest first, so that the full-size unit (about a third
+of the whole suite) does not start last and leave one worker idle at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+FULL_SIZE = "full-size"
+FULL_SIZE_MODULES = frozenset({"test_real_models", "test_models_single_file", "test_flux_real"})
+SAMPLE_ADAPTERS = "sample-adapters"
+SAMPLE_ADAPTER_MODULES = frozenset({"test_trainer_learning", "test_compose_signatures"})
+
+
+def group_of(item: pytest.Item) -> str:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+    if module in FULL_SIZE_MODULES:
+        return FULL_SIZE
+    if module in SAMPLE_ADAPTER_MODULES:
+        return SAMPLE_ADAPTERS
+    return module
+
+
+def order_key(group: str, has_slow: bool) -> int:
+    """0 first: the full-size unit, then units with slow tests, then the fast ones."""
+    if group == FULL_SIZE:
+        return 0
+    return 1 if has_slow else 2
+
+
+def schedule(items: list[pytest.Item]) -> None:
+    """Mark every item with its xdist group and sort the items (stably) so the costly units come first."""
+    groups = {item.nodeid: group_of(item) for item in items}
+    slow_groups = {groups[item.nodeid] for item in items if item.get_closest_marker("slow")}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    items.sort(key=lambda item: order_key(groups[item.nodeid], groups[item.nodeid] in slow_groups))
