@@ -46,7 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_support import BASES, random_base  # noqa: E402
+from bench_support import random_base  # noqa: E402
 
 REFERENCE_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -411,7 +411,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the embedded model (or --base's)")
     parser.add_argument(
         "--base",
-        choices=["embedded", *BASES],
+        choices=["embedded", "sd15", "sdxl"],
         default="embedded",
         help="sd15 / sdxl: SD 1.5 / SDXL size, random weights",
     )
