@@ -62,7 +62,7 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         lines.insert(5, f"  variants    {variants}")
     if models.quantized is not None:
         lines.insert(4, f"  quantized   {models.quantized.describe()}")
-    lines.insert(-1, f"  memory      {plan_memory(config, run).describe()}")
+    lines.insert(-1, f"  memory      {_memory_line(config, run)}")
     if run.start_step:
         lines.append(f"  resuming    at step {run.start_step}")
     precision = precision_note(config.mixed_precision, run.accelerator.device)
@@ -109,6 +109,16 @@ def _variants(config: TrainConfig, run: Run) -> str:
     if config.loraplus_ratio != 1:
         chosen.append(f"LoRA+ (B at {config.loraplus_ratio:g}x the learning rate)")
     return "; ".join(chosen)
+
+
+def _memory_line(config: TrainConfig, run: Run) -> str:
+    """The estimate, or why there is none: a layer the meta device cannot run (bitsandbytes' quantized
+    layers keep their weights in their own CUDA formats) must not stop the run the plan describes."""
+    try:
+        return plan_memory(config, run).describe()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"not estimated ({type(error).__name__}: {reason[:120]})"
 
 
 def plan_memory(config: TrainConfig, run: Run) -> MemoryEstimate:
