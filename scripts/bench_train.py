@@ -27,6 +27,9 @@ embeddings are cached once).
 
     python scripts/bench_train.py [DATA_DIR] [--base embedded|sd15] [--model M] [--steps 60]
         [--batch-size 4] [--resolution PX] [--threads N] [--repeats 3]
+
+Flux: scripts/bench_train_flux.py (diffusers' `train_dreambooth_lora_flux.py` loop) on this harness
+(`common_parser`, `compare`).
 """
 
 from __future__ import annotations

@@ -69,11 +69,12 @@ class MemoryEstimate:
     def describe(self) -> str:
         """One plan line."""
         acts = self.activations
-        kind = (
-            f"checkpointed; {_gib(acts.total)} without"
-            if self.checkpointing
-            else f"{_gib(acts.checkpointed())} with --gradient-checkpointing"
-        )
+        if not acts.blocks:  # a family without block lists (SD's UNets): checkpointing is not modelled
+            kind = "without checkpointing; a UNet's checkpointed share is not modelled"
+        elif self.checkpointing:
+            kind = f"checkpointed; {_gib(acts.total)} without"
+        else:
+            kind = f"{_gib(acts.checkpointed())} with --gradient-checkpointing"
         swap = f"; --blocks-to-swap keeps {_gib(self.swapped)} in CPU memory" if self.swapped else ""
         return (
             f"est. peak {_gib(self.peak)} on {self.device}: weights {_gib(self.weights)} + LoRA with grads "
