@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 SEEDS = (0, 1, 2, 3)
-BASES = {"sd15": "sd1", "sdxl": "sdxl"}  # script name -> difflora family of the shipped config folder
-_WEIGHTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+BASES = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux"}  # script name -> family of the shipped configs
+_WEIGHTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
 
 
 def adapter_signature(pipe, adapter: str | Path | None, prompt: str, measure: str) -> float:
@@ -47,11 +47,16 @@ def random_base(name: str, models_dir: Path, *, dtype: Any = None, device: str =
     index = json.loads((configs / "model_index.json").read_text())
     components: dict[str, Any] = {**base_tokenizers(architecture), "scheduler": base_scheduler(architecture)}
     torch.manual_seed(0)
-    with torch.device(device):
-        for component in (c for c in _WEIGHTS if c in index):
-            library, class_name = index[component]
-            model = _random_model(library, class_name, configs / component)
-            components[component] = model.to("cpu", dtype or torch.float32)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)  # built in the stored dtype: Flux's 12 B never in fp32
+    try:
+        with torch.device(device):
+            for component in (c for c in _WEIGHTS if c in index):
+                library, class_name = index[component]
+                model = _random_model(library, class_name, configs / component)
+                components[component] = model.to("cpu", dtype or torch.float32)
+    finally:
+        torch.set_default_dtype(default)
     if "safety_checker" in index:  # SD 1.x/2.x pipelines ask for one; difflora never loads it
         components |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     pipe = getattr(diffusers, index["_class_name"])(**components)

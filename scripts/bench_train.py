@@ -27,6 +27,9 @@ embeddings are cached once).
 
     python scripts/bench_train.py [DATA_DIR] [--base embedded|sd15] [--model M] [--steps 60]
         [--batch-size 4] [--resolution PX] [--threads N] [--repeats 3]
+
+Flux: scripts/bench_train_flux.py (diffusers' `train_dreambooth_lora_flux.py` loop) on this harness
+(`common_parser`, `compare`).
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_support import BASES, random_base  # noqa: E402
+from bench_support import random_base  # noqa: E402
 
 REFERENCE_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -62,7 +66,11 @@ def _peak_memory() -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ difflora
 
 
-def run_difflora(args: argparse.Namespace, began: float) -> dict:
+def run_difflora(
+    args: argparse.Namespace, began: float, targets: tuple[str, ...] = REFERENCE_TARGETS, **settings
+) -> dict:
+    """difflora's trainer on the reference's `targets` (difflora's SD default adds the ResNet convs);
+    `settings`: further TrainConfig fields a family's reference needs (its timestep sampling, guidance)."""
     import csv
 
     from difflora.config.train import TrainConfig
@@ -77,10 +85,11 @@ def run_difflora(args: argparse.Namespace, began: float) -> dict:
         max_steps=args.steps,
         batch_size=args.batch_size,
         rank=args.rank,
-        unet_targets=REFERENCE_TARGETS,  # the reference's targets (difflora's default adds the ResNet convs)
+        unet_targets=targets,
+        **settings,
         resolution=args.resolution,
         # --with-outputs: difflora's default sample grids and checkpoints, as a user's run has them
-        **({} if args.with_outputs else {"save_every": 0, "sample_every": 0}),
+        **({} if getattr(args, "with_outputs", False) else {"save_every": 0, "sample_every": 0}),
         num_threads=args.threads,
         lr_scheduler="constant",
         lr_warmup_steps=0,
@@ -318,14 +327,10 @@ def _reference_loop(args, accelerator, unet, vae, text_encoder, noise_scheduler,
 
 
 def _child(kind: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, args.data, "--child", kind, "--workdir", args.workdir]
-    command += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank)]
-    command += ["--threads", str(args.threads), "--warmup", str(args.warmup)]
-    command += ["--with-outputs"] if args.with_outputs else []
-    if args.model:
-        command += ["--model", args.model]
-    if args.resolution:
-        command += ["--resolution", str(args.resolution)]
+    """One side's run in a process of its own: this script's own command line (so every option reaches
+    the child as given), the side and its work folder added."""
+    command = [sys.executable, args.script, *args.argv, "--child", kind, "--workdir", args.workdir]
+    command += ["--model", args.model] if args.model else []
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -349,17 +354,10 @@ def _summary(result: dict, warmup: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", nargs="?", default=str(REPO / "sample_data" / "style"))
-    parser.add_argument("--model", default=None, help="default: the embedded model (or --base's)")
-    parser.add_argument(
-        "--base",
-        choices=["embedded", *BASES],
-        default="embedded",
-        help="sd15 / sdxl: SD 1.5 / SDXL size, random weights",
-    )
-    parser.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "difflora-bench-models"))
+def common_parser(description: str, default_data: Path) -> argparse.ArgumentParser:
+    """The options every training benchmark shares (its own are added by the caller)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("data", nargs="?", default=str(default_data))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -370,21 +368,22 @@ def main() -> None:
         "--repeats", type=int, default=3, help="interleaved runs per side; the fastest counts"
     )
     parser.add_argument("--json", default=None, help="also write the report to this file")
-    parser.add_argument(
-        "--with-outputs",
-        action="store_true",
-        help="difflora renders its default sample grids and checkpoints",
-    )
     parser.add_argument("--child", choices=["difflora", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def compare(
+    args: argparse.Namespace, sides: dict[str, Callable], script: str, settings: tuple[str, ...]
+) -> None:
+    """Run as a child (one side, `sides[args.child]`, its result as JSON on stdout) or as the parent: both
+    sides alternately `args.repeats` times, each in its own process, then the report (fastest run per side,
+    ratios difflora / reference) on stdout and in `args.json`."""
     began = time.perf_counter()
     if args.child:
-        result = (run_difflora if args.child == "difflora" else run_reference)(args, began)
-        print(json.dumps(result))
+        print(json.dumps(sides[args.child](args, began)))
         return
-    if args.base != "embedded" and not args.model:
-        args.model = str(random_base(args.base, Path(args.models_dir)))
+    args.script, args.argv = script, sys.argv[1:]
     runs: dict[str, list[dict]] = {"difflora": [], "reference": []}
     with tempfile.TemporaryDirectory() as workdir:
         args.workdir = workdir
@@ -397,20 +396,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
         "load_average_1min": round(os.getloadavg()[0], 2),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "data",
-                "base",
-                "model",
-                "steps",
-                "batch_size",
-                "rank",
-                "resolution",
-                "threads",
-                "with_outputs",
-            )
-        },
+        "settings": {k: getattr(args, k) for k in settings},
         "difflora": ours,
         "reference": reference,
         "all_runs_steps_per_s": {k: [round(r["steps_per_s"], 2) for r in v] for k, v in runs.items()},
@@ -421,6 +407,38 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = common_parser(__doc__.split("\n\n")[0], REPO / "sample_data" / "style")
+    parser.add_argument("--model", default=None, help="default: the embedded model (or --base's)")
+    parser.add_argument(
+        "--base",
+        choices=["embedded", "sd15", "sdxl"],
+        default="embedded",
+        help="sd15 / sdxl: SD 1.5 / SDXL size, random weights",
+    )
+    parser.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "difflora-bench-models"))
+    parser.add_argument(
+        "--with-outputs",
+        action="store_true",
+        help="difflora renders its default sample grids and checkpoints",
+    )
+    args = parser.parse_args()
+    if not args.child and args.base != "embedded" and not args.model:
+        args.model = str(random_base(args.base, Path(args.models_dir)))
+    settings = (
+        "data",
+        "base",
+        "model",
+        "steps",
+        "batch_size",
+        "rank",
+        "resolution",
+        "threads",
+        "with_outputs",
+    )
+    compare(args, {"difflora": run_difflora, "reference": run_reference}, __file__, settings)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """difflora at full size on a CUDA GPU: SD 1.5 at 512 px and SDXL at 1024 px, each trained with the README's
-low-memory settings and with fast settings, then generating with two adapters composed.
+low-memory settings and with fast settings, and Flux.1 dev at 1024 px in bf16, with an fp8 base and
+gradient checkpointing, and with blocks swapped (`--blocks-to-swap`), then generating with two adapters
+composed.
 
 The bases are random weights built from the shipped configs (difflora/models/architectures/), written once
 as diffusers folders under --models-dir; batch 1, LoRA rank 16 on the attention projections. Per training
-configuration: the median step time after --warmup steps (difflora's own per-step log), the peak allocated
+configuration: the plan's estimated peak memory, the median step time after --warmup steps (difflora's own per-step log), the peak allocated
 GPU memory of the whole run (torch.cuda.max_memory_allocated: load, caching and steps), the FLOPs of one
 training step (forward + backward, counted on the meta device: model FLOPs, so checkpointing's recompute is
 not counted), the achieved TFLOP/s and the MFU against the GPU's dense bf16 peak (--peak-tflops overrides
@@ -14,6 +16,8 @@ with 1 when any configuration failed, after reporting the others.
 
     python scripts/gpu_check.py [--out gpu-check.md] [--json gpu-check.json] [--compile] [--steps 12]
     python scripts/gpu_check.py --dry-run   # the same code on the CPU, the tiny embedded model, 2 steps
+    python scripts/gpu_check.py --dry-run --bases flux   # the Flux rows on the tiny Flux (no CUDA: the
+                                                          # swap row reports the flag's refusal and fails)
 """
 
 from __future__ import annotations
@@ -38,13 +42,18 @@ from gpu_check_support import (
     mfu,
     one_line,
     peak_tflops,
+    planned_peak_gib,
+    transformer_flops,
     unet_flops,
     write_images,
 )
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# Flux's attention preset (difflora.models.families.flux): both streams' projections in the double blocks
+FLUX_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 RANK = 16
-BASES = {"sd15": 512, "sdxl": 1024}  # base -> the resolution it is trained and sampled at
+BASES = {"sd15": 512, "sdxl": 1024, "flux": 1024}  # base -> the resolution it is trained and sampled at
+SWAP = 18  # Flux.1's blocks in CPU memory in the swap row: kohya's low-memory Flux settings swap 18 for 12 GB
 PROMPT = "a red circle on a white background"
 
 
@@ -53,6 +62,11 @@ class Base:
     label: str
     folder: Path | None  # None: difflora's embedded model
     resolution: int
+    transformer: bool = False  # a Flux transformer (else a UNet)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return FLUX_ATTENTION if self.transformer else ATTENTION
 
     @property
     def model_dir(self) -> Path:
@@ -66,20 +80,31 @@ class Settings:
     name: str
     gradient_checkpointing: bool
     compile: bool
+    quantize_base: str | None = None
+    blocks_to_swap: int = 0
 
 
-def settings_of(args: argparse.Namespace) -> list[Settings]:
-    """The README's low-memory settings, and the fast ones (no recompute, optionally compiled)."""
+def settings_of(args: argparse.Namespace, base: Base) -> list[Settings]:
+    """The README's low-memory settings, and the fast ones (no recompute, optionally compiled); for Flux
+    the README's bf16, fp8 + checkpointing, and fp8 + checkpointing with blocks swapped."""
     precision = "fp32" if args.precision == "no" else args.precision
     fast = precision + (", compile" if args.compile else "")
+    if base.transformer:
+        swap = min(SWAP, args.swap_limit)
+        return [
+            Settings(fast, False, args.compile),
+            Settings("fp8, checkpointing", True, False, "fp8"),
+            Settings(f"fp8, checkpointing, swap {swap}", True, False, "fp8", swap),
+        ]
     return [Settings(f"{precision}, checkpointing", True, False), Settings(fast, False, args.compile)]
 
 
 def flops_of(base: Base) -> tuple[int, int]:
-    """FLOPs of the UNet's forward pass and of a training step (forward + backward) on `base`."""
-    count = {"rank": RANK, "targets": ATTENTION}
-    forward = unet_flops(base.model_dir, base.resolution, backward=False, **count)
-    return forward, unet_flops(base.model_dir, base.resolution, **count)
+    """FLOPs of the denoiser's forward pass and of a training step (forward + backward) on `base`."""
+    count = {"rank": RANK, "targets": base.targets}
+    flops = transformer_flops if base.transformer else unet_flops
+    forward = flops(base.model_dir, base.resolution, backward=False, **count)
+    return forward, flops(base.model_dir, base.resolution, **count)
 
 
 def train_row(
@@ -91,7 +116,7 @@ def train_row(
     import difflora
 
     row = TrainRow(base.label, base.resolution, settings.name, forward_flops=flops[0], step_flops=flops[1])
-    name = "lowmem" if settings.gradient_checkpointing else "fast"
+    name = "fast" if not settings.gradient_checkpointing else "swap" if settings.blocks_to_swap else "lowmem"
     out = work / base.label / "adapters"
     try:
         _reset_peak_memory()
@@ -99,11 +124,13 @@ def train_row(
             data_dir=str(write_images(work / base.label / "images", base.resolution)),
             model=str(base.folder) if base.folder else None, output_dir=str(out), name=name,
             cache_dir=str(work / base.label / "cache"), resolution=base.resolution, batch_size=1,
-            rank=RANK, alpha=float(RANK), unet_targets=ATTENTION, max_steps=args.steps, save_every=0,
+            rank=RANK, alpha=float(RANK), unet_targets=base.targets, max_steps=args.steps, save_every=0,
             sample_every=0, mixed_precision=args.precision, gradient_checkpointing=settings.gradient_checkpointing,
             compile=settings.compile, lr_scheduler="constant", lr_warmup_steps=0,
+            quantize_base=settings.quantize_base, blocks_to_swap=settings.blocks_to_swap,
         )  # fmt: skip
         difflora.train(config, progress=False)
+        row.estimate_gib = planned_peak_gib(out / f"{name}.run")
         if torch.cuda.is_available():
             row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         row.step_seconds = median_step_seconds(out / f"{name}.run", args.warmup)
@@ -123,6 +150,7 @@ def generate_row(base: Base, adapters: Sequence[Path], args: argparse.Namespace)
 
     row = GenerateRow(base.label, base.resolution, args.gen_steps)
     try:
+        adapters = adapters[:2]  # the first two settings' (Flux's swap row is refused off CUDA)
         missing = [path.name for path in adapters if not path.is_file()]
         if missing:
             raise RuntimeError(f"no adapter to compose: training {', '.join(missing)} failed")
@@ -179,16 +207,21 @@ def _free_memory() -> None:
 
 
 def bases_of(args: argparse.Namespace, work: Path) -> list[Base]:
+    """The bases asked for: random full-size weights, or in a dry run the embedded models (the tiny SD for
+    the SD bases, the tiny Flux for flux)."""
     if args.dry_run:
-        return [Base("embedded", None, 64)]
+        from difflora.embedded import EMBEDDED_MODEL_DIR
+
+        tiny = {"flux": Base("tiny-flux", EMBEDDED_MODEL_DIR.parent / "flux", 64, transformer=True)}
+        return list({tiny.get(name, Base("embedded", None, 64)): None for name in args.bases})
     import torch
 
     models = Path(args.models_dir or work / "models")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [
-        Base(name, random_base(name, models, dtype=torch.float16, device=device), BASES[name])
-        for name in args.bases
-    ]
+    dtype = {"flux": torch.bfloat16}  # Flux's published weights are bf16 (fp16 overflows in its blocks)
+    kinds = {name: dtype.get(name, torch.float16) for name in args.bases}
+    folders = {name: random_base(name, models, dtype=kind, device=device) for name, kind in kinds.items()}
+    return [Base(name, folder, BASES[name], transformer=name == "flux") for name, folder in folders.items()]
 
 
 def run(args: argparse.Namespace, work: Path) -> Report:
@@ -201,7 +234,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
     report = Report(device + (f", {args.peak:g} bf16 TFLOP/s peak" if args.peak else ""))
     for base in bases_of(args, work):
         adapters, flops = [], flops_of(base)
-        for settings in settings_of(args):
+        for settings in settings_of(args, base):
             row, adapter = train_row(base, settings, flops, work, args)
             report.train.append(row)
             adapters.append(adapter)
@@ -212,7 +245,9 @@ def run(args: argparse.Namespace, work: Path) -> Report:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, the embedded model, 2 steps")
-    parser.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES))
+    parser.add_argument(
+        "--bases", nargs="+", choices=list(BASES), default=None, help="default: sd15 sdxl flux"
+    )
     parser.add_argument("--compile", action="store_true", help="the fast settings also use --compile")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 12; dry run 2)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the median (4; 1)")
@@ -224,6 +259,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the raw figures here")
     args = parser.parse_args(argv)
     dry = args.dry_run
+    args.bases = args.bases or (["sd15"] if dry else list(BASES))  # the dry run's default: the tiny SD alone
+    args.swap_limit = 3 if dry else SWAP  # the tiny Flux has 4 blocks
     args.steps = args.steps or (2 if dry else 12 + 4 * args.compile)  # compiling makes the first steps slow
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 4 + 4 * args.compile)
     args.gen_steps = args.gen_steps or (2 if dry else 20)

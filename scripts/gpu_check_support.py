@@ -50,6 +50,7 @@ class TrainRow:
     settings: str
     step_seconds: float | None = None
     peak_gib: float | None = None
+    estimate_gib: float | None = None  # the training plan's estimated peak (in the JSON figures)
     forward_flops: int | None = None
     step_flops: int | None = None
     tflops: float | None = None
@@ -113,6 +114,13 @@ def one_line(error: BaseException) -> str:
     return f"failed: {type(error).__name__}: {text}"[:200].replace("|", "/")
 
 
+def planned_peak_gib(run_dir: Path) -> float:
+    """The estimated peak memory the run's plan printed ("est. peak 12.34 GiB" or "... 56.7 MiB"), in GiB."""
+    line = next(x for x in (run_dir / "plan.txt").read_text().splitlines() if "est. peak " in x)
+    value, unit = line.split("est. peak ")[1].split()[:2]
+    return float(value) / (1024 if unit == "MiB" else 1)
+
+
 def median_step_seconds(run_dir: Path, warmup: int) -> float:
     """The median of the steps the run logged (loss.csv) after its first `warmup` steps."""
     with open(run_dir / "loss.csv", newline="") as handle:
@@ -155,6 +163,38 @@ def unet_flops(
         inputs = _unet_inputs(config, resolution // _vae_step(model_dir), tokens)
         with FlopCounterMode(display=False) as counter:
             output = unet(**inputs).sample
+            if backward:
+                output.float().pow(2).mean().backward()
+    return int(counter.get_total_flops())
+
+
+def transformer_flops(
+    model_dir: Path, resolution: int, *, rank: int, targets: Sequence[str], backward: bool = True
+) -> int:
+    """`unet_flops` for a Flux transformer: one batch-1 pass over the packed latents (2x2 latent pixels per
+    token) and T5's full padded length, with dev's guidance input, counted on the meta device."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = FluxTransformer2DModel.load_config(model_dir / "transformer")
+    t5 = json.loads((model_dir / "tokenizer_2" / "tokenizer_config.json").read_text())["model_max_length"]
+    tokens = (resolution // _vae_step(model_dir) // 2) ** 2
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config).requires_grad_(False)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+        inputs = {
+            "hidden_states": torch.randn(1, tokens, config["in_channels"]),
+            "encoder_hidden_states": torch.randn(1, t5, config["joint_attention_dim"]),
+            "pooled_projections": torch.randn(1, config["pooled_projection_dim"]),
+            "timestep": torch.tensor([0.5]),
+            "guidance": torch.tensor([1.0]) if config.get("guidance_embeds") else None,
+            "img_ids": torch.zeros(tokens, 3),
+            "txt_ids": torch.zeros(t5, 3),
+        }
+        with FlopCounterMode(display=False) as counter:
+            output = model(**inputs, return_dict=False)[0]
             if backward:
                 output.float().pow(2).mean().backward()
     return int(counter.get_total_flops())

@@ -136,3 +136,26 @@ def test_the_peak_is_looked_up_by_gpu_name(gpu_check):
     assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert gpu_check.peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
     assert gpu_check.peak_tflops("Some Future GPU") is None  # then --peak-tflops gives it
+
+
+def test_the_flux_dry_run_trains_the_tiny_flux_and_refuses_the_swap_off_cuda(gpu_check, tmp_path) -> None:
+    """The Flux rows on the tiny Flux: bf16 (float32 on the CPU) and fp8 + checkpointing train; the block-swap
+    row goes through the same code to the trainer, which refuses --blocks-to-swap without CUDA in one line, so
+    the check fails (exit 1) with that row's status; generation composes the first two adapters."""
+    code = gpu_check.main(["--dry-run", "--bases", "flux", "--json", str(tmp_path / "figures.json")])
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    rows = [(r["model"], r["settings"], r["status"]) for r in figures["train"]]
+    refusal = "failed: ConfigError: --blocks-to-swap needs a CUDA GPU (it moves blocks into GPU memory); leave it out here."
+    assert rows == [
+        ("tiny-flux", "fp32", "ok"),
+        ("tiny-flux", "fp8, checkpointing", "ok"),
+        ("tiny-flux", "fp8, checkpointing, swap 3", refusal),
+    ]
+    assert code == 1
+    for row in figures["train"][:2]:
+        assert (
+            row["step_seconds"] > 0
+            and row["estimate_gib"] > 0
+            and row["step_flops"] > row["forward_flops"] > 0
+        )
+    assert figures["generate"][0]["status"] == "ok" and figures["generate"][0]["fused_seconds"] > 0

@@ -185,6 +185,10 @@ class TrainConfig:
     """no, fp16 (CUDA only) or bf16: frozen weights in that precision, LoRA weights in float32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, slower steps."""
+    blocks_to_swap: int = 0
+    """CUDA only: keep the frozen weights of the denoiser's last N transformer blocks (Flux: double then
+    single blocks) in CPU memory and copy each onto the GPU for its forward and backward, overlapped with
+    compute (kohya's option): less GPU memory, slower steps. 0: off."""
     compile: bool = False
     """Compile the trained models with torch.compile (inductor; on CPU it needs a C++ compiler): a one-time
     compile of a minute or more for faster steps on long runs (see BENCHMARKS.md for when it pays)."""

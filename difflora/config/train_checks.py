@@ -34,6 +34,12 @@ def check_counts(config: TrainConfig, p: Problems) -> None:
         value = getattr(config, name)
         p.check(value is None or value >= 0, name, f"must be 0 or more, got {value}")
     p.check(config.keep_tokens >= 0, "keep_tokens", f"must be 0 or more, got {config.keep_tokens}")
+    p.check(config.blocks_to_swap >= 0, "blocks_to_swap", f"must be 0 or more, got {config.blocks_to_swap}")
+    p.check(
+        not config.blocks_to_swap or config.quantize_base in (None, "fp8"),
+        "blocks_to_swap",
+        f"cannot move bitsandbytes' {config.quantize_base} layers; use --quantize-base fp8 or no quantization",
+    )
     if config.conv_rank is not None:
         p.check(config.conv_rank >= 1, "conv_rank", f"must be at least 1, got {config.conv_rank}")
     elif config.conv_alpha is not None:

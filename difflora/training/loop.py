@@ -129,6 +129,8 @@ def _accumulate(run: Run, stream: Stream, step: int) -> tuple[int, list[float], 
             bad = bad or any_bad
             if not bad:
                 accelerator.backward(loss if run.ranks is None else loss + run.ranks.penalty())
+            if run.models.block_swap is not None:  # drop the blocks the backward left resident
+                run.models.block_swap.finish()
         fault_point("step")  # mid-step: gradients computed, the optimizer not yet stepped
         losses.append(mean_loss)
     return epoch, losses, bad

@@ -6,9 +6,11 @@ from difflora.adapter.inject import format_parameter_report, parameter_report
 from difflora.config.train import TrainConfig
 from difflora.models.architecture import pipeline_architecture
 from difflora.models.quantize import COMPONENT_LABELS
+from difflora.training.memory import MemoryEstimate, estimate_memory
 from difflora.training.precision import precision_note
 from difflora.training.run import Run
 from difflora.training.setup import Models
+from difflora.training.text import pipeline_conditioning
 
 
 def describe_plan(config: TrainConfig, run: Run) -> str:
@@ -60,6 +62,7 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         lines.insert(5, f"  variants    {variants}")
     if models.quantized is not None:
         lines.insert(4, f"  quantized   {models.quantized.describe()}")
+    lines.insert(-1, f"  memory      {_memory_line(config, run)}")
     if run.start_step:
         lines.append(f"  resuming    at step {run.start_step}")
     precision = precision_note(config.mixed_precision, run.accelerator.device)
@@ -106,3 +109,31 @@ def _variants(config: TrainConfig, run: Run) -> str:
     if config.loraplus_ratio != 1:
         chosen.append(f"LoRA+ (B at {config.loraplus_ratio:g}x the learning rate)")
     return "; ".join(chosen)
+
+
+def _memory_line(config: TrainConfig, run: Run) -> str:
+    """The estimate, or why there is none: a layer the meta device cannot run (bitsandbytes' quantized
+    layers keep their weights in their own CUDA formats) must not stop the run the plan describes."""
+    try:
+        return plan_memory(config, run).describe()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"not estimated ({type(error).__name__}: {reason[:120]})"
+
+
+def plan_memory(config: TrainConfig, run: Run) -> MemoryEstimate:
+    """The run's estimated peak memory on its device (difflora.training.memory)."""
+    models = run.models
+    family = models.identity.model_family
+    conditioning = pipeline_conditioning(models.pipe)
+    batch, resolution = config.batch_size, run.samples.resolution
+    return estimate_memory(
+        models.pipe,
+        family.denoiser_of(models.pipe),
+        family.swappable_blocks,
+        lambda model: conditioning.probe(models.pipe, model, batch, resolution),
+        swap=models.block_swap,
+        checkpointing=config.gradient_checkpointing,
+        optimizer=run.record.facts["optimizer"],
+        device=run.accelerator.device,
+    )

@@ -31,6 +31,7 @@ from difflora.models.quantize import (
     fp8_base,
     quantize_base,
 )
+from difflora.training.block_swap import BlockSwap, blocks_for_swap, move_except
 from difflora.training.text import TEXT_ENCODERS, pipeline_conditioning
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Models:
     weight_dtype: torch.dtype
     tuners: dict[str, Any] = field(default_factory=dict)  # --adaptive-rank: peft's AdaLoraModel by component
     quantized: QuantizedBase | None = None  # --quantize-base: what was quantized
+    block_swap: BlockSwap | None = None  # --blocks-to-swap: the denoiser's swapped blocks
 
     @property
     def denoiser(self) -> str:
@@ -88,11 +90,13 @@ def load_models(
     quantization: str | None = None,
     pipe: Any | None = None,
     files: ComponentFiles | None = None,
+    blocks_to_swap: int = 0,
 ) -> Models:
     """The base with trainable LoRA layers, as `lora(family)` says for the loaded model's family (whose
-    defaults it may use). `pipe`: a base already loaded (with this dtype, prediction type and quantization)
-    by an earlier run of the same process, freed of its LoRA layers by `unload_lora`. `quantization` (int8,
-    nf4) holds the UNet's and text encoders' Linear layers quantized."""
+        defaults it may use). `pipe`: a base already loaded (with this dtype, prediction type and quantization)
+        by an earlier run of the same process, freed of its LoRA layers by `unload_lora`. `quantization` (int8,
+        nf4) holds the UNet's and text encoders' Linear layers quantized. `blocks_to_swap` (CUDA): the denoiser's
+    last N blocks keep their frozen weights in CPU memory (`difflora.training.block_swap`)."""
     weight_dtype = DTYPES[mixed_precision]
     if quantization in BITSANDBYTES:
         bitsandbytes_backend(quantization)  # a missing backend is reported before a large model loads
@@ -122,12 +126,14 @@ def load_models(
         for name in (encoders if train_text_encoder else [])
         if name in family.trainable_text_encoders
     }
-    _place(pipe, denoiser, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16")
+    swapped = blocks_for_swap(denoiser, family, blocks_to_swap) if blocks_to_swap else []
+    _place(pipe, denoiser, encoders, device, weight_dtype, vae_fp32=mixed_precision == "fp16", keep=swapped)
     _training_modes(pipe, denoiser, encoders, text_modules, gradient_checkpointing=gradient_checkpointing)
     if quantization == "fp8":  # after LoRA: peft would make A and B float8 like the weight it wraps
         # the denoiser only: text encoders read their layers' weight dtype (T5), and their output is cached
         quantized = fp8_base({family.denoiser: denoiser})
-    return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners, quantized)
+    swap = BlockSwap(swapped, device) if swapped else None  # after fp8: the float8 bits are what moves
+    return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners, quantized, swap)
 
 
 def _training_modes(
@@ -165,23 +171,30 @@ def _place(
     dtype: torch.dtype,
     *,
     vae_fp32: bool,
+    keep: Sequence[nn.Module] = (),
 ) -> None:
     """Frozen weights in the mixed-precision dtype, trainable LoRA weights in float32 (as diffusers'
-    `cast_training_params` does): optimizer updates to half-precision weights would round away. The VAE stays
-    float32 under fp16, where SD and SDXL VAEs overflow to NaN (kohya's `--no_half_vae`)."""
+        `cast_training_params` does): optimizer updates to half-precision weights would round away. The VAE stays
+        float32 under fp16, where SD and SDXL VAEs overflow to NaN (kohya's `--no_half_vae`). `keep`: swapped
+    blocks, whose frozen weights stay in CPU memory."""
     for module in (denoiser, *(getattr(pipe, name) for name in encoders)):
-        _move(module, device, dtype)
+        _move(module, device, dtype, keep=keep if module is denoiser else ())
         for parameter in module.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
     _move(pipe.vae, device, torch.float32 if vae_fp32 else dtype)
 
 
-def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def _move(
+    module: nn.Module, device: torch.device, dtype: torch.dtype, keep: Sequence[nn.Module] = ()
+) -> None:
     """`module.to(device)`, casting only when a frozen weight is not in `dtype` yet. The pipeline is loaded
     in the training dtype, so normally nothing is cast, and diffusers' `to(dtype=...)` warning about
     modules to keep in float32 (printed even when there are none) never reaches the user."""
-    module.to(device=device)
+    if keep:
+        move_except(module, keep, device)
+    else:  # the module's own `to`: bitsandbytes' layers quantize as they reach the GPU
+        module.to(device=device)
     # Quantized weights (integer tensors, --quantize-base) keep their dtype.
     if any(p.dtype != dtype for p in module.parameters() if not p.requires_grad and p.is_floating_point()):
         module.to(dtype=dtype)
@@ -190,6 +203,8 @@ def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
 def unload_lora(models: Models) -> None:
     """Give the base back as it was loaded, for the next adapter of a multi-folder run: LoRA layers
     removed, everything frozen, no gradient checkpointing."""
+    if models.block_swap is not None:
+        models.block_swap.remove()
     for component, module in models.trained_components.items():
         remove_adapter(module)
         module.requires_grad_(False)

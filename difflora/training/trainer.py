@@ -173,6 +173,7 @@ def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
         quantization=config.quantize_base,
         pipe=pipe,
         files=ComponentFiles(config.clip_l, config.t5, config.vae),
+        blocks_to_swap=config.blocks_to_swap,
     )
 
 
@@ -181,6 +182,10 @@ def _accelerator(config: TrainConfig) -> Accelerator:
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
+    if config.blocks_to_swap and not torch.cuda.is_available():
+        raise ConfigError(
+            "--blocks-to-swap needs a CUDA GPU (it moves blocks into GPU memory); leave it out here."
+        )
     _forget_previous_accelerator()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -257,7 +262,11 @@ def _assemble(
     warmup = config.lr_warmup_steps if config.lr_warmup_steps is not None else round(0.05 * total)
     scheduler = make_lr_scheduler(optimizer, kind=config.lr_scheduler, warmup=warmup, total=total)
     components = models.trained_components
-    *modules, optimizer_prepared = accelerator.prepare(*components.values(), optimizer)
+    # a swapped denoiser is placed already: Accelerate's placement would move its CPU-held blocks to the GPU
+    placement = [not (name == models.denoiser and models.block_swap) for name in components]
+    *modules, optimizer_prepared = accelerator.prepare(
+        *components.values(), optimizer, device_placement=[*placement, True]
+    )
     prepared = dict(zip(components, modules, strict=True))
     tokenizers, encoders = pipeline_text_encoders(models.pipe)
     return Run(

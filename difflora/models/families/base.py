@@ -55,6 +55,9 @@ class ModelFamily:
     """The text encoders `--train-text-encoder` adds LoRA layers to (the others stay frozen)."""
     block_lists: ClassVar[dict[str, str]] = {}
     """Block kinds `--blocks` can limit a LoRA to, with the module list holding them (none for a UNet)."""
+    swappable_blocks: ClassVar[tuple[str, ...]] = ()
+    """The denoiser's module lists whose blocks `--blocks-to-swap` may keep in CPU memory, in forward order
+    (the last N blocks of their concatenation are swapped); none: the family refuses the flag."""
     single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
     part_options: ClassVar[dict[str, str]] = {}
     checkpoint_layout: ClassVar[str] = "ldm"

@@ -75,6 +75,9 @@ class Flux(ModelFamily):
         "single": "single_transformer_blocks",
     }
     """Block kinds a LoRA can be limited to (`--blocks double=0-18`), with the module list holding them."""
+    # Every block runs once per forward in this order (double-stream, then single-stream blocks); what sits
+    # between them (embedders, final norm) is small and stays on the GPU.
+    swappable_blocks: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
     single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {
         "text_encoder": ("text_encoders.clip_l.transformer.",),
         "text_encoder_2": ("text_encoders.t5xxl.transformer.",),
