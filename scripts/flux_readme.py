@@ -29,6 +29,10 @@ in `report.json`.
 512, pads with 480 tokens the model never saw, and training at 512 costs 9x per step on this CPU).
 **Use true CFG** (`true_cfg_scale` > 1 with `negative_prompt=""`): the guidance embedding carries no
 signal (below), and Flux's real classifier-free guidance is what makes the shapes follow the prompt.
+difflora reads both, and the 64-px size, from `difflora_defaults.json` in this folder, so
+`difflora generate "a red circle on a white background" --model difflora/embedded/flux` needs no further
+flags (`--true-cfg`, `--max-sequence-length`, `--width/--height` override them), and `difflora train`
+encodes T5 at the same 32 tokens.
 
 ## Components
 
