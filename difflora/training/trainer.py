@@ -11,6 +11,7 @@ and the adapter are written by the main process only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -338,6 +339,8 @@ def _objective(config: TrainConfig, models: Models) -> Objective:
         flow=family.flow_schedule(dict(models.pipe.scheduler.config), sampling),
         guidance=config.guidance,
     )
+    if objective.flow is not None:
+        _warn_unused_noise_settings(config, models.identity.name)
     if config.zero_terminal_snr and objective.prediction_type == "epsilon":
         raise ConfigError(
             "--zero-terminal-snr needs a v-prediction model: at zero signal an epsilon-prediction model has "
@@ -345,6 +348,24 @@ def _objective(config: TrainConfig, models: Models) -> Objective:
             "or train without --zero-terminal-snr."
         )
     return objective
+
+
+def _warn_unused_noise_settings(config: TrainConfig, model: str) -> None:
+    """One line when --min-snr-gamma or --noise-offset was set for a flow-matching objective: they weight
+    and perturb ε/v noising, which a rectified flow does not use (its σ follow --timestep-sampling)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    given = [
+        f"--{name.replace('_', '-')} {getattr(config, name):g}"
+        for name in ("min_snr_gamma", "noise_offset")
+        if getattr(config, name) != defaults[name]
+    ]
+    if given:
+        logger.warning(
+            "%s: not applied, %s trains with flow matching (they are ε/v settings; its timesteps follow "
+            "--timestep-sampling).",
+            " and ".join(given),
+            model,
+        )
 
 
 def _loop_settings(config: TrainConfig, total: int) -> LoopSettings:
