@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ def render(
     batch_pixels: int = 0,
     true_cfg: float | None = None,
     max_sequence_length: int | None = None,
+    embeddings: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair, in order. Deterministic per seed (CPU generator, one image per
     pipeline call). The pipeline's scheduler is swapped for `scheduler` and restored afterwards.
@@ -78,7 +79,8 @@ def render(
     with the rescaled schedule an adapter trained with --zero-terminal-snr expects. `batch_pixels` > 0: as many
     images per pipeline call as fit in that many pixels (see the module docstring); 0: one per call.
     `true_cfg`, `max_sequence_length`: the options of families that take them (Flux.1); None: the model's
-    own (`generation_options`: its folder's defaults file, else the family's)."""
+    own (`generation_options`: its folder's defaults file, else the family's). `embeddings`: each prompt's
+    text inputs (`prompt_embeddings`), for a pipeline whose text encoders were freed."""
     if len(prompts) != len(seeds):
         raise ConfigError(
             f"render(): {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt."
@@ -115,11 +117,31 @@ def render(
                 arguments.update(
                     family.pipeline_arguments(options, negative_prompt=negative_prompt, images=len(chunk))
                 )
-                result = pipe(chunk[0][0] if one else [prompt for prompt, _ in chunk], **arguments)
+                texts: Any = chunk[0][0] if one else [prompt for prompt, _ in chunk]
+                if embeddings is not None:  # the text inputs instead of the prompts
+                    arguments.pop("negative_prompt", None)
+                    arguments.update(_stacked([embeddings[prompt] for prompt, _ in chunk]))
+                    texts = None
+                result = pipe(texts, **arguments)
             images.extend(result.images)
     finally:
         pipe.scheduler = original
     return images
+
+
+def prompt_embeddings(pipe: Any, prompts: Sequence[str], negative_prompt: str = "") -> dict[str, Any]:
+    """Each distinct prompt's text inputs for `render(embeddings=...)`, at the model's generation options,
+    computed now by the pipeline's text encoders (which may be freed afterwards)."""
+    family, options = _family(pipe), generation_options(pipe)
+    with torch.no_grad():
+        return {
+            p: family.prompt_embeddings(pipe, p, negative_prompt, options) for p in dict.fromkeys(prompts)
+        }
+
+
+def _stacked(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-prompt text inputs batched along the first axis, in the chunk's order."""
+    return {name: torch.cat([entry[name] for entry in entries]) for name in entries[0]}
 
 
 def _step_callback(progress: Callable[[int, int], None], offset: int, total: int, images: int) -> Callable:

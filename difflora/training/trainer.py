@@ -49,7 +49,7 @@ from difflora.training.run import (
     SampleSettings,
     restore_or_start,
 )
-from difflora.training.samples import default_prompts
+from difflora.training.samples import default_prompts, release_text_encoders
 from difflora.training.setup import (
     Models,
     denoiser_probe,
@@ -142,6 +142,10 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
     if config.cache_latents and not keep_base:
         release_vae_encoder(models.pipe)
     run = _assemble(config, accelerator, models, data, paths, resolution)
+    if data.dataset.texts is not None and not keep_base and not models.train_text_encoder:
+        prompts = run.samples.prompts if run.loop.sample_every else ()
+        embeddings = release_text_encoders(models.pipe, prompts)
+        run.text_encoders, run.samples = {}, dataclasses.replace(run.samples, embeddings=embeddings)
     run.times = times
     if threads_note:
         data.notes.append(threads_note)
@@ -360,12 +364,8 @@ def _warn_unused_noise_settings(config: TrainConfig, model: str) -> None:
         if getattr(config, name) != defaults[name]
     ]
     if given:
-        logger.warning(
-            "%s: not applied, %s trains with flow matching (they are ε/v settings; its timesteps follow "
-            "--timestep-sampling).",
-            " and ".join(given),
-            model,
-        )
+        why = "they are ε/v settings; its timesteps follow --timestep-sampling"
+        logger.warning("%s: not applied, %s trains with flow matching (%s).", " and ".join(given), model, why)
 
 
 def _loop_settings(config: TrainConfig, total: int) -> LoopSettings:

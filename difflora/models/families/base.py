@@ -178,6 +178,17 @@ class ModelFamily:
         `images` images; they replace the generic ones (a negative prompt, say)."""
         return {}
 
+    def prompt_embeddings(
+        self, pipe: Any, prompt: str, negative_prompt: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """One prompt's text inputs as the pipeline call takes them in place of the prompt (`prompt_embeds`,
+        ...), computed now by the pipeline's own `encode_prompt`: what lets a render run after training has
+        freed the text encoders. The negative is computed always (used when guidance is on)."""
+        positive, negative = pipe.encode_prompt(
+            prompt, pipe._execution_device, 1, True, negative_prompt or None
+        )
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
     def tokenizer_file(self, name: str) -> Path | None:
         """A `tokenizer.json` that builds tokenizer `name` (None: a CLIP tokenizer from the shared vocabulary)."""
         return None

@@ -128,6 +128,21 @@ class Flux(ModelFamily):
             arguments["negative_prompt"] = "" if images == 1 else [""] * images
         return arguments
 
+    def prompt_embeddings(
+        self, pipe: Any, prompt: str, negative_prompt: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """T5's hidden states and CLIP's pooled output at the options' T5 length; the negative's too where
+        true CFG is on (FluxPipeline runs the negative prompt only then)."""
+        tokens = int(options["max_sequence_length"])
+        positive, pooled, _ = pipe.encode_prompt(prompt, None, max_sequence_length=tokens)
+        found = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+        if float(options["true_cfg"]) > 1:
+            negative, negative_pooled, _ = pipe.encode_prompt(
+                negative_prompt, None, max_sequence_length=tokens
+            )
+            found |= {"negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
+        return found
+
     def tokenizer_file(self, name: str) -> Path | None:
         """T5's tokenizer.json, shipped once (in flux1-dev/) for both variants."""
         return ARCHITECTURES_DIR / "flux1-dev" / name / "tokenizer.json" if name == "tokenizer_2" else None
