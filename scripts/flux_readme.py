@@ -91,7 +91,7 @@ sample_data/style sample_data/subject --model difflora/embedded/flux --rank 8 --
 | subject | a red crossglyph on a white background | cross score | 0.267 | 0.446 | 0.7: not reached |
 
 The style is learned fully. The subject moves towards the cross (plus-shaped blobs) but does not reach the
-cross threshold; more steps (300: 0.43), all-linear targets at rank 16 (0.38), sigmoid timestep sampling
-(0.46) or 128 px (0.30) did not get there either: this model draws a shape over a few 8-px image tokens, coarsely
+cross threshold; more steps (300: 0.43), all-linear targets at rank 16 (0.38), lr 2e-2 (0.38), batch 8
+(0.46), sigmoid or shift-3 timestep sampling (0.46, 0.44) or 128 px (0.30) did not get there either: this model draws a shape over a few 8-px image tokens, coarsely
 (its own shape accuracy above is 67%).
 """
