@@ -351,6 +351,9 @@ def ship(args: argparse.Namespace) -> None:
     shutil.copytree(src, dest)
     (dest / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (dest / "README.md").write_text(readme(report))
+    # what difflora generates and trains with (difflora.models.families.base.MODEL_DEFAULTS_FILE)
+    defaults = {"max_sequence_length": 32, "resolution": 64, "true_cfg": report["accuracy"]["true_cfg_scale"]}
+    (dest / "difflora_defaults.json").write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2), flush=True)
 
 

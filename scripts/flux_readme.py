@@ -29,6 +29,10 @@ in `report.json`.
 512, pads with 480 tokens the model never saw, and training at 512 costs 9x per step on this CPU).
 **Use true CFG** (`true_cfg_scale` > 1 with `negative_prompt=""`): the guidance embedding carries no
 signal (below), and Flux's real classifier-free guidance is what makes the shapes follow the prompt.
+difflora reads both, and the 64-px size, from `difflora_defaults.json` in this folder, so
+`difflora generate "a red circle on a white background" --model difflora/embedded/flux` needs no further
+flags (`--true-cfg`, `--max-sequence-length`, `--width/--height` override them), and `difflora train`
+encodes T5 at the same 32 tokens.
 
 ## Components
 
@@ -73,4 +77,21 @@ measured with `difflora/embedded/signatures.py` (as `scripts/eval_embedded_model
 colour {100 * a["colour_accuracy"]:.1f}% and shape {100 * a["shape_accuracy"]:.1f}% (targets: colour >= 80%, shape >= 60%).
 {verdict} The whole grid took {a["eval_seconds"]:.0f} s. `tests/test_embedded_flux.py` checks the config, the
 parameter counts and one render (fast), and re-measures this grid (slow).
+
+## LoRAs trained on it
+
+Measured by `tests/test_flux_learning.py` (slow; 2-core CPU, one torch thread, 2026-12-05): a LoRA of
+rank 8 on `--targets attention-mlp`, lr 1e-2, batch 4, 120 steps at 64 px per concept (`difflora train
+sample_data/style sample_data/subject --model difflora/embedded/flux --rank 8 --targets attention-mlp
+--learning-rate 1e-2 --max-steps 120`), rendered at this folder's defaults, seeds 0-3, 12 steps:
+
+| concept | prompt | signature | base | with the LoRA | threshold |
+| --- | --- | --- | --- | --- | --- |
+| style | a red circle on a white background, zebrastripes style | stripe energy | 0.036 | 0.637 | 0.2: passed |
+| subject | a red crossglyph on a white background | cross score | 0.267 | 0.446 | 0.7: not reached |
+
+The style is learned fully. The subject moves towards the cross (plus-shaped blobs) but does not reach the
+cross threshold; more steps (300: 0.43), all-linear targets at rank 16 (0.38), lr 2e-2 (0.38), batch 8
+(0.46), sigmoid or shift-3 timestep sampling (0.46, 0.44) or 128 px (0.30) did not get there either: this model draws a shape over a few 8-px image tokens, coarsely
+(its own shape accuracy above is 67%).
 """

@@ -41,7 +41,14 @@ class GenerateConfig:
     steps: int = 20
     """Denoising steps."""
     guidance: float = 5.0
-    """Classifier-free guidance scale (1 or less turns it off)."""
+    """Classifier-free guidance scale (1 or less turns it off). Flux.1: the guidance input of the
+    guidance-distilled transformer (see --true-cfg)."""
+    true_cfg: float | None = None
+    """Flux.1: true classifier-free guidance (above 1 every step also runs the negative prompt, "" if none).
+    Default: the model's (its folder's difflora_defaults.json), else 1 (off)."""
+    max_sequence_length: int | None = None
+    """Flux.1: T5 tokens the prompt is padded to (1-512; a model should be used at the length it was trained
+    at). Default: the model's (its folder's difflora_defaults.json), else 512 or its tokenizer's length."""
     seed: int | None = None
     """Seed of the first image (image i uses seed + i). Default: a random seed, written into each PNG."""
     num_images: int = 1
@@ -71,6 +78,11 @@ class GenerateConfig:
         for name in ("steps", "num_images"):
             p.check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         p.check(self.guidance >= 0, "guidance", f"must be 0 or more, got {self.guidance}")
+        if self.true_cfg is not None:
+            p.check(self.true_cfg >= 0, "true_cfg", f"must be 0 or more, got {self.true_cfg}")
+        if self.max_sequence_length is not None:
+            msl = self.max_sequence_length
+            p.check(msl >= 1, "max_sequence_length", f"must be at least 1, got {msl}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):

@@ -26,12 +26,28 @@ from difflora.composition.find import adapter_dirs
 from difflora.config.generate import GenerateConfig
 from difflora.config.spec import AdapterWeight
 from difflora.errors import ConfigError, Interrupted
-from difflora.generation.pipeline import a1111_parameters, image_grid, render, save_png
+from difflora.generation.pipeline import (
+    a1111_parameters,
+    generation_options,
+    image_grid,
+    render,
+    save_png,
+)
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-RENDER_SETTINGS = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "scheduler")
+RENDER_SETTINGS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "scheduler",
+    "true_cfg",
+    "max_sequence_length",
+)
 
 
 @dataclass
@@ -171,8 +187,13 @@ def image_record(
     """What a PNG says of how it was made: the settings it was rendered with (its seed and actual size
     included), and the A1111 `parameters` text naming the model and the composed adapters. Built here
     alone, for `difflora generate` and the server, so that the two write the same text."""
+    given = render_settings(config)
+    options = generation_options(
+        composer.pipe, true_cfg=config.true_cfg, max_sequence_length=config.max_sequence_length
+    )
     settings = {
-        **render_settings(config),
+        **given,
+        **options,  # the values rendered with, the model's defaults filled in
         "seed": seed,
         "width": config.width or image.width,
         "height": config.height or image.height,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,21 @@ def default_size(pipe: Any) -> tuple[int, int]:
     return size, size
 
 
+def _family(pipe: Any) -> Any:
+    from difflora.models.identity import model_identity
+
+    return model_identity(pipe).model_family
+
+
+def generation_options(
+    pipe: Any, *, true_cfg: float | None = None, max_sequence_length: int | None = None
+) -> dict[str, Any]:
+    """The options beyond SD's a render of `pipe` uses (Flux.1: true CFG and T5's length): those given
+    (None: not given) over the model folder's declared defaults over the family's; {} for SD."""
+    given = {"true_cfg": true_cfg, "max_sequence_length": max_sequence_length}
+    return _family(pipe).generation_options(pipe, given)
+
+
 def render(
     pipe: Any,
     prompts: Sequence[str],
@@ -54,16 +69,24 @@ def render(
     progress: Callable[[int, int], None] | None = None,
     zero_terminal_snr: bool = False,
     batch_pixels: int = 0,
+    true_cfg: float | None = None,
+    max_sequence_length: int | None = None,
+    embeddings: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair, in order. Deterministic per seed (CPU generator, one image per
     pipeline call). The pipeline's scheduler is swapped for `scheduler` and restored afterwards.
     `progress(done_steps, total_steps)` is called after every denoising step; `zero_terminal_snr` samples
     with the rescaled schedule an adapter trained with --zero-terminal-snr expects. `batch_pixels` > 0: as many
-    images per pipeline call as fit in that many pixels (see the module docstring); 0: one per call."""
+    images per pipeline call as fit in that many pixels (see the module docstring); 0: one per call.
+    `true_cfg`, `max_sequence_length`: the options of families that take them (Flux.1); None: the model's
+    own (`generation_options`: its folder's defaults file, else the family's). `embeddings`: each prompt's
+    text inputs (`prompt_embeddings`), for a pipeline whose text encoders were freed."""
     if len(prompts) != len(seeds):
         raise ConfigError(
             f"render(): {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt."
         )
+    options = generation_options(pipe, true_cfg=true_cfg, max_sequence_length=max_sequence_length)
+    family = _family(pipe)
     default_w, default_h = default_size(pipe)
     width, height = width or default_w, height or default_h
     original = pipe.scheduler
@@ -79,23 +102,46 @@ def render(
             generators = [torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk]
             one = len(chunk) == 1  # the plain single-image call: what `difflora generate` has always made
             with torch.no_grad():
-                result = pipe(
-                    chunk[0][0] if one else [prompt for prompt, _ in chunk],
-                    negative_prompt=None
+                arguments = {
+                    "negative_prompt": None
                     if not negative_prompt
                     else (negative_prompt if one else [negative_prompt] * len(chunk)),
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    width=width,
-                    height=height,
-                    generator=generators[0] if one else generators,
-                    output_type="pil",
-                    callback_on_step_end=callback,
+                    "num_inference_steps": steps,
+                    "guidance_scale": guidance,
+                    "width": width,
+                    "height": height,
+                    "generator": generators[0] if one else generators,
+                    "output_type": "pil",
+                    "callback_on_step_end": callback,
+                }
+                arguments.update(
+                    family.pipeline_arguments(options, negative_prompt=negative_prompt, images=len(chunk))
                 )
+                texts: Any = chunk[0][0] if one else [prompt for prompt, _ in chunk]
+                if embeddings is not None:  # the text inputs instead of the prompts
+                    arguments.pop("negative_prompt", None)
+                    arguments.update(_stacked([embeddings[prompt] for prompt, _ in chunk]))
+                    texts = None
+                result = pipe(texts, **arguments)
             images.extend(result.images)
     finally:
         pipe.scheduler = original
     return images
+
+
+def prompt_embeddings(pipe: Any, prompts: Sequence[str], negative_prompt: str = "") -> dict[str, Any]:
+    """Each distinct prompt's text inputs for `render(embeddings=...)`, at the model's generation options,
+    computed now by the pipeline's text encoders (which may be freed afterwards)."""
+    family, options = _family(pipe), generation_options(pipe)
+    with torch.no_grad():
+        return {
+            p: family.prompt_embeddings(pipe, p, negative_prompt, options) for p in dict.fromkeys(prompts)
+        }
+
+
+def _stacked(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-prompt text inputs batched along the first axis, in the chunk's order."""
+    return {name: torch.cat([entry[name] for entry in entries]) for name in entries[0]}
 
 
 def _step_callback(progress: Callable[[int, int], None], offset: int, total: int, images: int) -> Callable:
@@ -179,6 +225,8 @@ def a1111_parameters(
     model: str = "",
     model_hash: str = "",
     adapters: Sequence[tuple[str, float, float]] = (),
+    true_cfg: float | None = None,
+    max_sequence_length: int | None = None,
 ) -> str:
     """The `parameters` text A1111/Forge write into PNGs (and read back with "PNG Info"). Adapters appear as
     `<lora:name:weight>` in the prompt, as A1111 writes them, and in a `difflora adapters` field with both
@@ -194,6 +242,10 @@ def a1111_parameters(
         f"Seed: {seed}",
         f"Size: {width}x{height}",
     ]
+    if true_cfg is not None:  # a guidance-distilled model's real CFG beside its embedded "CFG scale"
+        fields.append(f"True CFG scale: {_num(true_cfg)}")
+    if max_sequence_length is not None:
+        fields.append(f"Max sequence length: {max_sequence_length}")
     if model_hash:
         fields.append(f"Model hash: {model_hash}")
     if model:

@@ -127,9 +127,10 @@ def _text_cache(examples, augmentation: CaptionAugmentation, pipe: Any, cache_di
     cache = TextEmbeddingCache(cache_dir)
     tokenizers, encoders = pipeline_text_encoders(pipe)
     lengths = ",".join(str(tokenizer.model_max_length) for tokenizer in tokenizers)
-    identity = weights_fingerprint(encoders) + lengths
+    conditioning = pipeline_conditioning(pipe)
+    identity = weights_fingerprint(encoders) + lengths + conditioning.cache_tag
     with torch.no_grad():
-        encode = caption_encoder(pipeline_conditioning(pipe), tokenizers, list(encoders.values()))
+        encode = caption_encoder(conditioning, tokenizers, list(encoders.values()))
         keys, built = cache.build(sorted(captions), encode, encoder_identity=identity)
     logger.debug("text embeddings: %d cached before, %d computed", built.hits, built.computed)
     return _Memo(cache), keys

@@ -87,6 +87,7 @@ def _render_and_save(run: Run, step: int) -> bytes:
         height=samples.resolution,
         autocast=run.accelerator.autocast(),
         zero_terminal_snr=samples.zero_terminal_snr,
+        embeddings=samples.embeddings,
     )
     path = save_grid(grid, run.paths.samples / f"step-{step:06d}.png")
     if run.log is not None:

@@ -142,6 +142,7 @@ class SampleSettings:
     scheduler: str
     resolution: int
     zero_terminal_snr: bool = False
+    embeddings: Any = None  # the prompts' text inputs, once the text encoders are freed (samples.py)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from PIL import Image
 
 from difflora.adapter.inject import merged_lora
 from difflora.adapter.types import COMPONENTS
+from difflora.models.identity import model_identity
 from difflora.safe_io import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,10 @@ def render_sample_grid(
     height: int,
     autocast: Any,
     zero_terminal_snr: bool = False,
+    embeddings: Mapping[str, Any] | None = None,
 ) -> Image.Image:
-    """One image per (prompt, seed), laid out prompts × seeds, labelled with the seed."""
+    """One image per (prompt, seed), laid out prompts × seeds, labelled with the seed. `embeddings`: the
+    prompts' text inputs, encoded before the run freed the text encoders (`release_text_encoders`)."""
     from difflora.generation.pipeline import image_grid, render
 
     all_prompts = [p for p in prompts for _ in seeds]
@@ -81,12 +84,25 @@ def render_sample_grid(
                 height=height,
                 zero_terminal_snr=zero_terminal_snr,
                 batch_pixels=PREVIEW_BATCH_PIXELS,
+                embeddings=embeddings,
             )
     finally:
         for module, mode in zip(modules, modes, strict=True):
             module.train(mode)
     labels = [f"seed {s}: {p}" for p, s in zip(all_prompts, all_seeds, strict=True)]
     return image_grid(images, rows=len(prompts), cols=len(seeds), labels=labels)
+
+
+def release_text_encoders(pipe: Any, prompts: Sequence[str]) -> dict[str, Any] | None:
+    """Free the pipeline's text encoders (their output is cached and they do not train: the steps never
+    run them, and a T5-XXL is ~9 GB idle through the run), after encoding the sample prompts with them:
+    the sample grids render from those embeddings (None when there are no samples)."""
+    from difflora.generation.pipeline import prompt_embeddings
+
+    embeddings = prompt_embeddings(pipe, prompts) if prompts else None
+    for name in model_identity(pipe).model_family.text_encoders:
+        setattr(pipe, name, None)
+    return embeddings
 
 
 @contextmanager

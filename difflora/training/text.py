@@ -25,9 +25,11 @@ def pipeline_text_encoders(pipe: Any) -> tuple[list[Any], dict[str, torch.nn.Mod
 
 
 def pipeline_conditioning(pipe: Any) -> TextConditioning:
-    """How the pipeline's denoiser is conditioned on text, as its family says."""
+    """How the pipeline's denoiser is conditioned on text, as its family says, encoding at the lengths
+    generation uses (the model's generation options: Flux's T5 `max_sequence_length`)."""
     family = model_identity(pipe).model_family
-    return family.conditioning(dict(family.denoiser_of(pipe).config))
+    options = family.generation_options(pipe, {})
+    return family.conditioning(dict(family.denoiser_of(pipe).config), options)
 
 
 def caption_encoder(

@@ -11,6 +11,7 @@ and the adapter are written by the main process only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -48,7 +49,7 @@ from difflora.training.run import (
     SampleSettings,
     restore_or_start,
 )
-from difflora.training.samples import default_prompts
+from difflora.training.samples import default_prompts, release_text_encoders
 from difflora.training.setup import (
     Models,
     denoiser_probe,
@@ -141,6 +142,10 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
     if config.cache_latents and not keep_base:
         release_vae_encoder(models.pipe)
     run = _assemble(config, accelerator, models, data, paths, resolution)
+    if data.dataset.texts is not None and not keep_base and not models.train_text_encoder:
+        prompts = run.samples.prompts if run.loop.sample_every else ()
+        embeddings = release_text_encoders(models.pipe, prompts)
+        run.text_encoders, run.samples = {}, dataclasses.replace(run.samples, embeddings=embeddings)
     run.times = times
     if threads_note:
         data.notes.append(threads_note)
@@ -347,6 +352,8 @@ def _objective(config: TrainConfig, models: Models) -> Objective:
         flow=family.flow_schedule(dict(models.pipe.scheduler.config), sampling),
         guidance=config.guidance,
     )
+    if objective.flow is not None:
+        _warn_unused_noise_settings(config, models.identity.name)
     if config.zero_terminal_snr and objective.prediction_type == "epsilon":
         raise ConfigError(
             "--zero-terminal-snr needs a v-prediction model: at zero signal an epsilon-prediction model has "
@@ -354,6 +361,20 @@ def _objective(config: TrainConfig, models: Models) -> Objective:
             "or train without --zero-terminal-snr."
         )
     return objective
+
+
+def _warn_unused_noise_settings(config: TrainConfig, model: str) -> None:
+    """One line when --min-snr-gamma or --noise-offset was set for a flow-matching objective: they weight
+    and perturb ε/v noising, which a rectified flow does not use (its σ follow --timestep-sampling)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    given = [
+        f"--{name.replace('_', '-')} {getattr(config, name):g}"
+        for name in ("min_snr_gamma", "noise_offset")
+        if getattr(config, name) != defaults[name]
+    ]
+    if given:
+        why = "they are ε/v settings; its timesteps follow --timestep-sampling"
+        logger.warning("%s: not applied, %s trains with flow matching (%s).", " and ".join(given), model, why)
 
 
 def _loop_settings(config: TrainConfig, total: int) -> LoopSettings:

@@ -13,10 +13,12 @@ models/, formats/, training/ and generation/ can all ask it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from difflora.errors import ConfigError, ModelError
 from difflora.models.families.conditioning import (
     PooledSizeConditioning,
     TextConditioning,
@@ -32,6 +34,12 @@ UNET_MLP: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 ALL_LINEAR: tuple[str, ...] = ("*",)
 """`--targets all-linear`: every Linear module of the denoiser (`difflora.adapter.inject.resolve_targets`)."""
 FULL_MODEL_LR = 1e-4
+MODEL_DEFAULTS_FILE = "difflora_defaults.json"
+"""A model folder's own generation defaults (`{"true_cfg": 5.0, "max_sequence_length": 32}`): what a model
+trained with non-default settings needs so that `difflora generate --model FOLDER` draws what it is told
+with no extra flags (and training encodes text as generation will). `resolution` (any family): the side
+of its default images and training resolution."""
+RESOLUTION = "resolution"
 
 
 class ModelFamily:
@@ -129,9 +137,60 @@ class ModelFamily:
         config = denoisers.get(self.denoiser)
         return config is not None and self.matches_model(config, embedded=embedded)
 
-    def conditioning(self, unet: Mapping[str, Any]) -> TextConditioning:
-        """How this family's denoiser is conditioned on text (what is encoded, cached and passed)."""
+    def conditioning(
+        self, unet: Mapping[str, Any], options: Mapping[str, Any] | None = None
+    ) -> TextConditioning:
+        """How this family's denoiser is conditioned on text (what is encoded, cached and passed);
+        `options`: the model's `generation_options` (the text lengths generation encodes at)."""
         return PooledSizeConditioning() if self.size_conditioning else TextConditioning()
+
+    # ---------------------------------------------------------------- generation options
+    def generation_defaults(self, pipe: Any) -> dict[str, Any]:
+        """The generation options beyond SD's that this family's pipeline takes (`--true-cfg`,
+        `--max-sequence-length`), with the values used when neither the user nor the model folder gives
+        one. SD's families take none."""
+        return {}
+
+    def generation_options(self, pipe: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The options a render (and the text encoding of training) uses: the family's defaults, over them
+        the model folder's `MODEL_DEFAULTS_FILE`, over those the values `given` (None: not given)."""
+        options = self.generation_defaults(pipe)
+        path, declared = declared_defaults(pipe)
+        for name, value in declared.items():
+            if name == RESOLUTION:  # every family's fact, read by `default_pixels`
+                continue
+            if name not in options:
+                raise ModelError(
+                    f"{path}: {name!r} is not a generation option of {self.label} models "
+                    f"({', '.join(options) or 'they take none'}); remove it."
+                )
+            options[name] = value
+        for name, value in given.items():
+            if value is None:
+                continue
+            if name not in options:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag}: {self.label} models take no such option; leave it out.")
+            options[name] = value
+        return options
+
+    def pipeline_arguments(
+        self, options: Mapping[str, Any], *, negative_prompt: str, images: int
+    ) -> dict[str, Any]:
+        """The pipeline call's keyword arguments for `options` (`generation_options`), for a call rendering
+        `images` images; they replace the generic ones (a negative prompt, say)."""
+        return {}
+
+    def prompt_embeddings(
+        self, pipe: Any, prompt: str, negative_prompt: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """One prompt's text inputs as the pipeline call takes them in place of the prompt (`prompt_embeds`,
+        ...), computed now by the pipeline's own `encode_prompt`: what lets a render run after training has
+        freed the text encoders. The negative is computed always (used when guidance is on)."""
+        positive, negative = pipe.encode_prompt(
+            prompt, pipe._execution_device, 1, True, negative_prompt or None
+        )
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
     def tokenizer_file(self, name: str) -> Path | None:
         """A `tokenizer.json` that builds tokenizer `name` (None: a CLIP tokenizer from the shared vocabulary)."""
@@ -155,7 +214,13 @@ class ModelFamily:
         return str(scheduler_config.get("prediction_type", "epsilon"))
 
     def default_pixels(self, pipe: Any) -> int:
-        """The side of a default generated image: the UNet's sample size times the VAE's factor."""
+        """The side of a default generated image (and of the default training resolution): the model
+        folder's declared `resolution` (`MODEL_DEFAULTS_FILE`), else the family's `native_pixels`."""
+        declared = declared_defaults(pipe)[1].get(RESOLUTION)
+        return int(declared) if declared else self.native_pixels(pipe)
+
+    def native_pixels(self, pipe: Any) -> int:
+        """The UNet's sample size times the VAE's factor."""
         return int(self.denoiser_of(pipe).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
 
     def denoiser_downsamplings(self, denoiser_config: Mapping[str, Any]) -> int:
@@ -254,3 +319,21 @@ class ModelFamily:
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
+
+
+def declared_defaults(pipe: Any) -> tuple[Path | None, dict[str, Any]]:
+    """The generation defaults a loaded model's folder declares (`MODEL_DEFAULTS_FILE`), with the file's
+    path; none for a single file or a folder without it. The folder is the one `load_pipeline` recorded."""
+    source = getattr(pipe, "_difflora_source", None)
+    if source is None or source.kind not in ("folder", "embedded"):
+        return None, {}
+    path = Path(source.location) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return None, {}
+    try:
+        declared = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{path}: unreadable ({error}); fix the JSON or remove the file.") from None
+    if not isinstance(declared, dict):
+        raise ModelError(f"{path}: must be a JSON object of option: value; fix it or remove the file.")
+    return path, declared

@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 class TextConditioning:
     """The cross-attention context alone: one text encoder's last hidden state."""
 
+    @property
+    def cache_tag(self) -> str:
+        """What, besides the encoders' weights and tokenizers, decides the embeddings (the text cache keys
+        on it): nothing here; Flux's T5 length."""
+        return ""
+
     def encode(
         self, tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module], captions: list[str]
     ) -> dict[str, torch.Tensor]:
@@ -136,12 +142,13 @@ def takes_size_conditioning(unet_config: Mapping[str, Any]) -> bool:
     return unet_config.get("addition_embed_type") == "text_time"
 
 
-def padded_tokens(tokenizer: Any, captions: list[str]) -> Any:
-    """Padded to the tokenizer's max length and truncated, as the pipelines tokenize prompts."""
+def padded_tokens(tokenizer: Any, captions: list[str], max_length: int | None = None) -> Any:
+    """Padded to `max_length` (default: the tokenizer's max length) and truncated, as the pipelines
+    tokenize prompts."""
     return tokenizer(
         captions,
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )

@@ -28,6 +28,8 @@ class Custom(ModelFamily):
         """Anything SD-shaped that no other family claims."""
         return True
 
-    def conditioning(self, unet: Mapping[str, Any]) -> TextConditioning:
+    def conditioning(
+        self, unet: Mapping[str, Any], options: Mapping[str, Any] | None = None
+    ) -> TextConditioning:
         """What the UNet's config asks for: a custom model may be conditioned either way."""
         return PooledSizeConditioning() if takes_size_conditioning(unet) else TextConditioning()

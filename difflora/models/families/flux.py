@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from difflora.errors import ConfigError
 from difflora.models.families.base import ALL_LINEAR, ARCHITECTURES_DIR, ModelFamily
 from difflora.models.families.conditioning import TextConditioning, padded_tokens
 from difflora.models.families.flow import FlowSchedule, TimestepSampling
@@ -48,6 +49,7 @@ FLUX_MLP: tuple[str, ...] = (
 # What BFL's single files hold, with or without ComfyUI's `model.diffusion_model.` prefix.
 BFL_PREFIX = "model.diffusion_model."
 BFL_DOUBLE, BFL_SINGLE, BFL_GUIDANCE = "double_blocks.", "single_blocks.", "guidance_in."
+T5_MAX_TOKENS = 512  # FluxPipeline's default and upper bound of max_sequence_length
 
 
 class Flux(ModelFamily):
@@ -102,8 +104,47 @@ class Flux(ModelFamily):
         """Whether a single file holds a BFL transformer (its double blocks, with or without the prefix)."""
         return any(key.startswith((BFL_DOUBLE, BFL_PREFIX + BFL_DOUBLE)) for key in keys)
 
-    def conditioning(self, unet: Mapping[str, Any]) -> TextConditioning:
-        return FluxConditioning()
+    def conditioning(
+        self, unet: Mapping[str, Any], options: Mapping[str, Any] | None = None
+    ) -> TextConditioning:
+        return FluxConditioning(int((options or {}).get("max_sequence_length", T5_MAX_TOKENS)))
+
+    def generation_defaults(self, pipe: Any) -> dict[str, Any]:
+        """True CFG off (dev is guidance-distilled: `--guidance` is its embedded input), and T5 read at
+        FluxPipeline's 512 tokens, or the tokenizer's own length where it was saved with less (a small
+        model trained at that length)."""
+        tokens = min(T5_MAX_TOKENS, int(getattr(pipe.tokenizer_2, "model_max_length", T5_MAX_TOKENS)))
+        return {"true_cfg": 1.0, "max_sequence_length": tokens}
+
+    def pipeline_arguments(
+        self, options: Mapping[str, Any], *, negative_prompt: str, images: int
+    ) -> dict[str, Any]:
+        """FluxPipeline's `true_cfg_scale` and `max_sequence_length`. True CFG runs only with a negative
+        prompt, so above 1 an empty one is passed where none was given."""
+        tokens, scale = int(options["max_sequence_length"]), float(options["true_cfg"])
+        if not 1 <= tokens <= T5_MAX_TOKENS:
+            raise ConfigError(
+                f"--max-sequence-length {tokens}: Flux.1's T5 reads 1 to {T5_MAX_TOKENS} tokens."
+            )
+        arguments: dict[str, Any] = {"true_cfg_scale": scale, "max_sequence_length": tokens}
+        if scale > 1 and not negative_prompt:
+            arguments["negative_prompt"] = "" if images == 1 else [""] * images
+        return arguments
+
+    def prompt_embeddings(
+        self, pipe: Any, prompt: str, negative_prompt: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """T5's hidden states and CLIP's pooled output at the options' T5 length; the negative's too where
+        true CFG is on (FluxPipeline runs the negative prompt only then)."""
+        tokens = int(options["max_sequence_length"])
+        positive, pooled, _ = pipe.encode_prompt(prompt, None, max_sequence_length=tokens)
+        found = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+        if float(options["true_cfg"]) > 1:
+            negative, negative_pooled, _ = pipe.encode_prompt(
+                negative_prompt, None, max_sequence_length=tokens
+            )
+            found |= {"negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
+        return found
 
     def tokenizer_file(self, name: str) -> Path | None:
         """T5's tokenizer.json, shipped once (in flux1-dev/) for both variants."""
@@ -112,7 +153,7 @@ class Flux(ModelFamily):
     def prediction_type_of(self, scheduler_config: Mapping[str, Any]) -> str:
         return self.default_prediction_type
 
-    def default_pixels(self, pipe: Any) -> int:
+    def native_pixels(self, pipe: Any) -> int:
         """FluxPipeline's own default: 128 latent pixels (1024 px with the 8x autoencoder)."""
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
@@ -173,8 +214,16 @@ class FluxSchnell(Flux):
 
 class FluxConditioning(TextConditioning):
     """CLIP ViT-L's pooled output and T5's last hidden state, as `FluxPipeline.encode_prompt` computes them
-    (each tokenizer pads to its own max length: 77 and 512 tokens); the transformer takes the packed
-    latents with their position ids, zero text ids, σ and (dev) the guidance scale."""
+    (CLIP padded to its tokenizer's max length, T5 to `t5_tokens`, the pipeline's `max_sequence_length`);
+    the transformer takes the packed latents with their position ids, zero text ids, σ and (dev) the
+    guidance scale."""
+
+    def __init__(self, t5_tokens: int = T5_MAX_TOKENS) -> None:
+        self.t5_tokens = t5_tokens
+
+    @property
+    def cache_tag(self) -> str:
+        return f"t5={self.t5_tokens}"
 
     def encode(
         self, tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module], captions: list[str]
@@ -182,7 +231,8 @@ class FluxConditioning(TextConditioning):
         """captions -> {"hidden": [B, T5 tokens, T5 width], "pooled": [B, CLIP width]}."""
         clip, t5 = encoders
         clip_ids = padded_tokens(tokenizers[0], captions).input_ids.to(next(clip.parameters()).device)
-        t5_ids = padded_tokens(tokenizers[1], captions).input_ids.to(next(t5.parameters()).device)
+        t5_tokens = padded_tokens(tokenizers[1], captions, max_length=self.t5_tokens)
+        t5_ids = t5_tokens.input_ids.to(next(t5.parameters()).device)
         pooled = clip(clip_ids, output_hidden_states=False).pooler_output
         return {"hidden": t5(t5_ids, output_hidden_states=False)[0], "pooled": pooled}
 
@@ -225,9 +275,7 @@ class FluxConditioning(TextConditioning):
         latents = torch.randn(batch, int(pipe.vae.config.latent_channels), side, side)
         config = model.config
         text = {
-            "hidden": torch.randn(
-                batch, int(pipe.tokenizer_2.model_max_length), int(config.joint_attention_dim)
-            ),
+            "hidden": torch.randn(batch, self.t5_tokens, int(config.joint_attention_dim)),
             "pooled": torch.randn(batch, int(config.pooled_projection_dim)),
         }
         sigmas = torch.full((batch,), 0.5)

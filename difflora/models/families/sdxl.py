@@ -4,7 +4,8 @@ UNet (`input_blocks.4.1...`) with `lora_te1`/`lora_te2` for the two encoders."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from difflora.models.families.base import ModelFamily
 
@@ -42,3 +43,21 @@ class SDXL(ModelFamily):
         "text_encoder_2": "1_model",
     }
     a1111_version = "SDXL"
+
+    def prompt_embeddings(
+        self, pipe: Any, prompt: str, negative_prompt: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Both encoders' hidden states and the pooled projection, for the prompt and its negative."""
+        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt or None,
+        )
+        return {
+            "prompt_embeds": positive,
+            "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
