@@ -29,7 +29,6 @@ from difflora.data.cache import text_cache_allowed
 from difflora.data.captions import CaptionAugmentation
 from difflora.errors import ConfigError
 from difflora.models.dit_files import ComponentFiles
-from difflora.models.families.flow import TimestepSampling
 from difflora.models.geometry import pipeline_geometry
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
@@ -37,13 +36,13 @@ from difflora.training.gradients import GradientMonitor
 from difflora.training.lock import run_paths, training_locks
 from difflora.training.log import TrainLog
 from difflora.training.loop import run_loop
+from difflora.training.objective import objective_for
 from difflora.training.outputs import finish_run
 from difflora.training.plan import DataSettings, Tokens
 from difflora.training.plan_text import describe_plan
 from difflora.training.record import run_record
 from difflora.training.run import (
     LoopSettings,
-    Objective,
     Run,
     RunPaths,
     SampleSettings,
@@ -284,7 +283,7 @@ def _assemble(
         unet=prepared[models.denoiser],
         text_encoders={name: prepared.get(name, encoder) for name, encoder in encoders.items()},
         tokenizers=tokenizers,
-        objective=_objective(config, models),
+        objective=objective_for(config, models),
         loop=_loop_settings(config, total),
         samples=_sample_settings(config, data, resolution),
         record=run_record(
@@ -333,48 +332,6 @@ def _parameter_groups(config: TrainConfig, models: Models) -> list[dict[str, Any
             b = [p for k, p in params.items() if ".lora_B." in k]
             groups.append({"params": b, "lr": lr * config.loraplus_ratio, "name": f"{component}_lora_B"})
     return groups
-
-
-def _objective(config: TrainConfig, models: Models) -> Objective:
-    family = models.identity.model_family
-    sampling = (
-        TimestepSampling(
-            config.timestep_sampling, config.timestep_mean, config.timestep_scale, config.timestep_shift
-        )
-        if config.timestep_sampling
-        else None
-    )
-    objective = Objective.for_pipe(
-        models.pipe,
-        config.noise_offset,
-        config.min_snr_gamma,
-        zero_terminal_snr=config.zero_terminal_snr,
-        flow=family.flow_schedule(dict(models.pipe.scheduler.config), sampling),
-        guidance=config.guidance,
-    )
-    if objective.flow is not None:
-        _warn_unused_noise_settings(config, models.identity.name)
-    if config.zero_terminal_snr and objective.prediction_type == "epsilon":
-        raise ConfigError(
-            "--zero-terminal-snr needs a v-prediction model: at zero signal an epsilon-prediction model has "
-            f"nothing to predict, and {models.identity.name} predicts epsilon. Use an SD 2.x 768-v base, "
-            "or train without --zero-terminal-snr."
-        )
-    return objective
-
-
-def _warn_unused_noise_settings(config: TrainConfig, model: str) -> None:
-    """One line when --min-snr-gamma or --noise-offset was set for a flow-matching objective: they weight
-    and perturb ε/v noising, which a rectified flow does not use (its σ follow --timestep-sampling)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    given = [
-        f"--{name.replace('_', '-')} {getattr(config, name):g}"
-        for name in ("min_snr_gamma", "noise_offset")
-        if getattr(config, name) != defaults[name]
-    ]
-    if given:
-        why = "they are ε/v settings; its timesteps follow --timestep-sampling"
-        logger.warning("%s: not applied, %s trains with flow matching (%s).", " and ".join(given), model, why)
 
 
 def _loop_settings(config: TrainConfig, total: int) -> LoopSettings:
