@@ -18,6 +18,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,34 +100,55 @@ def render(
         for start in range(0, len(pairs), per_call):
             chunk = pairs[start : start + per_call]
             callback = _step_callback(progress, start * steps, total, len(chunk)) if progress else None
-            generators = [torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk]
-            one = len(chunk) == 1  # the plain single-image call: what `difflora generate` has always made
-            with torch.no_grad():
-                arguments = {
-                    "negative_prompt": None
-                    if not negative_prompt
-                    else (negative_prompt if one else [negative_prompt] * len(chunk)),
-                    "num_inference_steps": steps,
-                    "guidance_scale": guidance,
-                    "width": width,
-                    "height": height,
-                    "generator": generators[0] if one else generators,
-                    "output_type": "pil",
-                    "callback_on_step_end": callback,
-                }
-                arguments.update(
-                    family.pipeline_arguments(options, negative_prompt=negative_prompt, images=len(chunk))
-                )
-                texts: Any = chunk[0][0] if one else [prompt for prompt, _ in chunk]
-                if embeddings is not None:  # the text inputs instead of the prompts
-                    arguments.pop("negative_prompt", None)
-                    arguments.update(_stacked([embeddings[prompt] for prompt, _ in chunk]))
-                    texts = None
-                result = pipe(texts, **arguments)
-            images.extend(result.images)
+            call = _Call(steps, guidance, negative_prompt, width, height, options, callback)
+            images.extend(_render_chunk(pipe, family, chunk, call, embeddings))
     finally:
         pipe.scheduler = original
     return images
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The settings every pipeline call of one `render` shares."""
+
+    steps: int
+    guidance: float
+    negative_prompt: str
+    width: int
+    height: int
+    options: Any
+    callback: Any
+
+
+def _render_chunk(
+    pipe: Any,
+    family: Any,
+    chunk: Sequence[tuple[str, int]],
+    call: _Call,
+    embeddings: Mapping[str, Mapping[str, Any]] | None,
+) -> list[Image.Image]:
+    """One pipeline call for `chunk`'s (prompt, seed) pairs."""
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for _, seed in chunk]
+    one = len(chunk) == 1  # the plain single-image call: what `difflora generate` has always made
+    negative = call.negative_prompt
+    arguments = {
+        "negative_prompt": None if not negative else (negative if one else [negative] * len(chunk)),
+        "num_inference_steps": call.steps,
+        "guidance_scale": call.guidance,
+        "width": call.width,
+        "height": call.height,
+        "generator": generators[0] if one else generators,
+        "output_type": "pil",
+        "callback_on_step_end": call.callback,
+    }
+    arguments.update(family.pipeline_arguments(call.options, negative_prompt=negative, images=len(chunk)))
+    texts: Any = chunk[0][0] if one else [prompt for prompt, _ in chunk]
+    if embeddings is not None:  # the text inputs instead of the prompts
+        arguments.pop("negative_prompt", None)
+        arguments.update(_stacked([embeddings[prompt] for prompt, _ in chunk]))
+        texts = None
+    with torch.no_grad():
+        return list(pipe(texts, **arguments).images)
 
 
 def prompt_embeddings(pipe: Any, prompts: Sequence[str], negative_prompt: str = "") -> dict[str, Any]:
