@@ -65,7 +65,7 @@ class Environment:
             half = f"bf16 {_yes(device.bf16)}, fp16 {_yes(device.fp16)}"
             lines.append(f"  {device.name:<14} {device.description} ({memory}; {half})")
         lines.append("cache folders:")
-        lines += [f"  {what:<14} {folder}" for what, folder in self.caches.items()]
+        lines += [f"  {what:<16} {folder}" for what, folder in self.caches.items()]
         return "\n".join(lines)
 
     def json(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from difflora.adapter.inject import format_parameter_report, parameter_report
 from difflora.config.train import TrainConfig
 from difflora.models.architecture import pipeline_architecture
@@ -54,6 +56,7 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         if run.loop.sample_every
         else "  samples     off",
         f"  output      {run.paths.adapter}",
+        f"  memory      {_memory_estimate(run)}",
     ]
     variants = _variants(config, run)
     if variants:
@@ -67,6 +70,15 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         lines.append(f"  note        {note}")
     report = format_parameter_report(parameter_report(models.trained_components))
     return "\n".join(lines) + "\n" + report
+
+
+def _memory_estimate(run: Run) -> str:
+    """The generic estimate (weights + trained state; difflora.training.memory), beside which the end of the
+    run prints the measured peak."""
+    from difflora.training.memory import estimate_line
+
+    components = [c for c in run.models.pipe.components.values() if isinstance(c, torch.nn.Module)]
+    return estimate_line(components, str(run.record.facts["optimizer"]), run.accelerator.device)
 
 
 def _preset(config: TrainConfig) -> str:

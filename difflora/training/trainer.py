@@ -120,6 +120,7 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
     `train_many`; `keep_base`: a later run will reuse it (so its VAE encoder is not freed)."""
     times = PhaseTimes()
     accelerator = _accelerator(config)
+    times.memory.device = accelerator.device  # on CUDA, the allocator's peak is read too
     paths = run_paths(config)
     with times.phase("load"):
         models = _load(config, accelerator, pipe)
