@@ -96,3 +96,76 @@ def test_into_base_refuses_rank_and_a_non_checkpoint(tmp_path):
     )
     assert refused.exit_code != 0 and "unet.x is not a weight of this base file's unet" in refused.output
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("real_checkpoint", ["sd1"], indirect=True)
+def test_baked_sd15_loads_in_diffusers_and_generates_what_fusing_does(real_checkpoint, tmp_path):
+    import gc
+    import json
+
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+    from safetensors import safe_open
+
+    from difflora.composition.bake import BAKED_KEY
+    from difflora.composition.composer import Composer
+    from difflora.config.generate import GenerateConfig
+    from difflora.generation.generate import generate
+    from difflora.models.architecture import config_folder
+    from difflora.models.loading import load_pipeline
+    from tests.support.adapters import random_adapter
+
+    pipe = load_pipeline(real_checkpoint, dtype=torch.float32)
+    adapters = tmp_path / "adapters"
+    for name, seed, unet, te in (
+        ("style", 1, ("to_q", "to_v"), ("q_proj",)),
+        ("subject", 2, ("to_v",), ("v_proj",)),
+    ):
+        save_adapter(
+            random_adapter(pipe, seed=seed, unet=unet, te=te, scale=0.05, name=name),
+            adapters / f"{name}.safetensors",
+        )
+    spec = f"{adapters / 'style.safetensors'}:0.7,{adapters / 'subject.safetensors'}:0.3"
+    settings = dict(prompt="a photo of sks dog", steps=2, seed=0, width=64, height=64)
+    composer = Composer(pipe)
+    fused_png = generate(
+        GenerateConfig(adapters=(spec,), out=str(tmp_path / "fused"), **settings), composer=composer
+    )
+    fused = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "attn" in k}
+    fused_te = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    del pipe, composer
+    gc.collect()
+
+    baked_path = tmp_path / "baked.safetensors"
+    result = CliRunner().invoke(
+        cli, ["merge", spec, "--into-base", str(real_checkpoint), "-o", str(baked_path)]
+    )
+    assert result.exit_code == 0, result.output
+    with (
+        safe_open(str(baked_path), framework="pt") as handle,
+        safe_open(str(real_checkpoint), framework="pt") as base,
+    ):
+        assert set(handle.keys()) == set(base.keys())
+        record = json.loads(handle.metadata()[BAKED_KEY])
+        key = "model.diffusion_model.input_blocks.1.1.norm.weight"  # no adapter touches it: bit for bit
+        assert torch.equal(handle.get_tensor(key), base.get_tensor(key))
+        assert handle.get_tensor(key).dtype == base.get_tensor(key).dtype == torch.float16
+    assert [(r["adapter_name"], r["weight"]) for r in record] == [("style", 0.7), ("subject", 0.3)]
+
+    unet = UNet2DConditionModel.from_single_file(  # diffusers itself, without difflora's loader
+        str(baked_path), config=str(config_folder("sd1")), subfolder="unet", local_files_only=True
+    )
+    for name, value in unet.state_dict().items():
+        if (
+            name in fused
+        ):  # the base's fp16 weight + the update, rounded once to fp16: fusing's, to that rounding
+            torch.testing.assert_close(value.float(), fused[name], rtol=2**-10, atol=1e-6)
+    del unet
+    baked = load_pipeline(baked_path, dtype=torch.float32)
+    for name, value in baked.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, fused_te[name], rtol=2**-10, atol=1e-6)
+    baked_png = generate(GenerateConfig(out=str(tmp_path / "baked"), **settings), composer=Composer(baked))
+    a, b = (np.asarray(Image.open(p[0]), dtype=np.int16) for p in (fused_png, baked_png))
+    assert np.abs(a - b).max() <= 2  # the same image, to the fp16 rounding of the changed weights
