@@ -238,6 +238,9 @@ class TrainConfig:
     grad_log_every: int = 10
     """Record every LoRA layer's A and B gradient norms every N steps (gradients.csv, gradients.png,
     TensorBoard) and warn about layers whose gradients vanish or explode; 0 turns it off."""
+    quiet_advice: bool = False
+    """Leave out the advice lines: the plan's notes on an unusual rank, alpha or learning rate, and what to do
+    about layers whose gradients vanish or explode (the warnings themselves stay)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each such step is skipped)."""
 
@@ -347,6 +350,7 @@ RESUMABLE_CHANGES = frozenset(
         "sample_scheduler",
         "max_bad_steps",
         "grad_log_every",
+        "quiet_advice",
         "num_threads",
         "compile",
         "cache_dir",

@@ -143,6 +143,7 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
         release_vae_encoder(models.pipe)
     run = _assemble(config, accelerator, models, data, paths, resolution)
     run.times = times
+    run.quiet_advice = config.quiet_advice
     if threads_note:
         data.notes.append(threads_note)
     run.start_step = restore_or_start(run, resume=config.resume, keep_thread_count=not threads_chosen)
