@@ -176,7 +176,8 @@ class TrainConfig:
     lr_warmup_steps: int | None = None
     """Steps of linear learning-rate warm-up. Default: 5% of the steps."""
     optimizer: Optimizer = "auto"
-    """adamw, adamw8bit (needs bitsandbytes and CUDA) or auto (8-bit when both are available)."""
+    """adamw, adamw8bit (needs bitsandbytes: on CUDA, or on the CPU with bitsandbytes >= 0.50) or auto
+    (8-bit on CUDA when bitsandbytes is installed, else adamw)."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
