@@ -17,6 +17,7 @@ from difflora.composition.bake import Source, bake_tensors, ldm_sources
 from difflora.errors import ConfigError
 from difflora.formats.native import save_adapter
 from difflora.formats.reference import reference_model
+from difflora.models.families import family as model_family
 from tests.support.checkpoints import checkpoint_entries, write_header_only
 
 
@@ -47,7 +48,14 @@ def test_every_adaptable_module_is_found_where_the_file_holds_it(family):
     shapes = {e.key: e.shape for e in checkpoint_entries(family)}
     expected = _expected_sources(family)
     models = {c: reference_model(family, c) for c in {k.partition(".")[0] for k in expected}}
-    found = ldm_sources(shapes, models, "unet", sorted(expected))
+    known = model_family(family)
+    found = ldm_sources(
+        shapes,
+        models,
+        sorted(expected),
+        denoiser=known.denoiser,
+        text_prefixes=known.checkpoint_text_encoders,
+    )
     assert len(found) == len(expected) > 100
     for module, (key, part) in expected.items():
         source, shape = found[module]

@@ -90,13 +90,19 @@ def decode(tensor: torch.Tensor, keys: Sequence[str], module: str) -> Source:
 
 
 def ldm_sources(
-    shapes: Mapping[str, Sequence[int]], models: Mapping[str, Any], denoiser: str, modules: Sequence[str]
+    shapes: Mapping[str, Sequence[int]],
+    models: Mapping[str, Any],
+    modules: Sequence[str],
+    *,
+    denoiser: str,
+    text_prefixes: Sequence[str],
 ) -> dict[str, tuple[Source, tuple[int, ...]]]:
     """difflora module key -> (its Source, the module weight's shape), for each of `modules`. `models`: the
-    base's components by name (built on the meta device will do: only their configs and shapes are read)."""
+    base's components by name (built on the meta device will do: only their configs and shapes are read);
+    `text_prefixes`: the file's text-encoder key prefixes, as the family declares them."""
     tags, keys = tagged(shapes)
     converted = {
-        component: _convert(models, component, component == denoiser, tags)
+        component: _convert(models, component, tags, denoiser=denoiser, text_prefixes=text_prefixes)
         for component in {m.partition(".")[0] for m in modules}
     }
     found = {}
@@ -113,9 +119,15 @@ def ldm_sources(
 
 
 def _convert(
-    models: Mapping[str, Any], component: str, is_denoiser: bool, tags: dict[str, torch.Tensor]
+    models: Mapping[str, Any],
+    component: str,
+    tags: dict[str, torch.Tensor],
+    *,
+    denoiser: str,
+    text_prefixes: Sequence[str],
 ) -> dict[str, torch.Tensor]:
-    """diffusers' conversion of the tagged file for one component, keyed by the classic module paths."""
+    """diffusers' conversion of the tagged file for one component, keyed by the classic module paths. A
+    text encoder is the one conversion whose every parameter has the component's own shape."""
     from diffusers.loaders import single_file_utils as sf
 
     model = models.get(component)
@@ -123,33 +135,32 @@ def _convert(
         raise AdapterCompatibilityError(
             f"The base has no {component}; the adapter was made for another model."
         )
-    if is_denoiser:
+    if component == denoiser:
         return sf.convert_ldm_unet_checkpoint(dict(tags), dict(model.config))
     own = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    for candidate in _text_candidates(sf, model, tags):
+    for candidate in _text_candidates(sf, model, tags, text_prefixes):
         classic = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in candidate.items()}
         bare = {k.removeprefix("text_model."): v for k, v in classic.items()}
-        if all(
-            tuple(bare.get(name, classic.get(name, torch.empty(0))).shape) == shape
-            for name, shape in own.items()
-        ):
+        missing = torch.empty(0)
+        if all(tuple(bare.get(n, classic.get(n, missing)).shape) == shape for n, shape in own.items()):
             return classic
     raise ModelError(
         f"None of diffusers' converters reads this base file's {component}: cannot bake into it."
     )
 
 
-def _text_candidates(sf: Any, model: Any, tags: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """The text-encoder conversions diffusers' single-file loader chooses between (CLIP in ldm's wrapper,
-    OpenCLIP under each prefix an ldm/sgm file uses), those whose keys the file has."""
-    candidates = [sf.convert_ldm_clip_checkpoint(dict(tags))]
-    for prefix in (
-        "cond_stage_model.model.",
-        "conditioner.embedders.1.model.",
-        "conditioner.embedders.0.model.",
-    ):
+def _text_candidates(
+    sf: Any, model: Any, tags: dict[str, torch.Tensor], prefixes: Sequence[str]
+) -> list[dict[str, torch.Tensor]]:
+    """The conversions diffusers' single-file loader chooses between for a text encoder under each prefix:
+    HF CLIP in ldm's wrapper, or OpenCLIP (whose q, k and v are one `in_proj_weight`)."""
+    candidates = []
+    for prefix in prefixes:
         if prefix + "transformer.resblocks.0.attn.in_proj_weight" in tags:
             candidates.append(sf.convert_open_clip_checkpoint(model, dict(tags), prefix=prefix))
+        else:
+            own = {key: tensor for key, tensor in tags.items() if key.startswith(prefix)}
+            candidates.append(sf.convert_ldm_clip_checkpoint(own, remove_prefix=prefix))
     return candidates
 
 
@@ -220,7 +231,13 @@ def bake_into_base(
     shapes = {key: info["shape"] for key, info in header.items() if key != "__metadata__"}
     components = {m.partition(".")[0] for m in merged.modules}
     models = {c: reference_model(architecture.name, c) for c in components if c in family.components}
-    sources = ldm_sources(shapes, models, family.denoiser, sorted(merged.modules))
+    sources = ldm_sources(
+        shapes,
+        models,
+        sorted(merged.modules),
+        denoiser=family.denoiser,
+        text_prefixes=family.checkpoint_text_encoders,
+    )
     tensors = load_file(str(base))  # the whole base once, then its bytes once more while writing
     result = bake_tensors(tensors, sources, merged)
     metadata = baked_metadata(header.get("__metadata__") or {}, pairs)
