@@ -85,7 +85,8 @@ class GenerateConfig:
         p.check(
             len(self.sweep) <= MAX_SWEEPS, "sweep", f"at most {MAX_SWEEPS} (rows and columns of the grid)"
         )
-        check_spec(p, "compare", lambda: self.compare_entries)
+        if self.compare:  # parsed only when given: a plain generate parses its specs once (tested)
+            check_spec(p, "compare", lambda: self.compare_entries)
         p.check(
             not (self.compare and self.sweep), "compare", "--compare and --sweep each make a grid: give one"
         )
@@ -106,7 +107,7 @@ class GenerateConfig:
     @cached_property
     def compare_entries(self) -> tuple[AdapterWeight, ...]:
         """--compare's entries (NAME[@step-N], or a folder, at their weights), in the order given."""
-        return tuple(parse_adapter_weights(self.compare))
+        return tuple(parse_adapter_weights(self.compare)) if self.compare else ()
 
 
 def check_spec(p: Problems, field: str, parse) -> None:
