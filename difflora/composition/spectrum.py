@@ -62,7 +62,7 @@ def singular_values(weights: LoraWeights) -> torch.Tensor:
 
 
 def adapter_spectrum(adapter: Adapter) -> list[LayerSpectrum]:
-    """One LayerSpectrum per module, in the adapter's key order."""
+    """One LayerSpectrum per module, sorted by module key."""
     return [
         LayerSpectrum(module, w.rank, tuple(float(s) for s in singular_values(w)))
         for module, w in sorted(adapter.modules.items())
