@@ -192,11 +192,26 @@ def test_each_run_says_where_its_time_went(workspace, tmp_path):
     off = json.loads((tmp_path / "off" / "stripes.run" / "timing.json").read_text())
     on = json.loads((tmp_path / "on" / "stripes.run" / "timing.json").read_text())
     for times in (off, on):
-        phases = [v for k, v in times.items() if k != "total"]
+        phases = [v for k, v in times.items() if k not in ("total", "peak_memory_mib")]
         assert times["steps"] > 0 and times["load"] > 0 and all(v >= 0 for v in phases)
         assert sum(phases) == pytest.approx(times["total"], abs=0.01)  # every second counted once
     assert off["previews"] == 0 and off["checkpoints"] > 0  # checkpoints at steps 1 and 2
     assert on["previews"] > 0  # grids at steps 1 and 2; the final checkpoint only
+    # peak memory: the process's high-water mark, read here from the kernel another way (Linux)
+    peak = on["peak_memory_mib"]
+    high_water = _vm_hwm_mib()
+    assert peak["rss"] <= high_water + 1 and set(peak["rss_after_phase"]) >= {"load", "caching", "steps"}
+    assert peak["rss_after_phase"]["load"] <= peak["rss_after_phase"]["steps"] <= peak["rss"]
+    plan = (tmp_path / "on" / "stripes.run" / "plan.txt").read_text()
+    assert "  memory      est. peak " in plan and "+ activations " in plan
+
+
+def _vm_hwm_mib() -> float:
+    """VmHWM from /proc/self/status (kB): the same high-water mark ru_maxrss reports."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
 
 
 def test_resume_refuses_changed_settings_and_data(workspace, tmp_path):

@@ -81,6 +81,7 @@ def main() -> None:
 def _register() -> None:
     """Each command module registers itself here (one line each)."""
     from difflora.cli.check import check_command
+    from difflora.cli.env import env_command
     from difflora.cli.export import export_command
     from difflora.cli.generate import generate_command
     from difflora.cli.inspect import inspect_command
@@ -90,6 +91,7 @@ def _register() -> None:
 
     cli.add_command(inspect_command)
     cli.add_command(check_command)
+    cli.add_command(env_command)
     cli.add_command(export_command)
     cli.add_command(generate_command)
     cli.add_command(merge_command)

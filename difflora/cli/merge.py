@@ -21,12 +21,19 @@ def merge_command(adapters: tuple[str, ...], config_file: Path | None, **flags: 
     """Merge ADAPTERS (NAME[:WEIGHT[:TE_WEIGHT]],...) into one adapter file.
 
     Exact by default: the file's update equals the weighted sum of the adapters' updates (ranks are
-    concatenated). --rank K makes it smaller and reports each layer's relative error.
+    concatenated). --rank K makes it smaller and reports each layer's relative error. --into-base MODEL
+    writes MODEL with the adapters baked in instead (W0 + Σ wᵢ·ΔWᵢ, MODEL's layout and dtype).
     """
+    from difflora.composition.bake import bake
     from difflora.composition.merge import merge
 
     flags["adapters"] = adapters
     config = config_from_flags(MergeConfig, flags, config_file=config_file, section="merge")
+    if config.into_base is not None:
+        baked = bake(config.adapter_weights, config.into_base, config.output, adapter_dirs=config.adapter_dir)
+        click.echo(baked.text())
+        click.echo(f"Wrote {baked.path}")
+        return
     result = merge(
         config.adapter_weights,
         config.output,

@@ -68,11 +68,14 @@ class GenerateConfig:
     """Print (and save beside the images) the per-layer composition report."""
     sweep: tuple[str, ...] = ()
     """NAME:V1,V2,... renders a labelled grid over that adapter's weight (repeat once for a 2-D grid)."""
+    compare: tuple[str, ...] = ()
+    """NAME[@step-N][:WEIGHT],... or a run/checkpoints folder: one labelled grid, a column per adapter or
+    checkpoint (composed with --adapters), a row per seed (--num-images), to pick the rank and the epoch."""
     device: str | None = None
     """torch device. Default: cuda when available, else cpu."""
 
     def __post_init__(self) -> None:
-        coerce_to_tuples(self, "adapters", "adapter_dir", "sweep")
+        coerce_to_tuples(self, "adapters", "adapter_dir", "sweep", "compare")
         p = Problems()
         p.check(bool(self.prompt.strip()), "prompt", "give a prompt")
         for name in ("steps", "num_images"):
@@ -94,6 +97,11 @@ class GenerateConfig:
         p.check(
             len(self.sweep) <= MAX_SWEEPS, "sweep", f"at most {MAX_SWEEPS} (rows and columns of the grid)"
         )
+        if self.compare:  # parsed only when given: a plain generate parses its specs once (tested)
+            check_spec(p, "compare", lambda: self.compare_entries)
+        p.check(
+            not (self.compare and self.sweep), "compare", "--compare and --sweep each make a grid: give one"
+        )
         p.raise_if_any("generate")
 
     # Parsed once, by the validation above: every reader (generate, the server) takes these values, never
@@ -107,6 +115,11 @@ class GenerateConfig:
     def sweeps(self) -> tuple[tuple[str, tuple[float, ...]], ...]:
         """((adapter name, weights), ...) from the NAME:V1,V2,... entries of --sweep."""
         return tuple((name, tuple(values)) for name, values in map(parse_sweep, self.sweep))
+
+    @cached_property
+    def compare_entries(self) -> tuple[AdapterWeight, ...]:
+        """--compare's entries (NAME[@step-N], or a folder, at their weights), in the order given."""
+        return tuple(parse_adapter_weights(self.compare)) if self.compare else ()
 
 
 def check_spec(p: Problems, field: str, parse) -> None:

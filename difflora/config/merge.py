@@ -20,6 +20,8 @@ class MergeConfig:
     """Truncate each layer to this rank by SVD and report its error. Default: exact (ranks concatenated)."""
     adapter_dir: tuple[str, ...] = ()
     """Extra folders searched for adapters by name (./adapters always is)."""
+    into_base: str | None = None
+    """Bake the adapters into this single-file base checkpoint (ldm/sgm .safetensors) and write a checkpoint."""
 
     def __post_init__(self) -> None:
         coerce_to_tuples(self, "adapters", "adapter_dir")
@@ -31,6 +33,9 @@ class MergeConfig:
             p.check(self.output.endswith(".safetensors"), "output", "must end with .safetensors")
         if self.rank is not None:
             p.check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")
+            p.check(self.into_base is None, "rank", "a baked base holds the exact update: leave --rank out")
+        if self.into_base is not None:
+            p.check(self.into_base.endswith(".safetensors"), "into_base", "must be a .safetensors checkpoint")
         p.raise_if_any("merge")
 
     @cached_property

@@ -176,7 +176,8 @@ class TrainConfig:
     lr_warmup_steps: int | None = None
     """Steps of linear learning-rate warm-up. Default: 5% of the steps."""
     optimizer: Optimizer = "auto"
-    """adamw, adamw8bit (needs bitsandbytes and CUDA) or auto (8-bit when both are available)."""
+    """adamw, adamw8bit (needs bitsandbytes: on CUDA, or on the CPU with bitsandbytes >= 0.50) or auto
+    (8-bit on CUDA when bitsandbytes is installed, else adamw)."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -242,6 +243,9 @@ class TrainConfig:
     grad_log_every: int = 10
     """Record every LoRA layer's A and B gradient norms every N steps (gradients.csv, gradients.png,
     TensorBoard) and warn about layers whose gradients vanish or explode; 0 turns it off."""
+    quiet_advice: bool = False
+    """Leave out the advice lines: the plan's notes on an unusual rank, alpha or learning rate, and what to do
+    about layers whose gradients vanish or explode (the warnings themselves stay)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each such step is skipped)."""
 
@@ -351,6 +355,7 @@ RESUMABLE_CHANGES = frozenset(
         "sample_scheduler",
         "max_bad_steps",
         "grad_log_every",
+        "quiet_advice",
         "num_threads",
         "compile",
         "cache_dir",

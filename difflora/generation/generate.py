@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -33,6 +33,9 @@ from difflora.generation.pipeline import (
     render,
     save_png,
 )
+
+if TYPE_CHECKING:
+    from difflora.generation.compare import Column
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +89,16 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     if config.report:
         _write_report(composer, out)
-    cells = max(1, _grid_size(config.sweeps))
+    columns = _compare_columns(config, composer) if config.compare else []
+    cells = max(1, _grid_size(config.sweeps), len(columns))
     job = _Job(config, composer.pipe, composer, out, config.steps * config.num_images * cells, progress)
     job.expected = config.num_images * cells
     seeds = [seed + i for i in range(config.num_images)]
     try:
         if config.sweeps:
             return [path for s in seeds for path in _sweep(job, s)]
+        if columns:
+            return _compare(job, seeds, columns)
         return _images(job, seeds)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(job)) from None
@@ -226,6 +232,33 @@ def _sweep(job: _Job, seed: int) -> list[Path]:
     grid = image_grid(images, rows=len(combos) // cols, cols=cols, labels=labels)
     sweep_record = {name: values for name, values in sweeps}
     paths.append(_save(job, grid, seed, first + len(combos), name="sweep", extra={"sweep": sweep_record}))
+    return paths
+
+
+def _compare_columns(config: GenerateConfig, composer: Composer) -> list[Column]:
+    from difflora.generation.compare import compare_columns
+
+    return compare_columns(config.compare_entries, composer.directories)
+
+
+def _compare(job: _Job, seeds: list[int], columns: Sequence[Column]) -> list[Path]:
+    """A column per adapter or checkpoint (each composed with --adapters), a row per seed, the same prompt
+    everywhere: each cell's PNG, then the labelled grid."""
+    from difflora.generation.labels import labelled_table
+
+    first = _next_index(job.out)
+    rows: list[list[Image.Image]] = [[] for _ in seeds]
+    paths = []
+    for column in columns:
+        job.composer.set([*job.config.adapter_weights, column.spec])
+        for row, seed in enumerate(seeds):
+            rows[row].append(_render(job, [seed])[0])
+            paths.append(_save_image(job, rows[row][-1], seed, first + len(paths)))
+    job.composer.set(list(job.config.adapter_weights))
+    labels = [column.label for column in columns]
+    grid = labelled_table(rows, [f"seed {s}" for s in seeds], labels, title=job.config.prompt)
+    extra = {"compare": [{"label": c.label, "file": c.spec.name, "weight": c.spec.weight} for c in columns]}
+    paths.append(_save(job, grid, seeds[0], first + len(paths), name="compare", extra=extra))
     return paths
 
 

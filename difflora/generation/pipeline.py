@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from difflora.config.schedulers import DEFAULT_SCHEDULER, scheduler_label
 from difflora.errors import ConfigError
@@ -179,13 +179,6 @@ def _step_callback(progress: Callable[[int, int], None], offset: int, total: int
 # ------------------------------------------------------------------------------------------- contact sheets
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
-
-
 def image_grid(
     images: Sequence[Image.Image],
     rows: int,
@@ -194,8 +187,11 @@ def image_grid(
     *,
     padding: int = 2,
 ) -> Image.Image:
-    """Images laid out row by row on a white sheet; with `labels`, each cell gets its caption underneath
-    (long captions are cut to the cell width). Cells take the size of the largest image."""
+    """Images laid out row by row on a white sheet; with `labels`, each cell gets its whole caption
+    underneath, wrapped to the column (difflora.generation.labels: a readable font at any image size, and
+    columns at least MIN_LABEL_WIDTH wide). Cells take the size of the largest image."""
+    from difflora.generation.labels import MIN_LABEL_WIDTH, draw_lines, font_for, text_height, wrap
+
     if not images:
         raise ValueError("image_grid() needs at least one image")
     if len(images) > rows * cols:
@@ -204,31 +200,24 @@ def image_grid(
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     cell_w = max(img.width for img in images)
     cell_h = max(img.height for img in images)
-    font_size = max(8, min(14, cell_w // 8))
-    label_h = font_size + 4 if labels else 0
+    font = font_for(cell_w)
+    column_w = max(cell_w, MIN_LABEL_WIDTH) if labels else cell_w
+    wrapped = [wrap(label, font, column_w) for label in labels] if labels else []
+    label_h = max((text_height(lines, font) for lines in wrapped), default=0) + (2 if labels else 0)
     sheet = Image.new(
         "RGB",
-        (cols * (cell_w + padding) + padding, rows * (cell_h + label_h + padding) + padding),
+        (cols * (column_w + padding) + padding, rows * (cell_h + label_h + padding) + padding),
         "white",
     )
     draw = ImageDraw.Draw(sheet)
-    font = _font(font_size)
     for index, img in enumerate(images):
         row, col = divmod(index, cols)
-        x = padding + col * (cell_w + padding)
+        x = padding + col * (column_w + padding)
         y = padding + row * (cell_h + label_h + padding)
-        sheet.paste(img.convert("RGB"), (x, y))
+        sheet.paste(img.convert("RGB"), (x + (column_w - img.width) // 2, y))
         if labels:
-            draw.text(
-                (x + 1, y + cell_h + 1), _fit(labels[index], draw, font, cell_w), fill="black", font=font
-            )
+            draw_lines(draw, (x, y + cell_h + 1), wrapped[index], font)
     return sheet
-
-
-def _fit(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int) -> str:
-    while text and draw.textlength(text, font=font) > width:
-        text = text[:-2] + "…" if len(text) > 2 else ""
-    return text
 
 
 # ----------------------------------------------------------------------------------- PNG with parameters

@@ -69,6 +69,10 @@ class GradientMonitor:
 
     def warnings(self, total_steps: int) -> list[str]:
         """Layers whose gradients vanished or exploded (median over the run after its first tenth)."""
+        return [text for _, text in self.findings(total_steps)]
+
+    def findings(self, total_steps: int) -> list[tuple[str, str]]:
+        """(kind, warning) for each kind of trouble found: "vanishing", "exploding"."""
         medians = _layer_medians(self.rows, total_steps // 10)
         finite = [m for m in medians.values() if math.isfinite(m) and m > 0]
         if len(finite) < 2:
@@ -77,11 +81,13 @@ class GradientMonitor:
         vanished = sorted(k for k, m in medians.items() if m < VANISHING * typical)
         exploded = sorted(k for k, m in medians.items() if not math.isfinite(m) or m > EXPLODING * typical)
         found = []
-        if vanished:
-            found.append(f"{len(vanished)} layer(s) with vanishing gradients: {first_n(vanished, 5)}")
-        if exploded:
-            found.append(f"{len(exploded)} layer(s) with exploding gradients: {first_n(exploded, 5)}")
-        return [f"{text} (median LoRA gradient norm vs {typical:.3g} for the median layer)" for text in found]
+        for kind, layers in (("vanishing", vanished), ("exploding", exploded)):
+            if layers:
+                text = f"{len(layers)} layer(s) with {kind} gradients: {first_n(layers, 5)}"
+                found.append(
+                    (kind, f"{text} (median LoRA gradient norm vs {typical:.3g} for the median layer)")
+                )
+        return found
 
 
 def _layer_medians(rows: list[tuple], after_step: int) -> dict[str, float]:

@@ -18,6 +18,7 @@ from difflora.adapter.inject import extract_weights
 from difflora.adapter.types import Adapter, AdapterMeta
 from difflora.formats.native import adapter_state_dict, header_metadata
 from difflora.safe_io import write_atomic
+from difflora.training.advice import gradient_advice
 from difflora.training.checkpoint import Checkpoint, rng_state, save_checkpoint
 from difflora.training.run import Run
 from difflora.training.samples import render_sample_grid, save_grid
@@ -167,8 +168,10 @@ def _report_gradients(run: Run) -> None:
     if run.gradients is None:
         return
     run.gradients.write()
-    for warning in run.gradients.warnings(run.loop.total_steps):
+    for kind, warning in run.gradients.findings(run.loop.total_steps):
         logger.warning("%s; see %s", warning, run.gradients.png_path)
+        if not run.quiet_advice:
+            logger.warning("advice: %s", gradient_advice(kind, float(run.record.facts["learning_rate"])))
 
 
 def adapter_file_bytes(adapter: Adapter) -> bytes:

@@ -6,6 +6,7 @@ from difflora.adapter.inject import format_parameter_report, parameter_report
 from difflora.config.train import TrainConfig
 from difflora.models.architecture import pipeline_architecture
 from difflora.models.quantize import COMPONENT_LABELS
+from difflora.training.advice import plan_advice
 from difflora.training.memory import MemoryEstimate, estimate_memory
 from difflora.training.precision import precision_note
 from difflora.training.run import Run
@@ -68,8 +69,24 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
     precision = precision_note(config.mixed_precision, run.accelerator.device)
     for note in (*data.notes, *([precision] if precision else [])):
         lines.append(f"  note        {note}")
+    if not config.quiet_advice:
+        lines += [f"  advice      {line}" for line in _advice(config, run)]
     report = format_parameter_report(parameter_report(models.trained_components))
     return "\n".join(lines) + "\n" + report
+
+
+def _advice(config: TrainConfig, run: Run) -> list[str]:
+    """One line per setting outside its usual range (difflora.training.advice)."""
+    facts = run.record.facts
+    return plan_advice(
+        rank=config.rank,
+        alpha=config.effective_alpha,
+        rslora=config.rslora,
+        learning_rate=float(facts["learning_rate"]),
+        default_lr=run.models.identity.model_family.default_learning_rate,
+        optimizer=str(facts["optimizer"]),
+        model=_label(run.models),
+    )
 
 
 def _preset(config: TrainConfig) -> str:

@@ -167,6 +167,7 @@ class Run:
     gradients: GradientMonitor | None = None  # main process only
     times: PhaseTimes = field(default_factory=PhaseTimes)
     ranks: RankAllocation | None = None  # --adaptive-rank: the AdaLoRA rank allocation the loop drives
+    quiet_advice: bool = False  # --quiet-advice: no advice lines (difflora.training.advice)
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:

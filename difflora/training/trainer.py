@@ -120,6 +120,7 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
     `train_many`; `keep_base`: a later run will reuse it (so its VAE encoder is not freed)."""
     times = PhaseTimes()
     accelerator = _accelerator(config)
+    times.memory.device = accelerator.device  # on CUDA, the allocator's peak is read too
     paths = run_paths(config)
     with times.phase("load"):
         models = _load(config, accelerator, pipe)
@@ -146,6 +147,7 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
         embeddings = release_text_encoders(models.pipe, prompts)
         run.text_encoders, run.samples = {}, dataclasses.replace(run.samples, embeddings=embeddings)
     run.times = times
+    run.quiet_advice = config.quiet_advice
     if threads_note:
         data.notes.append(threads_note)
     run.start_step = restore_or_start(run, resume=config.resume, keep_thread_count=not threads_chosen)

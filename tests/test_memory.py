@@ -1,0 +1,68 @@
+"""Peak memory: the RSS high-water mark against the kernel's own VmHWM, a phase that allocates raising it,
+and CUDA's per-phase peaks folded into the run's (with a scripted allocator counter). The plan's estimate
+is tests/test_memory_estimate.py's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflora.training import peak_memory
+from difflora.training.peak_memory import MIB, PeakMemory, peak_rss_bytes
+from difflora.training.timing import PhaseTimes
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_peak_rss_is_the_kernels_high_water_mark():
+    # ru_maxrss and VmHWM are kept by different kernel counters: equal to within a page table's worth
+    assert abs(peak_rss_bytes() - _status_kib("VmHWM") * 1024) < MIB
+
+
+def test_a_phase_that_allocates_raises_the_mark_after_it():
+    times = PhaseTimes()
+    mark = peak_rss_bytes()
+    headroom = (_status_kib("VmHWM") - _status_kib("VmRSS")) * 1024
+    with times.phase("caching"):
+        block = np.ones(headroom + 96 * MIB, dtype=np.uint8)  # touched: resident, above the old mark
+        assert block[-1] == 1
+    del block
+    with times.phase("steps"):
+        pass
+    after = times.memory.after_phase_rss
+    assert after["caching"] >= mark + 64 * MIB and after["steps"] == after["caching"]
+    record = times.memory.record()
+    assert record["rss"] * MIB >= after["caching"] - MIB and "cuda_allocated" not in record
+    assert times.summary().endswith(f"peak memory {peak_rss_bytes() / 2**30:.2f} GiB RSS")
+
+
+def test_cuda_peaks_per_phase_and_between_phases(monkeypatch):
+    """A scripted allocator: the counter's values as the run reads them, and resets that zero it."""
+    counter = {"peak": 0}
+    monkeypatch.setattr(peak_memory, "cuda_in_use", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counter["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: counter.update(peak=0))
+    peaks = PeakMemory(torch.device("cuda", 0))
+    counter["peak"] = 300 * MIB  # before any phase (e.g. the model moved to the GPU)
+    peaks.start()
+    counter["peak"] = 100 * MIB
+    peaks.stop("load")
+    peaks.start()
+    counter["peak"] = 700 * MIB
+    peaks.stop("steps")
+    counter["peak"] = 500 * MIB  # between phases, read at the next start
+    peaks.start()
+    counter["peak"] = 50 * MIB
+    peaks.stop("final_save")
+    assert peaks.phase_cuda == {"load": 100 * MIB, "steps": 700 * MIB, "final_save": 50 * MIB}
+    assert peaks.cuda_peak() == 700 * MIB
+    record = peaks.record()
+    assert record["cuda_allocated"] == 700.0 and record["cuda_allocated_per_phase"]["load"] == 100.0
+    assert peaks.summary().endswith(", CUDA 0.68 GiB allocated")
