@@ -22,6 +22,10 @@ the tensors read out of the files):
   Σ scalingᵢ · Bᵢ Aᵢ x with scalingᵢ = wᵢ αᵢ / rᵢ. Switching weights only changes scalars, at the price of
   extra matmuls in every forward.
 
+LyCORIS modules (`difflora.adapter.lycoris`: LoKr, LoHa, full) enter the sum with their exact ΔWᵢ (Kronecker or
+Hadamard product at the scale consumers apply; a full module's `diff_b` adds to the bias the same way). Fused
+mode only: peft's LoRA layers cannot hold them, so dynamic mode refuses them in one line.
+
 DoRA adapters (`difflora.adapter.dora`) re-normalise the weight, so they are not additive. Their ΔWᵢ is their
 effective update against the *base* weight, ΔWᵢ = mᵢ·Vᵢ/‖Vᵢ‖ − W0 with Vᵢ = W0 + (αᵢ/rᵢ)·Bᵢ·Aᵢ, and the sum
 above is kept: at weight 1 alone W is exactly the trained DoRA weight (as peft computes it), at weight w it is
@@ -50,6 +54,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from difflora.adapter.inject import inject_weights, remove_adapter
+from difflora.adapter.lycoris import bias_delta
 from difflora.adapter.names import live_name
 from difflora.adapter.types import COMPONENTS, Adapter
 from difflora.composition.find import adapter_dirs as search_dirs
@@ -67,6 +72,7 @@ Mode = Literal["fused", "dynamic"]
 Loader = Callable[[str], tuple[Adapter, Path | None]]  # adapter name -> (adapter, its file)
 MODES: tuple[str, ...] = ("fused", "dynamic")
 DELTA_CACHE_BYTES = 2 * 1024**3
+BIAS = "#bias"  # a target's live name with this suffix is the module's bias (a full LyCORIS module's diff_b)
 
 
 # ---------------------------------------------------------------------------------------------- composer
@@ -244,6 +250,11 @@ class Composer:
             raise AdapterSpecError(
                 f"Adapter {spec.name!r} is already composed; use set_weights to re-weight it."
             )
+        if self.mode == "dynamic" and adapter.lycoris_kinds:
+            raise ConfigError(
+                f"Adapter {spec.name!r} holds {'/'.join(adapter.lycoris_kinds)} modules, which dynamic composition "
+                "(peft's LoRA layers) cannot apply; compose it fused (generate without --no-fuse; serve with mode fused)."
+            )
         if self.mode == "dynamic" and adapter.dora_axes:
             raise ConfigError(
                 f"Adapter {spec.name!r} is a DoRA adapter: it re-normalises the weights, which dynamic "
@@ -306,6 +317,8 @@ class Composer:
                 component, _, classic = key.partition(".")
                 live = live_name(component, classic, getattr(self.pipe, component))
                 users.setdefault((component, live), []).append((entry, key))
+                if bias_delta(entry.adapter.modules[key]) is not None:  # a full module's diff_b
+                    users.setdefault((component, live + BIAS), []).append((entry, key))
         return users
 
     def _apply_fused(self) -> None:
@@ -332,16 +345,18 @@ class Composer:
 
     def _param(self, target: tuple[str, str]) -> torch.Tensor:
         component, live = target
-        module = getattr(self.pipe, component).get_submodule(live)
-        return base_layer(module).weight
+        module = getattr(self.pipe, component).get_submodule(live.removesuffix(BIAS))
+        return base_layer(module).bias if live.endswith(BIAS) else base_layer(module).weight
 
     def _delta(self, entry: _Entry, key: str, target: tuple[str, str], param: torch.Tensor) -> torch.Tensor:
         cached = self._state.deltas.get(entry.key, {}).get(target)
         if cached is not None:
             return cached
         # a DoRA module's update is computed against the kept original weight, never a fused one
-        w0 = self._state.pristine[target]
-        delta = entry.adapter.modules[key].delta(w0).to(param.device).reshape(param.shape)
+        w0, weights = self._state.pristine[target], entry.adapter.modules[key]
+        update = bias_delta(weights) if target[1].endswith(BIAS) else weights.delta(w0)
+        assert update is not None  # a bias target exists only for a module with a bias update (_users)
+        delta = update.to(param.device).reshape(param.shape)
         if self._state.cache_left >= delta.numel() * 4:
             self._state.cache_left -= delta.numel() * 4
             self._state.deltas.setdefault(entry.key, {})[target] = delta

@@ -8,6 +8,9 @@ so the file's update B·A equals Σ wᵢ·ΔWᵢ, the same W as composing the ad
 (text-encoder modules use the text-encoder weights). Kohya's default merge averages up and down matrices
 and peft's "linear" combination mixes factors, neither of which equals Σ wᵢΔWᵢ.
 
+A LyCORIS module (LoKr, LoHa, full) enters as the LoRA of its exact update (`adapter.lycoris_svd`: its full
+SVD, rank = its update's numerical rank), so the merge of a LyCORIS file is an ordinary LoRA file.
+
 With `rank=K`, each module whose concatenated rank exceeds K is truncated to its best rank-K approximation
 (SVD, computed through QR of the factors so that no full ΔW is formed), and the relative Frobenius error
 ‖ΔW − ΔW_K‖ / ‖ΔW‖ of every layer is reported.
@@ -25,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
+from difflora.adapter.lycoris import is_lycoris
+from difflora.adapter.lycoris_svd import as_lora
+from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights, ModuleWeights
 from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
 from difflora.config.spec import AdapterWeight, adapter_set
@@ -72,7 +77,7 @@ def merge_adapters(
     for module in sorted({key for _, adapter in pairs for key in adapter.modules}):
         component = module.partition(".")[0]
         parts = [
-            (spec.weight_for(component), adapter.modules[module])
+            (spec.weight_for(component), _as_lora(adapter.modules[module]))
             for spec, adapter in pairs
             if module in adapter.modules and spec.weight_for(component) != 0
         ]
@@ -88,6 +93,11 @@ def merge_adapters(
     if not result.adapter.modules:
         raise AdapterSpecError("Every weight is 0: the merged adapter would change nothing.")
     return result
+
+
+def _as_lora(weights: ModuleWeights) -> LoraWeights:
+    """A LyCORIS module as the LoRA of the same update (exact SVD, `adapter.lycoris_svd`); a LoRA as it is."""
+    return as_lora(weights) if is_lycoris(weights) else weights  # type: ignore[arg-type,return-value]
 
 
 def _concatenate(parts: Sequence[tuple[float, LoraWeights]]) -> LoraWeights:

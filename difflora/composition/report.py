@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from difflora.adapter.lycoris import is_lycoris
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.config.spec import AdapterWeight
 from difflora.errors import first_n
@@ -164,8 +165,8 @@ def inner(a: LoraWeights, b: LoraWeights) -> float:
 
 
 def _gram(here: Sequence[LoraWeights], base: torch.Tensor | None) -> torch.Tensor:
-    """G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩: from the factors, or from full updates where a DoRA module is among them."""
-    if base is None:
+    """G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩: from the factors, or from full updates where a DoRA or LyCORIS module is among them."""
+    if base is None and not any(map(is_lycoris, here)):
         return torch.tensor([[inner(a, b) for b in here] for a in here], dtype=torch.float64)
     updates = torch.stack([w.delta(base).double().reshape(-1) for w in here])
     return updates @ updates.T
