@@ -5,17 +5,21 @@ every expected ΔW is computed there, independently of difflora."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load, load_file, save_file
 
 from difflora.adapter.lycoris import FullWeights, LokrWeights
+from difflora.adapter.types import Adapter, LoraWeights
 from difflora.composition.merge import merge_adapters
 from difflora.config.spec import AdapterWeight
 from difflora.errors import AdapterFormatError
 from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.describe import describe_adapter
 from difflora.formats.export import export_bytes
+from difflora.formats.lycoris import read_module
 from difflora.formats.naming import reference_table
 from difflora.formats.read import load_adapter, parse_state_dict
 from tests.support.lycoris import LOKR_LAYOUTS, expected_delta, full_tensors, loha_tensors, lokr_tensors
@@ -163,29 +167,42 @@ def test_unplaceable_or_damaged_modules_are_refused_by_name(tensors, needles):
 
 
 def test_merge_to_a_lora_is_exact_and_truncation_reports_each_layer():
-    tensors = lokr_tensors(*SD1_Q, layout="lowrank-lowrank") | loha_tensors(*SD1_CONV, rank=2)
-    adapter = read(tensors)
-    spec = AdapterWeight("lyco", 0.5)
-    exact = merge_adapters([(spec, adapter)])
-    assert not exact.errors
-    for name, shape in (SD1_Q, SD1_CONV):
-        key = reference_table("sd1").from_kohya[name]
-        merged = exact.adapter.modules[key]
-        assert merged.kind == "LoRA"
-        assert_close(merged.delta().double(), 0.5 * expected_delta(tensors, name, shape))
-    truncated = merge_adapters([(spec, adapter)], rank=2)
+    """Merged with a LoRA at weights, a LoKr and a LoHa become LoRA pairs whose update is Σ wᵢ·ΔWᵢ; at --rank
+    2 each layer's reported error is the relative Frobenius distance to that sum (small in-memory modules: the
+    merge works on module keys, not names)."""
+    linear, conv = ("m_linear", (48, 64)), ("m_conv", (16, 8, 3, 3))
+    tensors = lokr_tensors(*linear, layout="lowrank-lowrank") | loha_tensors(*conv, rank=2)
+    # as a file's reader leaves them: the conv's LoHa knows its weight's shape
+    loha = replace(read_module(conv[0], _parts(tensors, conv[0]), "t"), module_shape=conv[1])
+    lyco = Adapter(
+        modules={"unet.linear": read_module(linear[0], _parts(tensors, linear[0]), "t"), "unet.conv": loha}
+    )
+    g = torch.Generator().manual_seed(9)
+    lora = LoraWeights(down=torch.randn(3, 64, generator=g), up=torch.randn(48, 3, generator=g), alpha=6.0)
+    pairs = [
+        (AdapterWeight("lyco", 0.5), lyco),
+        (AdapterWeight("lora", -1.5), Adapter(modules={"unet.linear": lora})),
+    ]
+    want = {
+        "unet.linear": 0.5 * expected_delta(tensors, *linear)
+        - 1.5 * 2.0 * lora.up.double() @ lora.down.double(),
+        "unet.conv": 0.5 * expected_delta(tensors, *conv),
+    }
+    exact = merge_adapters(pairs)
+    assert not exact.errors and set(exact.adapter.modules) == set(want)
+    for key, delta in want.items():
+        assert exact.adapter.modules[key].kind == "LoRA"
+        assert_close(exact.adapter.modules[key].delta().double(), delta)
+    truncated = merge_adapters(pairs, rank=2)
+    assert set(truncated.errors) == set(want)
     for key, error in truncated.errors.items():
-        want = 0.5 * expected_delta(
-            tensors, *next((n, s) for n, s in (SD1_Q, SD1_CONV) if key.endswith(_path(n)))
-        )
         got = truncated.adapter.modules[key].delta().double()
         assert truncated.adapter.modules[key].rank == 2
-        assert error == pytest.approx(float((got - want).norm() / want.norm()), rel=1e-4)
-    assert len(truncated.errors) == 2
+        assert error == pytest.approx(float((got - want[key]).norm() / want[key].norm()), rel=1e-4)
 
 
-def _path(kohya_name: str) -> str:
-    return reference_table("sd1").from_kohya[kohya_name]
+def _parts(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
 
 
 def test_export_writes_lycoris_keys_every_consumer_places():
