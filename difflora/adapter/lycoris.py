@@ -24,6 +24,11 @@ from typing import ClassVar
 
 import torch
 
+# The tensor names of each kind, as LyCORIS, peft, ComfyUI and A1111 spell them (alpha aside).
+LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LOHA_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+FULL_NAMES = ("diff", "diff_b")
+
 
 def product_shape(a: torch.Tensor, b: torch.Tensor, core: torch.Tensor | None) -> tuple[int, ...]:
     """The shape of a @ b, or of a Tucker product (wa [r, out], wb [r, in], core [r, r, k, k])."""

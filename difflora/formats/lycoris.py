@@ -17,6 +17,9 @@ from collections.abc import Mapping
 import torch
 
 from difflora.adapter.lycoris import (
+    FULL_NAMES,
+    LOHA_NAMES,
+    LOKR_NAMES,
     FullWeights,
     LohaWeights,
     LokrWeights,
@@ -29,9 +32,7 @@ from difflora.adapter.types import ModuleWeights
 from difflora.errors import AdapterFormatError
 from difflora.formats.fused import FusedLayer
 
-LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-FULL_PARTS = ("diff", "diff_b")
+LOKR_PARTS, LOHA_PARTS, FULL_PARTS = LOKR_NAMES, LOHA_NAMES, FULL_NAMES
 LYCORIS_PARTS = (*LOKR_PARTS, *LOHA_PARTS, *FULL_PARTS)
 _KINDS = {"LoKr": LOKR_PARTS, "LoHa": LOHA_PARTS, "full": FULL_PARTS}
 
