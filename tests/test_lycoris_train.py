@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load
+from safetensors.torch import load, load_file
 
+import difflora.training.trainer as trainer
 from difflora.adapter.lycoris_peft import add_lycoris, extract_lycoris
 from difflora.adapter.spec import LoraSpec
 from difflora.adapter.types import Adapter, AdapterMeta
+from difflora.composition.composer import compose
+from difflora.config.spec import AdapterWeight
+from difflora.errors import ConfigError
 from difflora.formats.export import export_bytes
-from difflora.formats.read import parse_state_dict
+from difflora.formats.read import load_adapter, parse_state_dict
 from difflora.formats.reference import adaptable
 from difflora.models.identity import model_identity
+from difflora.models.loading import load_pipeline
+from tests.support.adapters import module_of
 from tests.support.models import tiny_pipeline
+from tests.support.training import make_workspace, tiny_train_config
 
 SPECS = {  # one model holds the three (disjoint targets, one peft adapter name each)
     "lokr": LoraSpec(
@@ -117,3 +124,44 @@ def _tables(pipe):
     return {
         component: adaptable(component, getattr(pipe, component)) for component in ("unet", "text_encoder")
     }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train"))
+
+
+@pytest.mark.parametrize(("algo", "kind"), [("lokr", "LoKr"), ("loha", "LoHa")])
+def test_train_algo_saves_a_lycoris_file_comfyui_places_and_difflora_composes(
+    workspace, tmp_path, algo, kind
+):
+    """`train --algo lokr --factor 4` / `--algo loha`: the adapter file holds LyCORIS keys under kohya names,
+    every one placed by ComfyUI's rules, it reads back with its header, and it composes exactly."""
+    targets = ("to_q", "to_v", "conv1")
+    changes = {"factor": 4} if algo == "lokr" else {}
+    config = tiny_train_config(
+        workspace, tmp_path, data="stripes", algo=algo, unet_targets=targets, **changes
+    )
+    path = trainer.train(config, progress=False)
+    written = load_file(path)
+    base = load_pipeline(str(workspace / "model"))
+    trees = {c: adaptable(c, getattr(base, c)) for c in ("unet", "text_encoder")}
+    assert written and not [key for key in written if not comfyui_loads(key, trees)]
+    adapter = load_adapter(path)
+    assert {w.kind for w in adapter.modules.values()} == {kind}
+    assert adapter.meta.config_toml and f'algo = "{algo}"' in adapter.meta.config_toml
+    assert any(float(w.delta().abs().max()) > 0 for w in adapter.modules.values())  # it trained
+    key = "unet.down_blocks.0.resnets.0.conv1"
+    w0 = module_of(base, key).weight.detach().double().clone()
+    compose(base, [AdapterWeight(path.stem, 0.6)], adapter_dirs=[path.parent])
+    want = w0 + 0.6 * adapter.modules[key].delta().double().reshape(w0.shape)
+    assert torch.allclose(module_of(base, key).weight.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_algo_refuses_lora_only_variants_naming_the_flags(workspace, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        tiny_train_config(
+            workspace, tmp_path, data="stripes", algo="loha", dora=True, factor=2, loraplus_ratio=16
+        )
+    message = str(error.value)
+    assert "--dora" in message and "--factor" in message and "--loraplus-ratio" in message
