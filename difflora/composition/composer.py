@@ -22,9 +22,8 @@ the tensors read out of the files):
   Σ scalingᵢ · Bᵢ Aᵢ x with scalingᵢ = wᵢ αᵢ / rᵢ. Switching weights only changes scalars, at the price of
   extra matmuls in every forward.
 
-LyCORIS modules (`difflora.adapter.lycoris`: LoKr, LoHa, full) enter the sum with their exact ΔWᵢ (Kronecker or
-Hadamard product at the scale consumers apply; a full module's `diff_b` adds to the bias the same way). Fused
-mode only: peft's LoRA layers cannot hold them, so dynamic mode refuses them in one line.
+LyCORIS modules (`adapter.lycoris`) enter with their exact ΔWᵢ (fused only; a full module's diff_b: the bias).
+Per-block weights (`@out=1,in=0`) multiply wᵢ by its module's block factor (`composition.blocks`), both modes.
 
 DoRA adapters (`difflora.adapter.dora`) re-normalise the weight, so they are not additive. Their ΔWᵢ is their
 effective update against the *base* weight, ΔWᵢ = mᵢ·Vᵢ/‖Vᵢ‖ − W0 with Vᵢ = W0 + (αᵢ/rᵢ)·Bᵢ·Aᵢ, and the sum
@@ -57,6 +56,7 @@ from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.lycoris import bias_delta
 from difflora.adapter.names import live_name
 from difflora.adapter.types import COMPONENTS, Adapter
+from difflora.composition.blocks import block_weight
 from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
@@ -317,7 +317,7 @@ class Composer:
                 component, _, classic = key.partition(".")
                 live = live_name(component, classic, getattr(self.pipe, component))
                 users.setdefault((component, live), []).append((entry, key))
-                if bias_delta(entry.adapter.modules[key]) is not None:  # a full module's diff_b
+                if bias_delta(entry.adapter.modules[key]) is not None:  # diff_b: a bias target (_delta)
                     users.setdefault((component, live + BIAS), []).append((entry, key))
         return users
 
@@ -331,9 +331,8 @@ class Composer:
             if target not in self._state.pristine:
                 self._state.pristine[target] = param.detach().clone()
             w0 = self._state.pristine[target]
-            active = [
-                (e, k, e.spec.weight_for(target[0])) for e, k in entries if e.spec.weight_for(target[0])
-            ]
+            weights = [(e, k, self._weight(e.spec, target)) for e, k in entries]
+            active = [(e, k, w) for e, k, w in weights if w]
             with torch.no_grad():
                 if not active:
                     param.copy_(w0)
@@ -342,6 +341,11 @@ class Composer:
                 for entry, key, weight in active:
                     total.add_(self._delta(entry, key, target, param), alpha=weight)
                 param.copy_(total)
+
+    def _weight(self, spec: AdapterWeight, target: tuple[str, str]) -> float:
+        """wᵢ for this module: the adapter's weight times its block's factor (`composition.blocks`)."""
+        lists = self.identity.model_family.block_lists
+        return block_weight(spec, self.pipe, target[0], target[1].removesuffix(BIAS), lists)
 
     def _param(self, target: tuple[str, str]) -> torch.Tensor:
         component, live = target
@@ -355,8 +359,7 @@ class Composer:
         # a DoRA module's update is computed against the kept original weight, never a fused one
         w0, weights = self._state.pristine[target], entry.adapter.modules[key]
         update = bias_delta(weights) if target[1].endswith(BIAS) else weights.delta(w0)
-        assert update is not None  # a bias target exists only for a module with a bias update (_users)
-        delta = update.to(param.device).reshape(param.shape)
+        delta = update.to(param.device).reshape(param.shape)  # type: ignore[union-attr]
         if self._state.cache_left >= delta.numel() * 4:
             self._state.cache_left -= delta.numel() * 4
             self._state.deltas.setdefault(entry.key, {})[target] = delta
@@ -370,10 +373,10 @@ class Composer:
             model = getattr(self.pipe, component, None)
             if model is None:
                 continue
-            for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+            for live, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)):
                 ours = [k for k in keys if k in layer.lora_A]
                 for key in ours:
-                    layer.set_scale(key, keys[key].spec.weight_for(component))
+                    layer.set_scale(key, self._weight(keys[key].spec, (component, live)))
                 others = [a for a in layer.active_adapters if a not in keys and not a.startswith("difflora")]
                 layer.set_adapter(others + ours, inference_mode=True)
 
