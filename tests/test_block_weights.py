@@ -4,16 +4,20 @@ per-module hand computation, in both modes, for a LoRA that lacks some blocks to
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from difflora.composition.blocks import module_block
 from difflora.composition.composer import Composer
+from difflora.composition.merge import merge_adapters
 from difflora.config.blocks import VECTOR_BLOCKS
 from difflora.config.spec import parse_adapter_weights
 from difflora.errors import AdapterSpecError
 from difflora.formats.reference import reference_model
 from tests.support.adapters import base_weights, effective_forward_error, module_of, random_adapter
+from tests.support.formats import synthetic_adapter
 
 # The extension's BLOCKID lists (hako-mikan/sd-webui-lora-block-weight scripts/lora_block_weight.py), "M00" = MID.
 LBW = {
@@ -130,3 +134,34 @@ def test_block_weighted_composition_equals_the_hand_computation(pipeline, mode):
             assert torch.allclose(module.weight.double(), value, rtol=1e-5, atol=1e-6), key
         else:
             assert effective_forward_error(module, value) < 1e-4, key
+
+
+def sd1_block(key: str) -> str:
+    """SD 1.x's attention blocks by hand: down_blocks.i.attentions.j is IN(1+3i+j), up_blocks.i.attentions.j
+    is OUT(3i+j) (kohya's and ComfyUI's diffusers-to-SGM map), the text encoder BASE."""
+    parts = key.split(".")
+    if parts[0] == "text_encoder":
+        return "BASE"
+    if parts[1] == "mid_block":
+        return "MID"
+    i, j = int(parts[2]), int(parts[4])
+    return f"IN{1 + 3 * i + j:02d}" if parts[1] == "down_blocks" else f"OUT{3 * i + j:02d}"
+
+
+def test_merge_bakes_block_weights_into_a_plain_lora():
+    adapter = synthetic_adapter("sd1", rank=2, select=lambda path: path.endswith(("attn1.to_q", "q_proj")))
+    (spec,) = parse_adapter_weights("x:0.5:2@in=0,IN05=3,OUT03=2,base=0.25")
+    result = merge_adapters([(spec, adapter)])
+    factors = {"BASE": 0.25, "IN05": 3.0, "OUT03": 2.0, "MID": 1.0}
+    for key, weights in adapter.modules.items():
+        block = sd1_block(key)
+        factor = factors.get(block, 0.0 if block.startswith("IN") else 1.0)
+        weight = spec.weight_for(key.partition(".")[0]) * factor
+        if weight == 0:
+            assert key not in result.adapter.modules, key  # a block weighted 0 is left out
+            continue
+        merged = result.adapter.modules[key]  # one LoRA merged exactly: its down, its up times w·f·α/r
+        assert merged.kind == "LoRA" and torch.equal(merged.down, weights.down.float())
+        assert torch.allclose(merged.up * merged.scale, weights.up * (weights.scale * weight), atol=1e-7), key
+    assert "IN05" in {sd1_block(k) for k in result.adapter.modules}
+    assert json.loads(result.adapter.meta.extra["difflora.merged_from"])[0]["blocks"] == spec.blocks.text
