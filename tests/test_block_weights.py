@@ -165,3 +165,23 @@ def test_merge_bakes_block_weights_into_a_plain_lora():
         assert torch.allclose(merged.up * merged.scale, weights.up * (weights.scale * weight), atol=1e-7), key
     assert "IN05" in {sd1_block(k) for k in result.adapter.modules}
     assert json.loads(result.adapter.meta.extra["difflora.merged_from"])[0]["blocks"] == spec.blocks.text
+
+
+def test_report_weights_by_block_and_shows_each_block_s_share(pipeline):
+    """The report's weights are the block-weighted ones; the shares are each block's part of Σ‖Σ wᵢΔWᵢ‖²."""
+    adapter = random_adapter(pipeline, seed=3, unet=("to_q",), name="s")
+    composer = Composer(pipeline, "fused")
+    composer.add(adapter, name="s")
+    (spec,) = parse_adapter_weights("s:0.5@in=0,OUT02=2")
+    composer.set_weights([spec])
+    report = composer.report()
+    energy: dict[str, float] = {}
+    for key, weights in adapter.modules.items():
+        block = next(b for prefix, b in TINY_BLOCKS.items() if key.startswith(f"unet.{prefix}."))
+        factor = {"IN01": 0.0, "IN03": 0.0, "OUT02": 2.0}.get(block, 1.0)
+        layer = next(la for la in report.layers if la.module == key)
+        assert layer.weights == (pytest.approx(0.5 * factor),)
+        energy[block] = energy.get(block, 0.0) + float((0.5 * factor * weights.delta().double()).norm()) ** 2
+    total = sum(energy.values())
+    assert report.block_shares() == {b: pytest.approx(e / total) for b, e in energy.items()}
+    assert "Share of the composed update per block: " in report.text()

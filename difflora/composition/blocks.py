@@ -77,6 +77,20 @@ def block_weight(
     return weight * spec.block_factor(module_block(getattr(pipe, component), live, block_lists))
 
 
+def pipe_blocks(pipe: Any, block_lists: Mapping[str, str]) -> Callable[[str], str]:
+    """module key ("<component>.<classic path>") -> its block in the loaded `pipe`."""
+    from difflora.adapter.names import live_name
+
+    def block(key: str) -> str:
+        component, _, classic = key.partition(".")
+        if component.startswith("text_encoder"):
+            return "BASE"
+        model = getattr(pipe, component)
+        return module_block(model, live_name(component, classic, model), block_lists)
+
+    return block
+
+
 def key_blocks(adapter: Adapter) -> Callable[[str], str]:
     """module key -> block for an adapter's own modules, without a loaded model: its family's reference
     denoiser, else the one its recorded base folder configures, built on the meta device (what `merge` bakes

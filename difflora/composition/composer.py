@@ -56,11 +56,11 @@ from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.lycoris import bias_delta
 from difflora.adapter.names import live_name
 from difflora.adapter.types import COMPONENTS, Adapter
-from difflora.composition.blocks import block_weight
+from difflora.composition.blocks import block_weight, pipe_blocks
 from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
-from difflora.composition.report import dora_note
+from difflora.composition.report import composition_report, dora_note
 from difflora.config.spec import AdapterWeight, adapter_set
 from difflora.errors import AdapterSpecError, ConfigError
 from difflora.formats.read import load_adapter
@@ -219,10 +219,9 @@ class Composer:
 
     def report(self) -> Any:
         """The composition report (difflora.composition.report) for the current set and weights."""
-        from difflora.composition.report import composition_report
-
         pairs = [(entry.spec, entry.adapter) for entry in self._state.entries.values()]
-        return composition_report(pairs, base=self._base_weight)
+        block = pipe_blocks(self.pipe, self.identity.model_family.block_lists)
+        return composition_report(pairs, base=self._base_weight, block=block)
 
     def _base_weight(self, key: str) -> torch.Tensor:
         """The base weight W0 of module `key` ("<component>.<classic path>"), as the report measures DoRA by."""
