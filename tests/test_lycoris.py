@@ -236,3 +236,11 @@ def test_written_file_round_trips(tmp_path):
     for key, weights in adapter.modules.items():
         assert torch.equal(again.modules[key].delta(), weights.delta()), key
     assert set(load_file(tmp_path / "out.safetensors")) >= {f"{SD1_CONV[0]}.lokr_t2", f"{SD1_TE[0]}.diff"}
+
+
+def test_comfyui_layout_lycoris_keys_are_read_like_kohya_ones():
+    """`diffusion_model.<SGM path>.lokr_w1` (ComfyUI's own layout) names the same module as kohya's name."""
+    tensors = lokr_tensors(*SD1_Q, layout="full-lowrank")
+    sgm = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    comfy = {f"{sgm}.{key.partition('.')[2]}": value for key, value in tensors.items()}
+    assert_close(delta_of(read(comfy), SD1_Q[0]), expected_delta(tensors, *SD1_Q))
