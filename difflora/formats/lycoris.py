@@ -50,7 +50,8 @@ def read_module(name: str, parts: Mapping[str, torch.Tensor], source: str) -> Ly
     extra = sorted(set(parts) - allowed)
     if extra:
         raise AdapterFormatError(
-            f"{source}: module {name} mixes {kind} tensors with {', '.join(extra)}; a module is one kind "
+            f"{source}: module {name} mixes {kind} tensors ({', '.join(sorted(set(parts) - set(extra)))}) with "
+            f"{', '.join(extra)}; a module is one kind "
             "(LoRA, LoKr, LoHa or full). Nothing was loaded; re-export the file."
         )
     _check_values(name, parts, source)
