@@ -37,6 +37,10 @@ class LoraSpec:
     conv_rank: int | None = None
     conv_alpha: float | None = None
     adaptive_init_rank: int | None = None
+    algo: str = "lora"
+    """"lora", or "lokr" / "loha" (LyCORIS through peft: `difflora.adapter.lycoris_peft`)."""
+    factor: int = -1
+    """LoKr's Kronecker factor (peft's decompose_factor; -1: the most balanced split)."""
     blocks: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """(module list, block indices) pairs limiting the denoiser's LoRA (`--blocks`): a module under a listed
     module list is adapted only in the blocks named; () = every block."""

@@ -15,6 +15,7 @@ import torch
 
 from difflora import __version__
 from difflora.adapter import dora
+from difflora.adapter.lycoris import LycorisWeights, is_lycoris
 
 COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
@@ -43,6 +44,8 @@ class LoraWeights:
     def is_dora(self) -> bool:
         return self.magnitude is not None
 
+    kind = "LoRA"  # a class attribute, not a field: LyCORIS modules say LoKr, LoHa or full here
+
     def low_rank_delta(self) -> torch.Tensor:
         """(alpha/rank)·B·A in float32, shaped like the module's weight (Linear [out, in], Conv [out, in, k, k])."""
         product = self.up.float().flatten(1) @ self.down.float().flatten(1)
@@ -66,6 +69,10 @@ class LoraWeights:
         return self.down.numel() + self.up.numel() + extra
 
 
+# One adapted module: a LoRA, or a LyCORIS module (difflora.adapter.lycoris) with the same update interface.
+ModuleWeights = LoraWeights | LycorisWeights
+
+
 @dataclass
 class AdapterMeta:
     """Everything an adapter says about itself besides its tensors."""
@@ -86,9 +93,10 @@ class AdapterMeta:
 
 @dataclass
 class Adapter:
-    """A LoRA adapter: modules keyed "<component>.<classic module path>" plus metadata."""
+    """A LoRA adapter: modules keyed "<component>.<classic module path>" plus metadata. A module may be a
+    LyCORIS one (LoKr, LoHa, full), read from a file; see `lycoris_kinds`."""
 
-    modules: dict[str, LoraWeights]
+    modules: dict[str, ModuleWeights]
     meta: AdapterMeta = field(default_factory=AdapterMeta)
 
     @property
@@ -96,7 +104,12 @@ class Adapter:
         """The DoRA magnitude axes its modules use ("out", "in"); empty for a plain LoRA."""
         return sorted({w.magnitude_axis for w in self.modules.values() if w.is_dora})
 
-    def component_modules(self, component: str) -> dict[str, LoraWeights]:
+    @property
+    def lycoris_kinds(self) -> list[str]:
+        """The LyCORIS kinds among its modules ("LoHa", "LoKr", "full"); empty for a LoRA adapter."""
+        return sorted({w.kind for w in self.modules.values() if is_lycoris(w)})
+
+    def component_modules(self, component: str) -> dict[str, ModuleWeights]:
         """This component's modules, keyed by module path without the component prefix."""
         prefix = component + "."
         return {key[len(prefix) :]: w for key, w in self.modules.items() if key.startswith(prefix)}
@@ -123,6 +136,9 @@ class Adapter:
             axes = Counter(dora.AXIS_NAMES[w.magnitude_axis] for w in modules.values() if w.is_dora)
             if axes:  # only DoRA adapters carry the key, so plain adapters' headers are unchanged
                 result[component]["dora"] = _single_or_counts(axes)
+            kinds = Counter(w.kind for w in modules.values())
+            if set(kinds) != {"LoRA"}:  # likewise only where a LyCORIS module is present
+                result[component]["kinds"] = dict(sorted(kinds.items()))
         return result
 
     @property

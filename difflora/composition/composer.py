@@ -22,6 +22,9 @@ the tensors read out of the files):
   Σ scalingᵢ · Bᵢ Aᵢ x with scalingᵢ = wᵢ αᵢ / rᵢ. Switching weights only changes scalars, at the price of
   extra matmuls in every forward.
 
+LyCORIS modules (`adapter.lycoris`) enter with their exact ΔWᵢ (fused only; a full module's diff_b: the bias).
+Per-block weights (`@out=1,in=0`) multiply wᵢ by its module's block factor (`composition.blocks`), both modes.
+
 DoRA adapters (`difflora.adapter.dora`) re-normalise the weight, so they are not additive. Their ΔWᵢ is their
 effective update against the *base* weight, ΔWᵢ = mᵢ·Vᵢ/‖Vᵢ‖ − W0 with Vᵢ = W0 + (αᵢ/rᵢ)·Bᵢ·Aᵢ, and the sum
 above is kept: at weight 1 alone W is exactly the trained DoRA weight (as peft computes it), at weight w it is
@@ -50,12 +53,14 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from difflora.adapter.inject import inject_weights, remove_adapter
+from difflora.adapter.lycoris import bias_delta
 from difflora.adapter.names import live_name
 from difflora.adapter.types import COMPONENTS, Adapter
+from difflora.composition.blocks import block_weight, pipe_blocks
 from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
-from difflora.composition.report import dora_note
+from difflora.composition.report import composition_report, dora_note
 from difflora.config.spec import AdapterWeight, adapter_set
 from difflora.errors import AdapterSpecError, ConfigError
 from difflora.formats.read import load_adapter
@@ -67,6 +72,7 @@ Mode = Literal["fused", "dynamic"]
 Loader = Callable[[str], tuple[Adapter, Path | None]]  # adapter name -> (adapter, its file)
 MODES: tuple[str, ...] = ("fused", "dynamic")
 DELTA_CACHE_BYTES = 2 * 1024**3
+BIAS = "#bias"  # a target's live name with this suffix is the module's bias (a full LyCORIS module's diff_b)
 
 
 # ---------------------------------------------------------------------------------------------- composer
@@ -213,10 +219,9 @@ class Composer:
 
     def report(self) -> Any:
         """The composition report (difflora.composition.report) for the current set and weights."""
-        from difflora.composition.report import composition_report
-
         pairs = [(entry.spec, entry.adapter) for entry in self._state.entries.values()]
-        return composition_report(pairs, base=self._base_weight)
+        block = pipe_blocks(self.pipe, self.identity.model_family.block_lists)
+        return composition_report(pairs, base=self._base_weight, block=block)
 
     def _base_weight(self, key: str) -> torch.Tensor:
         """The base weight W0 of module `key` ("<component>.<classic path>"), as the report measures DoRA by."""
@@ -243,6 +248,11 @@ class Composer:
         if spec.name in self._state.entries:
             raise AdapterSpecError(
                 f"Adapter {spec.name!r} is already composed; use set_weights to re-weight it."
+            )
+        if self.mode == "dynamic" and adapter.lycoris_kinds:
+            raise ConfigError(
+                f"Adapter {spec.name!r} holds {'/'.join(adapter.lycoris_kinds)} modules, which dynamic composition "
+                "(peft's LoRA layers) cannot apply; compose it fused (generate without --no-fuse; serve with mode fused)."
             )
         if self.mode == "dynamic" and adapter.dora_axes:
             raise ConfigError(
@@ -306,6 +316,8 @@ class Composer:
                 component, _, classic = key.partition(".")
                 live = live_name(component, classic, getattr(self.pipe, component))
                 users.setdefault((component, live), []).append((entry, key))
+                if bias_delta(entry.adapter.modules[key]) is not None:  # diff_b: a bias target (_delta)
+                    users.setdefault((component, live + BIAS), []).append((entry, key))
         return users
 
     def _apply_fused(self) -> None:
@@ -318,9 +330,8 @@ class Composer:
             if target not in self._state.pristine:
                 self._state.pristine[target] = param.detach().clone()
             w0 = self._state.pristine[target]
-            active = [
-                (e, k, e.spec.weight_for(target[0])) for e, k in entries if e.spec.weight_for(target[0])
-            ]
+            weights = [(e, k, self._weight(e.spec, target)) for e, k in entries]
+            active = [(e, k, w) for e, k, w in weights if w]
             with torch.no_grad():
                 if not active:
                     param.copy_(w0)
@@ -330,18 +341,24 @@ class Composer:
                     total.add_(self._delta(entry, key, target, param), alpha=weight)
                 param.copy_(total)
 
+    def _weight(self, spec: AdapterWeight, target: tuple[str, str]) -> float:
+        """wᵢ for this module: the adapter's weight times its block's factor (`composition.blocks`)."""
+        lists = self.identity.model_family.block_lists
+        return block_weight(spec, self.pipe, target[0], target[1].removesuffix(BIAS), lists)
+
     def _param(self, target: tuple[str, str]) -> torch.Tensor:
         component, live = target
-        module = getattr(self.pipe, component).get_submodule(live)
-        return base_layer(module).weight
+        module = getattr(self.pipe, component).get_submodule(live.removesuffix(BIAS))
+        return base_layer(module).bias if live.endswith(BIAS) else base_layer(module).weight
 
     def _delta(self, entry: _Entry, key: str, target: tuple[str, str], param: torch.Tensor) -> torch.Tensor:
         cached = self._state.deltas.get(entry.key, {}).get(target)
         if cached is not None:
             return cached
         # a DoRA module's update is computed against the kept original weight, never a fused one
-        w0 = self._state.pristine[target]
-        delta = entry.adapter.modules[key].delta(w0).to(param.device).reshape(param.shape)
+        w0, weights = self._state.pristine[target], entry.adapter.modules[key]
+        update = bias_delta(weights) if target[1].endswith(BIAS) else weights.delta(w0)
+        delta = update.to(param.device).reshape(param.shape)  # type: ignore[union-attr]
         if self._state.cache_left >= delta.numel() * 4:
             self._state.cache_left -= delta.numel() * 4
             self._state.deltas.setdefault(entry.key, {})[target] = delta
@@ -355,10 +372,10 @@ class Composer:
             model = getattr(self.pipe, component, None)
             if model is None:
                 continue
-            for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+            for live, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)):
                 ours = [k for k in keys if k in layer.lora_A]
                 for key in ours:
-                    layer.set_scale(key, keys[key].spec.weight_for(component))
+                    layer.set_scale(key, self._weight(keys[key].spec, (component, live)))
                 others = [a for a in layer.active_adapters if a not in keys and not a.startswith("difflora")]
                 layer.set_adapter(others + ours, inference_mode=True)
 

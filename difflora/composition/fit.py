@@ -16,8 +16,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from difflora.adapter.lycoris import bias_delta, is_lycoris
 from difflora.adapter.names import live_name
-from difflora.adapter.types import Adapter, LoraWeights
+from difflora.adapter.types import Adapter, ModuleWeights
 from difflora.errors import AdapterCompatibilityError, first_n
 from difflora.models.identity import KNOWN_FAMILIES, model_identity
 
@@ -72,9 +73,13 @@ def _shape_problems(adapter: Adapter, pipe: Any) -> list[str]:
             if weight is None:
                 problems.append(f"{component}.{classic}: no such module in the model")
             elif not _fits(weights, weight):
-                adapter_shape = f"{weights.down[0].numel()}->{weights.up.shape[0]}"
+                adapter_shape = f"{_in_numel(weights)}->{_out_features(weights)}"
                 model_shape = f"{weight[0].numel()}->{weight.shape[0]}"
                 problems.append(f"{component}.{classic}: adapter {adapter_shape}, model {model_shape}")
+            elif bias_delta(weights) is not None and getattr(base_layer(module), "bias", None) is None:
+                problems.append(
+                    f"{component}.{classic}: the adapter changes its bias (diff_b), the model has none"
+                )
     return problems
 
 
@@ -82,8 +87,17 @@ def _shape_problems(adapter: Adapter, pipe: Any) -> list[str]:
 # (in_features and kernel of a reference module), this one asks whether a loaded module can take the update
 # at all, by element count, so every layout fit_to_modules reshapes ([r, in] on a 1x1 conv, [r, in, 1, 1] on
 # a Linear, a flattened kxk down) passes, and so does any module with a weight, Linear/Conv2d or not.
-def _fits(weights: LoraWeights, weight: torch.Tensor) -> bool:
-    return weights.up.shape[0] == weight.shape[0] and weights.down[0].numel() == weight[0].numel()
+def _fits(weights: ModuleWeights, weight: torch.Tensor) -> bool:
+    return _out_features(weights) == weight.shape[0] and _in_numel(weights) == weight[0].numel()
+
+
+def _out_features(weights: ModuleWeights) -> int:
+    return weights.out_features if is_lycoris(weights) else int(weights.up.shape[0])  # type: ignore[union-attr]
+
+
+def _in_numel(weights: ModuleWeights) -> int:
+    """Elements of one row of the weight the module updates (a LyCORIS update is reshaped to it when fused)."""
+    return weights.in_numel if is_lycoris(weights) else int(weights.down[0].numel())  # type: ignore[union-attr]
 
 
 def base_layer(module: nn.Module) -> nn.Module:
@@ -93,8 +107,11 @@ def base_layer(module: nn.Module) -> nn.Module:
 def fit_to_modules(adapter: Adapter, pipe: Any) -> Adapter:
     """Reshape A/B to the module kind they adapt (a 1x1-conv LoRA on a Linear, or the reverse, as foreign
     files sometimes hold) so fused and dynamic modes see the same tensors."""
-    modules = {}
+    modules: dict[str, ModuleWeights] = {}
     for key, weights in adapter.modules.items():
+        if is_lycoris(weights):  # its update is reshaped to the weight where it is fused
+            modules[key] = weights
+            continue
         component, _, classic = key.partition(".")
         model = getattr(pipe, component)
         module = base_layer(model.get_submodule(live_name(component, classic, model)))

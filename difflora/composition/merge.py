@@ -4,9 +4,12 @@ Exact by default: for each module the ranks are concatenated,
 
     A = [A₁; A₂; ...]   B = [c₁B₁, c₂B₂, ...]   alpha = rank = Σ rᵢ   (scale 1),  cᵢ = wᵢ · αᵢ / rᵢ
 
-so the file's update B·A equals Σ wᵢ·ΔWᵢ, the same W as composing the adapters at those weights
+so the file's update B·A equals Σ wᵢ·ΔWᵢ (per-block weights baked into wᵢ), the same W as composing the adapters at those weights
 (text-encoder modules use the text-encoder weights). Kohya's default merge averages up and down matrices
 and peft's "linear" combination mixes factors, neither of which equals Σ wᵢΔWᵢ.
+
+A LyCORIS module (LoKr, LoHa, full) enters as the LoRA of its exact update (`adapter.lycoris_svd`: its full
+SVD, rank = its update's numerical rank), so the merge of a LyCORIS file is an ordinary LoRA file.
 
 With `rank=K`, each module whose concatenated rank exceeds K is truncated to its best rank-K approximation
 (SVD, computed through QR of the factors so that no full ΔW is formed), and the relative Frobenius error
@@ -19,13 +22,16 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
+from difflora.adapter.lycoris import is_lycoris
+from difflora.adapter.lycoris_svd import as_lora
+from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights, ModuleWeights
+from difflora.composition.blocks import key_blocks
 from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
 from difflora.config.spec import AdapterWeight, adapter_set
@@ -69,12 +75,12 @@ def merge_adapters(
     _check_same_base(pairs)
     _check_no_dora(pairs)
     result = MergeResult(adapter=Adapter(modules={}, meta=_merged_meta(pairs, name)))
+    tables = [key_blocks(adapter) if spec.blocks else None for spec, adapter in pairs]  # baked block weights
     for module in sorted({key for _, adapter in pairs for key in adapter.modules}):
-        component = module.partition(".")[0]
         parts = [
-            (spec.weight_for(component), adapter.modules[module])
-            for spec, adapter in pairs
-            if module in adapter.modules and spec.weight_for(component) != 0
+            (weight, _as_lora(adapter.modules[module]))
+            for (spec, adapter), blocks in zip(pairs, tables, strict=True)
+            if module in adapter.modules and (weight := _weight(spec, blocks, module)) != 0
         ]
         if not parts:
             continue  # every adapter that touches this module has weight 0 there: no update
@@ -88,6 +94,16 @@ def merge_adapters(
     if not result.adapter.modules:
         raise AdapterSpecError("Every weight is 0: the merged adapter would change nothing.")
     return result
+
+
+def _weight(spec: AdapterWeight, blocks: Callable[[str], str] | None, module: str) -> float:
+    """wᵢ for `module`: the adapter's weight for its component times its block's factor (`composition.blocks`)."""
+    return spec.weight_for(module.partition(".")[0]) * (spec.block_factor(blocks(module)) if blocks else 1.0)
+
+
+def _as_lora(weights: ModuleWeights) -> LoraWeights:
+    """A LyCORIS module as the LoRA of the same update (exact SVD, `adapter.lycoris_svd`); a LoRA as it is."""
+    return as_lora(weights) if is_lycoris(weights) else weights  # type: ignore[arg-type,return-value]
 
 
 def _concatenate(parts: Sequence[tuple[float, LoraWeights]]) -> LoraWeights:
@@ -163,7 +179,9 @@ def _merged_meta(pairs: Sequence[tuple[AdapterWeight, Adapter]], name: str) -> A
     base = next((a.meta for _, a in pairs if a.meta.base_architecture), pairs[0][1].meta)
     triggers = list(dict.fromkeys(word for _, a in pairs for word in a.meta.trigger_words))
     sources = [
-        {"name": spec.name, "weight": spec.weight, "te_weight": spec.text_encoder_weight} for spec, _ in pairs
+        {"name": spec.name, "weight": spec.weight, "te_weight": spec.text_encoder_weight}
+        | ({"blocks": spec.blocks.text} if spec.blocks else {})
+        for spec, _ in pairs
     ]
     identity = {key: getattr(base, key) for key in _BASE_IDENTITY}
     return AdapterMeta(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from difflora.adapter.lycoris import is_lycoris
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.config.spec import AdapterWeight
 from difflora.errors import first_n
@@ -60,6 +61,17 @@ class CompositionReport:
     layers: list[LayerReport] = field(default_factory=list)
     dora: list[str] = field(default_factory=list)  # the DoRA adapters among them
     unmeasured: list[str] = field(default_factory=list)  # DoRA layers with no base weight to measure against
+    blocks: dict[str, str] = field(default_factory=dict)  # module -> block, where block weights are given
+
+    def block_shares(self) -> dict[str, float]:
+        """Each block's share of the composed update, Σ‖Σ wᵢΔWᵢ‖² over its layers / the total (block weights
+        applied; "" holds the layers outside every block)."""
+        energy: dict[str, float] = {}
+        for layer in self.layers:
+            block = self.blocks.get(layer.module, "")
+            energy[block] = energy.get(block, 0.0) + layer.composed_norm**2
+        total = sum(energy.values())
+        return {block: value / total for block, value in sorted(energy.items())} if total else {}
 
     @property
     def warnings(self) -> list[str]:
@@ -81,6 +93,11 @@ class CompositionReport:
         ]
         shared = [layer for layer in self.layers if len(layer.adapters) > 1]
         lines.append(_summary(shared, names))
+        if self.blocks:
+            shares = ", ".join(
+                f"{block or 'other'} {share:.0%}" for block, share in self.block_shares().items()
+            )
+            lines.append(f"Share of the composed update per block: {shares}")
         if self.dora:
             lines.append(dora_note(self.adapters, self.dora))
         if self.unmeasured:
@@ -164,8 +181,8 @@ def inner(a: LoraWeights, b: LoraWeights) -> float:
 
 
 def _gram(here: Sequence[LoraWeights], base: torch.Tensor | None) -> torch.Tensor:
-    """G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩: from the factors, or from full updates where a DoRA module is among them."""
-    if base is None:
+    """G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩: from the factors, or from full updates where a DoRA or LyCORIS module is among them."""
+    if base is None and not any(map(is_lycoris, here)):
         return torch.tensor([[inner(a, b) for b in here] for a in here], dtype=torch.float64)
     updates = torch.stack([w.delta(base).double().reshape(-1) for w in here])
     return updates @ updates.T
@@ -175,11 +192,15 @@ BaseWeights = Callable[[str], torch.Tensor]  # module key -> the base weight W0 
 
 
 def composition_report(
-    pairs: Sequence[tuple[AdapterWeight, Adapter]], *, base: BaseWeights | None = None
+    pairs: Sequence[tuple[AdapterWeight, Adapter]],
+    *,
+    base: BaseWeights | None = None,
+    block: Callable[[str], str] | None = None,
 ) -> CompositionReport:
     """Per adapted module: cosines between the adapters' updates, the composed update's norm relative to
     each adapter's own, and the drive along each adapter (see the module docstring). `base` gives a layer's
-    base weight, which DoRA layers are measured against (without it they are listed as unmeasured)."""
+    base weight, which DoRA layers are measured against (without it they are listed as unmeasured); `block`
+    a module's block, whose factor multiplies the weights of adapters given block weights."""
     report = CompositionReport(adapters=[spec for spec, _ in pairs])
     report.dora = [spec.name for spec, adapter in pairs if adapter.dora_axes]
     modules = sorted({key for _, adapter in pairs for key in adapter.modules})
@@ -187,7 +208,13 @@ def composition_report(
         here = [(spec, adapter.modules[module]) for spec, adapter in pairs if module in adapter.modules]
         component = module.partition(".")[0]
         names = tuple(spec.name for spec, _ in here)
-        weights = torch.tensor([spec.weight_for(component) for spec, _ in here], dtype=torch.float64)
+        where = block(module) if block and any(spec.blocks for spec, _ in pairs) else None
+        if where is not None:
+            report.blocks[module] = where
+        factors = [spec.block_factor(where) if where is not None else 1.0 for spec, _ in here]
+        weights = torch.tensor(factors, dtype=torch.float64) * torch.tensor(
+            [spec.weight_for(component) for spec, _ in here], dtype=torch.float64
+        )
         dense = any(w.is_dora for _, w in here)
         if dense and base is None:
             report.unmeasured.append(module)

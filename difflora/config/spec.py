@@ -14,9 +14,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from difflora.config.blocks import BlockWeights, parse_blocks
 from difflora.errors import AdapterSpecError
 
-GRAMMAR = "NAME[:WEIGHT[:TE_WEIGHT]][,NAME[:WEIGHT[:TE_WEIGHT]]...]  e.g. style:0.7,subject:0.3:0.5"
+GRAMMAR = (
+    "NAME[:WEIGHT[:TE_WEIGHT]][@BLOCKS][,NAME...]  e.g. style:0.7,subject:0.3:0.5 or style:0.8@out=1,in=0 "
+    "(BLOCKS: difflora.config.blocks)"
+)
 _DRIVE = re.compile(r"^[A-Za-z]$")
 
 
@@ -27,6 +31,11 @@ class AdapterWeight:
     name: str
     weight: float = 1.0
     te_weight: float | None = None
+    blocks: BlockWeights | None = None
+    """Per-block factors (`@out=1,in=0`), multiplying the weight of each block's modules."""
+
+    def block_factor(self, block: str) -> float:
+        return self.blocks.factor(block) if self.blocks is not None else 1.0
 
     @property
     def text_encoder_weight(self) -> float:
@@ -39,7 +48,8 @@ class AdapterWeight:
 
     def __str__(self) -> str:
         text = f"{self.name}:{self.weight:g}"
-        return text + (f":{self.te_weight:g}" if self.te_weight is not None else "")
+        text += f":{self.te_weight:g}" if self.te_weight is not None else ""
+        return text + (f"@{self.blocks.text}" if self.blocks is not None else "")
 
 
 def parse_adapter_weights(spec: str | Sequence[str]) -> list[AdapterWeight]:
@@ -48,7 +58,7 @@ def parse_adapter_weights(spec: str | Sequence[str]) -> list[AdapterWeight]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     result: list[AdapterWeight] = []
     for text in specs:
-        for fragment in text.split(","):
+        for fragment in _with_blocks(text.split(",")):
             if not fragment.strip():
                 if text.strip():
                     raise _spec_error(text, fragment, "empty entry (two commas, or a trailing comma)")
@@ -65,6 +75,20 @@ def parse_adapter_weights(spec: str | Sequence[str]) -> list[AdapterWeight]:
     return result
 
 
+_BLOCK_ITEM = re.compile(r"^\s*([A-Za-z][\w-]*=)?\s*[-+.\deE]+\s*$")
+
+
+def _with_blocks(fragments: list[str]) -> list[str]:
+    """Fragments with a block list's items (`@out=1,mid=0.5` split at its commas) joined back to their entry."""
+    joined: list[str] = []
+    for fragment in fragments:
+        if joined and "@" in joined[-1] and _BLOCK_ITEM.match(fragment):
+            joined[-1] += "," + fragment
+        else:
+            joined.append(fragment)
+    return joined
+
+
 def adapter_set(specs: Sequence[AdapterWeight]) -> list[AdapterWeight]:
     """`specs` as a list. Text is refused rather than parsed: below the command line an adapter set is
     parsed once, where it enters (a config, or the caller's parse_adapter_weights)."""
@@ -74,6 +98,8 @@ def adapter_set(specs: Sequence[AdapterWeight]) -> list[AdapterWeight]:
 
 
 def _parse_fragment(fragment: str) -> AdapterWeight:
+    fragment, at, block_text = fragment.partition("@")
+    blocks = parse_blocks(block_text) if at else None
     parts = fragment.split(":")
     if len(parts) > 1 and _DRIVE.match(parts[0]) and parts[1][:1] in ("\\", "/"):
         parts = [parts[0] + ":" + parts[1], *parts[2:]]
@@ -88,7 +114,7 @@ def _parse_fragment(fragment: str) -> AdapterWeight:
         te_text = numbers[1].strip()
         te_text = te_text[3:] if te_text.lower().startswith("te=") else te_text
         te_weight = _number(te_text, fragment, "TE_WEIGHT")
-    return AdapterWeight(name=name, weight=weight, te_weight=te_weight)
+    return AdapterWeight(name=name, weight=weight, te_weight=te_weight, blocks=blocks)
 
 
 def _number(text: str, fragment: str, what: str) -> float:

@@ -81,6 +81,12 @@ class TrainConfig:
     so higher ranks keep learning. The file stores alpha·sqrt(rank), so every consumer applies the same update."""
     loraplus_ratio: float = 1.0
     """LoRA+ (Hayou et al. 2024): train B at this many times A's learning rate (the paper uses 16); 1 is plain LoRA."""
+    algo: Literal["lora", "lokr", "loha"] = "lora"
+    """The adapter kind: lora, or the LyCORIS kinds lokr (Kronecker product) and loha (Hadamard product),
+    trained through peft and saved in LyCORIS keys, which ComfyUI, A1111 and difflora compose."""
+    factor: int = -1
+    """With --algo lokr: the Kronecker factor (LyCORIS's and peft's decompose factor); -1 splits each
+    dimension as evenly as it can."""
     dora: bool = False
     """DoRA (Liu et al. 2024, peft's use_dora): also train a magnitude per output row of every adapted weight,
     which is re-normalised around the LoRA direction. Not additive: composed with other adapters it is applied
@@ -308,6 +314,8 @@ class TrainConfig:
             text_encoder_targets=self.text_encoder_targets,
             rslora=self.rslora,
             dora=self.dora,
+            algo=self.algo,
+            factor=self.factor,
             conv_rank=self.conv_rank,
             conv_alpha=self.conv_alpha,
             adaptive_init_rank=self.effective_adaptive_init_rank if self.adaptive_rank else None,

@@ -19,6 +19,8 @@ class TrainConfig(Protocol):
     conv_rank: int | None
     quantize_base: str | None
     adaptive_rank: bool
+    algo: str
+    factor: int
 
     @property
     def effective_adaptive_init_rank(self) -> int: ...
@@ -28,8 +30,12 @@ class TrainConfig(Protocol):
     def effective_adaptive_orth_reg(self) -> float: ...
 
 
+ALGOS: tuple[str, ...] = ("lora", "lokr", "loha")
+
+
 def check_variants(config: TrainConfig, p: Problems) -> None:
     _check_adaptive(config, p)
+    _check_algo(config, p)
     p.check(
         not (config.dora and config.quantize_base),
         "dora",
@@ -75,3 +81,24 @@ def _check_adaptive(config: TrainConfig, p: Problems) -> None:
         ),
     ):
         p.check(not clash, name, f"cannot be combined with --adaptive-rank: {why}")
+
+
+def _check_algo(config: TrainConfig, p: Problems) -> None:
+    """--algo lokr|loha (peft's LoKr/LoHa layers) and what only LoRA layers have."""
+    p.check(config.algo in ALGOS, "algo", f"must be one of {', '.join(ALGOS)}, got {config.algo!r}")
+    p.check(
+        config.factor == -1 or (config.algo == "lokr" and config.factor >= 1),
+        "factor",
+        f"is LoKr's Kronecker factor: at least 1 with --algo lokr (-1: balanced), got {config.factor}",
+    )
+    if config.algo == "lora" or config.algo not in ALGOS:
+        return
+    for name, clash, why in (
+        ("rslora", config.rslora, "LoKr/LoHa scale by alpha/rank"),
+        ("dora", config.dora, "peft's LoKr/LoHa layers have no magnitude"),
+        ("loraplus_ratio", config.loraplus_ratio != 1, "LoKr/LoHa factors are not up/down"),
+        ("adaptive_rank", config.adaptive_rank, "AdaLoRA is a LoRA variant"),
+        ("conv_rank", config.conv_rank is not None, "add conv1 conv2 to --unet-targets (one rank for all)"),
+        ("quantize_base", bool(config.quantize_base), "peft's LoKr/LoHa layers do not wrap quantized layers"),
+    ):
+        p.check(not clash, name, f"cannot be combined with --algo {config.algo}: {why}")

@@ -33,6 +33,8 @@ def describe_adapter(adapter: Adapter, path: Path | str | None = None) -> str:
             f"alpha {_counts(facts['alpha'])}  params {facts['parameters']:,}"
         )
         lines.append(f"  {'':<14} targets: {', '.join(facts['targets'])}")
+        if "kinds" in facts:
+            lines.append(f"  {'':<14} kinds: {_counts(facts['kinds'])} (LyCORIS: exact ΔW, composed fused)")
         if "dora" in facts:
             lines.append(f"  {'':<14} DoRA: a magnitude {_counts(facts['dora'])} (not additive)")
     if path is not None and Path(path).is_file() and Path(path).suffix.lower() == ".safetensors":

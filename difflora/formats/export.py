@@ -58,7 +58,7 @@ def export_adapter(config: ExportConfig) -> Path:
         logger.warning("%s", conversion.summary())
         adapter = conversion.adapter
     existed = output.exists()
-    modules = _model_tree(adapter, config.model) if config.format == "comfyui" else None
+    modules = model_tree(adapter, config.model) if config.format == "comfyui" else None
     payload = export_bytes(adapter, config.format, DTYPES[config.dtype], modules=modules)
     try:
         write_atomic(output, payload, fault="export-write")
@@ -87,7 +87,7 @@ def export_bytes(
     return save_safetensors_bytes(tensors, metadata=metadata)
 
 
-def _model_tree(adapter: Adapter, model: str | None) -> dict[str, dict[str, ModuleInfo]] | None:
+def model_tree(adapter: Adapter, model: str | None) -> dict[str, dict[str, ModuleInfo]] | None:
     """The base model's module tree, for an adapter of a family with a reference architecture whose shapes
     it does not fit (a reduced model of that architecture), read from the base's diffusers folder (`--model`,
     else the recorded base); None where the reference fits or no folder is at hand. Fused layers take their

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from difflora.adapter.lycoris import is_lycoris
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.errors import AdapterCompatibilityError
 from difflora.formats.naming import LAYOUT_ROOTS, UNET_PREFIX, NameTable, reference_table
@@ -77,7 +78,15 @@ def candidates(hint: str | None) -> list[str]:
 def shape_fits(weights: LoraWeights, info: ModuleInfo) -> bool:
     """Whether a LoRA's tensors fit a module. A 1x1 convolution and a Linear take the same LoRA (files
     differ in whether they write [r, in] or [r, in, 1, 1]); a kxk convolution needs a kxk down. Stricter than
-    the check against a loaded model in difflora.composition.fit, because here the shapes pick the family."""
+    the check against a loaded model in difflora.composition.fit, because here the shapes pick the family.
+    A LyCORIS module fits by its update's size (and its kernel where its tensors tell it)."""
+    if is_lycoris(weights):
+        kernel = info.kernel if info.kind == "conv" else (1, 1)
+        return (
+            weights.out_features == info.out_features
+            and weights.in_numel == info.in_features * kernel[0] * kernel[1]
+            and weights.kernel in (None, kernel)
+        )
     down, up = weights.down, weights.up
     if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
         return False
@@ -114,6 +123,12 @@ def check_shapes(modules: Mapping[str, LoraWeights], table: NameTable, family: s
         info = table.modules[example]
         raise AdapterCompatibilityError(
             f"{len(wrong)} module(s) do not fit the {family} architecture: {example} needs a LoRA of "
-            f"in={info.in_features}, out={info.out_features} but has down {tuple(modules[example].down.shape)}, "
-            f"up {tuple(modules[example].up.shape)}. The adapter's recorded base family is wrong."
+            f"in={info.in_features}, out={info.out_features} but has {_shape_text(modules[example])}. The "
+            "adapter's recorded base family is wrong."
         )
+
+
+def _shape_text(weights: LoraWeights) -> str:
+    if is_lycoris(weights):
+        return f"a {weights.kind} update of shape {weights.delta_shape()}"  # type: ignore[attr-defined]
+    return f"down {tuple(weights.down.shape)}, up {tuple(weights.up.shape)}"

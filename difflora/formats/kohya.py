@@ -19,12 +19,21 @@ from dataclasses import replace
 
 import torch
 
-from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
+from difflora.adapter.lycoris import is_lycoris
+from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights, ModuleWeights
 from difflora.errors import AdapterCompatibilityError, AdapterFormatError, first_n
 from difflora.formats import family as families
 from difflora.formats.dora import KOHYA_DORA_SCALE, kohya_dora_scale, read_kohya_dora_scale
 from difflora.formats.fused import FusedLayer, fuse, split
 from difflora.formats.kohya_metadata import FOREIGN_METADATA_PREFIXES, kohya_metadata
+from difflora.formats.lycoris import (
+    LYCORIS_PARTS,
+    fuse_rows,
+    lycoris_kind,
+    module_tensors,
+    read_module,
+    split_rows,
+)
 from difflora.formats.naming import (
     READ_PREFIXES,
     UNET_PREFIX,
@@ -67,6 +76,12 @@ def to_kohya(
     named |= _fused_layers(adapter, table)
     tensors: dict[str, torch.Tensor] = {}
     for name, weights in named.items():
+        if is_lycoris(weights):  # LyCORIS tensors in the export dtype, alpha float32 (as a LoRA's)
+            lycoris = module_tensors(name, weights)  # type: ignore[arg-type]
+            tensors |= {
+                k: v.to("cpu", torch.float32 if k.endswith(".alpha") else dtype) for k, v in lycoris.items()
+            }
+            continue
         tensors[f"{name}.lora_down.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(weights.alpha), dtype=torch.float32)
@@ -75,10 +90,11 @@ def to_kohya(
     return tensors, kohya_metadata(adapter, family, tensors)
 
 
-def _fused_layers(adapter: Adapter, table: NameTable) -> dict[str, LoraWeights]:
+def _fused_layers(adapter: Adapter, table: NameTable) -> dict[str, ModuleWeights]:
     """The LoRAs of the denoiser's original layout: a layer that is one module renamed takes its LoRA as
-    it is (DoRA included); one that fuses or reorders modules gets the LoRA fused exactly from its parts'."""
-    grouped: dict[str, dict[str, LoraWeights]] = {}
+    it is (DoRA included); one that fuses or reorders modules gets the LoRA fused exactly from its parts'
+    (where a part is a LyCORIS module: one full module, the parts' updates stacked)."""
+    grouped: dict[str, dict[str, ModuleWeights]] = {}
     for key, weights in adapter.modules.items():
         if key in table.layer_of:
             grouped.setdefault(table.layer_of[key], {})[key] = weights
@@ -94,7 +110,10 @@ def _fused_layers(adapter: Adapter, table: NameTable) -> dict[str, LoraWeights]:
             f"{len(dora)} DoRA module(s) ({first_n(dora, 3)}) lie in layers the kohya layout fuses; a DoRA "
             "magnitude has no fused form. Export with --format diffusers instead."
         )
-    return renamed | {name: fuse(table.layers[name], parts) for name, parts in fused.items()}
+    return renamed | {
+        name: (fuse_rows if any(map(is_lycoris, parts.values())) else fuse)(table.layers[name], parts)  # type: ignore[arg-type]
+        for name, parts in fused.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -140,7 +159,8 @@ def comfyui_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     result = {}
     for key, tensor in tensors.items():
         prefix, path = _comfyui_module(key)
-        part = next((p for p in (*_COMFYUI_PARTS, *_LORA_PARTS) if path.endswith("." + p)), None)
+        known = (*_COMFYUI_PARTS, *_LORA_PARTS, *LYCORIS_PARTS)
+        part = next((p for p in known if path.endswith("." + p)), None)
         if prefix is None or part is None:
             result[key] = tensor
             continue
@@ -176,7 +196,7 @@ def from_kohya(
     table, keys, unplaced = _place(raw, tables)
     if table is not None and not unplaced:
         modules = _unfused(raw, keys, table, source)
-        modules = {key: _match_kind(w, table.modules[key].kind) for key, w in modules.items()}
+        modules = {key: _match_kind(w, table.modules[key]) for key, w in modules.items()}
         return Adapter(modules=dict(sorted(modules.items())), meta=_meta_from_kohya(metadata, table.family))
     try:
         family, keys = _resolve_names(raw, hint, source)
@@ -196,7 +216,7 @@ def from_kohya(
 
 
 def _place(
-    raw: dict[str, LoraWeights], tables: Sequence[NameTable]
+    raw: dict[str, ModuleWeights], tables: Sequence[NameTable]
 ) -> tuple[NameTable | None, dict[str, str], list[str]]:
     """The first table holding every name with fitting shapes, or else the one holding the most: the table,
     each placed name's difflora key or layer, and the names it cannot place (None: no table places any)."""
@@ -212,7 +232,7 @@ def _place(
     return best
 
 
-def _fits(weights: LoraWeights, key: str, table: NameTable) -> bool:
+def _fits(weights: ModuleWeights, key: str, table: NameTable) -> bool:
     if key in table.layers:
         layer = table.layers[key]
         return families.shape_fits(weights, ModuleInfo("linear", layer.in_features, layer.out_features))
@@ -220,11 +240,12 @@ def _fits(weights: LoraWeights, key: str, table: NameTable) -> bool:
 
 
 def _unfused(
-    raw: dict[str, LoraWeights], keys: dict[str, str], table: NameTable, source: str
-) -> dict[str, LoraWeights]:
-    """difflora key -> LoRA: fused layers split into their parts, the rest as named; a module named twice
-    (a fused layer and one of its parts, or two spellings) is refused."""
-    modules: dict[str, LoraWeights] = {}
+    raw: dict[str, ModuleWeights], keys: dict[str, str], table: NameTable, source: str
+) -> dict[str, ModuleWeights]:
+    """difflora key -> LoRA: fused layers split into their parts (a LyCORIS module into full modules, its
+    update's rows), the rest as named; a module named twice (a fused layer and one of its parts, or two
+    spellings) is refused."""
+    modules: dict[str, ModuleWeights] = {}
     origin: dict[str, str] = {}
     for name, weights in raw.items():
         layer: FusedLayer | None = table.layers.get(keys[name])
@@ -233,7 +254,9 @@ def _unfused(
                 f"{source}: {name} is a DoRA module on a fused layer, whose magnitude difflora cannot split "
                 "into the layer's parts; load the file in ComfyUI, or use a plain LoRA."
             )
-        parts = split(layer, weights) if layer is not None else {keys[name]: weights}
+        parts: dict[str, ModuleWeights] = {keys[name]: weights}
+        if layer is not None:
+            parts = split_rows(layer, weights) if is_lycoris(weights) else split(layer, weights)  # type: ignore[arg-type,assignment]
         for key, part in parts.items():
             if key in origin:
                 raise AdapterFormatError(
@@ -249,7 +272,7 @@ def _group(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str,
     foreign: dict[str, str] = {}
     for key, tensor in tensors.items():
         name, _, part = key.partition(".")
-        if part not in _LORA_PARTS:
+        if part not in _LORA_PARTS and part not in LYCORIS_PARTS:
             kind = next(
                 (k for prefix, k in _OTHER_KINDS.items() if part.startswith(prefix)), "unknown tensor"
             )
@@ -259,14 +282,17 @@ def _group(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str,
     if foreign:
         listing = first_n([f"{key}: {kind}" for key, kind in sorted(foreign.items())], 20, separator="\n  ")
         raise AdapterFormatError(
-            f"{source}: {len(foreign)} key(s) are not LoRA tensors (lora_down/lora_up/alpha/dora_scale) and "
+            f"{source}: {len(foreign)} key(s) are neither LoRA tensors (lora_down/lora_up/alpha/dora_scale) nor "
+            "LyCORIS ones (lokr_*, hada_*, diff) and "
             f"cannot be applied as a LoRA:\n  {listing}\nNothing was loaded. Use the file in a tool "
             "that supports these adapter kinds (ComfyUI, A1111), or convert it to a plain LoRA."
         )
     return groups
 
 
-def _module_weights(name: str, parts: dict[str, torch.Tensor], source: str) -> LoraWeights:
+def _module_weights(name: str, parts: dict[str, torch.Tensor], source: str) -> ModuleWeights:
+    if lycoris_kind(parts):
+        return read_module(name, parts, source)
     if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
         have = ", ".join(sorted(parts))
         raise AdapterFormatError(f"{source}: module {name} has {have} but needs both lora_down and lora_up.")
@@ -314,8 +340,13 @@ def _unique(keys: dict[str, str], source: str) -> dict[str, str]:
     return keys
 
 
-def _match_kind(weights: LoraWeights, kind: str) -> LoraWeights:
-    """Write a 1x1-convolution LoRA the way the module needs it ([r, in] for Linear, [r, in, 1, 1] for Conv)."""
+def _match_kind(weights: ModuleWeights, info: ModuleInfo) -> ModuleWeights:
+    """Write a 1x1-convolution LoRA the way the module needs it ([r, in] for Linear, [r, in, 1, 1] for Conv);
+    a LyCORIS module learns the weight's shape, which its update may not show (a 2-D product on a conv)."""
+    kind = info.kind
+    if is_lycoris(weights):
+        shape = (info.out_features, info.in_features, *(info.kernel if kind == "conv" else ()))
+        return replace(weights, module_shape=shape)  # type: ignore[type-var]
     down, up = weights.down, weights.up
     if kind == "conv" and down.ndim == 2:
         return replace(weights, down=down[:, :, None, None], up=up[:, :, None, None])

@@ -34,6 +34,11 @@ FORMAT_VERSION = "1"
 
 
 def adapter_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    if adapter.lycoris_kinds:  # peft's LoRA layout has no tensors for them, and diffusers loads none
+        raise AdapterFormatError(
+            f"The adapter holds {'/'.join(adapter.lycoris_kinds)} modules, which the diffusers PEFT layout cannot "
+            "hold; export it with --format comfyui (LyCORIS keys), or merge it to a LoRA (difflora merge --rank)."
+        )
     for component in adapter.components:
         kinds = {w.is_dora for w in adapter.component_modules(component).values()}
         if len(kinds) > 1:  # peft's use_dora is one per config: diffusers would make every module DoRA

@@ -20,6 +20,7 @@ from difflora.adapter.types import Adapter
 from difflora.errors import AdapterFormatError
 from difflora.formats.diffusers_peft import peft_config_problem, read_diffusers
 from difflora.formats.kohya import comfyui_to_kohya, from_kohya, is_comfyui_key, is_kohya_key
+from difflora.formats.lycoris import LYCORIS_PARTS
 from difflora.formats.naming import NameTable
 from difflora.formats.native import is_native_layout, parse_native
 from difflora.safe_io import read_pickle, read_safetensors
@@ -98,7 +99,11 @@ def parse_state_dict(
 ) -> Adapter:
     """The Adapter in `tensors`, whichever layout they are in (`tables`: see `read_foreign`)."""
     if not any(
-        ".lora_" in key or "lora_" in key.split(".")[0] or key.endswith(_MATRIX_SUFFIXES) for key in tensors
+        ".lora_" in key
+        or "lora_" in key.split(".")[0]
+        or key.endswith(_MATRIX_SUFFIXES)
+        or key.rpartition(".")[2] in LYCORIS_PARTS  # a LyCORIS file in ComfyUI's layout
+        for key in tensors
     ):
         raise AdapterFormatError(
             f"{source} holds no LoRA tensors ({len(tensors)} tensors, none named lora_*)."

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from difflora.adapter.lycoris import is_lycoris
 from difflora.adapter.types import Adapter
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ class CacheStats:
 
 def adapter_bytes(adapter: Adapter) -> int:
     """Memory held by an adapter's tensors."""
-    return sum(w.down.nbytes + w.up.nbytes for w in adapter.modules.values())
+    return sum(
+        sum(t.nbytes for t in w.tensors().values()) if is_lycoris(w) else w.down.nbytes + w.up.nbytes  # type: ignore[union-attr]
+        for w in adapter.modules.values()
+    )
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -15,7 +15,10 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from difflora.adapter.inject import extract_weights
+from difflora.adapter.lycoris_peft import extract_lycoris
 from difflora.adapter.types import Adapter, AdapterMeta
+from difflora.formats.export import model_tree
+from difflora.formats.kohya import to_kohya
 from difflora.formats.native import adapter_state_dict, header_metadata
 from difflora.safe_io import write_atomic
 from difflora.training.advice import gradient_advice
@@ -32,7 +35,9 @@ def build_adapter(run: Run, *, step: int, finished: bool) -> Adapter:
     modules = {
         f"{component}.{name}": weights
         for component, module in models.trained_components.items()
-        for name, weights in extract_weights(module, component=component).items()
+        for name, weights in (
+            extract_weights(module, component=component) | extract_lycoris(module, component=component)
+        ).items()
     }
     identity, scan = models.identity, data.scan
     facts = {
@@ -177,4 +182,6 @@ def _report_gradients(run: Run) -> None:
 def adapter_file_bytes(adapter: Adapter) -> bytes:
     """The adapter file's bytes in difflora's native layout: exactly what `save_adapter` writes, built here
     so the final write can carry its own fault point (`adapter-write`, difflora.faults)."""
+    if adapter.lycoris_kinds:  # LyCORIS keys (kohya names), float32: the layout every consumer reads
+        return safetensors_bytes(*to_kohya(adapter, dtype=torch.float32, modules=model_tree(adapter, None)))
     return safetensors_bytes(adapter_state_dict(adapter), metadata=header_metadata(adapter))

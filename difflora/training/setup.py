@@ -18,6 +18,7 @@ from torch import nn
 
 from difflora.adapter.adaptive import add_adalora
 from difflora.adapter.inject import add_lora, remove_adapter
+from difflora.adapter.lycoris_peft import add_lycoris
 from difflora.adapter.spec import LoraSpec
 from difflora.errors import ConfigError
 from difflora.models.dit_files import ComponentFiles
@@ -156,7 +157,10 @@ def _training_modes(
 
 
 def _inject(module: nn.Module, component: str, spec: LoraSpec, tuners: dict[str, Any]) -> list[str]:
-    """Plain LoRA layers, or AdaLoRA ones (their rank allocator's owner goes into `tuners`)."""
+    """Plain LoRA layers, LoKr/LoHa ones (--algo), or AdaLoRA ones (their rank allocator's owner goes into
+    `tuners`)."""
+    if spec.algo != "lora":
+        return add_lycoris(module, component, spec)
     if spec.adaptive_init_rank is None:
         return add_lora(module, component, spec)
     matched, tuners[component] = add_adalora(module, component, spec)
