@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from difflora import __version__
 from difflora.cli import cli
-from difflora.environment import LIBRARIES, Device, Environment, accelerator_devices
+from difflora.models.environment import LIBRARIES, Device, Environment, accelerator_devices
 
 
 def _installed(name: str) -> str:

@@ -10,7 +10,7 @@ import click
 def env_command(as_json: bool) -> None:
     """Print difflora's, torch's and the libraries' versions, torch's build, the devices with their memory
     and half-precision support, the thread count and the cache folders."""
-    from difflora.environment import environment  # torch: not for --help
+    from difflora.models.environment import environment  # torch: not for --help
 
     report = environment()
     click.echo(report.json() if as_json else report.text())
