@@ -50,7 +50,8 @@ def test_the_unet_gets_pooled_text_and_the_size_and_crop_of_each_image(workspace
     forward = UNet2DConditionModel.forward
 
     def recording(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
-        if torch.is_grad_enabled():  # the training step, not the thread probe or a sample render
+        # the training step: not the thread probe, a sample render or the plan's memory estimate (meta)
+        if torch.is_grad_enabled() and sample.device.type != "meta":
             seen.append({k: v.detach().clone() for k, v in kwargs["added_cond_kwargs"].items()})
         return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
 
