@@ -6,6 +6,8 @@ adapters fused."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,7 +15,7 @@ from click.testing import CliRunner
 from difflora.adapter.names import adaptable_modules, classic_name
 from difflora.adapter.types import Adapter, LoraWeights
 from difflora.cli import cli
-from difflora.composition.bake import Source, bake_tensors, ldm_sources
+from difflora.composition.bake import BAKED_KEY, Source, bake_tensors, ldm_sources
 from difflora.errors import ConfigError
 from difflora.formats.native import save_adapter
 from difflora.formats.reference import reference_model
@@ -171,3 +173,132 @@ def test_baked_sd15_loads_in_diffusers_and_generates_what_fusing_does(real_check
     baked_png = generate(GenerateConfig(out=str(tmp_path / "baked"), **settings), composer=Composer(baked))
     a, b = (np.asarray(Image.open(p[0]), dtype=np.int16) for p in (fused_png, baked_png))
     assert np.abs(a - b).max() <= 2  # the same image, to the fp16 rounding of the changed weights
+
+
+# ------------------------------------------------------------------------------ Flux: BFL transformer files
+
+# (adapter, seed, weight, transformer modules, CLIP modules): q/k/v of both fused layouts, a single block's
+# MLP input, the final modulation (whose halves BFL swaps) and plain renames.
+_FLUX_ADAPTERS = (
+    (
+        "style",
+        1,
+        0.7,
+        (
+            "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.attn.to_v",
+            "transformer_blocks.0.attn.add_k_proj",
+            "single_transformer_blocks.0.attn.to_k",
+            "single_transformer_blocks.0.proj_mlp",
+            "norm_out.linear",
+        ),
+        ("text_model.encoder.layers.0.self_attn.q_proj",),
+    ),
+    (
+        "subject",
+        2,
+        0.3,
+        ("transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.attn.to_q", "proj_out"),
+        (),
+    ),
+)
+
+
+def _flux_adapters(pipe, folder, *, text: bool):
+    """The adapters written to `folder`, and each module's Σ wᵢ·ΔWᵢ (float64, from the factors)."""
+    from difflora.adapter.types import AdapterMeta
+
+    deltas: dict[str, torch.Tensor] = {}
+    specs = []
+    for name, seed, weight, modules, clip in _FLUX_ADAPTERS:
+        g = torch.Generator().manual_seed(seed)
+        loras = {}
+        for component, paths in (("transformer", modules), ("text_encoder", clip if text else ())):
+            model = getattr(pipe, component)
+            for path in paths:
+                live = path.removeprefix("text_model.") if component == "text_encoder" else path
+                rows, columns = model.get_submodule(live).weight.shape
+                lora = LoraWeights(
+                    torch.randn(2, columns, generator=g) * 0.1, torch.randn(rows, 2, generator=g) * 0.1, 4.0
+                )
+                loras[f"{component}.{path}"] = lora
+                delta = weight * 2.0 * lora.up.double() @ lora.down.double()
+                deltas[f"{component}.{live}"] = deltas.get(f"{component}.{live}", 0) + delta
+        save_adapter(Adapter(loras, AdapterMeta(name=name)), folder / f"{name}.safetensors")
+        specs.append(f"{folder / name}.safetensors:{weight}")
+    return ",".join(specs), deltas
+
+
+@pytest.mark.parametrize("kind", ["bare", "all-in-one"])  # all-in-one: ComfyUI's prefix too
+def test_a_bfl_flux_file_is_baked_into_its_fused_rows_and_loads_as_the_fused_composition(kind, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from difflora.models.dit_files import ComponentFiles
+    from difflora.models.loading import load_pipeline
+    from tests.support.flux import bfl_transformer_state, tiny_flux_pipeline, write_flux_files
+
+    pipe = tiny_flux_pipeline(seed=4)
+    paths = write_flux_files(pipe, tmp_path / "parts", prefix=kind != "bare", dtype=torch.bfloat16)
+    files = ComponentFiles(clip_l=str(paths["clip_l"]), t5=str(paths["t5"]), vae=str(paths["vae"]))
+    base = paths["model"]
+    if kind == "all-in-one":  # ComfyUI's: the components under their prefixes, CLIP in bf16 too
+        heads = {"model": "", "clip_l": "text_encoders.clip_l.transformer.", "vae": "vae."}
+        heads["t5"] = "text_encoders.t5xxl.transformer."
+        state = {heads[n] + k: v for n, p in paths.items() for k, v in load_file(p).items()}
+        base, files = tmp_path / "all-in-one.safetensors", None
+        save_file({k: v.to(torch.bfloat16) if "clip_l" in k else v for k, v in state.items()}, str(base))
+    spec, deltas = _flux_adapters(pipe, tmp_path / "adapters", text=kind == "all-in-one")
+    baked = tmp_path / "baked.safetensors"
+    result = CliRunner().invoke(cli, ["merge", spec, "--into-base", str(base), "-o", str(baked)])
+    assert result.exit_code == 0, result.output
+
+    original, written = load_file(str(base)), load_file(str(baked))
+    assert set(written) == set(original)
+    # W0 as the file holds it plus the updates, mapped to BFL by the support's own (independent) key map
+    loaded = load_pipeline(base, files=files)
+    for component in ("transformer", "text_encoder"):
+        model = getattr(loaded, component)
+        for key, delta in deltas.items():
+            if key.startswith(component + "."):
+                weight = model.get_submodule(key.partition(".")[2]).weight
+                weight.data = (weight.double() + delta).float()
+    head = "" if kind == "bare" else "model.diffusion_model."
+    expected = {head + k: v for k, v in bfl_transformer_state(loaded.transformer).items()}
+    if kind == "all-in-one":  # transformers 5 writes CLIP without `text_model.`, as the file holds it
+        clip = "text_encoders.clip_l.transformer.encoder.layers.0.self_attn.q_proj.weight"
+        expected[clip] = loaded.text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj").weight
+    changed, kept_rows = 0, {}
+    for key, tensor in written.items():
+        assert tensor.dtype == original[key].dtype, key
+        if key not in expected or torch.equal(expected[key].to(tensor.dtype), original[key]):
+            assert torch.equal(tensor, original[key]), key  # untouched: bit for bit
+            continue
+        changed += 1  # W0 + Σ wᵢ·ΔWᵢ rounded once to bf16: within one bf16 step of the exact value
+        torch.testing.assert_close(tensor.float(), expected[key].float(), rtol=2**-7, atol=1e-6)
+        kept = (expected[key].double() == original[key].double()).flatten(1).all(dim=1)  # rows no ΔW hits
+        assert torch.equal(tensor[kept], original[key][kept]), key
+        kept_rows[key] = int(kept.sum())
+    # qkv (image, text), linear1, final modulation, final linear (+ CLIP's q_proj in the all-in-one file)
+    assert changed == 5 + (kind == "all-in-one")
+    width = pipe.transformer.config.attention_head_dim  # one head: q, k, v are each this many rows
+    assert kept_rows[head + "double_blocks.0.img_attn.qkv.weight"] == width  # k's rows
+    assert kept_rows[head + "double_blocks.0.txt_attn.qkv.weight"] == 2 * width  # q's and v's
+    assert kept_rows[head + "single_blocks.0.linear1.weight"] == width  # v's
+    with safe_open(str(baked), framework="pt") as handle:
+        record = json.loads(handle.metadata()[BAKED_KEY])
+    assert [(r["adapter_name"], r["weight"]) for r in record] == [("style", 0.7), ("subject", 0.3)]
+
+    # difflora's loader reads the baked file as the fused composition, to bf16's rounding
+    again = load_pipeline(baked, files=files)
+    for component in ("transformer", "text_encoder"):
+        want = getattr(loaded, component).state_dict()
+        for name, value in getattr(again, component).state_dict().items():
+            torch.testing.assert_close(value, want[name], rtol=2**-7, atol=1e-6, msg=name)
+    if kind == "bare":  # a text encoder's adapter cannot go into a file that holds none
+        spec, _ = _flux_adapters(pipe, tmp_path / "with-clip", text=True)
+        out = tmp_path / "refused.safetensors"
+        refused = CliRunner().invoke(cli, ["merge", spec, "--into-base", str(base), "-o", str(out)])
+        assert refused.exit_code != 0 and "is not a weight of this transformer file" in refused.output
+        assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in refused.output
+        assert not out.exists()

@@ -119,3 +119,54 @@ def test_generate_compare_cells_are_what_each_adapter_renders(model_and_adapters
         cli, ["generate", "x", *common, "--compare", "style,subject", "--sweep", "style:0,1"]
     )
     assert bad.exit_code != 0 and "--compare and --sweep each make a grid" in bad.output
+
+
+def test_generate_compare_with_several_prompts_has_a_row_per_prompt_and_seed(model_and_adapters, tmp_path):
+    from difflora.composition.composer import Composer
+    from difflora.config.generate import GenerateConfig
+    from difflora.generation.generate import generate
+    from difflora.models.loading import load_pipeline
+
+    model, adapters = model_and_adapters
+    common = ["--model", str(model), "--adapter-dir", str(adapters), "--steps", "2"]
+    out = tmp_path / "grid"
+    args = ["generate", "a red circle", *common, "--seed", "5", "-n", "2", "--compare", "style,subject:0.5"]
+    result = CliRunner().invoke(cli, [*args, "--compare-prompt", "a blue square", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    # per column (style, then subject): red circle seeds 5, 6, then blue square seeds 5, 6
+    cells = {
+        (column, prompt, seed): f"{4 * c + 2 * p + s:05d}-{seed}.png"
+        for c, column in enumerate(("style", "subject:0.5"))
+        for p, prompt in enumerate(("a red circle", "a blue square"))
+        for s, seed in enumerate((5, 6))
+    }
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([*cells.values(), "00008-compare.png"])
+    sidecar = json.loads((out / "00008-compare.json").read_text())
+    assert sidecar["prompts"] == ["a red circle", "a blue square"] and sidecar["prompt"] == "a red circle"
+    composer = Composer(load_pipeline(model))  # one model for the cells rendered alone (the library API)
+    for column, prompt, seed in (("style", "a blue square", 5), ("subject:0.5", "a blue square", 6)):
+        cell = out / cells[column, prompt, seed]
+        assert json.loads(cell.with_suffix(".json").read_text())["prompt"] == prompt
+        alone = tmp_path / f"{column}-{seed}".replace(":", "-")
+        config = GenerateConfig(
+            prompt=prompt,
+            adapters=(column,),
+            adapter_dir=(str(adapters),),
+            steps=2,
+            seed=seed,
+            out=str(alone),
+        )
+        assert np.array_equal(
+            np.asarray(Image.open(cell)), np.asarray(Image.open(generate(config, composer=composer)[0]))
+        )
+    # the grid is the labelled table of those cells, a row per prompt and seed, pixel for pixel
+    rows = [
+        [Image.open(out / cells[column, prompt, seed]).convert("RGB") for column in ("style", "subject:0.5")]
+        for prompt in ("a red circle", "a blue square")
+        for seed in (5, 6)
+    ]
+    labels = [f"seed {s}: {p}" for p in ("a red circle", "a blue square") for s in (5, 6)]
+    want = labelled_table(rows, labels, ["style", "subject ×0.5"])
+    assert np.array_equal(np.asarray(Image.open(out / "00008-compare.png").convert("RGB")), np.asarray(want))
+    alone = CliRunner().invoke(cli, ["generate", "x", *common, "--compare-prompt", "y"])
+    assert alone.exit_code != 0 and "goes with --compare" in alone.output

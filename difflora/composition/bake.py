@@ -10,6 +10,12 @@ the conversion, a module's weight names, row by row, the original tensor and row
 OpenCLIP's q/k/v split of `in_proj_weight` included. Nothing is guessed from names, and nothing is loaded
 but the keys and shapes until the weights are written.
 
+A BFL transformer file (Flux.1, with or without ComfyUI's `model.diffusion_model.` prefix) is read the same
+way through difflora's own BFL -> diffusers conversion (difflora.models.bfl_file), so q, k and v (and a single
+block's MLP input) land on the rows of the fused `qkv` / `linear1` the loader splits them from, and the final
+modulation's update on the halves the loader swaps. Which reading applies is the family's
+`checkpoint_layout`; the text encoders of an all-in-one file are found under the family's `single_file_parts`.
+
 The update Σ wᵢ·ΔWᵢ comes from the exact merge (difflora.composition.merge: ranks concatenated), is added
 in float32 to W0 read from the file, and is rounded once to the file's dtype.
 """
@@ -206,6 +212,58 @@ def baked_metadata(
     return {**metadata, BAKED_KEY: json.dumps(previous + record)}
 
 
+def transformer_sources(
+    shapes: Mapping[str, Sequence[int]],
+    modules: Sequence[str],
+    *,
+    denoiser: str,
+    parts: Mapping[str, Sequence[str]],
+) -> dict[str, tuple[Source, tuple[int, ...]]]:
+    """difflora module key -> (its Source, the module weight's shape) in a BFL transformer file: the
+    denoiser's through the loader's conversion of the tagged keys, a text encoder's (an all-in-one file's)
+    under one of `parts[component]`, the family's key prefixes, where the loader reads it one to one."""
+    from difflora.models.bfl_file import strip_prefix, to_diffusers
+
+    tags, keys = tagged(shapes)
+    converted = to_diffusers(strip_prefix(tags)) if any(m.startswith(denoiser + ".") for m in modules) else {}
+    found = {}
+    for module in modules:
+        component, _, path = module.partition(".")
+        if component == denoiser:
+            tensor = converted.get(path + ".weight")
+        else:
+            names = (path, path.removeprefix("text_model."))  # CLIP stored with or without `text_model.`
+            candidates = [p + n + ".weight" for p in parts.get(component, ()) for n in names]
+            tensor = next((tags[key] for key in candidates if key in tags), None)
+        if tensor is None:
+            raise AdapterCompatibilityError(
+                f"{module} is not a weight of this transformer file (a transformer-only file holds no text "
+                "encoder): bake into an all-in-one checkpoint, or compose the adapter at generation."
+            )
+        found[module] = (decode(tensor, keys, module), tuple(tensor.shape))
+    return found
+
+
+def _ldm_file(architecture: Any, shapes: Mapping[str, Sequence[int]], modules: Sequence[str]) -> Any:
+    from difflora.formats.reference import reference_model
+
+    family = architecture.family
+    components = {m.partition(".")[0] for m in modules}
+    models = {c: reference_model(architecture.name, c) for c in components if c in family.components}
+    return ldm_sources(
+        shapes, models, modules, denoiser=family.denoiser, text_prefixes=family.checkpoint_text_encoders
+    )
+
+
+def _transformer_file(architecture: Any, shapes: Mapping[str, Sequence[int]], modules: Sequence[str]) -> Any:
+    family = architecture.family
+    return transformer_sources(shapes, modules, denoiser=family.denoiser, parts=family.single_file_parts)
+
+
+# How each single-file layout (`ModelFamily.checkpoint_layout`) is read back to its modules' rows.
+LAYOUT_SOURCES = {"ldm": _ldm_file, "bfl": _transformer_file}
+
+
 def bake_into_base(
     pairs: Sequence[tuple[AdapterWeight, Adapter]], base: str | os.PathLike, output: str | os.PathLike
 ) -> BakeResult:
@@ -214,30 +272,21 @@ def bake_into_base(
     from safetensors.torch import load_file, save
 
     from difflora.composition.merge import merge_adapters
-    from difflora.formats.reference import reference_model
     from difflora.models.architecture import detect_architecture
     from difflora.safe_io import read_safetensors_header, write_atomic
 
     base, output = Path(base), Path(output)
     architecture = detect_architecture(base)
-    family = architecture.family
-    if family.checkpoint_layout != "ldm":
+    sources_of = LAYOUT_SOURCES.get(architecture.family.checkpoint_layout)
+    if sources_of is None:
         raise ModelError(
-            f"--into-base: {base} is a {architecture.label} file; baking writes ldm/sgm single files (SD 1.x, "
-            "2.x, SDXL) only so far. Compose the adapters at generation instead (difflora generate --adapters)."
+            f"--into-base: {base} is a {architecture.label} file, whose layout baking cannot write yet. "
+            "Compose the adapters at generation instead (difflora generate --adapters)."
         )
     merged = merge_adapters(pairs, name=output.stem).adapter
     header = read_safetensors_header(base, error=ModelError)
     shapes = {key: info["shape"] for key, info in header.items() if key != "__metadata__"}
-    components = {m.partition(".")[0] for m in merged.modules}
-    models = {c: reference_model(architecture.name, c) for c in components if c in family.components}
-    sources = ldm_sources(
-        shapes,
-        models,
-        sorted(merged.modules),
-        denoiser=family.denoiser,
-        text_prefixes=family.checkpoint_text_encoders,
-    )
+    sources = sources_of(architecture, shapes, sorted(merged.modules))
     tensors = load_file(str(base))  # the whole base once, then its bytes once more while writing
     result = bake_tensors(tensors, sources, merged)
     metadata = baked_metadata(header.get("__metadata__") or {}, pairs)

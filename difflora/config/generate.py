@@ -71,11 +71,13 @@ class GenerateConfig:
     compare: tuple[str, ...] = ()
     """NAME[@step-N][:WEIGHT],... or a run/checkpoints folder: one labelled grid, a column per adapter or
     checkpoint (composed with --adapters), a row per seed (--num-images), to pick the rank and the epoch."""
+    compare_prompt: tuple[str, ...] = ()
+    """More prompts for --compare (repeat the flag): a row per prompt and seed, the PROMPT's rows first."""
     device: str | None = None
     """torch device. Default: cuda when available, else cpu."""
 
     def __post_init__(self) -> None:
-        coerce_to_tuples(self, "adapters", "adapter_dir", "sweep", "compare")
+        coerce_to_tuples(self, "adapters", "adapter_dir", "sweep", "compare", "compare_prompt")
         p = Problems()
         p.check(bool(self.prompt.strip()), "prompt", "give a prompt")
         for name in ("steps", "num_images"):
@@ -102,6 +104,8 @@ class GenerateConfig:
         p.check(
             not (self.compare and self.sweep), "compare", "--compare and --sweep each make a grid: give one"
         )
+        p.check(bool(self.compare) or not self.compare_prompt, "compare_prompt", "goes with --compare")
+        p.check(all(t.strip() for t in self.compare_prompt), "compare_prompt", "an empty prompt was given")
         p.raise_if_any("generate")
 
     # Parsed once, by the validation above: every reader (generate, the server) takes these values, never

@@ -90,7 +90,7 @@ def generate(
     if config.report:
         _write_report(composer, out)
     columns = _compare_columns(config, composer) if config.compare else []
-    cells = max(1, _grid_size(config.sweeps), len(columns))
+    cells = max(1, _grid_size(config.sweeps), len(columns) * (1 + len(config.compare_prompt)))
     job = _Job(config, composer.pipe, composer, out, config.steps * config.num_images * cells, progress)
     job.expected = config.num_images * cells
     seeds = [seed + i for i in range(config.num_images)]
@@ -242,22 +242,36 @@ def _compare_columns(config: GenerateConfig, composer: Composer) -> list[Column]
 
 
 def _compare(job: _Job, seeds: list[int], columns: Sequence[Column]) -> list[Path]:
-    """A column per adapter or checkpoint (each composed with --adapters), a row per seed, the same prompt
-    everywhere: each cell's PNG, then the labelled grid."""
+    """A column per adapter or checkpoint (each composed with --adapters), a row per prompt and seed (the
+    PROMPT's, then each --compare-prompt's): each cell's PNG, recording its own prompt, then the labelled
+    grid."""
+    from dataclasses import replace
+
     from difflora.generation.labels import labelled_table
 
+    config = job.config
+    prompts = [config.prompt, *config.compare_prompt]
+    configs = [replace(config, prompt=prompt) for prompt in prompts]
     first = _next_index(job.out)
-    rows: list[list[Image.Image]] = [[] for _ in seeds]
+    rows: list[list[Image.Image]] = [[] for _ in prompts for _ in seeds]
     paths = []
-    for column in columns:
-        job.composer.set([*job.config.adapter_weights, column.spec])
-        for row, seed in enumerate(seeds):
-            rows[row].append(_render(job, [seed])[0])
-            paths.append(_save_image(job, rows[row][-1], seed, first + len(paths)))
-    job.composer.set(list(job.config.adapter_weights))
-    labels = [column.label for column in columns]
-    grid = labelled_table(rows, [f"seed {s}" for s in seeds], labels, title=job.config.prompt)
-    extra = {"compare": [{"label": c.label, "file": c.spec.name, "weight": c.spec.weight} for c in columns]}
+    try:
+        for column in columns:
+            job.composer.set([*config.adapter_weights, column.spec])
+            for row, (row_config, seed) in enumerate((c, s) for c in configs for s in seeds):
+                job.config = row_config  # what this cell renders and its PNG records
+                rows[row].append(_render(job, [seed])[0])
+                paths.append(_save_image(job, rows[row][-1], seed, first + len(paths)))
+    finally:
+        job.config = config
+    job.composer.set(list(config.adapter_weights))
+    several = len(prompts) > 1  # then each row names its prompt, and the grid has no title
+    labels = [f"seed {s}: {p}" if several else f"seed {s}" for p in prompts for s in seeds]
+    grid = labelled_table(rows, labels, [c.label for c in columns], title="" if several else config.prompt)
+    extra: dict[str, Any] = {
+        "compare": [{"label": c.label, "file": c.spec.name, "weight": c.spec.weight} for c in columns]
+    }
+    extra |= {"prompts": prompts} if several else {}
     paths.append(_save(job, grid, seeds[0], first + len(paths), name="compare", extra=extra))
     return paths
 
