@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,36 @@ def module_block(model: nn.Module, path: str, block_lists: Mapping[str, str]) ->
     return blocks[path]
 
 
+def model_blocks(model: nn.Module, block_lists: Mapping[str, str]) -> set[str]:
+    """Every block of denoiser `model`, and BASE (the text encoders): what a selector may name."""
+    if hasattr(model, "down_blocks"):
+        prefixes = _PREFIXES.get(model) or _PREFIXES.setdefault(model, sgm_block_prefixes(model))
+        found = {sgm_block(path) for path in prefixes.values()}
+    else:
+        found = {
+            f"{kind.upper()}{i}" for kind, path in block_lists.items() for i in range(_length(model, path))
+        }
+    return (found - {""}) | {"BASE"}
+
+
+def _length(model: nn.Module, path: str) -> int:
+    try:
+        return len(model.get_submodule(path))  # type: ignore[arg-type]
+    except AttributeError:
+        return 0  # a model of the family without this module list
+
+
+def check_blocks(specs: Sequence[AdapterWeight], pipe: Any, family: Any) -> list[AdapterWeight]:
+    """`specs`, once none has a block selector naming no block of `pipe`'s denoiser (`BlockWeights.check`,
+    before anything is composed; `family`: the pipeline's ModelFamily)."""
+    if any(spec.blocks is not None for spec in specs):
+        blocks = model_blocks(family.denoiser_of(pipe), family.block_lists)
+        for spec in specs:
+            if spec.blocks is not None:
+                spec.blocks.check(blocks, family.name)
+    return list(specs)
+
+
 def block_weight(
     spec: AdapterWeight, pipe: Any, component: str, live: str, block_lists: Mapping[str, str]
 ) -> float:
@@ -91,29 +121,35 @@ def pipe_blocks(pipe: Any, block_lists: Mapping[str, str]) -> Callable[[str], st
     return block
 
 
-def key_blocks(adapter: Adapter) -> Callable[[str], str]:
+def key_blocks(spec: AdapterWeight, adapter: Adapter) -> Callable[[str], str]:
     """module key -> block for an adapter's own modules, without a loaded model: its family's reference
     denoiser, else the one its recorded base folder configures, built on the meta device (what `merge` bakes
-    block weights with). ConfigError where neither is at hand."""
+    block weights with). `spec`'s selectors are checked against that denoiser's blocks first
+    (AdapterSpecError); ConfigError where neither model is at hand."""
     from difflora.formats.family import export_family
-    from difflora.formats.reference import reference_families, reference_model
 
-    family = export_family(adapter)
-    lists = model_family(family).block_lists
-    models: dict[str, nn.Module] = {}
+    family = model_family(export_family(adapter))
+    models: dict[str, nn.Module] = {family.denoiser: _base_model(adapter, family.name, family.denoiser)}
+    if spec.blocks is not None:
+        spec.blocks.check(model_blocks(models[family.denoiser], family.block_lists), family.name)
 
     def block(key: str) -> str:
         component, _, path = key.partition(".")
         if component.startswith("text_encoder"):
             return "BASE"
         if component not in models:
-            if family in reference_families():
-                models[component] = reference_model(family, component)
-            else:
-                models[component] = _folder_model(adapter.meta.base_model, component)
-        return module_block(models[component], path, lists)
+            models[component] = _base_model(adapter, family.name, component)
+        return module_block(models[component], path, family.block_lists)
 
     return block
+
+
+def _base_model(adapter: Adapter, family: str, component: str) -> nn.Module:
+    from difflora.formats.reference import reference_families, reference_model
+
+    if family in reference_families():
+        return reference_model(family, component)
+    return _folder_model(adapter.meta.base_model, component)
 
 
 def _folder_model(folder: str, component: str) -> nn.Module:

@@ -9,14 +9,18 @@ below), or one of its presets by name (`@OUTALL`, its lbwpresets.txt rows). Sele
 - a group: `in`, `mid`, `out`, `base`, or a kind with an optional range (`double`, `single0-9`).
 The most specific selector naming a block wins (a block over a range over a group); a block no selector names
 keeps factor 1, and so do a UNet's modules outside its blocks (time embedding, final norm and conv). A module
-gets its block's factor by its name, so a LoRA lacking some blocks keeps the factors of those it has.
+gets its block's factor by its name, so a LoRA lacking some blocks keeps the factors of those it has. A
+selector naming no block of the model (`otu=0`, SDXL's `IN09`) is refused where the model is known
+(`BlockWeights.check`): a typo must not leave its blocks silently at 1.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from difflora.errors import AdapterSpecError
 
@@ -41,18 +45,30 @@ PRESETS: dict[str, str] = {
     "OUTALL": "0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
 }
 _GROUPS = {"in": "IN", "out": "OUT", "mid": "MID", "base": "BASE"}
+_GROUP_NAMES = {kind: group for group, kind in _GROUPS.items()}
 _SELECTOR = re.compile(r"^([a-z_]+?)(\d+)?(?:-(\d+))?$")
 BLOCK_GRAMMAR = (
     "@SELECTOR=FACTOR,... (in, mid, out, base, IN04, OUT03, double0-9, ...), @V1,...,V17 or @PRESET"
 )
 
 
+class Rule(NamedTuple):
+    """One selector's factor: blocks of `kind` ("IN", "DOUBLE") with index in first..last (None: the whole
+    kind); `selector` is the text as written, "" for an entry of a vector or preset."""
+
+    kind: str
+    first: int | None
+    last: int | None
+    factor: float
+    selector: str = ""
+
+
 @dataclass(frozen=True)
 class BlockWeights:
-    """Parsed `@...` text: (kind, first, last, factor) rules; `first`/`last` None for a whole kind."""
+    """Parsed `@...` text: its rules, in the order written."""
 
     text: str
-    rules: tuple[tuple[str, int | None, int | None, float], ...]
+    rules: tuple[Rule, ...]
 
     def factor(self, block: str) -> float:
         """The factor of `block` ("IN04", "MID", "BASE", "DOUBLE3", ...; "" for outside every block)."""
@@ -61,7 +77,7 @@ class BlockWeights:
             return 1.0
         kind, index = match[1], int(match[2]) if match[2] else None
         best: tuple[int, float] | None = None
-        for rule_kind, first, last, value in self.rules:
+        for rule_kind, first, last, value, _ in self.rules:
             if rule_kind != kind:
                 continue
             if first is None:
@@ -74,6 +90,47 @@ class BlockWeights:
                 best = (rank, value)
         return best[1] if best else 1.0
 
+    def check(self, blocks: Collection[str], model: str) -> None:
+        """Refuse a selector naming none of `blocks` (a model's blocks, "BASE" included), or a vector none of
+        whose UNet blocks the model has, in one line naming it and the model's valid selectors: a typo
+        (`otu=0`) or a block the family lacks would otherwise keep factor 1 silently. A vector may name blocks
+        a smaller UNet lacks: it is the extension's fixed layout, and each module takes its own block's value."""
+        named = [rule for rule in self.rules if rule.selector]
+        bad = next((rule.selector for rule in named if not _names_any(rule, blocks)), None)
+        if bad is None and len(named) < len(self.rules):
+            vector = [rule for rule in self.rules if not rule.selector and rule.kind != "BASE"]
+            bad = None if any(_names_any(rule, blocks) for rule in vector) else f"@{self.text}"
+        if bad is not None:
+            raise AdapterSpecError(
+                f"Block selector {bad!r} names no block of this {model} model; its selectors: "
+                f"{valid_selectors(blocks)}."
+            )
+
+
+def _names_any(rule: Rule, blocks: Collection[str]) -> bool:
+    for block in blocks:
+        match = re.match(r"^([A-Z]+?)(\d+)?$", block)
+        if match is None or match[1] != rule.kind:
+            continue
+        if rule.first is None or (match[2] is not None and rule.first <= int(match[2]) <= rule.last):  # type: ignore[operator]
+            return True
+    return False
+
+
+def valid_selectors(blocks: Collection[str]) -> str:
+    """The selectors a model's `blocks` admit, e.g. "base, in, mid, out, IN00-08, OUT00-08"."""
+    kinds: dict[str, list[tuple[int, str]]] = {}
+    for block in blocks:
+        match = re.match(r"^([A-Z]+?)(\d+)?$", block)
+        if match is not None:
+            indexed = kinds.setdefault(match[1], [])
+            indexed += [(int(match[2]), match[2])] if match[2] else []
+    groups = [_GROUP_NAMES.get(kind, kind.lower()) for kind in sorted(kinds)]
+    spans = [
+        f"{kind}{min(indexed)[1]}-{max(indexed)[1]}" for kind, indexed in sorted(kinds.items()) if indexed
+    ]
+    return ", ".join(groups + spans)
+
 
 def parse_blocks(text: str) -> BlockWeights:
     """The rules of `text` (what follows `@`); AdapterSpecError showing the grammar for anything else."""
@@ -84,7 +141,7 @@ def parse_blocks(text: str) -> BlockWeights:
         if names is None:
             raise _error(text, f"{len(items)} values; a block vector has 12, 17, 20 or 26")
         rules = tuple(
-            (*_block_rule(name), _factor(value, text)) for name, value in zip(names, items, strict=True)
+            Rule(*_block_rule(name), _factor(value, text)) for name, value in zip(names, items, strict=True)
         )
         return BlockWeights(text.strip(), rules)
     rules = []
@@ -92,7 +149,7 @@ def parse_blocks(text: str) -> BlockWeights:
         selector, sep, value = item.partition("=")
         if not sep:
             raise _error(text, f"{item!r} is not SELECTOR=FACTOR")
-        rules.append((*_selector(selector.strip(), text), _factor(value, text)))
+        rules.append(Rule(*_selector(selector.strip(), text), _factor(value, text), selector.strip()))
     return BlockWeights(text.strip(), tuple(rules))
 
 
