@@ -22,12 +22,12 @@ from tests.support.formats import synthetic_adapter
 # dev has 19 double-stream and 38 single-stream blocks.
 SDXL = "base, in, mid, out, IN00-08, OUT00-08"
 SD1 = "base, in, mid, out, IN00-11, OUT00-11"
-FLUX = "base, double, single, DOUBLE0-18, SINGLE0-37"
+FLUX = "base, clip, double, in, out, single, t5, DOUBLE0-18, SINGLE0-37"  # IN/OUT: embedders, final layer
 
 
 def blocks_of(family: str) -> set[str]:
     declared = model_family(family)
-    return model_blocks(reference_model(family, declared.denoiser), declared.block_lists)
+    return model_blocks(reference_model(family, declared.denoiser), declared)
 
 
 def refusal(spec: str, family: str) -> str:
@@ -43,7 +43,10 @@ def refusal(spec: str, family: str) -> str:
         ("a@otu=0", "sdxl", "otu", SDXL),
         ("a@out=1,IN09=0", "sdxl", "IN09", SDXL),  # SD 1.x has IN09; SDXL stops at IN08
         ("a@double3=0", "sdxl", "double3", SDXL),
-        ("a@in=0", "flux", "in", FLUX),
+        ("a@mid=0", "flux", "mid", FLUX),
+        ("a@IN04=0", "flux", "IN04", FLUX),
+        ("a@clip=0,t5=1", "sdxl", "clip", SDXL),
+        ("a@" + ",".join(["1"] * 61), "sd1", "@" + ",".join(["1"] * 61), SD1),  # Flux's vector on a UNet
         ("a@double=1,single38=0", "flux", "single38", FLUX),
         ("a@singel=0", "flux", "singel", FLUX),
         ("a@mid0=1", "sd1", "mid0", SD1),
@@ -64,6 +67,7 @@ def test_unknown_selector_is_refused_in_one_line_naming_it_and_the_valid_ones(sp
         ("a@in=0,IN08=1,mid=2,OUT00-08=0.5", "sdxl"),
         ("a@IN05-12=0", "sdxl"),  # a range reaching past the last block still names IN05-IN08
         ("a@double0-18=0,single=0.5,SINGLE37=1,base=0", "flux"),
+        ("a@in=0,out=2,clip=0,T5=1", "flux"),
         ("a@" + ",".join(["1"] * 26), "sdxl"),  # the 26-vector names IN09-IN11 too: each module takes its own
     ],
 )

@@ -221,7 +221,7 @@ class Composer:
     def report(self) -> Any:
         """The composition report (difflora.composition.report) for the current set and weights."""
         pairs = [(entry.spec, entry.adapter) for entry in self._state.entries.values()]
-        block = pipe_blocks(self.pipe, self.identity.model_family.block_lists)
+        block = pipe_blocks(self.pipe, self.identity.model_family)
         return composition_report(pairs, base=self._base_weight, block=block)
 
     def _base_weight(self, key: str) -> torch.Tensor:
@@ -344,8 +344,8 @@ class Composer:
 
     def _weight(self, spec: AdapterWeight, target: tuple[str, str]) -> float:
         """wᵢ for this module: the adapter's weight times its block's factor (`composition.blocks`)."""
-        lists = self.identity.model_family.block_lists
-        return block_weight(spec, self.pipe, target[0], target[1].removesuffix(BIAS), lists)
+        family = self.identity.model_family
+        return block_weight(spec, self.pipe, target[0], target[1].removesuffix(BIAS), family)
 
     def _param(self, target: tuple[str, str]) -> torch.Tensor:
         component, live = target
