@@ -1,7 +1,8 @@
 """Flux's per-block weights: the LoRA Block Weight extension's 61-value Flux vector (its BLOCKIDFLUX, published
 in hako-mikan/sd-webui-lora-block-weight scripts/lora_block_weight.py and README, "Support FLUX" 2025-01-23)
 and the selectors it implies (`clip`, `t5`, `in` for the embedders, `double3`, `single0-9`, `out` for the final
-layer), baked by `merge` into a plain LoRA and checked module by module against the block each module lies in,
+layer), baked by `merge` into a plain LoRA and composed by generate's Composer on the tiny Flux, checked module
+by module against the block each module lies in,
 assigned here by hand from the extension's own key rules (its get_flux_blocks)."""
 
 from __future__ import annotations
@@ -94,3 +95,47 @@ def test_merge_bakes_flux_block_weights_by_the_extension_s_blocks(adapter, block
             continue
         merged = result.adapter.modules[key]
         assert torch.allclose(merged.up * merged.scale, weights.up * (weights.scale * weight), atol=1e-7), key
+
+
+# The tiny Flux (1 double, 1 single block): each module's block by hand, and its factor under TINY_SPEC.
+TINY = {
+    "transformer.x_embedder": ("IN", 3.0),
+    "transformer.context_embedder": ("IN", 3.0),
+    "transformer.proj_out": ("OUT", 1.0),  # no selector names it
+    "transformer.transformer_blocks.0.attn.to_q": ("D00", 2.0),
+    "transformer.single_transformer_blocks.0.proj_mlp": ("S00", 0.25),
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": ("CLIP", 0.0),
+    "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q": ("T5", 4.0),
+}
+TINY_SPEC = "x:0.5:2@in=3,double0=2,single=0.25,clip=0,t5=4"
+
+
+def test_generate_s_composer_weights_flux_modules_by_their_blocks():
+    from difflora.adapter.names import classic_name
+    from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
+    from difflora.composition.composer import Composer
+    from difflora.models.identity import model_identity
+    from tests.support.flux import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    generator = torch.Generator().manual_seed(0)
+    modules, base, live = {}, {}, {}
+    for component in ("transformer", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component)
+        for path, module in model.named_modules():
+            key = f"{component}.{classic_name(component, path, model)}" if path else ""
+            if key in TINY:
+                down = torch.randn(2, module.weight.shape[1], generator=generator) * 0.1
+                modules[key] = LoraWeights(
+                    down, torch.randn(module.weight.shape[0], 2, generator=generator), 1.0
+                )
+                base[key], live[key] = module.weight.detach().clone(), module
+    assert set(modules) == set(TINY)
+    identity = model_identity(pipe)
+    meta = AdapterMeta(name="x", base_architecture=identity.architecture, base_hash=identity.base_hash)
+    composer = Composer(pipe, "fused")
+    composer.set(parse_adapter_weights(TINY_SPEC), loader=lambda name: (Adapter(modules, meta), None))
+    for key, (_, factor) in TINY.items():
+        weight = (2.0 if key.startswith("text_encoder") else 0.5) * factor
+        want = base[key].double() + weight * (modules[key].up.double() @ modules[key].down.double()) / 2
+        assert torch.allclose(live[key].weight.double(), want, rtol=1e-5, atol=1e-6), key
