@@ -24,6 +24,7 @@ and `difflora --help` do not pay for torch):
     generate(GenerateConfig) -> [Path]       difflora.generation.generate.generate
     merge(weights, output, ...)              difflora.composition.merge.merge
     export_adapter(ExportConfig) -> Path     difflora.formats.export.export_adapter
+    export_spec(ExportConfig) -> Path        difflora.composition.weighted.export_spec (FILE:W@BLOCKS baked)
     load_adapter(path) / save_adapter(...)   difflora.formats.read / difflora.formats.native
     load_pipeline(model=None), render(...)   difflora.models.loading / difflora.generation.pipeline
     parse_adapter_weights("style:0.7")       difflora.config.spec
@@ -50,6 +51,7 @@ _API: dict[str, str] = {
     "render": "difflora.generation.pipeline",
     "merge": "difflora.composition.merge",
     "export_adapter": "difflora.formats.export",
+    "export_spec": "difflora.composition.weighted",
     "load_adapter": "difflora.formats.read",
     "save_adapter": "difflora.formats.native",
     "load_pipeline": "difflora.models.loading",

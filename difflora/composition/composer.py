@@ -56,7 +56,7 @@ from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.lycoris import bias_delta
 from difflora.adapter.names import live_name
 from difflora.adapter.types import COMPONENTS, Adapter
-from difflora.composition.blocks import block_weight, pipe_blocks
+from difflora.composition.blocks import block_weight, check_blocks, pipe_blocks
 from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
 from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
@@ -155,6 +155,7 @@ class Composer:
 
     def load(self, spec: AdapterWeight) -> None:
         """Find the file `spec.name` names, load, check and apply it."""
+        check_blocks([spec], self.pipe, self.identity.model_family)
         path = find_adapter(spec.name, self.directories)
         self._add(spec, load_adapter(path), path)
         self._apply()
@@ -177,7 +178,7 @@ class Composer:
         drop the others. `loader(name)` -> (adapter, its file or None) supplies the new ones (default: find
         the file in the adapter directories and read it), e.g. from a cache of loaded adapters. Every new
         adapter is read and checked before the set changes: one refused leaves the model as it was."""
-        specs = adapter_set(specs)
+        specs = check_blocks(adapter_set(specs), self.pipe, self.identity.model_family)
         wanted = {spec.name for spec in specs}
         read = loader or self._read
         fresh = [spec for spec in specs if spec.name not in self._state.entries]
@@ -202,7 +203,7 @@ class Composer:
 
     def set_weights(self, specs: Sequence[AdapterWeight]) -> None:
         """Change the weights of adapters already composed (others keep theirs)."""
-        for spec in adapter_set(specs):
+        for spec in check_blocks(adapter_set(specs), self.pipe, self.identity.model_family):
             self._entry(spec.name).spec = spec
         self._apply()
 
@@ -220,7 +221,7 @@ class Composer:
     def report(self) -> Any:
         """The composition report (difflora.composition.report) for the current set and weights."""
         pairs = [(entry.spec, entry.adapter) for entry in self._state.entries.values()]
-        block = pipe_blocks(self.pipe, self.identity.model_family.block_lists)
+        block = pipe_blocks(self.pipe, self.identity.model_family)
         return composition_report(pairs, base=self._base_weight, block=block)
 
     def _base_weight(self, key: str) -> torch.Tensor:
@@ -343,8 +344,8 @@ class Composer:
 
     def _weight(self, spec: AdapterWeight, target: tuple[str, str]) -> float:
         """wᵢ for this module: the adapter's weight times its block's factor (`composition.blocks`)."""
-        lists = self.identity.model_family.block_lists
-        return block_weight(spec, self.pipe, target[0], target[1].removesuffix(BIAS), lists)
+        family = self.identity.model_family
+        return block_weight(spec, self.pipe, target[0], target[1].removesuffix(BIAS), family)
 
     def _param(self, target: tuple[str, str]) -> torch.Tensor:
         component, live = target

@@ -75,7 +75,9 @@ def merge_adapters(
     _check_same_base(pairs)
     _check_no_dora(pairs)
     result = MergeResult(adapter=Adapter(modules={}, meta=_merged_meta(pairs, name)))
-    tables = [key_blocks(adapter) if spec.blocks else None for spec, adapter in pairs]  # baked block weights
+    tables = [
+        key_blocks(spec, adapter) if spec.blocks else None for spec, adapter in pairs
+    ]  # baked block weights
     for module in sorted({key for _, adapter in pairs for key in adapter.modules}):
         parts = [
             (weight, _as_lora(adapter.modules[module]))

@@ -16,7 +16,8 @@ EXPORT_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32")
 @dataclass(frozen=True)
 class ExportConfig:
     adapter: str = ""
-    """The adapter file to export (any LoRA file difflora reads: its own, kohya, diffusers, PEFT)."""
+    """The adapter file to export (any LoRA or LyCORIS file difflora reads: its own, kohya, diffusers, PEFT), or
+    FILE[:WEIGHT[:TE_WEIGHT]][@BLOCKS] (the --adapters grammar) to bake those weights into the written file."""
     output: str | None = None
     """Where to write. Default: beside the adapter, <name>.<format>.safetensors."""
     format: ExportFormat = "comfyui"

@@ -38,10 +38,11 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def export_adapter(config: ExportConfig) -> Path:
-    """Write the adapter named by `config` in the requested format and dtype; returns the written path."""
-    source = Path(config.adapter)
-    adapter = load_adapter(source)
+def export_adapter(config: ExportConfig, *, source: tuple[Path, Adapter] | None = None) -> Path:
+    """Write the adapter named by `config` in the requested format and dtype; returns the written path.
+    `source`: the file and the adapter to write in its stead, already read (with weights baked in:
+    `difflora.composition.weighted`)."""
+    source, adapter = source or (Path(config.adapter), load_adapter(Path(config.adapter)))
     output = (
         Path(config.output)
         if config.output

@@ -63,6 +63,12 @@ class ModelFamily:
     """The text encoders `--train-text-encoder` adds LoRA layers to (the others stay frozen)."""
     block_lists: ClassVar[dict[str, str]] = {}
     """Block kinds `--blocks` can limit a LoRA to, with the module list holding them (none for a UNet)."""
+    edge_blocks: ClassVar[dict[str, str]] = {}
+    """Per-block weights (`@in=0`) of the denoiser's modules outside `block_lists`: module path prefix ->
+    block (a DiT's embedders IN, its final layer OUT, as the LoRA Block Weight extension groups them)."""
+    text_encoder_blocks: ClassVar[dict[str, str]] = {}
+    """A text encoder's own block for per-block weights where a block vector weights them apart (default
+    BASE; a selector `base` still weights them all)."""
     swappable_blocks: ClassVar[tuple[str, ...]] = ()
     """The denoiser's module lists whose blocks `--blocks-to-swap` may keep in CPU memory, in forward order
     (the last N blocks of their concatenation are swapped); none: the family refuses the flag."""

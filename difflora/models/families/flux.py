@@ -77,6 +77,17 @@ class Flux(ModelFamily):
         "single": "single_transformer_blocks",
     }
     """Block kinds a LoRA can be limited to (`--blocks double=0-18`), with the module list holding them."""
+    # The LoRA Block Weight extension's Flux vector (its BLOCKIDFLUX: CLIP, T5, IN, D00-D18, S00-S37, OUT)
+    # weights the embedders as IN (BFL's img_in, txt_in, time_in, vector_in, guidance_in) and the final layer
+    # as OUT (final_layer.adaLN_modulation and .linear), and each text encoder apart.
+    edge_blocks: ClassVar[dict[str, str]] = {
+        "x_embedder": "IN",
+        "context_embedder": "IN",
+        "time_text_embed": "IN",
+        "norm_out": "OUT",
+        "proj_out": "OUT",
+    }
+    text_encoder_blocks: ClassVar[dict[str, str]] = {"text_encoder": "CLIP", "text_encoder_2": "T5"}
     # Every block runs once per forward in this order (double-stream, then single-stream blocks); what sits
     # between them (embedders, final norm) is small and stays on the GPU.
     swappable_blocks: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
