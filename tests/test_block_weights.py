@@ -73,7 +73,8 @@ def test_grammar_reads_groups_blocks_vectors_and_presets():
     assert str(style) == "style:0.8@out=1,mid=0.5,in=0,IN04=2" and plain.blocks is None
     factors = {b: style.block_factor(b) for b in ("OUT07", "MID", "IN01", "IN04", "BASE", "")}
     assert factors == {"OUT07": 1.0, "MID": 0.5, "IN01": 0.0, "IN04": 2.0, "BASE": 1.0, "": 1.0}
-    assert [vector.block_factor(b) for b in ("BASE", "IN01", "MID", "OUT03", "OUT11")] == [0, 0, 0, 1, 1]
+    # the extension's OUTALL row: 1,0,0,0,0,0,0,0,1,... (BASE, the text encoder, kept at 1)
+    assert [vector.block_factor(b) for b in ("BASE", "IN01", "MID", "OUT03", "OUT11")] == [1, 0, 0, 1, 1]
     (flux,) = parse_adapter_weights("f:1@double=0.5,double3-5=2,single7=0")
     assert [flux.block_factor(b) for b in ("DOUBLE0", "DOUBLE4", "SINGLE7", "SINGLE8")] == [0.5, 2, 0, 1]
 

@@ -36,17 +36,18 @@ VECTOR_BLOCKS: dict[int, tuple[str, ...]] = {
     # family's `block_lists` kinds (tests/test_block_weights_flux.py ties the two).
     61: ("CLIP", "T5", "IN", *(f"DOUBLE{i}" for i in range(19)), *(f"SINGLE{i}" for i in range(38)), "OUT"),
 }
-# The extension's lbwpresets.txt rows for whole groups (17 values each).
+# The extension's lbwpresets.txt rows for whole groups (17 values each), as published: BASE (the text
+# encoder) stays at 1 in every preset but NONE, INS and INALL included.
 PRESETS: dict[str, str] = {
     "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
     "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
     "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "IND": "0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
     "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "MIDD": "0,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
-    "OUTD": "0,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
-    "OUTS": "0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
-    "OUTALL": "0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
 }
 _GROUPS = {"in": "IN", "out": "OUT", "mid": "MID", "base": "BASE", "clip": "CLIP", "t5": "T5"}
 _TEXT = ("CLIP", "T5")  # text-encoder blocks of a vector: `base` weights them where nothing names them
