@@ -38,9 +38,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from difflora.adapter.peft_import import install as defer_bitsandbytes  # a meta-path finder: cheap
 from difflora.chatter import silence_known_chatter  # logging only: cheap
 
 silence_known_chatter()
+defer_bitsandbytes()
 
 # public name -> the module that defines it
 _API: dict[str, str] = {

@@ -12,7 +12,7 @@ import logging
 
 # logger name -> message prefixes it drops
 KNOWN_CHATTER: dict[str, tuple[str, ...]] = {
-    # Importing peft imports bitsandbytes, whose CPU backend (on CPUs with AVX512-BF16) asks the `kernels`
+    # Importing bitsandbytes (for --quantize-base; peft no longer pulls it in: adapter/peft_import.py), whose CPU backend (on CPUs with AVX512-BF16) asks the `kernels`
     # package for an optional 4-bit matmul kernel from the Hugging Face Hub at import time. In offline mode
     # (HF_HUB_OFFLINE=1, as difflora's own scripts run) kernels says so on every command, and bitsandbytes
     # then says the kernel is missing and falls back to its own CPU path: difflora needs nothing more, since
