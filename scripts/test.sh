@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Set up (venv + torch + difflora[dev]) and run the whole test suite, slow end-to-end tests included
-# (plain `pytest` runs only the fast ones: pyproject's addopts). Extra arguments go to pytest, and a -m
-# among them replaces this one, e.g. `bash scripts/test.sh -m "not slow"` for the fast tests only.
+# (plain `pytest` runs only the fast ones: pyproject's addopts). Extra arguments go to one pytest run of
+# both, and a -m among them replaces its -m, e.g. `bash scripts/test.sh -m "not slow"` for the fast tests only.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/scripts/setup_env.sh" dev
 cd "$repo_root"
 export HF_HUB_OFFLINE=1
-"$DIFFLORA_PYTHON" -m pytest -m "slow or not slow" "$@"
+if [ "$#" -gt 0 ]; then
+  "$DIFFLORA_PYTHON" -m pytest -n 0 -m "slow or not slow" "$@"  # a -n among the arguments replaces this one
+else
+  # The fast tests on one pytest-xdist worker per core; the slow ones one at a time: the full-size SDXL
+  # checkpoint alone needs ~21 GB while it loads, and two such tests side by side exhaust a 24 GB machine.
+  "$DIFFLORA_PYTHON" -m pytest -m "not slow"
+  "$DIFFLORA_PYTHON" -m pytest -n 0 -m slow
+fi

@@ -3,7 +3,7 @@
 Each test module is one unit of work, so its module-scoped fixtures are built once. Two kinds of module
 are merged into one unit:
 
-- the full-size ones: they write multi-gigabyte random checkpoints (the session's `real_checkpoint`) and
+- the full-size ones (and any module asking for `real_checkpoint`): they write multi-gigabyte random checkpoints (the session's `real_checkpoint`) and
   train at full width, SDXL near this machine's whole memory, so two of them must never run at once;
 - the users of the session's `sample_adapters` (the README's two trainings): on one worker they are
   trained once, not once per worker.
@@ -22,9 +22,13 @@ SAMPLE_ADAPTERS = "sample-adapters"
 SAMPLE_ADAPTER_MODULES = frozenset({"test_trainer_learning", "test_compose_signatures"})
 
 
-def group_of(item: pytest.Item) -> str:
-    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-    if module in FULL_SIZE_MODULES:
+def module_of(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+
+
+def group_of(item: pytest.Item, checkpoint_modules: frozenset[str] = frozenset()) -> str:
+    module = module_of(item)
+    if module in FULL_SIZE_MODULES or module in checkpoint_modules:
         return FULL_SIZE
     if module in SAMPLE_ADAPTER_MODULES:
         return SAMPLE_ADAPTERS
@@ -40,7 +44,9 @@ def order_key(group: str, has_slow: bool) -> int:
 
 def schedule(items: list[pytest.Item]) -> None:
     """Mark every item with its xdist group and sort the items (stably) so the costly units come first."""
-    groups = {item.nodeid: group_of(item) for item in items}
+    # a module asking for the session's full-size checkpoint joins the full-size unit: one file written
+    checkpoint_modules = frozenset(module_of(i) for i in items if "real_checkpoint" in i.fixturenames)
+    groups = {item.nodeid: group_of(item, checkpoint_modules) for item in items}
     slow_groups = {groups[item.nodeid] for item in items if item.get_closest_marker("slow")}
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
