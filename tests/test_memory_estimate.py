@@ -88,14 +88,17 @@ def test_estimate_parts_fp8_and_swap_savings_match_independent_sums() -> None:
 
 
 _MEASURE = """
-import json, resource, sys
+import json, sys
 from difflora.config.train import TrainConfig
 from difflora.training.trainer import train
 config = TrainConfig(**json.loads(sys.argv[1]))
 train(config, progress=False)
 plan = (config.output_dir + "/" + config.name + ".run/plan.txt")
 line = next(l for l in open(plan) if l.lstrip().startswith("memory"))
-print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "plan": line}))
+# VmHWM: this process's own high-water mark. ru_maxrss would carry over the parent's resident size at the
+# fork (Linux keeps it across exec), i.e. the test process's, whatever ran in it before.
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rss": hwm * 1024, "plan": line}))
 """
 
 
