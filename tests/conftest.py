@@ -39,8 +39,8 @@ def pytest_addoption(parser) -> None:
 
 
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by their session fixtures' params
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    schedule(items, distributed=hasattr(config, "workerinput"))  # workerinput: this is an xdist worker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    schedule(items)
 
 
 @pytest.fixture

@@ -35,17 +35,14 @@ def group_of(item: pytest.Item, checkpoint_modules: frozenset[str] = frozenset()
     return module
 
 
-def order_key(group: str, has_slow: bool, distributed: bool) -> int:
-    """On workers, 0 first: the full-size unit, then units with slow tests, then the fast ones. In one
-    process (-n 0, as scripts/test.sh runs the slow tests) the full-size unit goes last instead: the memory
-    its loads took stays with the process (the allocator keeps it), and the tests after it would start
-    subprocesses beside a 20 GB process."""
+def order_key(group: str, has_slow: bool) -> int:
+    """0 first: the full-size unit, then units with slow tests, then the fast ones."""
     if group == FULL_SIZE:
-        return 0 if distributed else 3
+        return 0
     return 1 if has_slow else 2
 
 
-def schedule(items: list[pytest.Item], *, distributed: bool) -> None:
+def schedule(items: list[pytest.Item]) -> None:
     """Mark every item with its xdist group and sort the items (stably) so the costly units come first."""
     # a module asking for the session's full-size checkpoint joins the full-size unit: one file written
     checkpoint_modules = frozenset(module_of(i) for i in items if "real_checkpoint" in i.fixturenames)
@@ -53,6 +50,4 @@ def schedule(items: list[pytest.Item], *, distributed: bool) -> None:
     slow_groups = {groups[item.nodeid] for item in items if item.get_closest_marker("slow")}
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
-    items.sort(
-        key=lambda item: order_key(groups[item.nodeid], groups[item.nodeid] in slow_groups, distributed)
-    )
+    items.sort(key=lambda item: order_key(groups[item.nodeid], groups[item.nodeid] in slow_groups))
