@@ -25,8 +25,9 @@ whatever is left (a block whose inputs need no gradient).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -142,7 +143,7 @@ class BlockSwap:
             following = self._neighbour(state, 1)
             if following is not None:
                 self._onload(following)
-            return _wrap(_AfterBackward, self, state, args, kwargs)
+            return _wrap(partial(self.after_backward, state), args, kwargs)
 
         return hook
 
@@ -151,7 +152,7 @@ class BlockSwap:
             if _in_backward():
                 return output
             self._offload(state)
-            return _wrap(_BeforeBackward, self, state, output, None)[0]
+            return _wrap(partial(self.before_backward, state), output, None)[0]
 
         return hook
 
@@ -184,37 +185,24 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class _BeforeBackward(torch.autograd.Function):
-    """Identity on a block's outputs; its backward runs before the block's own: bring the block back."""
+class _OnBackward(torch.autograd.Function):
+    """Identity on some tensors whose backward first calls `callback`: on a block's outputs it runs before
+    the block's own backward (bring the block back), on its inputs once the gradient has left it (drop it)."""
 
     @staticmethod
-    def forward(ctx: Any, swap: BlockSwap, state: _Block, *tensors: torch.Tensor) -> tuple:
-        ctx.swap, ctx.state = swap, state
+    def forward(ctx: Any, callback: Callable[[], None], *tensors: torch.Tensor) -> tuple:
+        ctx.callback = callback
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
-        ctx.swap.before_backward(ctx.state)
-        return (None, None, *grads)
+        ctx.callback()
+        return (None, *grads)
 
 
-class _AfterBackward(torch.autograd.Function):
-    """Identity on a block's inputs; its backward runs once the gradient has left the block: drop it."""
-
-    @staticmethod
-    def forward(ctx: Any, swap: BlockSwap, state: _Block, *tensors: torch.Tensor) -> tuple:
-        ctx.swap, ctx.state = swap, state
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
-        ctx.swap.after_backward(ctx.state)
-        return (None, None, *grads)
-
-
-def _wrap(function: type, swap: BlockSwap, state: _Block, args: Any, kwargs: dict | None) -> tuple:
+def _wrap(callback: Callable[[], None], args: Any, kwargs: dict | None) -> tuple:
     """`args` (a tensor, or a tuple of values) and `kwargs` with every tensor that needs a gradient passed
-    through one `function` node; unchanged when none does (no_grad forwards, samples)."""
+    through one `_OnBackward` node calling `callback`; unchanged when none does (no_grad forwards, samples)."""
     single = isinstance(args, torch.Tensor)
     values = [args] if single else list(args)
     keys = list(kwargs) if kwargs else []
@@ -222,7 +210,7 @@ def _wrap(function: type, swap: BlockSwap, state: _Block, args: Any, kwargs: dic
     chosen = [i for i, v in enumerate(every) if isinstance(v, torch.Tensor) and v.requires_grad]
     if not chosen or not torch.is_grad_enabled():
         return args, kwargs
-    wrapped = function.apply(swap, state, *(every[i] for i in chosen))
+    wrapped = _OnBackward.apply(callback, *(every[i] for i in chosen))
     for i, tensor in zip(chosen, wrapped, strict=True):
         every[i] = tensor
     new_args: Any = every[0] if single else type(args)(every[: len(values)])
