@@ -15,7 +15,7 @@ import torch
 from tests.support.adapters import random_adapter
 from tests.support.models import tiny_pipeline
 from tests.support.paths import SAMPLE_DATA
-from tests.support.scheduling import schedule
+from tests.support.scheduling import machine_shared, machine_to_itself, needs_whole_machine, schedule
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: each runs torch (and the CLI subprocesses it starts) on one thread; more
@@ -41,6 +41,29 @@ def pytest_addoption(parser) -> None:
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by their session fixtures' params
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     schedule(items)
+
+
+@pytest.fixture(autouse=True)
+def _share_memory_between_workers(request, tmp_path_factory) -> Iterator[None]:
+    """Under pytest-xdist, a full-size test has the machine to itself (tests/support/scheduling.py)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    folder = tmp_path_factory.getbasetemp().parent  # the session's folder, above every worker's own
+    hold = machine_to_itself if needs_whole_machine(request.node) else machine_shared
+    with hold(folder):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _return_memory_after_slow_tests(request) -> Iterator[None]:
+    """A slow test may load a full-size model in this process; the next one starts with that memory back
+    with the OS (glibc would keep ~9 GB of a dropped SDXL, and two of those exhaust a 24 GB machine)."""
+    yield
+    if request.node.get_closest_marker("slow"):
+        from difflora.models.process_memory import return_freed_memory
+
+        return_freed_memory()
 
 
 @pytest.fixture

@@ -217,3 +217,29 @@ def test_merge_and_inspect_commands(tmp_path, model_and_adapters):
     assert "Composition of style:1, subject:1, merged:1" in output and "style/subject" in output
     code, output = run("merge", "style", "-o", str(tmp_path / "m.pt"))
     assert code == 2 and "must end with .safetensors" in output
+
+
+def test_a_composer_made_for_one_call_caches_updates_only_when_it_reweights(
+    tmp_path, model_and_adapters, monkeypatch
+):
+    """The cache of computed updates (up to 2 GB) serves re-weighting between images; one weighting
+    composes each update once, and the cache would only hold memory."""
+    import difflora.generation.generate as module
+    from difflora.composition.composer import DELTA_CACHE_BYTES, Composer
+    from difflora.config.generate import GenerateConfig
+
+    made: list[int] = []
+
+    def spy(pipe, mode, *, delta_cache_bytes):
+        made.append(delta_cache_bytes)
+        return Composer(pipe, mode, delta_cache_bytes=delta_cache_bytes)
+
+    monkeypatch.setattr(module, "Composer", spy)
+    model, adapters = model_and_adapters
+    settings = {"prompt": "x", "model": str(model), "adapter_dir": (str(adapters),), "steps": 1, "seed": 0}
+    module.generate(GenerateConfig(adapters=("style:0.5",), out=str(tmp_path / "a"), **settings))
+    module.generate(GenerateConfig(sweep=("style:0,1",), out=str(tmp_path / "b"), **settings))
+    module.generate(
+        GenerateConfig(adapters=("style",), compare=("subject,style",), out=str(tmp_path / "c"), **settings)
+    )
+    assert made == [0, DELTA_CACHE_BYTES, DELTA_CACHE_BYTES]

@@ -21,14 +21,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from difflora.composition.composer import Composer
 from difflora.config.export import ExportConfig
 from difflora.config.generate import GenerateConfig
 from difflora.config.train import TrainConfig
 from difflora.formats.export import export_adapter
 from difflora.formats.read import load_adapter
 from difflora.generation.generate import generate
-from difflora.models.loading import load_pipeline
 from difflora.training.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -80,14 +78,11 @@ def test_train_generate_export_from_a_single_file(real_checkpoint, tmp_path, mon
     expected_components = {"unet", "text_encoder", "text_encoder_2"} if text_encoders else {"unet"}
     assert set(adapter.components) == expected_components
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    pipe = load_pipeline(checkpoint, dtype=dtype)
     settings = GenerateConfig(
-        prompt="a photo of sks dog", adapters=(f"{adapter_path}:1",), steps=2, seed=0, width=64, height=64,
-        out=str(tmp_path / "images-out"),
+        prompt="a photo of sks dog", model=str(checkpoint), adapters=(f"{adapter_path}:1",), steps=2,
+        seed=0, width=64, height=64, out=str(tmp_path / "images-out"),
     )  # fmt: skip
-    written = generate(settings, composer=Composer(pipe))
-    del pipe
+    written = generate(settings)  # loads the checkpoint (float32 on CPU) as `difflora generate` does
     gc.collect()
     assert Image.open(written[0]).size == (64, 64)
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from difflora import __version__
-from difflora.composition.composer import Composer, Mode
+from difflora.composition.composer import DELTA_CACHE_BYTES, Composer, Mode
 from difflora.composition.find import adapter_dirs
 from difflora.config.generate import GenerateConfig
 from difflora.config.spec import AdapterWeight
@@ -81,7 +81,7 @@ def generate(
             f"The composer given composes {composer.mode}, but the config asks for {mode} composition "
             "(--fuse/--no-fuse): pass a Composer of that mode."
         )
-    composer = composer or Composer(_load(config), mode)
+    composer = composer or _composer_for(config, mode)
     composer.directories = adapter_dirs(config.adapter_dir)  # where this config's adapters are found
     composer.set(_with_sweep_adapters(config.adapter_weights, config.sweeps))
     seed = config.seed if config.seed is not None else random.randrange(2**31)
@@ -137,6 +137,14 @@ def _load(config: GenerateConfig) -> Any:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     files = ComponentFiles(config.clip_l, config.t5, config.vae)
     return load_pipeline(config.model, device=device, prediction_type=config.prediction_type, files=files)
+
+
+def _composer_for(config: GenerateConfig, mode: Mode) -> Composer:
+    """A composer for this call alone. Its cache of computed updates pays off only when the weights change
+    between images (--sweep, --compare); for one weighting it would hold up to 2 GB for nothing (SDXL's
+    attention updates in float32), beside the model and the kept W0."""
+    reweights = bool(config.sweeps or config.compare)
+    return Composer(_load(config), mode, delta_cache_bytes=DELTA_CACHE_BYTES if reweights else 0)
 
 
 def _with_sweep_adapters(

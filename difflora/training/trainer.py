@@ -30,6 +30,7 @@ from difflora.data.captions import CaptionAugmentation
 from difflora.errors import ConfigError
 from difflora.models.dit_files import ComponentFiles
 from difflora.models.geometry import pipeline_geometry
+from difflora.models.process_memory import return_freed_memory
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
 from difflora.training.gradients import GradientMonitor
@@ -77,7 +78,15 @@ def train_many(configs: Sequence[TrainConfig], *, progress: bool = True) -> list
     """One adapter per config, in order, in this process. Runs on the same base (model, precision,
     prediction type) share it: loaded once, its LoRA layers removed between runs, its VAE encoder kept
     until the last of them has cached its latents; runs writing to one output folder share its latent
-    cache. Each adapter is the one a separate `train` run of its config makes."""
+    cache. Each adapter is the one a separate `train` run of its config makes. The bases' memory goes back
+    to the OS before it returns, for whatever the process does next (generate, another base)."""
+    try:
+        return _train_each(configs, progress=progress)
+    finally:
+        return_freed_memory()
+
+
+def _train_each(configs: Sequence[TrainConfig], *, progress: bool) -> list[Path]:
     bases: dict[tuple[Any, ...], Any] = {}
     written = []
     for index, config in enumerate(configs):

@@ -10,9 +10,20 @@ are merged into one unit:
 
 Units are handed out in the order of `order_key`: longest first, so that the full-size unit (about a third
 of the whole suite) does not start last and leave one worker idle at the end.
+
+Memory: a full-size SDXL test takes ~20 of this machine's 23 GB, so while one runs no other test may run
+beside it (`machine_to_itself`); every other test shares the machine (`machine_shared`). Two file locks
+make that a readers-writer lock between the workers: `memory.lock` (shared by ordinary tests, exclusive for
+a full-size one) and a `gate` a full-size test holds while it waits, so that the other worker, which starts
+a test every few seconds, cannot keep the shared lock held forever.
 """
 
 from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +62,34 @@ def schedule(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
     items.sort(key=lambda item: order_key(groups[item.nodeid], groups[item.nodeid] in slow_groups))
+
+
+def needs_whole_machine(item: pytest.Item) -> bool:
+    return item.get_closest_marker("xdist_group").args[0] == FULL_SIZE  # type: ignore[union-attr]
+
+
+@contextmanager
+def _locked(path: Path, kind: int) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, kind)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def machine_to_itself(folder: Path) -> Iterator[None]:
+    """Held while a full-size test runs: it starts once the other worker's test is done, and no test
+    starts beside it."""
+    with _locked(folder / "gate", fcntl.LOCK_EX), _locked(folder / "memory.lock", fcntl.LOCK_EX):
+        yield
+
+
+@contextmanager
+def machine_shared(folder: Path) -> Iterator[None]:
+    """Held while any other test runs: it waits while a full-size test runs or waits to run."""
+    with _locked(folder / "gate", fcntl.LOCK_SH):
+        pass
+    with _locked(folder / "memory.lock", fcntl.LOCK_SH):
+        yield
