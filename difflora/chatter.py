@@ -19,6 +19,15 @@ KNOWN_CHATTER: dict[str, tuple[str, ...]] = {
     # --quantize-base runs on that path (or on CUDA) either way.
     "kernels._internals.hf_hub": ("Skipping publisher trust check",),
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    # Loading an SDXL or Flux pipeline makes diffusers look up transformers' image processor classes (for
+    # the IP-Adapter components difflora leaves out). Without torchvision, which the install leaves out on
+    # purpose (PyPI's build breaks `import transformers` beside the CPU torch), transformers says once per
+    # class that it falls back to the PIL implementation: the one that is used either way, and never by
+    # difflora, which gives no pipeline an image encoder.
+    "transformers.utils.import_utils": (
+        "`CLIPImageProcessor` requires torchvision",
+        "`SiglipImageProcessor` requires torchvision",
+    ),
 }
 
 
