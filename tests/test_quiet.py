@@ -112,7 +112,9 @@ def test_the_driver_sees_chatter():
 def test_the_python_api_is_quiet_about_torchvision():
     """Loading SDXL or Flux through the Python API makes diffusers look up transformers' image processors,
     which without torchvision (left out of the install on purpose) warn once each."""
-    touch = "import difflora, transformers; transformers.CLIPImageProcessor; transformers.SiglipImageProcessor"
+    touch = (
+        "import difflora, transformers; transformers.CLIPImageProcessor; transformers.SiglipImageProcessor"
+    )
     result = subprocess.run([sys.executable, "-c", touch], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
