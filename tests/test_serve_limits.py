@@ -264,3 +264,21 @@ def _json(body: dict, *, ensure_ascii: bool = False) -> bytes:
     import json
 
     return json.dumps(body, ensure_ascii=ensure_ascii).encode()
+
+
+def test_the_readme_states_the_ranges_config_declares():
+    from difflora.config import limits
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Serving") : readme.index("## Python API")]
+    for text in (
+        f"finite, -{limits.MAX_WEIGHT:g} to {limits.MAX_WEIGHT:g}",
+        f"finite, 0 to {limits.MAX_GUIDANCE:g}",
+        f"1 to {limits.MAX_STEPS}, and at most `--max-steps` ({ServeConfig.max_steps})",
+        f"from 8 to {limits.MAX_SIZE}, and at most `--max-size` ({ServeConfig.max_size})",
+        f"1 to {limits.MAX_IMAGES}, and at most `--max-images` ({ServeConfig.max_images})",
+        f"at most {limits.MAX_PROMPT_CHARS} characters",
+        f"`--max-body-kb` ({ServeConfig.max_body_kb} KiB",
+    ):
+        assert text in section, text
+    assert limits.MAX_SEED == 2**63 - 1 and "0 to 2^63-1" in section
