@@ -68,10 +68,10 @@ def client(engine) -> Iterator[TestClient]:
         yield test_client
 
 
-def rss_bytes() -> int:
-    """This process's resident set (the server's, in-process), from /proc."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+def rss_bytes(status: Path = Path("/proc/self/status")) -> int:
+    """A process's resident set (this one's: the server's, in-process), from /proc."""
+    lines = status.read_text().splitlines()
+    return int(next(line for line in lines if line.startswith("VmRSS:")).split()[1]) * 1024
 
 
 def post_raw(client: TestClient, body: bytes) -> tuple[int, str]:
@@ -282,3 +282,81 @@ def test_the_readme_states_the_ranges_config_declares():
     ):
         assert text in section, text
     assert limits.MAX_SEED == 2**63 - 1 and "0 to 2^63-1" in section
+
+
+# ------------------------------------------------------------------------------------------- the real server
+
+
+def _send_until_answered(port: int, head: bytes, chunks: Iterator[bytes]) -> tuple[bytes, int]:
+    """Send `head`, then `chunks` until the server answers; (the answer, body bytes sent)."""
+    import select
+    import socket
+
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(head)
+        for chunk in chunks:
+            if select.select([connection], [], [], 0)[0]:
+                break
+            try:
+                connection.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        answer = b""
+        try:
+            while part := connection.recv(65536):
+                answer += part
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer, sent
+
+
+@pytest.mark.slow
+def test_the_real_server_answers_50_mb_bodies_413_with_its_rss_flat(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.support.paths import REPO_ROOT
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    with open(log, "wb") as output:
+        server = subprocess.Popen([sys.executable, "-m", "difflora", "serve", "--port", str(port)], cwd=tmp_path,
+                                  env=env, stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+    status_file = Path(f"/proc/{server.pid}/status")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        httpx.post(
+            f"http://127.0.0.1:{port}/generate", json={"prompt": "x", "steps": 1, "seed": 1}, timeout=60
+        )
+        before, chunk, size = rss_bytes(status_file), b"x" * 65536, 50 * 2**20
+        head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for framing in (f"Content-Length: {size}\r\n\r\n".encode(), b"Transfer-Encoding: chunked\r\n\r\n"):
+            chunked = framing.startswith(b"Transfer")
+            frame = (b"10000\r\n" + chunk + b"\r\n") if chunked else chunk
+            answer, sent = _send_until_answered(
+                port, head + framing, (frame for _ in range(size // len(chunk)))
+            )
+            assert answer.startswith(b"HTTP/1.1 413") and b"--max-body-kb" in answer, answer[:300]
+            assert sent < size // 2, sent  # answered long before the client was done
+        grown = rss_bytes(status_file) - before
+        assert grown < 20 * 2**20, f"the server's RSS grew {grown / 2**20:.1f} MiB"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["status"] == "ok"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
