@@ -6,7 +6,7 @@ The generator builds JSON bodies from valid values and hostile ones in every fie
 and non-finite numbers written as JSON's `1e400`, `Infinity` and `NaN`, long and odd strings, malformed
 adapter specs, unknown fields), and mixes in raw bodies: broken JSON, deep nesting, wrong content types and
 bodies over the size limit. The server is the tiny pipeline (16 px) with limits of 16 px, 1 step and 2
-images, so that the cases which do render stay cheap; most (~90%) are refused before the model runs.
+images, so that the cases which do render stay cheap; most (374 of 400) are refused before the model runs.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def rss_bytes() -> int:
 def _value(rng: random.Random, field: str) -> Any:
     """A value for `field`: mostly a valid one, else anything JSON holds."""
     roll = rng.random()
-    if roll < 0.4 and field in _CHOICES:
+    if roll < 0.3 and field in _CHOICES:
         return rng.choice(_CHOICES[field])
     if roll < 0.7 and field == "adapters":
         return "".join(rng.choice(_SPEC_PIECES) for _ in range(rng.randrange(1, 20)))
