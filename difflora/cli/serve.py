@@ -34,7 +34,7 @@ def serve_command(config_file: Path | None, **flags: Any) -> None:
     from difflora.serving.engine import Engine
 
     engine = Engine.from_config(config)
-    app = create_app(engine, token=config.token)
+    app = create_app(engine, token=config.token, max_body_bytes=config.max_body_kb * 1024)
     host = f"[{config.host}]" if ":" in config.host else config.host
     access = "bearer token required" if config.token else "no token: loopback only"
     click.echo(

@@ -56,10 +56,11 @@ from difflora.adapter.inject import inject_weights, remove_adapter
 from difflora.adapter.lycoris import bias_delta
 from difflora.adapter.names import live_name
 from difflora.adapter.types import COMPONENTS, Adapter
+from difflora.composition import fit
 from difflora.composition.blocks import block_weight, check_blocks, pipe_blocks
 from difflora.composition.find import adapter_dirs as search_dirs
 from difflora.composition.find import find_adapter
-from difflora.composition.fit import base_layer, check_compatible, fit_to_modules
+from difflora.composition.fit import WeightOverflow, base_layer, check_compatible, fit_to_modules
 from difflora.composition.report import composition_report, dora_note
 from difflora.config.spec import AdapterWeight, adapter_set
 from difflora.errors import AdapterSpecError, ConfigError
@@ -250,17 +251,7 @@ class Composer:
             raise AdapterSpecError(
                 f"Adapter {spec.name!r} is already composed; use set_weights to re-weight it."
             )
-        if self.mode == "dynamic" and adapter.lycoris_kinds:
-            raise ConfigError(
-                f"Adapter {spec.name!r} holds {'/'.join(adapter.lycoris_kinds)} modules, which dynamic composition "
-                "(peft's LoRA layers) cannot apply; compose it fused (generate without --no-fuse; serve with mode fused)."
-            )
-        if self.mode == "dynamic" and adapter.dora_axes:
-            raise ConfigError(
-                f"Adapter {spec.name!r} is a DoRA adapter: it re-normalises the weights, which dynamic "
-                "composition (peft's unfused layers) cannot scale by a weight. Compose it fused (generate "
-                "without --no-fuse; serve with mode fused)."
-            )
+        fit.check_mode(spec.name, adapter, self.mode)
         self._state.warnings += check_compatible(adapter, self.pipe, name=spec.name)
         return fit_to_modules(adapter, self.pipe), path
 
@@ -292,7 +283,13 @@ class Composer:
 
     def _apply(self) -> None:
         if self.mode == "fused":
-            self._apply_fused()
+            try:
+                self._apply_fused()
+            except WeightOverflow as error:  # the set cannot be composed: the model goes back to the base
+                names = ", ".join(map(str, self.adapters))
+                self.clear()
+                message = f"Composing {names} {error}: lower the weights (nothing is composed now)."
+                raise AdapterSpecError(message) from None
         else:
             self._apply_dynamic()
         self._note_dora()
@@ -340,6 +337,7 @@ class Composer:
                 total = w0.to(torch.float32, copy=True)
                 for entry, key, weight in active:
                     total.add_(self._delta(entry, key, target, param), alpha=weight)
+                fit.check_representable(total, param.dtype, target)
                 param.copy_(total)
 
     def _weight(self, spec: AdapterWeight, target: tuple[str, str]) -> float:

@@ -3,7 +3,9 @@
 Another architecture (recorded in the adapter's metadata), a module the model lacks, or a module whose shape
 differs is an AdapterCompatibilityError naming both models (LANDSCAPE pain 17: today users get a shape
 error deep inside a layer, or "lora key not loaded"). The same architecture with different base weights
-is only a warning: a LoRA trained on one fine-tune usually works on a sibling.
+is only a warning: a LoRA trained on one fine-tune usually works on a sibling. An adapter the composition
+mode cannot apply is refused here too, and a composed weight its parameter's type cannot hold is caught
+(`check_representable`) before it is written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from difflora.adapter.lycoris import bias_delta, is_lycoris
 from difflora.adapter.names import live_name
 from difflora.adapter.types import Adapter, ModuleWeights
-from difflora.errors import AdapterCompatibilityError, first_n
+from difflora.errors import AdapterCompatibilityError, ConfigError, first_n
 from difflora.models.identity import KNOWN_FAMILIES, model_identity
 
 logger = logging.getLogger(__name__)
@@ -123,3 +125,33 @@ def fit_to_modules(adapter: Adapter, pipe: Any) -> Adapter:
             up = up.reshape(*up.shape, 1, 1)
         modules[key] = weights if down is weights.down else replace(weights, down=down, up=up)
     return Adapter(modules=modules, meta=adapter.meta)
+
+
+def check_mode(name: str, adapter: Adapter, mode: str) -> None:
+    """Refuse what dynamic composition (peft's LoRA layers) cannot apply: LyCORIS and DoRA modules."""
+    if mode == "dynamic" and adapter.lycoris_kinds:
+        raise ConfigError(
+            f"Adapter {name!r} holds {'/'.join(adapter.lycoris_kinds)} modules, which dynamic composition "
+            "(peft's LoRA layers) cannot apply; compose it fused (generate without --no-fuse; serve with mode fused)."
+        )
+    if mode == "dynamic" and adapter.dora_axes:
+        raise ConfigError(
+            f"Adapter {name!r} is a DoRA adapter: it re-normalises the weights, which dynamic "
+            "composition (peft's unfused layers) cannot scale by a weight. Compose it fused (generate "
+            "without --no-fuse; serve with mode fused)."
+        )
+
+
+class WeightOverflow(Exception):
+    """A composed weight is not finite in its parameter's type (the composer turns it into a user error)."""
+
+
+def check_representable(total: torch.Tensor, dtype: torch.dtype, target: tuple[str, str]) -> None:
+    """Raise WeightOverflow unless every value of `total` (float32) is finite as `dtype`: W0 + 100·ΔW of a
+    large update overflows float16 (65504), and one infinite weight turns every later image into NaN."""
+    largest = float(total.abs().amax()) if total.numel() else 0.0
+    if not largest <= torch.finfo(dtype).max:  # NaN compares false too
+        raise WeightOverflow(
+            f"overflows {str(dtype).removeprefix('torch.')} in {target[0]} module {target[1]} "
+            f"(largest |weight| {largest:g}, the type holds {torch.finfo(dtype).max:g})"
+        )

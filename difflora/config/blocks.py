@@ -17,12 +17,12 @@ selector naming no block of the model (`otu=0`, SDXL's `IN09`) is refused where 
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from difflora.config.limits import weight_problem
 from difflora.errors import AdapterSpecError
 
 _IN, _OUT = [f"IN{i:02d}" for i in range(12)], [f"OUT{i:02d}" for i in range(12)]
@@ -205,8 +205,9 @@ def _factor(text: str, whole: str) -> float:
         value = float(text)
     except ValueError:
         raise _error(whole, f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise _error(whole, f"{text!r} is not finite")
+    problem = weight_problem(value)
+    if problem:
+        raise _error(whole, f"factor {text.strip()!r} {problem}")
     return value
 
 

@@ -11,6 +11,16 @@ from functools import cached_property
 from typing import Literal
 
 from difflora.config import Problems, coerce_to_tuples
+from difflora.config.limits import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    out_of_range,
+    shown,
+)
 from difflora.config.schedulers import SCHEDULER_NAMES
 from difflora.config.spec import AdapterWeight, parse_adapter_weights, parse_sweep
 from difflora.errors import DiffloraError
@@ -21,9 +31,10 @@ MAX_SWEEPS = 2
 @dataclass(frozen=True)
 class GenerateConfig:
     prompt: str = ""
-    """The text prompt."""
+    """The text prompt (at most 4000 characters)."""
     adapters: tuple[str, ...] = ()
-    """Adapters to compose: NAME[:WEIGHT[:TE_WEIGHT]],... (--adapter is another name for --adapters)."""
+    """Adapters to compose: NAME[:WEIGHT[:TE_WEIGHT]],..., weights within ±100 (--adapter is another name
+    for --adapters)."""
     adapter_dir: tuple[str, ...] = ()
     """Extra folders searched for adapters by name (./adapters, where `difflora train` writes, always is)."""
     model: str | None = None
@@ -37,26 +48,26 @@ class GenerateConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the base's UNet predicts (as for `difflora train`). Default: the model's own."""
     negative_prompt: str = ""
-    """What the image should not show (used with guidance > 1)."""
+    """What the image should not show (used with guidance > 1; at most 4000 characters)."""
     steps: int = 20
-    """Denoising steps."""
+    """Denoising steps (1 to 1000)."""
     guidance: float = 5.0
-    """Classifier-free guidance scale (1 or less turns it off). Flux.1: the guidance input of the
+    """Classifier-free guidance scale, 0 to 100 (1 or less turns it off). Flux.1: the guidance input of the
     guidance-distilled transformer (see --true-cfg)."""
     true_cfg: float | None = None
-    """Flux.1: true classifier-free guidance (above 1 every step also runs the negative prompt, "" if none).
+    """Flux.1: true classifier-free guidance, 0 to 100 (above 1 every step also runs the negative prompt, "" if none).
     Default: the model's (its folder's difflora_defaults.json), else 1 (off)."""
     max_sequence_length: int | None = None
     """Flux.1: T5 tokens the prompt is padded to (1-512; a model should be used at the length it was trained
     at). Default: the model's (its folder's difflora_defaults.json), else 512 or its tokenizer's length."""
     seed: int | None = None
-    """Seed of the first image (image i uses seed + i). Default: a random seed, written into each PNG."""
+    """Seed of the first image (image i uses seed + i), 0 to 2^63-1. Default: a random seed, written into each PNG."""
     num_images: int = 1
-    """How many images (a contact sheet is added when more than one)."""
+    """How many images, 1 to 1000 (a contact sheet is added when more than one)."""
     width: int | None = None
-    """Image width in pixels, a multiple of 8. Default: the model's native size."""
+    """Image width in pixels, a multiple of 8 from 8 to 8192. Default: the model's native size."""
     height: int | None = None
-    """Image height in pixels, a multiple of 8. Default: the model's native size."""
+    """Image height in pixels, a multiple of 8 from 8 to 8192. Default: the model's native size."""
     scheduler: str = "euler"
     """Sampler: difflora's name for a diffusers scheduler (see difflora.config.schedulers)."""
     out: str = "outputs"
@@ -80,18 +91,11 @@ class GenerateConfig:
         coerce_to_tuples(self, "adapters", "adapter_dir", "sweep", "compare", "compare_prompt")
         p = Problems()
         p.check(bool(self.prompt.strip()), "prompt", "give a prompt")
-        for name in ("steps", "num_images"):
-            p.check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        p.check(self.guidance >= 0, "guidance", f"must be 0 or more, got {self.guidance}")
-        if self.true_cfg is not None:
-            p.check(self.true_cfg >= 0, "true_cfg", f"must be 0 or more, got {self.true_cfg}")
-        if self.max_sequence_length is not None:
-            msl = self.max_sequence_length
-            p.check(msl >= 1, "max_sequence_length", f"must be at least 1, got {msl}")
+        check_ranges(p, self)
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
-                p.add(name, f"must be a positive multiple of 8, got {value}")
+                p.add(name, f"must be a positive multiple of 8, got {shown(value)}")
         if self.scheduler not in SCHEDULER_NAMES:
             p.add("scheduler", f"unknown {self.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
         check_spec(p, "adapters", lambda: self.adapter_weights)
@@ -124,6 +128,36 @@ class GenerateConfig:
     def compare_entries(self) -> tuple[AdapterWeight, ...]:
         """--compare's entries (NAME[@step-N], or a folder, at their weights), in the order given."""
         return tuple(parse_adapter_weights(self.compare)) if self.compare else ()
+
+
+# field -> (lowest, highest): every number a request carries is finite and in range (config.limits)
+RANGES: dict[str, tuple[float, float]] = {
+    "steps": (1, MAX_STEPS),
+    "num_images": (1, MAX_IMAGES),
+    "guidance": (0, MAX_GUIDANCE),
+    "true_cfg": (0, MAX_GUIDANCE),
+    "max_sequence_length": (1, 512),  # T5's longest
+    "seed": (0, MAX_SEED),
+    "width": (8, MAX_SIZE),
+    "height": (8, MAX_SIZE),
+}
+TEXTS = ("prompt", "negative_prompt")  # and each --compare-prompt: at most MAX_PROMPT_CHARS characters
+
+
+def check_ranges(p: Problems, config: GenerateConfig) -> None:
+    """RANGES and the prompts' length (a 5 MB prompt took 11.6 s to tokenise, to be cut at 77 tokens)."""
+    for name, (low, high) in RANGES.items():
+        value = getattr(config, name)
+        problem = out_of_range(value, low, high) if value is not None else None
+        if problem:
+            p.add(name, problem)
+    texts = [(name, getattr(config, name)) for name in TEXTS]
+    for name, text in [*texts, *(("compare_prompt", t) for t in config.compare_prompt)]:
+        p.check(
+            len(text) <= MAX_PROMPT_CHARS,
+            name,
+            f"{len(text)} characters; at most {MAX_PROMPT_CHARS} (text encoders read 77 or 512 tokens)",
+        )
 
 
 def check_spec(p: Problems, field: str, parse) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from difflora.config import Problems, coerce_to_tuples
+from difflora.config.limits import MAX_IMAGES, MAX_SIZE, MAX_STEPS, out_of_range
 
 TOKEN_ENV = "DIFFLORA_SERVE_TOKEN"
 
@@ -57,6 +58,9 @@ class ServeConfig:
     """Most denoising steps a request may ask for."""
     max_images: int = 4
     """Most images one request may ask for."""
+    # 64 KiB holds the largest valid request (2 prompts of MAX_PROMPT_CHARS, JSON-escaped) with room to spare
+    max_body_kb: int = 64
+    """Largest request body, in KiB: a longer one is refused (413) before it is read whole."""
     device: str | None = None
     """torch device. Default: cuda when available, else cpu."""
 
@@ -65,8 +69,10 @@ class ServeConfig:
         p = Problems()
         p.check(0 < self.port < 65536, "port", f"must be between 1 and 65535, got {self.port}")
         p.check(self.cache_mb >= 0, "cache_mb", f"must be 0 or more, got {self.cache_mb}")
-        for name in ("max_size", "max_steps", "max_images"):
-            p.check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        for name, high in (("max_size", MAX_SIZE), ("max_steps", MAX_STEPS), ("max_images", MAX_IMAGES)):
+            problem = out_of_range(getattr(self, name), 1, high)  # within what any request may ask
+            p.check(problem is None, name, str(problem))
+        p.check(self.max_body_kb >= 1, "max_body_kb", f"must be at least 1, got {self.max_body_kb}")
         if self.max_size % 8:
             p.add("max_size", f"must be a multiple of 8 (image sizes are), got {self.max_size}")
         if self.token is not None and not self.token.strip():

@@ -1,20 +1,21 @@
 """`--adapters NAME[:WEIGHT[:TE_WEIGHT]],...` and `--sweep NAME:W1,W2,...`: the grammar, parsed into values.
 
 NAME is a path to a `.safetensors` file or the name of an adapter in the adapter folders (finding the file
-is difflora.composition.find's job). WEIGHT defaults to 1.0 and may be negative; TE_WEIGHT (the
-text-encoder weight) defaults to WEIGHT and may also be written `te=0.5`, as A1111 users know it. A Windows
-drive letter (`C:\\loras\\x.safetensors:0.5`) is part of the name, not a weight. A leaf beside the job
-configs that parse their flags with it: below the command line an adapter set is `Sequence[AdapterWeight]`.
+is difflora.composition.find's job). WEIGHT defaults to 1.0 and may be negative, within ±100
+(config.limits); TE_WEIGHT (the text-encoder weight) defaults to WEIGHT and may also be written `te=0.5`, as
+A1111 users know it. A Windows drive letter (`C:\\loras\\x.safetensors:0.5`) is part of the name, not a
+weight. A leaf beside the job configs that parse their flags with it: below the command line an adapter set
+is `Sequence[AdapterWeight]`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from difflora.config.blocks import BlockWeights, parse_blocks
+from difflora.config.limits import MAX_WEIGHT, weight_problem
 from difflora.errors import AdapterSpecError
 
 GRAMMAR = (
@@ -122,8 +123,9 @@ def _number(text: str, fragment: str, what: str) -> float:
         value = float(text.strip())
     except ValueError:
         raise _spec_error(fragment, text, f"{what} must be a number") from None
-    if not math.isfinite(value):
-        raise _spec_error(fragment, text, f"{what} must be finite")
+    problem = weight_problem(value)  # 1e308 times an update overflows; past the bound a LoRA is noise
+    if problem:
+        raise _spec_error(fragment, text, f"{what} {problem}")
     return value
 
 
@@ -138,8 +140,11 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
         weights = [float(v) for v in values.split(",")]
     except ValueError:
         weights = []
-    if not all(math.isfinite(w) for w in weights):  # "nan" and "inf" parse as floats, and poison a model
+    if any(weight_problem(w) for w in weights):  # "nan", "inf" and 1e308 parse as floats, and poison a model
         weights = []
     if not sep or not name.strip() or not weights:
-        raise AdapterSpecError(f"Malformed --sweep {text!r}.\nGrammar: NAME:W1,W2,...  e.g. style:0,0.5,1")
+        raise AdapterSpecError(
+            f"Malformed --sweep {text!r} (weights are finite numbers within ±{MAX_WEIGHT:g}).\n"
+            "Grammar: NAME:W1,W2,...  e.g. style:0,0.5,1"
+        )
     return name.strip(), weights

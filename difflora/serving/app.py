@@ -24,11 +24,12 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from difflora.composition.find import UnknownAdapterError
 from difflora.config.generate import GenerateConfig
+from difflora.config.serve import ServeConfig
 from difflora.errors import (
     AdapterCompatibilityError,
     AdapterFormatError,
@@ -36,6 +37,7 @@ from difflora.errors import (
     ConfigError,
     DiffloraError,
 )
+from difflora.serving.body import BodyLimit
 from difflora.serving.engine import Engine, Result
 from difflora.serving.metrics import CONTENT_TYPE, exposition
 
@@ -66,7 +68,7 @@ class GenerateBody(BaseModel):
     prompt: str
     negative_prompt: str = GenerateConfig.negative_prompt
     adapters: str = ""
-    seed: int | None = Field(None, ge=0, lt=2**63)  # a torch.Generator seed
+    seed: int | None = None  # this and every range: GenerateConfig's (config.limits), the CLI's too
     steps: int = GenerateConfig.steps
     width: int | None = None
     height: int | None = None
@@ -85,10 +87,13 @@ class GenerateBody(BaseModel):
         return GenerateConfig(**values, adapters=(self.adapters,) if self.adapters.strip() else ())
 
 
-def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, *, token: str | None = None, max_body_bytes: int = ServeConfig.max_body_kb * 1024
+) -> FastAPI:
     """The application serving `engine`. With `token`, every route but /health needs
-    `Authorization: Bearer <token>`."""
+    `Authorization: Bearer <token>`; a body over `max_body_bytes` is refused (413) before it is read whole."""
     app = FastAPI(title="difflora", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)  # added first, so it runs under the token check
     _add_middleware(app, engine, token)
     _add_error_handlers(app)
     _add_routes(app, engine)
