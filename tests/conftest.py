@@ -123,10 +123,23 @@ def real_checkpoint(request) -> Iterator[Path]:
     It lives in a fresh /tmp folder: pytest keeps tmp_path folders, which must not keep gigabytes."""
     from tests.support.checkpoints import write_single_file
 
-    folder = Path(tempfile.mkdtemp(prefix="difflora-ckpt-", dir="/tmp"))
+    _remove_checkpoints_of_ended_sessions()
+    folder = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-", dir="/tmp"))
     try:
         path = folder / f"{request.param}.safetensors"
         write_single_file(path, request.param)
         yield path
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+CHECKPOINT_PREFIX = "difflora-ckpt-"
+
+
+def _remove_checkpoints_of_ended_sessions() -> None:
+    """A session killed before its teardown leaves its checkpoint (up to 7 GB) in /tmp; the folder names the
+    process that wrote it, so the next session removes those whose process is gone."""
+    for folder in Path("/tmp").glob(f"{CHECKPOINT_PREFIX}*-*"):
+        pid = folder.name.removeprefix(CHECKPOINT_PREFIX).split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)

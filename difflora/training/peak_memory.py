@@ -1,7 +1,7 @@
 """Peak memory per run, measured: the `time:` line and timing.json, beside the plan's estimate
 (difflora.training.memory) so the two can be compared.
 
-Measured: the process's peak resident set size (the kernel's high-water mark, `ru_maxrss`), and on CUDA
+Measured: the process's peak resident set size (the kernel's high-water mark, VmHWM on Linux), and on CUDA
 also `torch.cuda.max_memory_allocated`. The RSS mark cannot be reset cheaply, so per phase it is the mark
 *after* the phase (the phase where it rose is the one that set it); CUDA's counter is reset at each phase's
 start, so there each phase gets its own peak.
@@ -18,7 +18,18 @@ MIB = 2**20
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size in bytes (0 where the platform cannot say)."""
+    """The process's peak resident set size in bytes (0 where the platform cannot say).
+
+    On Linux the kernel's VmHWM: the peak of this process's own memory. `ru_maxrss` is not that: it starts
+    at the parent's peak when a process is started (copied over fork, kept over exec) and takes in the
+    peak at any thread's exit, so a run started from a large process, or after one, reported their peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows: psutil (an accelerate dependency) reads the peak working set
@@ -48,7 +59,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def stop(self, phase: str) -> None:
-        self.after_phase_rss[phase] = peak_rss_bytes()
+        # the kernel updates VmHWM lazily (at unmaps, from per-thread counters), so a later reading can come
+        # out a few pages lower: the run's mark is the highest seen so far
+        self.after_phase_rss[phase] = max(peak_rss_bytes(), *self.after_phase_rss.values(), 0)
         if cuda_in_use(self.device):
             peak = torch.cuda.max_memory_allocated(self.device)
             self.phase_cuda[phase] = max(self.phase_cuda.get(phase, 0), peak)
