@@ -40,6 +40,11 @@ def test_two_process_accelerate_run(tmp_path):
     command = [*launcher, "--main_process_port", "29517", "-m", "difflora", "train", str(data)]
     command += ["--model", str(tmp_path / "model"), "--resolution", "16", "--max-steps", "4"]
     command += ["--save-every", "2", "--sample-every", "0", "--output-dir", str(tmp_path / "out")]
+    command += [
+        "--validation-split",
+        "0.25",
+        "--keep-best",
+    ]  # every process validates: collectives stay matched
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,3 +56,7 @@ def test_two_process_accelerate_run(tmp_path):
     assert len((run / "loss.csv").read_text().strip().splitlines()) == 1 + 4
     state = json.loads((run / "checkpoints" / "step-000004" / "state.json").read_text())
     assert [key for key, _ in state["rng"]["__dict__"]] == ["0", "1"]  # both processes RNG states
+    assert (tmp_path / "out" / "stripes.best.safetensors").is_file()
+    assert (
+        result.stderr.count("validation: lowest loss") + result.stdout.count("validation: lowest loss") == 1
+    )

@@ -17,7 +17,8 @@ from typing import Any, Literal, Protocol
 
 from difflora.adapter.spec import TEXT_ENCODER_TARGETS, LoraSpec
 from difflora.config import Problems, build_config, coerce_to_tuples, read_toml
-from difflora.config.train_checks import check_choices, check_counts, check_rates
+from difflora.config.train_blocks import block_filter
+from difflora.config.train_checks import check_choices, check_counts, check_rates, check_validation
 from difflora.errors import ConfigError
 
 Precision = Literal["no", "fp16", "bf16"]
@@ -255,6 +256,17 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each such step is skipped)."""
 
+    # ---------------------------------------------------------------- validation
+    validation_split: float = 0.0
+    """Hold out this share of the images (at least one, chosen from --seed, listed in the plan) and measure
+    the loss on them at each checkpoint: at fixed timesteps and fixed noise, so the curve follows the adapter."""
+    validation_dir: str | None = None
+    """A folder of held-out images and captions to measure the validation loss on (instead of a split)."""
+    validate_every: int = 0
+    """Also measure the validation loss every N steps (0: at each checkpoint only)."""
+    keep_best: bool = False
+    """Also write the adapter of the checkpoint with the lowest validation loss, as <name>.best.safetensors."""
+
     def __post_init__(self) -> None:
         coerce_to_tuples(self, "unet_targets", "text_encoder_targets", "sample_prompts", "blocks")
         object.__setattr__(self, "sample_seeds", tuple(int(s) for s in self.sample_seeds))
@@ -263,6 +275,7 @@ class TrainConfig:
         check_counts(self, problems)
         check_rates(self, problems)
         check_choices(self, problems)
+        check_validation(self, problems)
         problems.raise_if_any("train")
 
     # Derived values: the plan prints these next to the rule that produced them.
@@ -332,23 +345,6 @@ class TrainConfig:
         return self.effective_learning_rate(family)
 
 
-def block_filter(specs: Sequence[str], lists: Mapping[str, str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """`--blocks double=0-3,7` -> (("transformer_blocks", (0, 1, 2, 3, 7)),): each kind's module list (as
-    the family names it) with the block indices kept."""
-    found = []
-    for spec in specs:
-        kind, _, ranges = spec.partition("=")
-        if kind not in lists:
-            known = ", ".join(lists) or "none (it has no numbered transformer blocks)"
-            raise ConfigError(f"--blocks {spec}: the model's block kinds are {known}.")
-        indices: list[int] = []
-        for part in ranges.split(","):
-            low, _, high = part.strip().partition("-")
-            indices.extend(range(int(low), int(high or low) + 1))
-        found.append((lists[kind], tuple(sorted(set(indices)))))
-    return tuple(found)
-
-
 # Fields that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = frozenset(
     {
@@ -369,6 +365,8 @@ RESUMABLE_CHANGES = frozenset(
         "cache_dir",
         "max_steps",
         "epochs",
+        "validate_every",
+        "keep_best",
     }
 )
 

@@ -4,6 +4,7 @@ collected with the flag it concerns, so one ConfigError lists them all. Kept apa
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from difflora.config import Problems
@@ -109,3 +110,24 @@ def _is_range(text: str) -> bool:
     """`7` or `0-18`: a block index or an inclusive range of them."""
     low, _, high = text.strip().partition("-")
     return low.isdigit() and (not high or (high.isdigit() and int(high) >= int(low)))
+
+
+def check_validation(config: TrainConfig, p: Problems) -> None:
+    """The validation options: one source of held-out images, and the options that need one."""
+    split, folder = config.validation_split, config.validation_dir
+    p.check(0.0 <= split < 1.0, "validation_split", f"must be in [0, 1), got {split}")
+    p.check(config.validate_every >= 0, "validate_every", f"must be 0 or more, got {config.validate_every}")
+    if split and folder:
+        p.add("validation_dir", "--validation-split and --validation-dir both given: choose one")
+    if not (split or folder):
+        for name in ("validate_every", "keep_best"):
+            if getattr(config, name):
+                p.add(name, "needs held-out images: add --validation-split 0.1 or --validation-dir DIR")
+    if folder and config.data_dir:
+        data, held = Path(config.data_dir).resolve(), Path(folder).resolve()
+        if held == data or data in held.parents:
+            p.add(
+                "validation_dir",
+                f"{folder} is inside the training folder, so its images would train too: "
+                "move it out of the training folder",
+            )

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from difflora.config.train import TrainConfig
 from difflora.data.buckets import Bucket
-from difflora.data.examples import ScanResult
+from difflora.data.examples import Example, ScanResult
+from difflora.data.validation import describe_held_out
 from difflora.errors import first_n
 from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
 from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
@@ -35,6 +36,7 @@ class CheckReport:
     max_tokens: int | None
     tokens_estimated: bool  # True when no tokenizer was available and token counts are a lower bound
     model_note: str | None = None  # why the model's geometry fell back to defaults, if it did
+    validation: str = ""  # the held-out images, described, when the settings hold some out
 
     @property
     def errors(self) -> list[str]:
@@ -150,7 +152,10 @@ class CheckReport:
         return f"Most common tags ({len(total)} distinct): {common}"
 
     def _plan(self) -> str:
-        return f"Training plan\n  {self.plan.describe()}" if self.plan else ""
+        if not self.plan:
+            return ""
+        held = f"\n  validation: {self.validation}" if self.validation else ""
+        return f"Training plan\n  {self.plan.describe()}{held}"
 
     def _verdict(self) -> str:
         if self.ok:
@@ -193,4 +198,13 @@ def check_dataset(settings: DataSettings, tokens: Tokens) -> CheckReport:
         plan=planned.plan,
         max_tokens=tokens.max_tokens,
         tokens_estimated=tokens.count is None,
+        validation=held_out_source(settings.validation_split, settings.validation_dir, planned.validation),
     )
+
+
+def held_out_source(split: float, directory: Path | str | None, held: list[Example]) -> str:
+    """The held-out images described with the option that chose them ('' when none are held out)."""
+    if not held:
+        return ""
+    source = f"--validation-dir {directory}" if directory else f"--validation-split {split:g}"
+    return describe_held_out(held, source)

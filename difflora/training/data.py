@@ -22,14 +22,21 @@ from typing import Any
 
 import torch
 
-from difflora.data.batches import BucketBatchSampler, Draw, TrainingDataset, collate, latent_requests
+from difflora.data.batches import (
+    NO_AUGMENTATION,
+    BucketBatchSampler,
+    Draw,
+    TrainingDataset,
+    collate,
+    latent_requests,
+)
 from difflora.data.buckets import Bucket
 from difflora.data.cache import LatentCache, TextEmbeddingCache, random_crop_with_cache_message, vae_encoder
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.examples import ScanResult
 from difflora.errors import DatasetError
 from difflora.hashing import weights_fingerprint
-from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
+from difflora.training.plan import DatasetPlan, DataSettings, Tokens, TrainingPlan, plan_dataset
 from difflora.training.text import caption_encoder, pipeline_conditioning, pipeline_text_encoders
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,7 @@ class TrainingData:
     world_size: int
     rank: int
     notes: list[str] = field(default_factory=list)
+    validation: TrainingDataset | None = None  # the held-out images, cached as the training ones
 
     def stream(self, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(epoch, collated batch) for micro-batches start, start+1, ... of this process, forever."""
@@ -80,6 +88,7 @@ def prepare_data(
     with main_first or nullcontext():
         latents = _latent_cache(examples, crops, pipe, settings.flip, cache_dir) if cache_latents else None
         texts = _text_cache(examples, augmentation, pipe, cache_dir) if cache_text else None
+        validation = _held_out_dataset(planned, pipe, cache_latents, cache_text, cache_dir)
     notes = [random_crop_with_cache_message()] if cache_latents and settings.random_crop else []
     dataset = TrainingDataset(
         examples,
@@ -101,7 +110,21 @@ def prepare_data(
         world_size=settings.world_size,
         rank=rank,
         notes=notes,
+        validation=validation,
     )
+
+
+def _held_out_dataset(
+    planned: DatasetPlan, pipe: Any, cache_latents: bool, cache_text: bool, cache_dir: Path
+) -> TrainingDataset | None:
+    """The held-out images as a data set: centre crops, never mirrored, captions as written, cached with
+    the training images' caches (so the VAE and text encoders can be freed before the first step)."""
+    held, crops = planned.validation, planned.validation_crops
+    if not held:
+        return None
+    latents = _latent_cache(held, crops, pipe, False, cache_dir) if cache_latents else None
+    texts = _text_cache(held, NO_AUGMENTATION, pipe, cache_dir) if cache_text else None
+    return TrainingDataset(held, crops, latents=latents, texts=texts)
 
 
 def _latent_cache(examples, plans, pipe: Any, flip: bool, cache_dir: Path):

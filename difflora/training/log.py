@@ -18,7 +18,8 @@ from difflora.safe_io import disk_full_error, is_disk_full, write_atomic
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "skipped", "seconds")
+CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "skipped", "seconds", "validation_loss")
+OPTIONAL_FIELDS = ("validation_loss",)  # empty where not measured, absent from logs of older runs
 SMOOTHING = 0.9  # exponential moving average factor of the displayed loss
 
 
@@ -46,7 +47,8 @@ def _complete(row: dict[str, str | None]) -> bool:
         float(row["smoothed_loss"] or "")
     except (KeyError, ValueError):
         return False
-    return None not in row and all(row.get(name) is not None for name in CSV_FIELDS)
+    required = (name for name in CSV_FIELDS if name not in OPTIONAL_FIELDS)
+    return None not in row and all(row.get(name) is not None for name in required)
 
 
 class TrainLog:
@@ -58,6 +60,9 @@ class TrainLog:
         self.png_path = run_dir / "loss.png"
         rows = read_loss_csv(self.csv_path, up_to_step=start_step) if start_step else []
         self.points = [LossPoint(int(r["step"]), float(r["loss"]), float(r["smoothed_loss"])) for r in rows]
+        self.validation = [
+            (int(r["step"]), float(r["validation_loss"])) for r in rows if r.get("validation_loss")
+        ]
         self._rewrite_csv(rows)
         self.smoothed: float | None = self.points[-1].smoothed if self.points else None
         self.bar = _progress_bar(total_steps, start_step) if progress else None
@@ -72,7 +77,17 @@ class TrainLog:
         self._handle = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
         self._writer = csv.DictWriter(self._handle, fieldnames=CSV_FIELDS)
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, *, skipped: bool, seconds: float) -> None:
+    def step(
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        lr: float,
+        *,
+        skipped: bool,
+        seconds: float,
+        validation: float | None = None,
+    ) -> None:
         if math.isfinite(loss):
             self.smoothed = (
                 loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
@@ -87,7 +102,10 @@ class TrainLog:
             "lr": f"{lr:.6g}",
             "skipped": int(skipped),
             "seconds": f"{seconds:.4f}",
+            "validation_loss": "" if validation is None else repr(validation),  # repr: exact, for comparisons
         }
+        if validation is not None:
+            self.validation.append((step, validation))
         try:
             self._writer.writerow(row)
             self._handle.flush()
@@ -102,6 +120,8 @@ class TrainLog:
             self.tensorboard.add_scalar("loss/step", loss, step)
             self.tensorboard.add_scalar("loss/smoothed", smoothed, step)
             self.tensorboard.add_scalar("lr", lr, step)
+            if validation is not None:
+                self.tensorboard.add_scalar("loss/validation", validation, step)
         if self.bar is not None:
             self.bar.set_postfix_str(f"epoch {epoch}, loss {smoothed:.4f}, lr {lr:.2e}", refresh=False)
             self.bar.update(1)
@@ -110,7 +130,7 @@ class TrainLog:
         if not self.points:
             return None
         buffer = io.BytesIO()
-        draw_loss_curve(self.points).save(buffer, format="PNG")
+        draw_loss_curve(self.points, self.validation).save(buffer, format="PNG")
         return write_atomic(self.png_path, buffer.getvalue())
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -158,9 +178,15 @@ def _tensorboard_writer(directory: Path):
 # ------------------------------------------------------------------------------------------ the PNG
 
 
-def draw_loss_curve(points: list[LossPoint], size: tuple[int, int] = (640, 360)) -> Image.Image:
+def draw_loss_curve(
+    points: list[LossPoint],
+    validation: list[tuple[int, float]] | None = None,
+    size: tuple[int, int] = (640, 360),
+) -> Image.Image:
     """Raw loss (light) and its moving average (dark) against the step, on a log-free linear axis whose
-    top is the 98th percentile of the raw loss, so one spike does not flatten the whole curve."""
+    top is the 98th percentile of the raw loss, so one spike does not flatten the whole curve; the
+    validation loss (orange, a dot per measurement) where it was measured."""
+    validation = validation or []
     width, height = size
     left, right, top, bottom = 64, 16, 28, 36
     image = Image.new("RGB", size, "white")
@@ -168,9 +194,9 @@ def draw_loss_curve(points: list[LossPoint], size: tuple[int, int] = (640, 360))
     font = ImageFont.load_default()
     steps = [p.step for p in points]
     losses = sorted(p.loss for p in points)
-    low = min(min(losses), min(p.smoothed for p in points))
+    low = min(min(losses), min(p.smoothed for p in points), *(v for _, v in validation))
     high = losses[min(len(losses) - 1, int(0.98 * len(losses)))]
-    high = max(high, max(p.smoothed for p in points))
+    high = max(high, max(p.smoothed for p in points), *(v for _, v in validation))
     if high <= low:
         high = low + 1e-6
     first, last = min(steps), max(max(steps), min(steps) + 1)
@@ -191,11 +217,21 @@ def draw_loss_curve(points: list[LossPoint], size: tuple[int, int] = (640, 360))
         draw.text((x - 12, height - bottom + 6), f"{int(step)}", fill="black", font=font)
     draw.text(
         (left, 8),
-        f"loss (light: per step, dark: moving average), {len(points)} steps",
+        f"loss (light: per step, dark: moving average{', orange: validation' if validation else ''}), "
+        f"{len(points)} steps",
         fill="black",
         font=font,
     )
     if len(points) > 1:
         draw.line([xy(p.step, p.loss) for p in points], fill=(170, 190, 230), width=1)
         draw.line([xy(p.step, p.smoothed) for p in points], fill=(20, 50, 140), width=2)
+    _draw_validation(draw, [xy(step, value) for step, value in validation])
     return image
+
+
+def _draw_validation(draw: ImageDraw.ImageDraw, places: list[tuple[float, float]]) -> None:
+    orange = (230, 120, 20)
+    if len(places) > 1:
+        draw.line(places, fill=orange, width=2)
+    for x, y in places:
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=orange)

@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 
-from difflora.data.batches import derived_rng
 from difflora.errors import TrainingDivergedError
 from difflora.faults import fault_point
-from difflora.models.families.conditioning import TextConditioning
+from difflora.training.forward import latents_of, micro_seed, predict
 from difflora.training.loss import diffusion_loss, noised_batch
 from difflora.training.outputs import render_samples, save_state
 from difflora.training.run import Run
-from difflora.training.text import caption_encoder, pipeline_conditioning
+from difflora.training.validation import measure
 
 Stream = Iterator[tuple[int, dict[str, Any]]]
 
@@ -38,7 +37,7 @@ Stream = Iterator[tuple[int, dict[str, Any]]]
 def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> torch.Tensor:
     """The diffusion loss of one micro-batch (the test suite patches this to inject a NaN)."""
     objective = run.objective
-    latents = objective.normalize(_latents(batch, run, generator))
+    latents = objective.normalize(latents_of(batch, run, generator))
     if objective.flow is not None:  # rectified flow: σ, x_σ and the velocity target
         noised = objective.flow.noised(latents, generator)
     else:
@@ -50,45 +49,8 @@ def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> to
             noise_offset=objective.noise_offset,
             min_snr_gamma=objective.min_snr_gamma,
         )
-    conditioning = pipeline_conditioning(run.models.pipe)
-    prediction = conditioning.predict(
-        run.unet,
-        noised.noisy,
-        noised.timesteps,
-        _text(batch, run, conditioning),
-        batch,
-        device=run.accelerator.device,
-        dtype=run.models.weight_dtype,
-        guidance=objective.guidance,
-    )
+    prediction = predict(run, batch, noised.noisy, noised.timesteps)
     return diffusion_loss(prediction, noised.target, noised.weights)
-
-
-def _latents(batch: dict[str, Any], run: Run, generator: torch.Generator) -> torch.Tensor:
-    device = run.accelerator.device
-    if "latent_mean" in batch:  # cached posterior: sample it like latent_dist.sample() would
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        return (mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)).to(device)
-    vae = run.models.pipe.vae
-    with torch.no_grad():
-        pixels = batch["pixels"].to(device, vae.dtype)
-        return vae.encode(pixels).latent_dist.sample(generator=generator).float()
-
-
-def _text(batch: dict[str, Any], run: Run, conditioning: TextConditioning) -> dict[str, torch.Tensor]:
-    """The batch's cached text embeddings, or its captions encoded now (with gradients into the text
-    encoders' LoRA layers when they train)."""
-    if "text" in batch:
-        return batch["text"]
-    encode = caption_encoder(conditioning, run.tokenizers, list(run.text_encoders.values()))
-    if run.models.train_text_encoder:
-        return encode(batch["caption"])
-    with torch.no_grad():
-        return encode(batch["caption"])
-
-
-def micro_seed(seed: int, micro_batch: int, process: int, stream: str) -> int:
-    return derived_rng(stream, seed, micro_batch, process).getrandbits(63)
 
 
 def run_loop(run: Run) -> None:
@@ -103,14 +65,27 @@ def run_loop(run: Run) -> None:
             run.scheduler.step()
         step += 1
         bad_streak = bad_streak + 1 if bad else 0
+        validation = _validate(run, step)
         if run.log is not None:
             shown = sum(losses) / len(losses) if not bad else float("nan")
             lr = run.scheduler.get_last_lr()[0]
-            run.log.step(step, epoch, shown, lr, skipped=bad, seconds=time.perf_counter() - began)
+            seconds = time.perf_counter() - began
+            run.log.step(step, epoch, shown, lr, skipped=bad, seconds=seconds, validation=validation)
         if bad_streak >= settings.max_bad_steps:
             _diverged(run, step, bad_streak)
         _save_or_sample(run, step, epoch, healthy=not bad_streak)
     run.final_epoch = epoch
+
+
+def _validate(run: Run, step: int) -> float | None:
+    """The validation loss when one is due at `step` (timed as its own phase), else None."""
+    settings, validation = run.loop, run.validation
+    if validation is None or not validation.due(
+        step, total=settings.total_steps, save_every=settings.save_every
+    ):
+        return None
+    with run.times.phase("validation"):
+        return measure(run, step)
 
 
 def _accumulate(run: Run, stream: Stream, step: int) -> tuple[int, list[float], bool]:

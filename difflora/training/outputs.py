@@ -25,6 +25,7 @@ from difflora.training.advice import gradient_advice
 from difflora.training.checkpoint import Checkpoint, rng_state, save_checkpoint
 from difflora.training.run import Run
 from difflora.training.samples import render_sample_grid, save_grid
+from difflora.training.validation import keep_if_best, report_best
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ def _write_checkpoint(
     run: Run, step: int, epoch: int, rngs: list, grid: bytes | None, *, finished: bool
 ) -> Checkpoint:
     """The checkpoint files, the gradient log and the loss curve (main process)."""
-    adapter = build_adapter(run, step=step, finished=finished)
+    adapter_bytes = adapter_file_bytes(build_adapter(run, step=step, finished=finished))
+    keep_if_best(run, step, adapter_bytes)  # before the checkpoint: a resumed run rewrites the same file
+    best = run.validation.best if run.validation is not None else None
     checkpoint = save_checkpoint(
         run.paths.checkpoints,
         step,
@@ -135,8 +138,9 @@ def _write_checkpoint(
             "epoch": epoch,
             "started_at": run.started_at,
             "torch_threads": torch.get_num_threads(),
+            "validation_best": list(best) if best is not None else None,
         },
-        adapter_bytes=adapter_file_bytes(adapter),
+        adapter_bytes=adapter_bytes,
         extra_files={"samples.png": grid} if grid else None,
         extra_state={"adaptive_rank": run.ranks.state()} if run.ranks is not None else None,
         keep=run.loop.keep_checkpoints,
@@ -162,6 +166,7 @@ def finish_run(run: Run) -> Path:
             write_atomic(run.paths.adapter, payload, fault="adapter-write")
         if run.ranks is not None:
             logger.info("%s", run.ranks.describe())
+        report_best(run)
         logger.info("adapter written: %s (run directory %s)", run.paths.adapter, run.paths.run_dir)
         run.times.write(run.paths.run_dir / "timing.json")
         logger.info("time: %s", run.times.summary())

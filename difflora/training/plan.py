@@ -21,15 +21,16 @@ Length, in order of precedence:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from difflora.data.batches import BucketBatchSampler, plan_examples
 from difflora.data.buckets import Bucket, CropPlan, bucket_histogram, make_buckets
 from difflora.data.captions import TokenCounter, rough_token_count
-from difflora.data.examples import ScanResult
+from difflora.data.examples import Example, ScanResult
 from difflora.data.scan import scan_folder
+from difflora.data.validation import hold_out
 from difflora.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -136,6 +137,8 @@ class DataSettings:
     epochs: int | None
     seed: int
     world_size: int = 1
+    validation_split: float = 0.0  # the share of the folder held out for the validation loss
+    validation_dir: Path | None = None  # or a folder of held-out images
 
     @classmethod
     def from_config(
@@ -156,6 +159,8 @@ class DataSettings:
             epochs=config.epochs,
             seed=config.seed,
             world_size=world_size,
+            validation_split=config.validation_split,
+            validation_dir=Path(config.validation_dir) if config.validation_dir else None,
         )
 
 
@@ -178,6 +183,8 @@ class DatasetPlan:
     sampler: BucketBatchSampler
     per_process_batches: int  # batches each process takes per epoch
     plan: TrainingPlan | None  # None when nothing is usable
+    validation: list[Example] = field(default_factory=list)  # held out: never trained on
+    validation_crops: list[CropPlan] = field(default_factory=list)  # their buckets, centre-cropped
 
     @property
     def histogram(self) -> dict[Bucket, int]:
@@ -197,14 +204,8 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
         buckets = make_buckets(settings.resolution, settings.bucket_step)
     except ValueError as error:
         raise ConfigError(f"--resolution: {error}") from None
-    scan = scan_folder(
-        settings.root,
-        caption_extension=settings.caption_extension,
-        trigger=settings.trigger,
-        max_tokens=tokens.max_tokens,
-        count_tokens=tokens.count or rough_token_count,
-        strict=strict,
-    )
+    scan = _scan(settings.root, settings, tokens, strict=strict)
+    scan, held = _held_out(scan, settings, tokens, strict=strict)
     examples = scan.examples
     crop = "random" if settings.random_crop else "center"
     crops = plan_examples(
@@ -234,4 +235,36 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
             max_steps=settings.max_steps,
             epochs=settings.epochs,
         )
-    return DatasetPlan(scan, crops, sampler, per_process, plan)
+    held_crops = plan_examples(
+        held,
+        buckets,
+        no_upscale=settings.no_upscale,
+        step=settings.bucket_step,
+        crop="center",
+        seed=settings.seed,
+    )
+    return DatasetPlan(scan, crops, sampler, per_process, plan, held, held_crops)
+
+
+def _scan(root: Path, settings: DataSettings, tokens: Tokens, *, strict: bool) -> ScanResult:
+    return scan_folder(
+        root,
+        caption_extension=settings.caption_extension,
+        trigger=settings.trigger,
+        max_tokens=tokens.max_tokens,
+        count_tokens=tokens.count or rough_token_count,
+        strict=strict,
+    )
+
+
+def _held_out(
+    scan: ScanResult, settings: DataSettings, tokens: Tokens, *, strict: bool
+) -> tuple[ScanResult, list[Example]]:
+    """The scan without its held-out images (--validation-split), and the held-out images: those, or
+    --validation-dir's (scanned with the training folder's caption rules)."""
+    if settings.validation_dir is not None:
+        return scan, _scan(settings.validation_dir, settings, tokens, strict=strict).examples
+    if not settings.validation_split or not scan.examples:
+        return scan, []
+    training, held = hold_out(scan.examples, settings.validation_split, settings.seed)
+    return replace(scan, examples=training), held

@@ -7,11 +7,14 @@ from difflora.config.train import TrainConfig
 from difflora.models.architecture import pipeline_architecture
 from difflora.models.quantize import COMPONENT_LABELS
 from difflora.training.advice import plan_advice
+from difflora.training.check import held_out_source
 from difflora.training.memory import MemoryEstimate, estimate_memory
 from difflora.training.precision import precision_note
 from difflora.training.run import Run
 from difflora.training.setup import Models
 from difflora.training.text import pipeline_conditioning
+from difflora.training.validation import GRID_POINTS
+from difflora.training.validation_set import best_adapter_path
 
 
 def describe_plan(config: TrainConfig, run: Run) -> str:
@@ -58,21 +61,38 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         else "  samples     off",
         f"  output      {run.paths.adapter}",
     ]
+    _add_optional_lines(lines, config, run)
+    report = format_parameter_report(parameter_report(models.trained_components))
+    return "\n".join(lines) + "\n" + report
+
+
+def _add_optional_lines(lines: list[str], config: TrainConfig, run: Run) -> None:
+    """The plan's lines that only some runs have (variants, quantization, validation, notes, advice)."""
     variants = _variants(config, run)
     if variants:
         lines.insert(5, f"  variants    {variants}")
-    if models.quantized is not None:
-        lines.insert(4, f"  quantized   {models.quantized.describe()}")
+    if run.models.quantized is not None:
+        lines.insert(4, f"  quantized   {run.models.quantized.describe()}")
     lines.insert(-1, f"  memory      {_memory_line(config, run)}")
+    if run.validation is not None:
+        lines.insert(-2, f"  validation  {_validation(config, run)}")
     if run.start_step:
         lines.append(f"  resuming    at step {run.start_step}")
     precision = precision_note(config.mixed_precision, run.accelerator.device)
-    for note in (*data.notes, *([precision] if precision else [])):
+    for note in (*run.data.notes, *([precision] if precision else [])):
         lines.append(f"  note        {note}")
     if not config.quiet_advice:
         lines += [f"  advice      {line}" for line in _advice(config, run)]
-    report = format_parameter_report(parameter_report(models.trained_components))
-    return "\n".join(lines) + "\n" + report
+
+
+def _validation(config: TrainConfig, run: Run) -> str:
+    """Which images are held out, and when and how their loss is measured."""
+    held = run.validation.dataset.examples if run.validation is not None else []
+    when = f"every {config.validate_every} steps, " if config.validate_every else ""
+    best = f"; --keep-best -> {best_adapter_path(run.paths.adapter).name}" if config.keep_best else ""
+    source = held_out_source(config.validation_split, config.validation_dir, held)
+    levels = f"loss at {GRID_POINTS} fixed noise levels with fixed noise"
+    return f"{source}; {levels}, {when}at each checkpoint and at the end{best}"
 
 
 def _advice(config: TrainConfig, run: Run) -> list[str]:

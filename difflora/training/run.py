@@ -41,6 +41,7 @@ from difflora.training.log import TrainLog
 from difflora.training.record import RunRecord
 from difflora.training.setup import Models
 from difflora.training.timing import PhaseTimes
+from difflora.training.validation_set import Validation
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -168,6 +169,7 @@ class Run:
     times: PhaseTimes = field(default_factory=PhaseTimes)
     ranks: RankAllocation | None = None  # --adaptive-rank: the AdaLoRA rank allocation the loop drives
     quiet_advice: bool = False  # --quiet-advice: no advice lines (difflora.training.advice)
+    validation: Validation | None = None  # the held-out set (--validation-split / --validation-dir)
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:
@@ -221,6 +223,9 @@ def _restore(run: Run, checkpoint: Checkpoint, *, keep_thread_count: bool) -> in
     if own is not None:
         restore_rng(own)
     run.started_at = loaded.info.get("started_at", run.started_at)
+    best = loaded.info.get("validation_best")
+    if run.validation is not None and best is not None:
+        run.validation.best = (int(best[0]), float(best[1]))
     logger.info("resuming from %s (step %d of %d)", checkpoint.path, loaded.step, run.loop.total_steps)
     return loaded.step
 

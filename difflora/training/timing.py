@@ -16,12 +16,13 @@ from difflora.safe_io import write_atomic
 from difflora.training.peak_memory import PeakMemory
 
 # The phases in the order a run meets them; "other" is what no phase covers (optimizer set-up, logging).
-PHASES = ("load", "threads", "caching", "steps", "previews", "checkpoints", "final_save")
+PHASES = ("load", "threads", "caching", "steps", "validation", "previews", "checkpoints", "final_save")
 _LABELS = {
     "load": "model load",
     "threads": "thread choice",
     "caching": "caching",
     "steps": "steps",
+    "validation": "validation loss",
     "previews": "sample grids",
     "checkpoints": "checkpoints",
     "final_save": "final save",

@@ -62,6 +62,7 @@ from difflora.training.setup import (
 from difflora.training.text import pipeline_text_encoders
 from difflora.training.threads import MEMORY_FILE, set_threads
 from difflora.training.timing import PhaseTimes
+from difflora.training.validation_set import Validation
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -306,6 +307,17 @@ def _assemble(
             groups=groups,
         ),
         ranks=_rank_allocation(config, models, total),
+        validation=_validation(config, data),
+    )
+
+
+def _validation(config: TrainConfig, data: TrainingData) -> Validation | None:
+    held = data.validation
+    if held is None:
+        return None
+    names = tuple(example.path.name for example in held.examples)
+    return Validation(
+        held, names, every=config.validate_every, keep_best=config.keep_best, chunk=2 * config.batch_size
     )
 
 
