@@ -27,7 +27,7 @@ def train_command(data_dir: tuple[Path, ...], config_file: Path | None, **flags:
     directory beside it with the plan, loss log and curve, samples and checkpoints. Several folders (or
     [[adapter]] tables in --config) train one adapter each, in one process over one loaded base model.
     """
-    from difflora.config.train import load_train_configs
+    from difflora.config.train_files import load_train_configs
     from difflora.training.lock import interrupted_message, run_paths
     from difflora.training.trainer import train, train_many
 

@@ -10,16 +10,19 @@ the embedded model in a few minutes on two CPU cores (measured runs in BENCHMARK
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from difflora.adapter.spec import TEXT_ENCODER_TARGETS, LoraSpec
-from difflora.config import Problems, build_config, coerce_to_tuples, read_toml
+from difflora.config import Problems, coerce_to_tuples
 from difflora.config.train_blocks import block_filter
-from difflora.config.train_checks import check_choices, check_counts, check_rates, check_validation
-from difflora.errors import ConfigError
+from difflora.config.train_checks import (
+    check_choices,
+    check_counts,
+    check_ema,
+    check_rates,
+    check_validation,
+)
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
@@ -266,6 +269,11 @@ class TrainConfig:
     """Also measure the validation loss every N steps (0: at each checkpoint only)."""
     keep_best: bool = False
     """Also write the adapter of the checkpoint with the lowest validation loss, as <name>.best.safetensors."""
+    ema: float = 0.0
+    """Keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; 0: off), written as
+    <name>.ema.safetensors with its own sample grid and validation loss."""
+    ema_on_cpu: bool = False
+    """Keep the --ema average in CPU memory (float32) instead of beside the model."""
 
     def __post_init__(self) -> None:
         coerce_to_tuples(self, "unet_targets", "text_encoder_targets", "sample_prompts", "blocks")
@@ -276,6 +284,7 @@ class TrainConfig:
         check_rates(self, problems)
         check_choices(self, problems)
         check_validation(self, problems)
+        check_ema(self, problems)
         problems.raise_if_any("train")
 
     # Derived values: the plan prints these next to the rule that produced them.
@@ -367,30 +376,6 @@ RESUMABLE_CHANGES = frozenset(
         "epochs",
         "validate_every",
         "keep_best",
+        "ema_on_cpu",
     }
 )
-
-
-def load_train_configs(
-    toml_path: Path | None, flags: Mapping[str, Any], data_dirs: Sequence[str]
-) -> list[TrainConfig]:
-    """One TrainConfig per adapter to train: one per folder in `data_dirs`, or one per [[adapter]] table of
-    the TOML file (each table's keys over the file's [train] settings); flags given on the command line
-    apply to every adapter. Each adapter is named after its folder unless its table names it."""
-    data = read_toml(toml_path) if toml_path is not None else {}
-    tables = data.get("adapter", [])
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise ConfigError(f"{toml_path}: 'adapter' must be [[adapter]] tables, one per adapter to train.")
-    shared = (
-        data.get("train")
-        if isinstance(data.get("train"), dict)
-        else {k: v for k, v in data.items() if k != "adapter"}
-    )
-    source = str(toml_path)
-    several = len(data_dirs) > 1 or len(tables) > 1
-    if tables and data_dirs:
-        raise ConfigError("Give the folders either on the command line or as [[adapter]] tables, not both.")
-    if several and flags.get("name"):
-        raise ConfigError("--name names one adapter; with several folders each is named after its folder.")
-    entries = [{**shared, **table} for table in tables] or [{**shared, "data_dir": d} for d in data_dirs]
-    return [build_config(TrainConfig, entry, flags, source=source) for entry in entries or [shared]]

@@ -131,3 +131,9 @@ def check_validation(config: TrainConfig, p: Problems) -> None:
                 f"{folder} is inside the training folder, so its images would train too: "
                 "move it out of the training folder",
             )
+
+
+def check_ema(config: TrainConfig, p: Problems) -> None:
+    p.check(0.0 <= config.ema < 1.0, "ema", f"must be in [0, 1) (e.g. 0.999; 0: off), got {config.ema}")
+    if config.ema_on_cpu and not config.ema:
+        p.add("ema_on_cpu", "given without --ema: add --ema 0.999 to keep an average")

@@ -18,8 +18,9 @@ from difflora.safe_io import disk_full_error, is_disk_full, write_atomic
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "skipped", "seconds", "validation_loss")
-OPTIONAL_FIELDS = ("validation_loss",)  # empty where not measured, absent from logs of older runs
+# the validation losses are empty where not measured, and absent from logs of older runs
+OPTIONAL_FIELDS = ("validation_loss", "ema_validation_loss")
+CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "skipped", "seconds", *OPTIONAL_FIELDS)
 SMOOTHING = 0.9  # exponential moving average factor of the displayed loss
 
 
@@ -86,8 +87,10 @@ class TrainLog:
         *,
         skipped: bool,
         seconds: float,
-        validation: float | None = None,
+        validation: dict[str, float] | None = None,
     ) -> None:
+        """One step's row; `validation`: the validation losses measured at this step, by CSV column."""
+        validation = validation or {}
         if math.isfinite(loss):
             self.smoothed = (
                 loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
@@ -102,10 +105,11 @@ class TrainLog:
             "lr": f"{lr:.6g}",
             "skipped": int(skipped),
             "seconds": f"{seconds:.4f}",
-            "validation_loss": "" if validation is None else repr(validation),  # repr: exact, for comparisons
+            # repr: exact, so two runs' curves compare bit for bit
+            **{name: repr(validation[name]) if name in validation else "" for name in OPTIONAL_FIELDS},
         }
-        if validation is not None:
-            self.validation.append((step, validation))
+        if "validation_loss" in validation:
+            self.validation.append((step, validation["validation_loss"]))
         try:
             self._writer.writerow(row)
             self._handle.flush()
@@ -120,8 +124,8 @@ class TrainLog:
             self.tensorboard.add_scalar("loss/step", loss, step)
             self.tensorboard.add_scalar("loss/smoothed", smoothed, step)
             self.tensorboard.add_scalar("lr", lr, step)
-            if validation is not None:
-                self.tensorboard.add_scalar("loss/validation", validation, step)
+            for name, value in validation.items():  # loss/validation, loss/ema_validation
+                self.tensorboard.add_scalar("loss/" + name.removesuffix("_loss"), value, step)
         if self.bar is not None:
             self.bar.set_postfix_str(f"epoch {epoch}, loss {smoothed:.4f}, lr {lr:.2e}", refresh=False)
             self.bar.update(1)
@@ -152,10 +156,15 @@ class TrainLog:
         else:
             logger.info("%s", message)
 
-    def close(self) -> None:
-        self._handle.close()
+    def end_progress(self) -> None:
+        """Close the bar (its line ends), so what the run says after its last step gets lines of its own."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self._handle.close()
+        self.end_progress()
         if self.tensorboard is not None:
             self.tensorboard.close()
 

@@ -77,15 +77,20 @@ def run_loop(run: Run) -> None:
     run.final_epoch = epoch
 
 
-def _validate(run: Run, step: int) -> float | None:
-    """The validation loss when one is due at `step` (timed as its own phase), else None."""
+def _validate(run: Run, step: int) -> dict[str, float]:
+    """The validation loss when one is due at `step` (timed as its own phase), and the --ema average's."""
     settings, validation = run.loop, run.validation
     if validation is None or not validation.due(
         step, total=settings.total_steps, save_every=settings.save_every
     ):
-        return None
+        return {}
     with run.times.phase("validation"):
-        return measure(run, step)
+        values = {"validation_loss": measure(run)}
+        if run.ema is not None:
+            with run.ema.applied(run.models.trainable):
+                values["ema_validation_loss"] = measure(run)
+    validation.measured[step] = values["validation_loss"]
+    return values
 
 
 def _accumulate(run: Run, stream: Stream, step: int) -> tuple[int, list[float], bool]:
@@ -150,6 +155,8 @@ def _update(run: Run, bad: bool, step: int) -> bool:
             bad = True
     if not bad:
         run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update(run.models.trainable)
         if run.ranks is not None:  # AdaLoRA scores the gradients and prunes ranks before they are cleared
             run.ranks.update(step)
     run.optimizer.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 
 from difflora.adapter.inject import extract_weights
@@ -30,8 +31,9 @@ from difflora.training.validation import keep_if_best, report_best
 logger = logging.getLogger(__name__)
 
 
-def build_adapter(run: Run, *, step: int, finished: bool) -> Adapter:
-    """The adapter as trained so far, with everything its header says about how it was made."""
+def build_adapter(run: Run, *, step: int, finished: bool, ema: bool = False) -> Adapter:
+    """The adapter as trained so far, with everything its header says about how it was made (`ema`: the
+    model holds the --ema average, which the header says)."""
     models, data = run.models, run.data
     modules = {
         f"{component}.{name}": weights
@@ -52,10 +54,12 @@ def build_adapter(run: Run, *, step: int, finished: bool) -> Adapter:
         "training_started_at": run.started_at,
         "training_finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if finished else "",
     }
+    if ema and run.ema is not None:
+        facts["weights"] = f"moving average (--ema {run.ema.decay:g}, {run.ema.updates} updates)"
     if run.ranks is not None:
         facts["adaptive_ranks"] = json.dumps(run.ranks.summary(), sort_keys=True)
     meta = AdapterMeta(
-        name=run.paths.adapter.stem,
+        name=run.paths.adapter.stem + (".ema" if ema else ""),
         base_model=identity.name,
         base_family=identity.family,
         base_architecture=identity.architecture,
@@ -82,8 +86,17 @@ def render_samples(run: Run, step: int) -> bytes | None:
 
 
 def _render_and_save(run: Run, step: int) -> bytes:
+    grid = _render_grid(run)
+    path = save_grid(grid, run.paths.samples / f"step-{step:06d}.png")
+    if run.log is not None:
+        run.log.image("samples", grid, step)
+        run.log.write(f"samples: {path}")
+    return path.read_bytes()
+
+
+def _render_grid(run: Run) -> Image.Image:
     samples = run.samples
-    grid = render_sample_grid(
+    return render_sample_grid(
         run.models.pipe,
         samples.prompts,
         samples.seeds,
@@ -96,11 +109,6 @@ def _render_and_save(run: Run, step: int) -> bytes:
         zero_terminal_snr=samples.zero_terminal_snr,
         embeddings=samples.embeddings,
     )
-    path = save_grid(grid, run.paths.samples / f"step-{step:06d}.png")
-    if run.log is not None:
-        run.log.image("samples", grid, step)
-        run.log.write(f"samples: {path}")
-    return path.read_bytes()
 
 
 def save_state(run: Run, step: int, epoch: int, *, finished: bool = False) -> Checkpoint | None:
@@ -142,7 +150,7 @@ def _write_checkpoint(
         },
         adapter_bytes=adapter_bytes,
         extra_files={"samples.png": grid} if grid else None,
-        extra_state={"adaptive_rank": run.ranks.state()} if run.ranks is not None else None,
+        extra_state=_extra_state(run),
         keep=run.loop.keep_checkpoints,
     )
     if run.gradients is not None:
@@ -153,6 +161,16 @@ def _write_checkpoint(
     return checkpoint
 
 
+def _extra_state(run: Run) -> dict[str, object] | None:
+    """Training state beyond the parameters and the optimizer: the rank allocation, the --ema average."""
+    extra: dict[str, object] = {}
+    if run.ranks is not None:
+        extra["adaptive_rank"] = run.ranks.state()
+    if run.ema is not None:
+        extra["ema"] = run.ema.state()
+    return extra or None
+
+
 def finish_run(run: Run) -> Path:
     """Final checkpoint, samples, loss curve and the adapter file (written last, atomically)."""
     step = run.loop.total_steps
@@ -160,7 +178,10 @@ def finish_run(run: Run) -> Path:
     if last is None or last.step != step:
         save_state(run, step, run.final_epoch, finished=True)
     if run.accelerator.is_main_process:
+        if run.log is not None:
+            run.log.end_progress()
         _report_gradients(run)
+        _write_average(run, step)
         with run.times.phase("final_save"):
             payload = adapter_file_bytes(build_adapter(run, step=step, finished=True))
             write_atomic(run.paths.adapter, payload, fault="adapter-write")
@@ -172,6 +193,25 @@ def finish_run(run: Run) -> Path:
         logger.info("time: %s", run.times.summary())
     run.accelerator.wait_for_everyone()
     return run.paths.adapter
+
+
+def _write_average(run: Run, step: int) -> None:
+    """--ema: the average's adapter, `<name>.ema.safetensors`, and its sample grid (main process)."""
+    if run.ema is None:
+        return
+    path = ema_adapter_path(run.paths.adapter)
+    with run.ema.applied(run.models.trainable):
+        if samples_due(run, step):
+            with run.times.phase("previews"):
+                grid = _render_grid(run)
+            save_grid(grid, run.paths.samples / f"step-{step:06d}-ema.png")
+        with run.times.phase("final_save"):
+            write_atomic(path, adapter_file_bytes(build_adapter(run, step=step, finished=True, ema=True)))
+    logger.info("moving average (--ema %g) written: %s", run.ema.decay, path)
+
+
+def ema_adapter_path(adapter: Path) -> Path:
+    return adapter.with_name(f"{adapter.stem}.ema{adapter.suffix}")
 
 
 def _report_gradients(run: Run) -> None:

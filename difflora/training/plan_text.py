@@ -9,6 +9,7 @@ from difflora.models.quantize import COMPONENT_LABELS
 from difflora.training.advice import plan_advice
 from difflora.training.check import held_out_source
 from difflora.training.memory import MemoryEstimate, estimate_memory
+from difflora.training.outputs import ema_adapter_path
 from difflora.training.precision import precision_note
 from difflora.training.run import Run
 from difflora.training.setup import Models
@@ -76,6 +77,12 @@ def _add_optional_lines(lines: list[str], config: TrainConfig, run: Run) -> None
     lines.insert(-1, f"  memory      {_memory_line(config, run)}")
     if run.validation is not None:
         lines.insert(-2, f"  validation  {_validation(config, run)}")
+    if run.ema is not None:
+        where = "in CPU memory" if config.ema_on_cpu else f"on {run.ema.device}"
+        written = ema_adapter_path(run.paths.adapter).name
+        lines.insert(
+            -2, f"  average     EMA of the LoRA weights, decay {config.ema:g} (float32, {where}) -> {written}"
+        )
     if run.start_step:
         lines.append(f"  resuming    at step {run.start_step}")
     precision = precision_note(config.mixed_precision, run.accelerator.device)

@@ -36,6 +36,7 @@ from difflora.training.checkpoint import (
     restore_rng,
 )
 from difflora.training.data import TrainingData
+from difflora.training.ema import WeightAverage
 from difflora.training.gradients import GradientMonitor
 from difflora.training.log import TrainLog
 from difflora.training.record import RunRecord
@@ -170,6 +171,7 @@ class Run:
     ranks: RankAllocation | None = None  # --adaptive-rank: the AdaLoRA rank allocation the loop drives
     quiet_advice: bool = False  # --quiet-advice: no advice lines (difflora.training.advice)
     validation: Validation | None = None  # the held-out set (--validation-split / --validation-dir)
+    ema: WeightAverage | None = None  # --ema: the moving average of the LoRA weights
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:
@@ -214,6 +216,8 @@ def _restore(run: Run, checkpoint: Checkpoint, *, keep_thread_count: bool) -> in
             params[key].copy_(value)
     if run.ranks is not None:
         run.ranks.load_state(loaded.extra.get("adaptive_rank"))
+    if run.ema is not None:
+        run.ema.load_state(loaded.extra.get("ema"))
     run.optimizer.load_state_dict(loaded.optimizer)
     run.scheduler.load_state_dict(loaded.scheduler)
     threads = loaded.info.get("torch_threads")

@@ -33,6 +33,7 @@ from difflora.models.geometry import pipeline_geometry
 from difflora.models.process_memory import return_freed_memory
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
+from difflora.training.ema import WeightAverage
 from difflora.training.gradients import GradientMonitor
 from difflora.training.lock import run_paths, training_locks
 from difflora.training.log import TrainLog
@@ -308,7 +309,15 @@ def _assemble(
         ),
         ranks=_rank_allocation(config, models, total),
         validation=_validation(config, data),
+        ema=_weight_average(config, models, accelerator),
     )
+
+
+def _weight_average(config: TrainConfig, models: Models, accelerator: Accelerator) -> WeightAverage | None:
+    if not config.ema:
+        return None
+    device = torch.device("cpu") if config.ema_on_cpu else accelerator.device
+    return WeightAverage(models.trainable, config.ema, device)
 
 
 def _validation(config: TrainConfig, data: TrainingData) -> Validation | None:

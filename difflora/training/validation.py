@@ -47,9 +47,9 @@ def grid(objective: Objective, points: int = GRID_POINTS) -> torch.Tensor:
     return (centres * objective.alphas_cumprod.shape[0]).floor().long()
 
 
-def measure(run: Run, step: int) -> float:
-    """The validation loss of the weights as they are now (recorded under `step`): the mean over every
-    image and noise level, so each image weighs the same."""
+def measure(run: Run) -> float:
+    """The validation loss of the weights as they are now: the mean over every image and noise level, so
+    each image weighs the same."""
     validation = run.validation
     assert validation is not None
     with torch.no_grad(), _evaluating(run.trained_modules), run.accelerator.autocast():
@@ -57,9 +57,7 @@ def measure(run: Run, step: int) -> float:
         for indices in _by_size(validation).values():
             loss, count = _group_loss(run, indices)
             total, rows = total + loss, rows + count
-    loss = total / rows
-    validation.measured[step] = loss
-    return loss
+    return total / rows
 
 
 def _by_size(validation: Validation) -> dict[tuple[int, int], list[int]]:
