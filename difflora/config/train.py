@@ -20,6 +20,7 @@ from difflora.config.train_checks import (
     check_choices,
     check_counts,
     check_ema,
+    check_masks,
     check_rates,
     check_validation,
 )
@@ -164,6 +165,13 @@ class TrainConfig:
     """Crop at a random position instead of the centre (one window per image when latents are cached)."""
     no_upscale: bool = False
     """Never enlarge small images: they get a bucket of their own size."""
+    masks: str | None = None
+    """Folder of loss masks: a grayscale image per training image, same file name (white learns, black
+    does not), so the adapter learns the subject and not the background."""
+    alpha_mask: bool = False
+    """Use each image's own alpha channel as its loss mask (opaque learns, transparent does not)."""
+    unmasked_weight: float = 0.0
+    """How much the masked-out (black) pixels still count in the loss, from 0 (nothing) to 1 (no mask)."""
     cache_latents: bool = True
     """Encode every image with the VAE once and reuse the latents (on disk, reused across runs)."""
     cache_dir: str | None = None
@@ -285,6 +293,7 @@ class TrainConfig:
         check_choices(self, problems)
         check_validation(self, problems)
         check_ema(self, problems)
+        check_masks(self, problems)
         problems.raise_if_any("train")
 
     # Derived values: the plan prints these next to the rule that produced them.

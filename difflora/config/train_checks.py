@@ -137,3 +137,20 @@ def check_ema(config: TrainConfig, p: Problems) -> None:
     p.check(0.0 <= config.ema < 1.0, "ema", f"must be in [0, 1) (e.g. 0.999; 0: off), got {config.ema}")
     if config.ema_on_cpu and not config.ema:
         p.add("ema_on_cpu", "given without --ema: add --ema 0.999 to keep an average")
+
+
+def check_masks(config: TrainConfig, p: Problems) -> None:
+    weight = config.unmasked_weight
+    p.check(0.0 <= weight <= 1.0, "unmasked_weight", f"must be in [0, 1], got {weight}")
+    if config.masks and config.alpha_mask:
+        p.add("alpha_mask", "--masks and --alpha-mask both given: choose one source of masks")
+    if weight and not (config.masks or config.alpha_mask):
+        p.add("unmasked_weight", "needs masks: add --masks DIR or --alpha-mask")
+    if config.masks and config.data_dir:
+        data, masks = Path(config.data_dir).resolve(), Path(config.masks).resolve()
+        if masks == data or data in masks.parents:
+            p.add(
+                "masks",
+                f"{config.masks} is inside the training folder, so its masks would train as images: "
+                "move it out of the training folder",
+            )

@@ -33,6 +33,7 @@ from difflora.data.cache import LatentCache, LatentRequest, TextEmbeddingCache
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.examples import Example
 from difflora.data.images import load_image
+from difflora.data.masks import MaskSource, mask_image, render_mask
 
 NO_AUGMENTATION = CaptionAugmentation()
 
@@ -72,14 +73,20 @@ def plan_examples(
 
 
 def latent_requests(
-    examples: Sequence[Example], plans: Sequence[CropPlan], *, flip: bool
+    examples: Sequence[Example],
+    plans: Sequence[CropPlan],
+    *,
+    flip: bool,
+    masks: Sequence[MaskSource | None] | None = None,
 ) -> tuple[list[LatentRequest], list[tuple[int, bool]]]:
-    """What a LatentCache must hold: each example, and its mirror image too when flip augmentation is on.
-    Returns the requests and, for each, its (example index, flip) for ``TrainingDataset(latent_keys=...)``."""
+    """What a LatentCache must hold: each example (with its loss mask, if any), and its mirror image too
+    when flip augmentation is on. Returns the requests and, for each, its (example index, flip) for
+    ``TrainingDataset(latent_keys=...)``."""
     requests, slots = [], []
     for index, (example, plan) in enumerate(zip(examples, plans, strict=True)):
+        mask = masks[index] if masks is not None else None
         for mirrored in (False, True) if flip else (False,):
-            requests.append(LatentRequest(example.content_hash, example.path, plan, mirrored))
+            requests.append(LatentRequest(example.content_hash, example.path, plan, mirrored, mask))
             slots.append((index, mirrored))
     return requests, slots
 
@@ -155,10 +162,12 @@ class TrainingDataset(Dataset):
         random_crop: bool = False,
         latents: tuple[LatentCache, Mapping[tuple[int, bool], str]] | None = None,
         texts: tuple[TextEmbeddingCache, Mapping[str, str]] | None = None,
+        masks: Sequence[MaskSource | None] | None = None,
     ) -> None:
         self.examples, self.plans = list(examples), list(plans)
         self.augmentation, self.random_crop = augmentation, random_crop
         self.latents, self.texts = latents, texts
+        self.masks = masks  # None: no loss masks; else one per example (None: learns everywhere)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -171,10 +180,16 @@ class TrainingDataset(Dataset):
             cache, keys = self.latents
             moments = cache.load(keys[(draw.index, draw.flip)])
             item["latent_mean"], item["latent_std"] = moments.mean, moments.std
+            if self.masks is not None:  # an image without a mask learns everywhere
+                item["loss_mask"] = (
+                    moments.mask if moments.mask is not None else torch.ones(1, *moments.mean.shape[-2:])
+                )
         else:
             if self.random_crop:
                 plan = plan_crop(example.size, plan.bucket, "random", derived_rng("crop", draw.seed))
             item["pixels"] = render_pixels(load_image(example.path), plan, flip=draw.flip)
+            if self.masks is not None:  # on the pixel grid: the loss averages it down to the latents'
+                item["loss_mask"] = self._pixel_mask(draw.index, plan, draw.flip, item["pixels"].shape[-2:])
         if self.texts is not None:
             cache, keys = self.texts
             item["text"] = cache.load(keys[caption])
@@ -183,6 +198,12 @@ class TrainingDataset(Dataset):
         item["crop_top_left"] = (plan.top, left)
         item["target_size"] = (plan.bucket.height, plan.bucket.width)
         return item
+
+    def _pixel_mask(self, index: int, plan: CropPlan, flip: bool, size: tuple[int, int]) -> torch.Tensor:
+        source = self.masks[index] if self.masks is not None else None
+        if source is None:
+            return torch.ones(1, *size)
+        return render_mask(mask_image(source, self.examples[index].size), plan, flip=flip, grid=None)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,7 +215,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for name in ("original_size", "crop_top_left", "target_size"):
         batch[name] = torch.tensor([item[name] for item in items])
-    for name in ("pixels", "latent_mean", "latent_std"):
+    for name in ("pixels", "latent_mean", "latent_std", "loss_mask"):
         if name in items[0]:
             batch[name] = torch.stack([item[name] for item in items])
     if "text" in items[0]:

@@ -3,8 +3,8 @@
 Each entry is one safetensors file named by a sha256 key over everything that changes its content, so
 entries invalidate themselves: the image's content hash (not its path: renaming keeps the cache, editing
 the pixels does not), the bucket, the resize and crop window, the flip, the model identity string (pass
-one that covers the VAE / text-encoder weights, e.g. ``ModelIdentity.base_hash``), the VAE scaling factor
-and this module's format version. Files are written atomically (``safe_io.write_atomic``) and carry a
+one that covers the VAE / text-encoder weights, e.g. ``ModelIdentity.base_hash``), the VAE scaling factor,
+the loss mask's file content when the image has one, and this module's format version. Files are written atomically (``safe_io.write_atomic``) and carry a
 checksum of their tensors: an unreadable, truncated or bit-flipped entry is reported and recomputed, so
 an interrupted run or a bad disk never leaves a cache that breaks the next one or is trained on.
 
@@ -38,6 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 from difflora.data.buckets import CropPlan, render_pixels
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.images import load_image
+from difflora.data.masks import MaskSource, mask_image, render_mask
 from difflora.errors import DatasetError
 from difflora.hashing import sha256_json
 from difflora.safe_io import write_atomic
@@ -60,6 +61,7 @@ class LatentRequest:
     path: Path
     plan: CropPlan
     flip: bool = False
+    mask: MaskSource | None = None  # its loss mask, cached beside the latents on the latent grid
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class LatentMoments:
 
     mean: torch.Tensor
     std: torch.Tensor
+    mask: torch.Tensor | None = None  # [1, h, w] in [0, 1] on the latent grid, when the image has one
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype)
@@ -96,8 +99,10 @@ def vae_encoder(vae: torch.nn.Module) -> VaeEncode:
 def latent_key(request: LatentRequest, *, model_identity: str, scaling_factor: float) -> str:
     """The cache key of one latent (see the module docstring for what it covers)."""
     plan = request.plan
+    mask = {"mask": [request.mask.content_hash, request.mask.alpha]} if request.mask is not None else {}
     return sha256_json(
         {
+            **mask,
             "kind": "latent",
             "format": CACHE_FORMAT,
             "content": request.content_hash,
@@ -251,11 +256,16 @@ class LatentCache:
                      "scaling_factor": scaling_factor, "source": request.path.name}
                 )
             }  # fmt: skip
-            self.store.write(key, {"mean": means[index].float(), "std": stds[index].float()}, metadata)
+            tensors = {"mean": means[index].float(), "std": stds[index].float()}
+            if request.mask is not None:  # in the entry, so its checksum covers the mask too
+                mask = mask_image(request.mask, images[request.path].size)
+                grid = tuple(means[index].shape[-2:])
+                tensors["mask"] = render_mask(mask, request.plan, flip=request.flip, grid=grid)
+            self.store.write(key, tensors, metadata)
 
     def load(self, key: str) -> LatentMoments:
         tensors = self.store.read(key)
-        return LatentMoments(mean=tensors["mean"], std=tensors["std"])
+        return LatentMoments(mean=tensors["mean"], std=tensors["std"], mask=tensors.get("mask"))
 
 
 def text_key(caption: str, *, encoder_identity: str) -> str:

@@ -16,10 +16,11 @@ from pathlib import Path
 from difflora.config.train import TrainConfig
 from difflora.data.buckets import Bucket
 from difflora.data.examples import Example, ScanResult
+from difflora.data.masks import MaskScan
 from difflora.data.validation import describe_held_out
 from difflora.errors import first_n
 from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
-from difflora.training.plan import DataSettings, Tokens, TrainingPlan, plan_dataset
+from difflora.training.plan import DataSettings, Tokens, TrainingPlan, masks_origin, plan_dataset
 
 LIST_LIMIT = 20  # longest list printed in full; the rest is counted
 
@@ -37,6 +38,8 @@ class CheckReport:
     tokens_estimated: bool  # True when no tokenizer was available and token counts are a lower bound
     model_note: str | None = None  # why the model's geometry fell back to defaults, if it did
     validation: str = ""  # the held-out images, described, when the settings hold some out
+    masks: MaskScan | None = None  # the loss masks, when the settings use them
+    masks_origin: str = ""
 
     @property
     def errors(self) -> list[str]:
@@ -48,7 +51,8 @@ class CheckReport:
 
     def render(self) -> str:
         sections = [self._summary(), self._folders(), self._skipped(), self._captions(), self._images()]
-        sections += [self._buckets(), self._duplicates(), self._tags(), self._plan(), self._verdict()]
+        sections += [self._buckets(), self._masks(), self._duplicates(), self._tags(), self._plan()]
+        sections.append(self._verdict())
         return "\n\n".join(section for section in sections if section)
 
     def _rel(self, path: Path) -> str:
@@ -151,6 +155,26 @@ class CheckReport:
         common = ", ".join(f"{tag} ({n})" for tag, n in total.most_common(15))
         return f"Most common tags ({len(total)} distinct): {common}"
 
+    def _masks(self) -> str:
+        masks = self.masks
+        if masks is None:
+            return ""
+        lines = ["Loss masks", "  " + masks.describe(self.masks_origin)]
+        missing = [
+            self._rel(e.path) for e, s in zip(self.scan.examples, masks.sources, strict=True) if s is None
+        ]
+        for title, items in (
+            ("images without a mask (they learn everywhere)", missing),
+            ("masks that match no image", [str(path) for path in masks.orphans]),
+            ("masks of the wrong size", masks.misshapen),
+        ):
+            if items:
+                lines.append(f"  {len(items)} {title}:\n" + _listing(items, "    "))
+        if masks.coverage:
+            low, high = min(masks.coverage), max(masks.coverage)
+            lines.append(f"  coverage per mask: {100 * low:.0f}% to {100 * high:.0f}%")
+        return "\n".join(lines)
+
     def _plan(self) -> str:
         if not self.plan:
             return ""
@@ -199,6 +223,8 @@ def check_dataset(settings: DataSettings, tokens: Tokens) -> CheckReport:
         max_tokens=tokens.max_tokens,
         tokens_estimated=tokens.count is None,
         validation=held_out_source(settings.validation_split, settings.validation_dir, planned.validation),
+        masks=planned.masks,
+        masks_origin=masks_origin(settings),
     )
 
 

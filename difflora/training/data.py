@@ -36,7 +36,14 @@ from difflora.data.captions import CaptionAugmentation
 from difflora.data.examples import ScanResult
 from difflora.errors import DatasetError
 from difflora.hashing import weights_fingerprint
-from difflora.training.plan import DatasetPlan, DataSettings, Tokens, TrainingPlan, plan_dataset
+from difflora.training.plan import (
+    DatasetPlan,
+    DataSettings,
+    Tokens,
+    TrainingPlan,
+    masks_origin,
+    plan_dataset,
+)
 from difflora.training.text import caption_encoder, pipeline_conditioning, pipeline_text_encoders
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ class TrainingData:
     rank: int
     notes: list[str] = field(default_factory=list)
     validation: TrainingDataset | None = None  # the held-out images, cached as the training ones
+    masks: str = ""  # the loss masks, described for the plan ('' without masks)
 
     def stream(self, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(epoch, collated batch) for micro-batches start, start+1, ... of this process, forever."""
@@ -86,7 +94,10 @@ def prepare_data(
     planned = plan_dataset(settings, tokens, strict=True)
     examples, crops = planned.scan.examples, planned.crops
     with main_first or nullcontext():
-        latents = _latent_cache(examples, crops, pipe, settings.flip, cache_dir) if cache_latents else None
+        masks = planned.masks.sources if planned.masks is not None else None
+        latents = (
+            _latent_cache(examples, crops, pipe, settings.flip, cache_dir, masks) if cache_latents else None
+        )
         texts = _text_cache(examples, augmentation, pipe, cache_dir) if cache_text else None
         validation = _held_out_dataset(planned, pipe, cache_latents, cache_text, cache_dir)
     notes = [random_crop_with_cache_message()] if cache_latents and settings.random_crop else []
@@ -97,7 +108,9 @@ def prepare_data(
         random_crop=settings.random_crop and not cache_latents,
         latents=latents,
         texts=texts,
+        masks=masks,
     )
+    described = planned.masks.describe(masks_origin(settings)) if planned.masks is not None else ""
     if planned.plan is None:  # strict planning already refuses such a folder; never train on nothing
         raise DatasetError(f"{settings.root}: no usable images")
     return TrainingData(
@@ -111,6 +124,7 @@ def prepare_data(
         rank=rank,
         notes=notes,
         validation=validation,
+        masks=described,
     )
 
 
@@ -122,13 +136,14 @@ def _held_out_dataset(
     held, crops = planned.validation, planned.validation_crops
     if not held:
         return None
-    latents = _latent_cache(held, crops, pipe, False, cache_dir) if cache_latents else None
+    masks = planned.validation_masks.sources if planned.validation_masks is not None else None
+    latents = _latent_cache(held, crops, pipe, False, cache_dir, masks) if cache_latents else None
     texts = _text_cache(held, NO_AUGMENTATION, pipe, cache_dir) if cache_text else None
-    return TrainingDataset(held, crops, latents=latents, texts=texts)
+    return TrainingDataset(held, crops, latents=latents, texts=texts, masks=masks)
 
 
-def _latent_cache(examples, plans, pipe: Any, flip: bool, cache_dir: Path):
-    requests, slots = latent_requests(examples, plans, flip=flip)
+def _latent_cache(examples, plans, pipe: Any, flip: bool, cache_dir: Path, masks=None):
+    requests, slots = latent_requests(examples, plans, flip=flip, masks=masks)
     cache = LatentCache(cache_dir)
     vae = pipe.vae
     identity = weights_fingerprint({"vae": vae})

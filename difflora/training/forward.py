@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from difflora.data.batches import derived_rng
 from difflora.models.families.conditioning import TextConditioning
@@ -54,3 +55,15 @@ def _text(batch: dict[str, Any], run: Run, conditioning: TextConditioning) -> di
         return encode(batch["caption"])
     with torch.no_grad():
         return encode(batch["caption"])
+
+
+def loss_mask(batch: dict[str, Any], latents: torch.Tensor, unmasked_weight: float) -> torch.Tensor | None:
+    """The batch's loss masks as per-latent-pixel weights [B, 1, h, w]: unmasked_weight + (1 - it)·mask, a
+    pixel-grid mask (uncached latents) averaged down to the latent grid by area. None without masks."""
+    mask = batch.get("loss_mask")
+    if mask is None:
+        return None
+    mask = mask.to(latents.device, torch.float32)
+    if tuple(mask.shape[-2:]) != tuple(latents.shape[-2:]):
+        mask = F.interpolate(mask, size=tuple(latents.shape[-2:]), mode="area")
+    return unmasked_weight + (1.0 - unmasked_weight) * mask

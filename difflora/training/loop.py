@@ -25,7 +25,7 @@ import torch
 
 from difflora.errors import TrainingDivergedError
 from difflora.faults import fault_point
-from difflora.training.forward import latents_of, micro_seed, predict
+from difflora.training.forward import latents_of, loss_mask, micro_seed, predict
 from difflora.training.loss import diffusion_loss, noised_batch
 from difflora.training.outputs import render_samples, save_state
 from difflora.training.run import Run
@@ -50,7 +50,8 @@ def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> to
             min_snr_gamma=objective.min_snr_gamma,
         )
     prediction = predict(run, batch, noised.noisy, noised.timesteps)
-    return diffusion_loss(prediction, noised.target, noised.weights)
+    mask = loss_mask(batch, latents, objective.unmasked_weight)
+    return diffusion_loss(prediction, noised.target, noised.weights, mask)
 
 
 def run_loop(run: Run) -> None:

@@ -125,8 +125,17 @@ def noised_batch(
     )
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted MSE: per-sample mean squared error times its weight, averaged over the batch (float32)."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted MSE: per-sample mean squared error times its weight, averaged over the batch (float32).
+    With `mask` (per latent pixel, broadcast over channels), each sample's error is the mask-weighted mean,
+    so a latent pixel of mask 0 gives no gradient at all; a sample whose mask is 0 everywhere counts 0."""
+    squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    dims = tuple(range(1, squared.ndim))
+    if mask is None:
+        per_sample = squared.mean(dim=dims)
+    else:
+        mask = torch.broadcast_to(mask.float(), squared.shape)
+        per_sample = (squared * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1e-12)
     return (per_sample * weights.float()).mean()

@@ -32,6 +32,7 @@ def objective_for(config: TrainConfig, models: Models) -> Objective:
         flow=family.flow_schedule(dict(models.pipe.scheduler.config), sampling),
         guidance=config.guidance,
     )
+    objective = dataclasses.replace(objective, unmasked_weight=config.unmasked_weight)
     if objective.flow is not None:
         warn_unused_noise_settings(config, models.identity.name)
     if config.zero_terminal_snr and objective.prediction_type == "epsilon":

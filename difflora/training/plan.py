@@ -29,6 +29,7 @@ from difflora.data.batches import BucketBatchSampler, plan_examples
 from difflora.data.buckets import Bucket, CropPlan, bucket_histogram, make_buckets
 from difflora.data.captions import TokenCounter, rough_token_count
 from difflora.data.examples import Example, ScanResult
+from difflora.data.masks import MaskScan, scan_masks
 from difflora.data.scan import scan_folder
 from difflora.data.validation import hold_out
 from difflora.errors import ConfigError
@@ -117,6 +118,11 @@ def make_plan(
 # ------------------------------------------------------------------------------------ the data set's plan
 
 
+def masks_origin(settings: DataSettings) -> str:
+    """The option the loss masks come from, as the plan and check name it."""
+    return "--alpha-mask" if settings.alpha_mask else f"--masks {settings.masks}"
+
+
 @dataclass(frozen=True)
 class DataSettings:
     """What decides which images train, in which buckets, in which order and for how long: the data knobs
@@ -139,6 +145,8 @@ class DataSettings:
     world_size: int = 1
     validation_split: float = 0.0  # the share of the folder held out for the validation loss
     validation_dir: Path | None = None  # or a folder of held-out images
+    masks: Path | None = None  # the folder of loss masks
+    alpha_mask: bool = False  # or each image's alpha channel
 
     @classmethod
     def from_config(
@@ -161,6 +169,8 @@ class DataSettings:
             world_size=world_size,
             validation_split=config.validation_split,
             validation_dir=Path(config.validation_dir) if config.validation_dir else None,
+            masks=Path(config.masks) if config.masks else None,
+            alpha_mask=config.alpha_mask,
         )
 
 
@@ -185,6 +195,8 @@ class DatasetPlan:
     plan: TrainingPlan | None  # None when nothing is usable
     validation: list[Example] = field(default_factory=list)  # held out: never trained on
     validation_crops: list[CropPlan] = field(default_factory=list)  # their buckets, centre-cropped
+    masks: MaskScan | None = None  # the training images' loss masks, when masks are on
+    validation_masks: MaskScan | None = None  # the held-out images'
 
     @property
     def histogram(self) -> dict[Bucket, int]:
@@ -243,7 +255,14 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
         crop="center",
         seed=settings.seed,
     )
-    return DatasetPlan(scan, crops, sampler, per_process, plan, held, held_crops)
+    masks = validation_masks = None
+    if settings.masks is not None or settings.alpha_mask:
+        masks = scan_masks(examples, settings.root, settings.masks, alpha=settings.alpha_mask)
+        held_root = settings.validation_dir or settings.root
+        validation_masks = scan_masks(
+            held, held_root, settings.masks, alpha=settings.alpha_mask, required=False
+        )
+    return DatasetPlan(scan, crops, sampler, per_process, plan, held, held_crops, masks, validation_masks)
 
 
 def _scan(root: Path, settings: DataSettings, tokens: Tokens, *, strict: bool) -> ScanResult:

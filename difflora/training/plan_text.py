@@ -75,6 +75,8 @@ def _add_optional_lines(lines: list[str], config: TrainConfig, run: Run) -> None
     if run.models.quantized is not None:
         lines.insert(4, f"  quantized   {run.models.quantized.describe()}")
     lines.insert(-1, f"  memory      {_memory_line(config, run)}")
+    if run.data.masks:
+        lines.insert(2, f"  loss        {run.data.masks}, unmasked pixels weigh {config.unmasked_weight:g}")
     if run.validation is not None:
         lines.insert(-2, f"  validation  {_validation(config, run)}")
     if run.ema is not None:

@@ -85,6 +85,7 @@ class Objective:
     shift_factor: float = 0.0  # the autoencoder's latent shift (Flux's), subtracted before scaling
     flow: Any = None  # a flow-matching family's FlowSchedule (difflora.models.families.flow); None: DDPM
     guidance: float = 1.0  # the guidance input of guidance-distilled transformers while training
+    unmasked_weight: float = 0.0  # what a loss mask's black pixels still count (--unmasked-weight)
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Autoencoder latents as the denoiser sees them: (x - shift) · scale, as the pipelines decode."""

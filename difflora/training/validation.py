@@ -29,7 +29,7 @@ import torch
 from difflora.data.batches import Draw, collate
 from difflora.models.families.flow import flow_noisy, flow_target
 from difflora.safe_io import write_atomic
-from difflora.training.forward import latents_of, micro_seed, predict
+from difflora.training.forward import latents_of, loss_mask, micro_seed, predict
 from difflora.training.loss import add_noise, diffusion_loss, min_snr_weights, target_for
 from difflora.training.run import Objective, Run
 from difflora.training.validation_set import Validation, best_adapter_path
@@ -89,12 +89,15 @@ def _group_loss(run: Run, indices: list[int]) -> tuple[float, int]:
             kept.append(values)
     noisy_all, target_all, weights_all = (torch.cat(values) for values in (noisy, target, weights))
     timesteps = levels.repeat(len(indices)).to(noisy_all.device)
+    mask = loss_mask(batch, noisy_all, objective.unmasked_weight)
     total = 0.0
     for start in range(0, len(timesteps), validation.chunk):
         part = slice(start, start + validation.chunk)
         prediction = predict(run, _rows(batch, part), noisy_all[part], timesteps[part])
-        count = len(timesteps[part])
-        total += float(diffusion_loss(prediction, target_all[part], weights_all[part])) * count
+        loss = diffusion_loss(
+            prediction, target_all[part], weights_all[part], None if mask is None else mask[part]
+        )
+        total += float(loss) * len(timesteps[part])
     return total, len(timesteps)
 
 
