@@ -21,6 +21,7 @@ from difflora.config.train_checks import (
     check_counts,
     check_ema,
     check_masks,
+    check_prior,
     check_rates,
     check_validation,
 )
@@ -172,6 +173,13 @@ class TrainConfig:
     """Use each image's own alpha channel as its loss mask (opaque learns, transparent does not)."""
     unmasked_weight: float = 0.0
     """How much the masked-out (black) pixels still count in the loss, from 0 (nothing) to 1 (no mask)."""
+    preserve_base: bool = False
+    """Keep the base model's other knowledge: on the same batch with the trigger word removed (or on
+    --preserve-prompts), train the adapted prediction towards the base's own (one extra forward per step)."""
+    preserve_prompts: str | None = None
+    """A text file of trigger-free prompts, one per line, for --preserve-base instead of the captions."""
+    prior_weight: float = 1.0
+    """Weight of the --preserve-base loss beside the training loss (0: only measure the drift)."""
     cache_latents: bool = True
     """Encode every image with the VAE once and reuse the latents (on disk, reused across runs)."""
     cache_dir: str | None = None
@@ -294,6 +302,7 @@ class TrainConfig:
         check_validation(self, problems)
         check_ema(self, problems)
         check_masks(self, problems)
+        check_prior(self, problems)
         problems.raise_if_any("train")
 
     # Derived values: the plan prints these next to the rule that produced them.
@@ -361,30 +370,3 @@ class TrainConfig:
         if self.text_encoder_lr is not None:
             return self.text_encoder_lr
         return self.effective_learning_rate(family)
-
-
-# Fields that may change between a run and its resumption without changing what is trained.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "resume",
-        "save_every",
-        "keep_checkpoints",
-        "sample_every",
-        "sample_prompts",
-        "sample_seeds",
-        "sample_steps",
-        "sample_guidance",
-        "sample_scheduler",
-        "max_bad_steps",
-        "grad_log_every",
-        "quiet_advice",
-        "num_threads",
-        "compile",
-        "cache_dir",
-        "max_steps",
-        "epochs",
-        "validate_every",
-        "keep_best",
-        "ema_on_cpu",
-    }
-)

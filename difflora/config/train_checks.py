@@ -154,3 +154,20 @@ def check_masks(config: TrainConfig, p: Problems) -> None:
                 f"{config.masks} is inside the training folder, so its masks would train as images: "
                 "move it out of the training folder",
             )
+
+
+def check_prior(config: TrainConfig, p: Problems) -> None:
+    weight = config.prior_weight
+    p.check(weight >= 0, "prior_weight", f"must be 0 (measure the drift only) or more, got {weight}")
+    if config.preserve_prompts and not config.preserve_base:
+        p.add("preserve_prompts", "given without --preserve-base: add --preserve-base to use them")
+    if config.preserve_base and not (config.trigger or config.preserve_prompts):
+        p.add(
+            "preserve_base",
+            "needs prompts without the concept: give --trigger (removed from the captions) or --preserve-prompts FILE",
+        )
+    if config.preserve_prompts and not Path(config.preserve_prompts).is_file():
+        p.add(
+            "preserve_prompts",
+            f"{config.preserve_prompts}: no such file; give a text file, one prompt per line",
+        )

@@ -10,6 +10,32 @@ from difflora.config import build_config, read_toml
 from difflora.config.train import TrainConfig
 from difflora.errors import ConfigError
 
+# Fields that may change between a run and its resumption without changing what is trained.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "save_every",
+        "keep_checkpoints",
+        "sample_every",
+        "sample_prompts",
+        "sample_seeds",
+        "sample_steps",
+        "sample_guidance",
+        "sample_scheduler",
+        "max_bad_steps",
+        "grad_log_every",
+        "quiet_advice",
+        "num_threads",
+        "compile",
+        "cache_dir",
+        "max_steps",
+        "epochs",
+        "validate_every",
+        "keep_best",
+        "ema_on_cpu",
+    }
+)
+
 
 def load_train_configs(
     toml_path: Path | None, flags: Mapping[str, Any], data_dirs: Sequence[str]

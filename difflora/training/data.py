@@ -162,6 +162,11 @@ def _text_cache(examples, augmentation: CaptionAugmentation, pipe: Any, cache_di
     captions: set[str] = set()
     for example in examples:
         captions |= augmentation.possible_captions(example.caption)
+    return caption_cache(captions, pipe, cache_dir)
+
+
+def caption_cache(captions: set[str], pipe: Any, cache_dir: Path) -> tuple[Any, dict[str, str]]:
+    """`captions` encoded once into the text-embedding cache: (its reader, {caption: key})."""
     cache = TextEmbeddingCache(cache_dir)
     tokenizers, encoders = pipeline_text_encoders(pipe)
     lengths = ",".join(str(tokenizer.model_max_length) for tokenizer in tokenizers)

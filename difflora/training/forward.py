@@ -19,11 +19,19 @@ def micro_seed(seed: int, micro_batch: int, process: int, stream: str) -> int:
     return derived_rng(stream, seed, micro_batch, process).getrandbits(63)
 
 
-def predict(run: Run, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The denoiser's output for `noisy` at `timesteps`, conditioned on `batch`'s captions."""
+def predict(
+    run: Run,
+    batch: dict[str, Any],
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    model: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """The denoiser's output for `noisy` at `timesteps`, conditioned on `batch`'s captions (`model`: the
+    denoiser to run, by default the run's, as Accelerate prepared it)."""
     conditioning = pipeline_conditioning(run.models.pipe)
     return conditioning.predict(
-        run.unet,
+        model if model is not None else run.unet,
         noisy,
         timesteps,
         _text(batch, run, conditioning),

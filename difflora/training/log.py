@@ -19,7 +19,7 @@ from difflora.safe_io import disk_full_error, is_disk_full, write_atomic
 logger = logging.getLogger(__name__)
 
 # the validation losses are empty where not measured, and absent from logs of older runs
-OPTIONAL_FIELDS = ("validation_loss", "ema_validation_loss")
+OPTIONAL_FIELDS = ("validation_loss", "ema_validation_loss", "drift")
 CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "skipped", "seconds", *OPTIONAL_FIELDS)
 SMOOTHING = 0.9  # exponential moving average factor of the displayed loss
 
@@ -124,7 +124,7 @@ class TrainLog:
             self.tensorboard.add_scalar("loss/step", loss, step)
             self.tensorboard.add_scalar("loss/smoothed", smoothed, step)
             self.tensorboard.add_scalar("lr", lr, step)
-            for name, value in validation.items():  # loss/validation, loss/ema_validation
+            for name, value in validation.items():  # loss/validation, loss/ema_validation, loss/drift
                 self.tensorboard.add_scalar("loss/" + name.removesuffix("_loss"), value, step)
         if self.bar is not None:
             self.bar.set_postfix_str(f"epoch {epoch}, loss {smoothed:.4f}, lr {lr:.2e}", refresh=False)

@@ -28,8 +28,10 @@ from difflora.faults import fault_point
 from difflora.training.forward import latents_of, loss_mask, micro_seed, predict
 from difflora.training.loss import diffusion_loss, noised_batch
 from difflora.training.outputs import render_samples, save_state
+from difflora.training.prior import drift, prior_loss
 from difflora.training.run import Run
 from difflora.training.validation import measure
+from difflora.training.validation_set import measurement_due
 
 Stream = Iterator[tuple[int, dict[str, Any]]]
 
@@ -51,7 +53,10 @@ def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> to
         )
     prediction = predict(run, batch, noised.noisy, noised.timesteps)
     mask = loss_mask(batch, latents, objective.unmasked_weight)
-    return diffusion_loss(prediction, noised.target, noised.weights, mask)
+    loss = diffusion_loss(prediction, noised.target, noised.weights, mask)
+    if run.prior is not None and run.prior.weight:
+        loss = loss + run.prior.weight * prior_loss(run, batch, noised.noisy, noised.timesteps)
+    return loss
 
 
 def run_loop(run: Run) -> None:
@@ -79,18 +84,22 @@ def run_loop(run: Run) -> None:
 
 
 def _validate(run: Run, step: int) -> dict[str, float]:
-    """The validation loss when one is due at `step` (timed as its own phase), and the --ema average's."""
+    """What is measured when due at `step` (timed as its own phase): the validation loss, the --ema
+    average's, and the drift of trigger-free prompts."""
     settings, validation = run.loop, run.validation
-    if validation is None or not validation.due(
-        step, total=settings.total_steps, save_every=settings.save_every
-    ):
+    every = validation.every if validation is not None else 0
+    due = measurement_due(step, total=settings.total_steps, every=every, save_every=settings.save_every)
+    if not due or (validation is None and run.prior is None):
         return {}
+    values: dict[str, float] = {}
     with run.times.phase("validation"):
-        values = {"validation_loss": measure(run)}
-        if run.ema is not None:
-            with run.ema.applied(run.models.trainable):
-                values["ema_validation_loss"] = measure(run)
-    validation.measured[step] = values["validation_loss"]
+        if validation is not None:
+            values["validation_loss"] = validation.measured[step] = measure(run)
+            if run.ema is not None:
+                with run.ema.applied(run.models.trainable):
+                    values["ema_validation_loss"] = measure(run)
+        if run.prior is not None:
+            values["drift"] = drift(run)
     return values
 
 

@@ -79,6 +79,8 @@ def _add_optional_lines(lines: list[str], config: TrainConfig, run: Run) -> None
         lines.insert(2, f"  loss        {run.data.masks}, unmasked pixels weigh {config.unmasked_weight:g}")
     if run.validation is not None:
         lines.insert(-2, f"  validation  {_validation(config, run)}")
+    if run.prior is not None:
+        lines.insert(-2, f"  preserve    {_preserve(config, run)}")
     if run.ema is not None:
         where = "in CPU memory" if config.ema_on_cpu else f"on {run.ema.device}"
         written = ema_adapter_path(run.paths.adapter).name
@@ -92,6 +94,21 @@ def _add_optional_lines(lines: list[str], config: TrainConfig, run: Run) -> None
         lines.append(f"  note        {note}")
     if not config.quiet_advice:
         lines += [f"  advice      {line}" for line in _advice(config, run)]
+
+
+def _preserve(config: TrainConfig, run: Run) -> str:
+    """--preserve-base: on what, at what weight and cost, and where the drift is measured."""
+    prior = run.prior
+    source = (
+        f"{len(prior.prompts)} prompts from {config.preserve_prompts}"
+        if prior.prompts
+        else f"the captions without {prior.trigger!r}"
+    )
+    drift = f"drift measured on {len(prior.drift_prompts)} trigger-free prompts at each checkpoint"
+    if not prior.weight:
+        return f"--prior-weight 0: no preservation loss; {drift}"
+    cost = "one extra forward without gradients and one with them per micro-batch"
+    return f"the base model's own predictions on {source}, weight {prior.weight:g} ({cost}); {drift}"
 
 
 def _validation(config: TrainConfig, run: Run) -> str:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from difflora.adapter.adaptive import RankAllocation
-from difflora.config.train import RESUMABLE_CHANGES
+from difflora.config.train_files import RESUMABLE_CHANGES
 from difflora.errors import ConfigError
 from difflora.training.checkpoint import (
     Checkpoint,
@@ -173,6 +173,7 @@ class Run:
     quiet_advice: bool = False  # --quiet-advice: no advice lines (difflora.training.advice)
     validation: Validation | None = None  # the held-out set (--validation-split / --validation-dir)
     ema: WeightAverage | None = None  # --ema: the moving average of the LoRA weights
+    prior: Any = None  # difflora.training.prior.Prior: --preserve-base and the drift (it imports Run)
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:

@@ -42,6 +42,7 @@ from difflora.training.objective import objective_for
 from difflora.training.outputs import finish_run
 from difflora.training.plan import DataSettings, Tokens
 from difflora.training.plan_text import describe_plan
+from difflora.training.prior_setup import prior_for
 from difflora.training.record import run_record
 from difflora.training.run import (
     LoopSettings,
@@ -153,6 +154,7 @@ def setup(config: TrainConfig, *, progress: bool = True, pipe: Any = None, keep_
     if config.cache_latents and not keep_base:
         release_vae_encoder(models.pipe)
     run = _assemble(config, accelerator, models, data, paths, resolution)
+    run.prior = prior_for(config, data, models.pipe, paths.cache)
     if data.dataset.texts is not None and not keep_base and not models.train_text_encoder:
         prompts = run.samples.prompts if run.loop.sample_every else ()
         embeddings = release_text_encoders(models.pipe, prompts)

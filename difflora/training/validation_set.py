@@ -20,9 +20,6 @@ class Validation:
     measured: dict[int, float] = field(default_factory=dict)  # step -> loss, measured by this process
     best: tuple[int, float] | None = None  # (checkpoint step, loss): the lowest at a checkpoint so far
 
-    def due(self, step: int, *, total: int, save_every: int) -> bool:
-        return step == total or any(every and step % every == 0 for every in (self.every, save_every))
-
     def offer(self, step: int) -> bool:
         """The checkpoint at `step` is being written: whether its loss is the lowest so far."""
         loss = self.measured.get(step)
@@ -35,3 +32,8 @@ class Validation:
 def best_adapter_path(adapter: Path) -> Path:
     """Where --keep-best writes the best checkpoint's adapter: `<name>.best.safetensors` beside the adapter."""
     return adapter.with_name(f"{adapter.stem}.best{adapter.suffix}")
+
+
+def measurement_due(step: int, *, total: int, every: int, save_every: int) -> bool:
+    """Validation and drift are measured every `every` steps, at each checkpoint and at the end."""
+    return step == total or any(n and step % n == 0 for n in (every, save_every))
