@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,14 @@ class _Layer:
     down: torch.Tensor
     up: torch.Tensor
     scales: torch.Tensor
+    by_batch: dict[int, torch.Tensor] = field(default_factory=dict)  # each row's scales, per call size
+
+    def row_scales(self, batch: int, rows: Callable[[int], list[int]]) -> torch.Tensor:
+        """[batch, R]: the scales of each row's prompt, gathered once per call size (on the weights' device,
+        so a GPU forward never waits for an index copied from the host)."""
+        if batch not in self.by_batch:
+            self.by_batch[batch] = self.scales[torch.tensor(rows(batch), device=self.scales.device)]
+        return self.by_batch[batch]
 
 
 class MixedAdapters:
@@ -121,7 +129,6 @@ class MixedAdapters:
         self._slots: dict[Any, _Slot] = {}
         self._sets = [self._resolve(entries, read) for entries in adapter_sets]
         self._layers = self._gather()
-        self._rows: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
 
     # ------------------------------------------------------------------ the sets
@@ -179,7 +186,7 @@ class MixedAdapters:
         offsets, start = {}, 0
         for key, weights in found:
             offsets[key], start = (start, weights.rank), start + weights.rank
-        scales = torch.zeros(self.prompts, start, dtype=torch.float32)
+        scales = torch.zeros(self.prompts, start, dtype=torch.float64)  # checked once cast
         family = model_identity(self.pipe).model_family
         by_key = dict(found)
         for sample, entries in enumerate(self._sets):
@@ -188,6 +195,12 @@ class MixedAdapters:
                     first, rank = offsets[key]
                     factor = block_weight(spec, self.pipe, component, live, family) * by_key[key].scale
                     scales[sample, first : first + rank] = factor
+
+        if not bool(torch.isfinite(scales.to(weight.dtype)).all()):
+            raise MixedBatchError(
+                f"An adapter weight of this batch overflows {str(weight.dtype).removeprefix('torch.')} in "
+                f"{component} module {live} (largest scale {float(scales.abs().max()):g}); lower the weights."
+            )
 
         def cast(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(weight.device, weight.dtype)
@@ -219,16 +232,13 @@ class MixedAdapters:
     def _hook(self, layer: _Layer) -> Callable[..., torch.Tensor]:
         def add_update(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             x = args[0]
-            scales = layer.scales[self.rows(x.shape[0]).to(layer.scales.device)]
-            return output + _low_rank(module, x, layer, scales)
+            return output + _low_rank(module, x, layer, layer.row_scales(x.shape[0], self.rows))
 
         return add_update
 
-    def rows(self, batch: int) -> torch.Tensor:
+    def rows(self, batch: int) -> list[int]:
         """The prompt (index into the sets) of each row of a call with `batch` rows (see the module docstring)."""
-        if batch not in self._rows:
-            self._rows[batch] = torch.tensor(sample_rows(batch, self.prompts, self.images_per_prompt))
-        return self._rows[batch]
+        return sample_rows(batch, self.prompts, self.images_per_prompt)
 
 
 def sample_rows(batch: int, prompts: int, images_per_prompt: int = 1) -> list[int]:
