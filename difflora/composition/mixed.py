@@ -103,7 +103,8 @@ class MixedAdapters:
     """A context manager: while inside, prompt i of the pipeline's calls gets `adapter_sets[i]` (an empty set:
     the base). The same adapter in several sets is gathered once. `loader(name)` resolves AdapterWeight
     entries (default: the file in `adapter_dirs`, as the composer finds it). Everything is checked, and the
-    hooks built, on construction: a refused batch has touched nothing."""
+    hooks built, on construction: a refused batch has touched nothing. The hooks are on the pipeline's own
+    modules, so while inside, every call of the pipeline is this batch's (a server renders one call at a time)."""
 
     def __init__(
         self,
