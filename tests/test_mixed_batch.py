@@ -66,6 +66,15 @@ def hooks_left(pipe) -> int:
     return sum(len(m._forward_hooks) for model in models if model is not None for m in model.modules())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """On a shared 2-core machine one thread renders several times faster than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------ one layer
 
 
@@ -189,13 +198,10 @@ def test_specs_are_resolved_by_the_loader_once(tmp_path):
 
 @pytest.fixture(scope="module")
 def sd():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending
     pipe = load_pipeline(EMBEDDED_MODEL_DIR)
     a = make_adapter(pipe, 1, {"unet": ("to_q", "to_v"), "text_encoder": ("q_proj", "v_proj")}, name="a")
     b = make_adapter(pipe, 2, {"unet": ("to_k", "to_out.0", "conv1")}, rank=2, alpha=4.0, name="b")
-    yield pipe, a, b
-    torch.set_num_threads(threads)
+    return pipe, a, b
 
 
 def sets_of(a: Adapter, b: Adapter) -> list[list[tuple[Adapter, AdapterWeight]]]:
@@ -236,11 +242,8 @@ def test_sdxl_layout_with_both_text_encoders(tmp_path):
     assert int(np.abs(want[1:] - pixels(render(pipe, PROMPTS[1:], seeds=SEEDS[1:], **settings))).max()) > 10
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "true_cfg", [5.0, 1.0]
-)  # two transformer calls per step, or one (guidance-distilled)
-def test_flux_layout(true_cfg):
+@pytest.fixture(scope="module")
+def flux():
     pipe = load_pipeline(EMBEDDED_MODEL_DIR.parent / "flux")
     targets = {
         "transformer": ("to_q", "proj_out", "ff.net.2"),
@@ -249,10 +252,46 @@ def test_flux_layout(true_cfg):
     }
     a = make_adapter(pipe, 1, targets, scale=0.5, name="a")
     b = make_adapter(pipe, 2, {"transformer": ("to_k", "add_v_proj")}, rank=2, scale=0.5, name="b")
+    return pipe, a, b
+
+
+# true CFG 5: two transformer calls per step (cond, then the negative); 1: one call (guidance-distilled)
+@pytest.mark.slow
+@pytest.mark.parametrize("true_cfg", [5.0, 1.0])
+def test_flux_layout(flux, true_cfg):
+    pipe, a, b = flux
     sets = sets_of(a, b)
     settings = {"steps": 3, "true_cfg": true_cfg}
     want = solo_fused(pipe, sets, **settings)
     got = pixels(render_mixed(pipe, PROMPTS, SEEDS, sets, **settings))
     assert int(np.abs(got - want).max()) <= 2
     assert int(np.abs(want[1:] - pixels(render(pipe, PROMPTS[1:], seeds=SEEDS[1:], **settings))).max()) > 10
+    assert hooks_left(pipe) == 0
+
+
+def test_images_per_prompt_with_cfg_equal_solo_fused_calls(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    a = make_adapter(
+        pipe, 1, {"unet": ("to_q", "to_out.0"), "text_encoder": ("k_proj",)}, scale=0.5, name="a"
+    )
+    b = make_adapter(pipe, 2, {"unet": ("to_v",)}, rank=2, scale=0.5, name="b")
+    sets = [[(b, 0.9)], [(a, -0.6), (b, 0.3)]]
+    call = {"num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "np", "num_images_per_prompt": 2}
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    want = []
+    for prompt, seeds, entries in zip(PROMPTS, ([1, 2], [3, 4]), sets, strict=False):
+        composer = Composer(pipe, "fused")
+        for adapter, weight in entries:
+            composer.add(adapter, weight, name=adapter.meta.name)
+        want.append(pipe(prompt, generator=generators(seeds), **call).images)
+        composer.clear()
+    with MixedAdapters(pipe, sets, images_per_prompt=2), torch.no_grad():
+        got = pipe(PROMPTS[:2], generator=generators([1, 2, 3, 4]), **call).images
+        with pytest.raises(MixedBatchError, match="1 rows for 2 prompts x 2 images"):
+            pipe(PROMPTS[0], **call | {"num_images_per_prompt": 1})  # a call the batch does not describe
+    assert np.abs(got - np.concatenate(want)).max() < 1e-4
+    assert np.abs(want[0] - want[1]).max() > 0.05  # the sets make different images
     assert hooks_left(pipe) == 0

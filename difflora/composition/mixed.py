@@ -104,7 +104,9 @@ class MixedAdapters:
     the base). The same adapter in several sets is gathered once. `loader(name)` resolves AdapterWeight
     entries (default: the file in `adapter_dirs`, as the composer finds it). Everything is checked, and the
     hooks built, on construction: a refused batch has touched nothing. The hooks are on the pipeline's own
-    modules, so while inside, every call of the pipeline is this batch's (a server renders one call at a time)."""
+    modules, so while inside, every call of the pipeline is this batch's (a server renders one call at a time),
+    with one prompt per set and `images_per_prompt` the call's num_images_per_prompt: a batch size alone
+    cannot tell 2 images per prompt from CFG's two halves."""
 
     def __init__(
         self,
