@@ -15,6 +15,7 @@ from difflora.composition.composer import Composer
 from difflora.composition.mixed import MixedAdapters, MixedBatchError, render_mixed, sample_rows
 from difflora.config.spec import AdapterWeight, parse_adapter_weights
 from difflora.embedded import EMBEDDED_MODEL_DIR
+from difflora.errors import ConfigError
 from difflora.generation.pipeline import render
 from difflora.models.identity import model_identity
 from difflora.models.loading import load_pipeline
@@ -159,6 +160,8 @@ def test_refusals_leave_the_pipeline_unhooked(tmp_path):
         MixedAdapters(pipe, [[(dora, 1.0)]])
     with pytest.raises(MixedBatchError, match="LoKr modules"):
         MixedAdapters(pipe, [[(lokr, 1.0)]])
+    with pytest.raises(ConfigError, match=r"2 prompts, 2 seeds, 1 adapter sets; give one of each per image"):
+        render_mixed(pipe, PROMPTS[:2], SEEDS[:2], [[(a, 1.0)]])
     with pytest.raises(MixedBatchError, match="appears twice in one set"):
         MixedAdapters(pipe, [[(a, 1.0), (a, 0.5)]])
     with pytest.raises(MixedBatchError, match="overflows float32 in unet module .*to_q .*lower the weights"):

@@ -198,7 +198,6 @@ class MixedAdapters:
                     first, rank = offsets[key]
                     factor = block_weight(spec, self.pipe, component, live, family) * by_key[key].scale
                     scales[sample, first : first + rank] = factor
-
         if not bool(torch.isfinite(scales.to(weight.dtype)).all()):
             raise MixedBatchError(
                 f"An adapter weight of this batch overflows {str(weight.dtype).removeprefix('torch.')} in "
@@ -284,6 +283,7 @@ def render_mixed(
     adapter_sets: Sequence[Sequence[SetEntry]],
     *,
     loader: Loader | None = None,
+    adapter_dirs: Sequence[str | Path] = (),
     **settings: Any,
 ) -> list[Any]:
     """One image per (prompt, seed, adapter set), all in one pipeline call under MixedAdapters;
@@ -296,5 +296,5 @@ def render_mixed(
     default_w, default_h = default_size(pipe)
     width, height = settings.get("width") or default_w, settings.get("height") or default_h
     settings = settings | {"batch_pixels": len(prompts) * width * height}
-    with MixedAdapters(pipe, adapter_sets, loader=loader):
+    with MixedAdapters(pipe, adapter_sets, loader=loader, adapter_dirs=adapter_dirs):
         return render(pipe, prompts, seeds=seeds, **settings)
