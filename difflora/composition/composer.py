@@ -382,6 +382,12 @@ class Composer:
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+def composed_adapters(pipe: Any) -> list[AdapterWeight]:
+    """The adapters composed on `pipe` (either mode), in their order; [] when its weights are the base's."""
+    held = _COMPOSITIONS.get(pipe)
+    return [entry.spec for entry in held.entries.values()] if held is not None else []
+
+
 def compose(
     pipe: Any,
     adapters: Sequence[AdapterWeight] = (),
