@@ -22,8 +22,8 @@ the tensors read out of the files):
   Σ scalingᵢ · Bᵢ Aᵢ x with scalingᵢ = wᵢ αᵢ / rᵢ. Switching weights only changes scalars, at the price of
   extra matmuls in every forward.
 
-LyCORIS modules (`adapter.lycoris`) enter with their exact ΔWᵢ (fused only; a full module's diff_b: the bias).
-Per-block weights (`@out=1,in=0`) multiply wᵢ by its module's block factor (`composition.blocks`), both modes.
+LyCORIS modules (`adapter.lycoris`) enter with their exact ΔWᵢ (fused only; a full module's diff_b: the bias);
+per-block weights (`@out=1,in=0`) multiply wᵢ by its module's block factor (`composition.blocks`), both modes.
 
 DoRA adapters (`difflora.adapter.dora`) re-normalise the weight, so they are not additive. Their ΔWᵢ is their
 effective update against the *base* weight, ΔWᵢ = mᵢ·Vᵢ/‖Vᵢ‖ − W0 with Vᵢ = W0 + (αᵢ/rᵢ)·Bᵢ·Aᵢ, and the sum
@@ -32,10 +32,8 @@ W0 + w·ΔW (ComfyUI's and A1111's strength rule), and several adapters add up i
 chain patches instead, each DoRA patch re-normalising what the earlier ones left; composing a DoRA adapter
 with others logs that difference (`report.dora_note`). Fused mode only: peft's dynamic DoRA layers scale the
 direction, not the update, so a weight other than 1 would mean something else there.
-
 Before anything touches the model, each adapter is checked against it (`check_compatible`): another
-architecture, or a module whose shape does not fit, is refused naming both models; the same architecture
-with a different base hash is a warning.
+architecture or a module shape that does not fit is refused naming both models; another base hash warns.
 """
 
 from __future__ import annotations
@@ -384,8 +382,7 @@ class Composer:
 
 def composed_adapters(pipe: Any) -> list[AdapterWeight]:
     """The adapters composed on `pipe` (either mode), in their order; [] when its weights are the base's."""
-    held = _COMPOSITIONS.get(pipe)
-    return [entry.spec for entry in held.entries.values()] if held is not None else []
+    return [entry.spec for entry in held.entries.values()] if (held := _COMPOSITIONS.get(pipe)) else []
 
 
 def compose(

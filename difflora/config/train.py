@@ -28,7 +28,8 @@ from difflora.config.train_checks import (
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["constant", "cosine", "linear"]
-Optimizer = Literal["auto", "adamw", "adamw8bit"]
+Optimizer = Literal["auto", "adamw", "adamw8bit", "prodigy", "adamw-schedulefree", "adafactor"]
+OPTIMIZER_LEARNING_RATES = {"prodigy": 1.0}  # Prodigy estimates its own step size: its authors' lr is 1
 PredictionChoice = Literal["epsilon", "v_prediction"]
 Quantization = Literal["int8", "nf4", "fp8"]  # difflora.models.quantize: bitsandbytes' LLM.int8 and NF4
 
@@ -202,8 +203,10 @@ class TrainConfig:
     lr_warmup_steps: int | None = None
     """Steps of linear learning-rate warm-up. Default: 5% of the steps."""
     optimizer: Optimizer = "auto"
-    """adamw, adamw8bit (needs bitsandbytes: on CUDA, or on the CPU with bitsandbytes >= 0.50) or auto
-    (8-bit on CUDA when bitsandbytes is installed, else adamw)."""
+    """adamw, adamw8bit (needs bitsandbytes: on CUDA, or on the CPU with bitsandbytes >= 0.50), auto (8-bit
+    on CUDA when bitsandbytes is installed, else adamw), prodigy (estimates its step size; default lr 1),
+    adamw-schedulefree (no schedule; samples and saves use its evaluation weights) or adafactor. prodigy and
+    adamw-schedulefree: pip install 'difflora[optimizers]'."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -334,7 +337,7 @@ class TrainConfig:
         """--learning-rate, else the default for the model family (see the field's help)."""
         if self.learning_rate is not None:
             return self.learning_rate
-        return family.default_learning_rate
+        return OPTIMIZER_LEARNING_RATES.get(self.optimizer, family.default_learning_rate)
 
     def effective_unet_targets(self, family: FamilyDefaults) -> tuple[str, ...]:
         """--unet-targets, else the family's (the attention projections, more on the embedded model)."""

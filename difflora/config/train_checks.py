@@ -16,7 +16,7 @@ from difflora.config.variants import check_variants
 TrainConfig = Any
 PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
-OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit")
+OPTIMIZERS: tuple[str, ...] = ("auto", "adamw", "adamw8bit", "prodigy", "adamw-schedulefree", "adafactor")
 QUANTIZATIONS: tuple[str, ...] = ("int8", "nf4", "fp8")
 # difflora.models.families.flow's SAMPLINGS and ModelFamily.target_presets' names (config/ imports no model code)
 TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "sigmoid", "logit-normal", "shift", "flux-shift")

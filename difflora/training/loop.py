@@ -27,6 +27,7 @@ from difflora.errors import TrainingDivergedError
 from difflora.faults import fault_point
 from difflora.training.forward import latents_of, loss_mask, micro_seed, predict
 from difflora.training.loss import diffusion_loss, noised_batch
+from difflora.training.optimizers import evaluation_weights, step_size_estimate
 from difflora.training.outputs import render_samples, save_state
 from difflora.training.prior import drift, prior_loss
 from difflora.training.run import Run
@@ -92,7 +93,7 @@ def _validate(run: Run, step: int) -> dict[str, float]:
     if not due or (validation is None and run.prior is None):
         return {}
     values: dict[str, float] = {}
-    with run.times.phase("validation"):
+    with run.times.phase("validation"), evaluation_weights(run.optimizer):
         if validation is not None:
             values["validation_loss"] = validation.measured[step] = measure(run)
             if run.ema is not None:
@@ -167,6 +168,9 @@ def _update(run: Run, bad: bool, step: int) -> bool:
         run.optimizer.step()
         if run.ema is not None:
             run.ema.update(run.models.trainable)
+        estimate = step_size_estimate(run.optimizer)
+        if estimate is not None and run.log is not None:
+            run.log.scalars({"optimizer/d": estimate}, step)
         if run.ranks is not None:  # AdaLoRA scores the gradients and prunes ranks before they are cleared
             run.ranks.update(step)
     run.optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ from difflora.formats.native import adapter_state_dict, header_metadata
 from difflora.safe_io import write_atomic
 from difflora.training.advice import gradient_advice
 from difflora.training.checkpoint import Checkpoint, rng_state, save_checkpoint
+from difflora.training.optimizers import evaluation_weights, step_size_estimate
 from difflora.training.run import Run
 from difflora.training.samples import render_sample_grid, save_grid
 from difflora.training.validation import keep_if_best, report_best
@@ -81,7 +82,7 @@ def render_samples(run: Run, step: int) -> bytes | None:
     """The sample grid PNG for this step (main process), or None when samples are off or not due."""
     if not samples_due(run, step):
         return None
-    with run.times.phase("previews"):
+    with run.times.phase("previews"), evaluation_weights(run.optimizer):
         return _render_and_save(run, step)
 
 
@@ -130,7 +131,8 @@ def _write_checkpoint(
     run: Run, step: int, epoch: int, rngs: list, grid: bytes | None, *, finished: bool
 ) -> Checkpoint:
     """The checkpoint files, the gradient log and the loss curve (main process)."""
-    adapter_bytes = adapter_file_bytes(build_adapter(run, step=step, finished=finished))
+    with evaluation_weights(run.optimizer):  # the checkpoint's state below keeps the training weights
+        adapter_bytes = adapter_file_bytes(build_adapter(run, step=step, finished=finished))
     keep_if_best(run, step, adapter_bytes)  # before the checkpoint: a resumed run rewrites the same file
     best = run.validation.best if run.validation is not None else None
     checkpoint = save_checkpoint(
@@ -182,12 +184,15 @@ def finish_run(run: Run) -> Path:
             run.log.end_progress()
         _report_gradients(run)
         _write_average(run, step)
-        with run.times.phase("final_save"):
+        with run.times.phase("final_save"), evaluation_weights(run.optimizer):
             payload = adapter_file_bytes(build_adapter(run, step=step, finished=True))
             write_atomic(run.paths.adapter, payload, fault="adapter-write")
         if run.ranks is not None:
             logger.info("%s", run.ranks.describe())
         report_best(run)
+        estimate = step_size_estimate(run.optimizer)
+        if estimate is not None:
+            logger.info("Prodigy's step-size estimate at the end: d = %.3g", estimate)
         logger.info("adapter written: %s (run directory %s)", run.paths.adapter, run.paths.run_dir)
         run.times.write(run.paths.run_dir / "timing.json")
         logger.info("time: %s", run.times.summary())

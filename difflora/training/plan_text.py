@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from difflora.adapter.inject import format_parameter_report, parameter_report
-from difflora.config.train import TrainConfig
+from difflora.config.train import OPTIMIZER_LEARNING_RATES, TrainConfig
 from difflora.models.architecture import pipeline_architecture
 from difflora.models.quantize import COMPONENT_LABELS
 from difflora.training.advice import plan_advice
 from difflora.training.check import held_out_source
 from difflora.training.memory import MemoryEstimate, estimate_memory
+from difflora.training.optimizers import owns_schedule
 from difflora.training.outputs import ema_adapter_path
 from difflora.training.precision import precision_note
 from difflora.training.run import Run
@@ -30,6 +31,8 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         f", {name.replace('_', ' ')} lr {facts[name + '_lr']:g}" for name in models.text_encoder_modules
     )
     lr_note = f" (default for a {identity.family} model)" if config.learning_rate is None else ""
+    if config.learning_rate is None and config.optimizer in OPTIMIZER_LEARNING_RATES:
+        lr_note = f" ({config.optimizer}'s default: it sets its own step size)"
     world = run.accelerator.num_processes
     lines = [
         "Training plan",
@@ -53,7 +56,7 @@ def describe_plan(config: TrainConfig, run: Run) -> str:
         f"  batch       {config.batch_size} per process x {world} process(es) x accumulation "
         f"{config.gradient_accumulation} = {config.batch_size * world * config.gradient_accumulation} images per step",
         f"  length      {plan.max_steps} steps, {plan.epochs} epoch(s) of {plan.steps_per_epoch} steps ({plan.rule})",
-        f"  optimizer   {facts['optimizer']}, lr {facts['learning_rate']:g}{lr_note}{te}, {config.lr_scheduler} schedule, "
+        f"  optimizer   {facts['optimizer']}, lr {facts['learning_rate']:g}{lr_note}{te}, {_schedule(config)}, "
         f"warm-up {facts['lr_warmup_steps']} steps{warmup_note}, grad clip {config.max_grad_norm:g}, "
         f"{_objective(config, run)}, precision {config.mixed_precision}",
         f"  saves       every {run.loop.save_every} steps + at the end -> {run.paths.checkpoints} (keep {config.keep_checkpoints})",
@@ -94,6 +97,12 @@ def _add_optional_lines(lines: list[str], config: TrainConfig, run: Run) -> None
         lines.append(f"  note        {note}")
     if not config.quiet_advice:
         lines += [f"  advice      {line}" for line in _advice(config, run)]
+
+
+def _schedule(config: TrainConfig) -> str:
+    if owns_schedule(config.optimizer):
+        return "no schedule (schedule-free; its own warm-up)"
+    return f"{config.lr_scheduler} schedule"
 
 
 def _preserve(config: TrainConfig, run: Run) -> str:

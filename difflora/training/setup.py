@@ -33,6 +33,7 @@ from difflora.models.quantize import (
     quantize_base,
 )
 from difflora.training.block_swap import BlockSwap, blocks_for_swap, move_except
+from difflora.training.optimizers import EXTRA_OPTIMIZERS, extra_optimizer
 from difflora.training.text import TEXT_ENCODERS, pipeline_conditioning
 
 logger = logging.getLogger(__name__)
@@ -230,11 +231,13 @@ def release_vae_encoder(pipe: Any) -> None:
 
 
 def make_optimizer(
-    groups: list[dict[str, Any]], *, kind: str, weight_decay: float, cuda: bool
+    groups: list[dict[str, Any]], *, kind: str, weight_decay: float, cuda: bool, warmup: int = 0
 ) -> tuple[torch.optim.Optimizer, str]:
     """AdamW, or bitsandbytes' 8-bit AdamW when asked for (on CUDA, or on the CPU where the installed
     bitsandbytes runs it: >= 0.50), or with `auto` where it can run on CUDA (on the CPU a LoRA's optimizer
     state is too small for 8 bits to matter, so `auto` keeps AdamW there)."""
+    if kind in EXTRA_OPTIMIZERS:  # `warmup`: the schedule-free optimizer's own
+        return extra_optimizer(kind, groups, weight_decay=weight_decay, warmup=warmup), kind
     bnb = _bitsandbytes() if cuda or kind == "adamw8bit" else None
     if kind == "adamw8bit" and (bnb is None or (not cuda and not _runs_on_cpu(bnb))):
         reason = (

@@ -33,16 +33,15 @@ from difflora.models.geometry import pipeline_geometry
 from difflora.models.process_memory import return_freed_memory
 from difflora.safe_io import write_atomic
 from difflora.training.data import TrainingData, prepare_data
-from difflora.training.ema import WeightAverage
 from difflora.training.gradients import GradientMonitor
 from difflora.training.lock import run_paths, training_locks
 from difflora.training.log import TrainLog
 from difflora.training.loop import run_loop
 from difflora.training.objective import objective_for
+from difflora.training.optimizers import owns_schedule
 from difflora.training.outputs import finish_run
 from difflora.training.plan import DataSettings, Tokens
 from difflora.training.plan_text import describe_plan
-from difflora.training.prior_setup import prior_for
 from difflora.training.record import run_record
 from difflora.training.run import (
     LoopSettings,
@@ -51,6 +50,7 @@ from difflora.training.run import (
     SampleSettings,
     restore_or_start,
 )
+from difflora.training.run_options import prior_for, validation_for, weight_average_for
 from difflora.training.samples import default_prompts, release_text_encoders
 from difflora.training.setup import (
     Models,
@@ -64,7 +64,6 @@ from difflora.training.setup import (
 from difflora.training.text import pipeline_text_encoders
 from difflora.training.threads import MEMORY_FILE, set_threads
 from difflora.training.timing import PhaseTimes
-from difflora.training.validation_set import Validation
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -272,14 +271,19 @@ def _assemble(
     """The optimizer, schedule and settings of the run, prepared for Accelerate."""
     total = data.plan.max_steps
     groups = _parameter_groups(config, models)
+    warmup = config.lr_warmup_steps if config.lr_warmup_steps is not None else round(0.05 * total)
     optimizer, optimizer_name = make_optimizer(
         groups,
         kind=config.optimizer,
         weight_decay=config.weight_decay,
         cuda=accelerator.device.type == "cuda",
+        warmup=warmup,
     )
-    warmup = config.lr_warmup_steps if config.lr_warmup_steps is not None else round(0.05 * total)
-    scheduler = make_lr_scheduler(optimizer, kind=config.lr_scheduler, warmup=warmup, total=total)
+    # a schedule-free optimizer warms up and schedules itself: the run's schedule is then constant
+    kind, schedule_warmup = (
+        ("constant", 0) if owns_schedule(config.optimizer) else (config.lr_scheduler, warmup)
+    )
+    scheduler = make_lr_scheduler(optimizer, kind=kind, warmup=schedule_warmup, total=total)
     components = models.trained_components
     # a swapped denoiser is placed already: Accelerate's placement would move its CPU-held blocks to the GPU
     placement = [not (name == models.denoiser and models.block_swap) for name in components]
@@ -310,25 +314,8 @@ def _assemble(
             groups=groups,
         ),
         ranks=_rank_allocation(config, models, total),
-        validation=_validation(config, data),
-        ema=_weight_average(config, models, accelerator),
-    )
-
-
-def _weight_average(config: TrainConfig, models: Models, accelerator: Accelerator) -> WeightAverage | None:
-    if not config.ema:
-        return None
-    device = torch.device("cpu") if config.ema_on_cpu else accelerator.device
-    return WeightAverage(models.trainable, config.ema, device)
-
-
-def _validation(config: TrainConfig, data: TrainingData) -> Validation | None:
-    held = data.validation
-    if held is None:
-        return None
-    names = tuple(example.path.name for example in held.examples)
-    return Validation(
-        held, names, every=config.validate_every, keep_best=config.keep_best, chunk=2 * config.batch_size
+        validation=validation_for(config, data),
+        ema=weight_average_for(config, models.trainable, accelerator.device),
     )
 
 

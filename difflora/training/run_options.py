@@ -1,14 +1,37 @@
-"""The run's Prior (--preserve-base) from its config and data, its trigger-free captions cached before the
-text encoders are freed (difflora.training.prior uses it)."""
+"""The optional parts of a run, from its config and data: the held-out set (--validation-split/-dir), the
+weight average (--ema) and prior preservation (--preserve-base, its trigger-free captions cached before the
+text encoders are freed)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from difflora.config.train import TrainConfig
 from difflora.training.data import TrainingData, caption_cache
+from difflora.training.ema import WeightAverage
 from difflora.training.prior import DRIFT_PROMPTS, Prior, strip_trigger
+from difflora.training.validation_set import Validation
+
+
+def validation_for(config: TrainConfig, data: TrainingData) -> Validation | None:
+    held = data.validation
+    if held is None:
+        return None
+    names = tuple(example.path.name for example in held.examples)
+    every, best = config.validate_every, config.keep_best
+    return Validation(held, names, every=every, keep_best=best, chunk=2 * config.batch_size)
+
+
+def weight_average_for(
+    config: TrainConfig, trainable: Mapping[str, torch.Tensor], device: torch.device
+) -> WeightAverage | None:
+    if not config.ema:
+        return None
+    return WeightAverage(trainable, config.ema, torch.device("cpu") if config.ema_on_cpu else device)
 
 
 def prior_for(config: TrainConfig, data: TrainingData, pipe: Any, cache_dir: Path) -> Prior | None:
