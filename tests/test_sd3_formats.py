@@ -22,6 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
 from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.export import export_bytes
+from difflora.formats.family import family_from_metadata
 from difflora.formats.naming import build_table, flat
 from difflora.formats.read import load_adapter, parse_state_dict
 from difflora.formats.reference import adaptable
@@ -205,3 +206,33 @@ def test_onetrainer_names_read_as_the_diffusers_modules(pipe, model):
     assert set(back.modules) == set(deltas)
     for key, delta in deltas.items():
         assert torch.allclose(back.modules[key].delta().float(), delta, rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.parametrize(
+    ("architecture", "expected"),
+    [
+        ("stable-diffusion-3-5-medium/lora", "sd35-medium"),  # kohya's spelling of each variant
+        ("stable-diffusion-3-5-large/lora", "sd3"),
+        ("stable-diffusion-3-m/lora", "sd3"),  # SD3 medium (3.0): the plain MMDiT
+        ("stable-diffusion-3.5-medium/lora", "sd35-medium"),
+    ],
+)
+def test_modelspec_architectures_name_the_family(architecture, expected):
+    assert family_from_metadata({"modelspec.architecture": architecture}) == expected
+
+
+def test_the_kohya_metadata_states_the_variant_and_reads_back(pipe, model):
+    tensors_bytes = export_bytes(_adapter(model), "comfyui", torch.float32, modules=_tree(pipe))
+    metadata = safe_open_metadata(tensors_bytes)
+    assert metadata["ss_base_model_version"] == "sd3"  # kohya's, for every variant
+    assert metadata["ss_network_module"] == "networks.lora_sd3"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert family_from_metadata(metadata) == FAMILY
+
+
+def safe_open_metadata(data: bytes) -> dict[str, str]:
+    """A safetensors file's header metadata, read from its bytes (8-byte length, then the JSON header)."""
+    import json
+
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length])["__metadata__"]

@@ -197,8 +197,14 @@ class SD3(ModelFamily):
     # kohya writes "sd3" for every SD3 / SD3.5 model: it does not say which family (medium's MMDiT-X or
     # the plain MMDiT), so a file is told apart by its ModelSpec architecture or its shapes instead.
     kohya_version_prefixes = ()
-    modelspec_architecture = "stable-diffusion-3.5-large/lora"
-    modelspec_prefixes = ("stable-diffusion-3.5-large", "stable-diffusion-3-medium", "stable-diffusion-3/")
+    # kohya's ModelSpec names: "stable-diffusion-3" followed by the variant ("-m", "-5-large", "-5-medium").
+    modelspec_architecture = "stable-diffusion-3-5-large/lora"
+    modelspec_prefixes = (
+        "stable-diffusion-3-5-large",
+        "stable-diffusion-3.5-large",
+        "stable-diffusion-3-m",
+        "stable-diffusion-3/",
+    )
     modelspec_implementation = "https://github.com/Stability-AI/sd3.5"
     # ComfyUI maps every T5 Linear as `lora_te3_` (comfy/lora.py); A1111 loads no SD3 LoRA.
     consumer_encoder_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {"text_encoder_3": ("lora_te3",)}
@@ -212,8 +218,8 @@ class SD35Medium(SD3):
     supported_as = "SD3.5 medium (MMDiT-X)"
     config_folder = "sd3.5-medium"
     dual_attention = True
-    modelspec_architecture = "stable-diffusion-3.5-medium/lora"
-    modelspec_prefixes = ("stable-diffusion-3.5-medium",)
+    modelspec_architecture = "stable-diffusion-3-5-medium/lora"
+    modelspec_prefixes = ("stable-diffusion-3-5-medium", "stable-diffusion-3.5-medium")
 
 
 class SD3Conditioning(TextConditioning):
