@@ -236,3 +236,22 @@ def safe_open_metadata(data: bytes) -> dict[str, str]:
 
     length = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + length])["__metadata__"]
+
+
+@pytest.mark.parametrize("name", ["sd35-medium", "sd3"])
+def test_the_full_size_reference_names_every_linear_of_the_original_layout(name):
+    """At full size (the shipped configs, meta device): the kohya names of the family's table are exactly the
+    original checkpoint's Linear layers, each fused layer as wide as the original weight."""
+    from difflora.formats.naming import reference_table
+    from difflora.formats.reference import reference_model
+
+    originals = {
+        key.removesuffix(".weight"): tuple(value.shape)
+        for key, value in mmdit_state(reference_model(name, "transformer")).items()
+        if key.endswith(".weight") and value.ndim == 2
+    }
+    layers = reference_table(name).layers
+    assert set(layers) == {f"lora_unet_{flat(path)}" for path in originals}
+    for path, (rows, columns) in originals.items():
+        layer = layers[f"lora_unet_{flat(path)}"]
+        assert (layer.out_features, layer.in_features) == (rows, columns), path

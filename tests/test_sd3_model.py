@@ -23,7 +23,7 @@ from difflora.models.geometry import model_geometry, pipeline_geometry
 from difflora.models.identity import model_identity
 from difflora.models.loading import load_pipeline
 from difflora.training.text import pipeline_conditioning, pipeline_text_encoders
-from tests.support.sd3 import tiny_sd3_pipeline, write_sd3_all_in_one, write_sd3_files
+from tests.support.sd3 import mmdit_state, tiny_sd3_pipeline, write_sd3_all_in_one, write_sd3_files
 
 VARIANTS = {"sd35-medium": True, "sd3": False}  # family -> MMDiT-X (attn2)
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
@@ -217,3 +217,20 @@ def test_default_sigmas_are_the_reference_scripts_logit_normal_through_the_shift
     table = FlowMatchEulerDiscreteScheduler.from_config(config).sigmas.double()
     reference = table[(torch.sigmoid(-n) * 1000).long()]
     assert float((reference - ours).abs().max()) <= 3 / 1000 + 1e-6
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_full_size_files_shapes_give_back_the_published_config(name):
+    """The real SD3.5 medium / large at full width and depth, on the meta device: the shapes of its tensors
+    in Stability's layout (tests/support/sd3.py's map) detect its family and read back as its config."""
+    from difflora.formats.reference import reference_model
+    from difflora.models.architecture import classify_transformer_file
+    from difflora.models.families.mmdit import transformer_config
+
+    state = mmdit_state(reference_model(name, "transformer"))
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    assert classify_transformer_file(shapes, source="full.safetensors") == name
+    shipped = _shipped(name, "transformer")
+    assert transformer_config(shapes, {"_class_name": shipped["_class_name"], "sample_size": 128}) == {
+        key: value for key, value in shipped.items() if not key.startswith("_")
+    }
