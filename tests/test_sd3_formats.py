@@ -255,3 +255,28 @@ def test_the_full_size_reference_names_every_linear_of_the_original_layout(name)
     for path, (rows, columns) in originals.items():
         layer = layers[f"lora_unet_{flat(path)}"]
         assert (layer.out_features, layer.in_features) == (rows, columns), path
+
+
+def test_a_kohya_file_with_t5_modules_reads_them_as_the_third_text_encoder(pipe, model):
+    """kohya's SD3 trainer names T5 `lora_te3_` (ComfyUI reads it so): its modules are T5's, not CLIP-G's."""
+    adapter, deltas = _adapter(model), _peft_deltas(model)
+    tensors = load_safetensors_bytes(export_bytes(adapter, "comfyui", torch.float32, modules=_tree(pipe)))
+    t5 = {
+        name: module
+        for name, module in pipe.text_encoder_3.named_modules()
+        if name.endswith("SelfAttention.q")
+    }
+    generator = torch.Generator().manual_seed(3)
+    expected = {}
+    for name, module in t5.items():
+        down = torch.randn(2, module.in_features, generator=generator)
+        up = torch.randn(module.out_features, 2, generator=generator)
+        kohya = f"lora_te3_{flat(name)}"
+        tensors |= {f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up}
+        tensors[f"{kohya}.alpha"] = torch.tensor(1.0)
+        expected[f"text_encoder_3.{name}"] = 0.5 * up @ down
+    trees = _tree(pipe) | {"text_encoder_3": adaptable("text_encoder_3", pipe.text_encoder_3)}
+    back = parse_state_dict(tensors, {}, source="kohya-t5.safetensors", tables=[build_table(FAMILY, trees)])
+    assert set(back.modules) == set(deltas) | set(expected)
+    for key, delta in expected.items():
+        assert torch.allclose(back.modules[key].delta().float(), delta, rtol=1e-5, atol=1e-6), key

@@ -179,11 +179,14 @@ def build_table(
                 table.sgm[key] = sgm[path]
                 table.from_kohya[f"{UNET_PREFIX}_{flat(sgm[path])}"] = key
             table.to_kohya[key] = f"{UNET_PREFIX}_{flat(sgm[path])}" if use_sgm else diffusers_form
-        elif component in te:  # a text encoder with no kohya prefix in its family (SD3's T5) has no name
+        elif component in te:
             table.to_kohya[key] = f"{te[component]}_{flat(path)}"
             for prefix, target in READ_PREFIXES.items():
                 if target == component and prefix != UNET_PREFIX:
                     table.from_kohya.setdefault(f"{prefix}_{flat(path)}", key)
+        else:  # a text encoder the family writes no kohya names for (SD3's T5): read as ComfyUI names it
+            for prefix in known.consumer_encoder_prefixes.get(component, ()):
+                table.from_kohya.setdefault(f"{prefix}_{flat(path)}", key)
     return table
 
 
