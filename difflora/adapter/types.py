@@ -1,7 +1,7 @@
 """What an adapter is in memory: LoraWeights per adapted module, AdapterMeta, and the Adapter holding both.
 
 Modules are keyed "<component>.<classic module path>" (components: unet or transformer, text_encoder,
-text_encoder_2), the
+text_encoder_2, text_encoder_3), the
 names every LoRA consumer writes; how they are laid out on disk is difflora.formats' business.
 """
 
@@ -17,7 +17,7 @@ from difflora import __version__
 from difflora.adapter import dora
 from difflora.adapter.lycoris import LycorisWeights, is_lycoris
 
-COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2")
+COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass

@@ -40,11 +40,13 @@ class GenerateConfig:
     model: str | None = None
     """Base model: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the embedded model."""
     clip_l: str | None = None
-    """With a transformer-only Flux.1 file as --model: its CLIP-L text encoder (ComfyUI's clip_l.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its CLIP-L text encoder (ComfyUI's clip_l.safetensors)."""
     t5: str | None = None
-    """With a transformer-only Flux.1 file as --model: its T5-XXL encoder (e.g. t5xxl_fp16.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its T5-XXL encoder (t5xxl_fp16.safetensors)."""
     vae: str | None = None
-    """With a transformer-only Flux.1 file as --model: its autoencoder (BFL's ae.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its autoencoder (BFL's ae.safetensors)."""
+    clip_g: str | None = None
+    """With a transformer-only SD3 / SD3.5 file as --model: its CLIP-G encoder (ComfyUI's clip_g.safetensors)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the base's UNet predicts (as for `difflora train`). Default: the model's own."""
     negative_prompt: str = ""
@@ -58,8 +60,8 @@ class GenerateConfig:
     """Flux.1: true classifier-free guidance, 0 to 100 (above 1 every step also runs the negative prompt, "" if none).
     Default: the model's (its folder's difflora_defaults.json), else 1 (off)."""
     max_sequence_length: int | None = None
-    """Flux.1: T5 tokens the prompt is padded to (1-512; a model should be used at the length it was trained
-    at). Default: the model's (its folder's difflora_defaults.json), else 512 or its tokenizer's length."""
+    """Flux.1, SD3: T5 tokens the prompt is padded to (1-512; a model should be used at the length it was trained
+    at). Default: the model's (its folder's difflora_defaults.json), else 512 (SD3: 256) or its tokenizer's."""
     seed: int | None = None
     """Seed of the first image (image i uses seed + i), 0 to 2^63-1. Default: a random seed, written into each PNG."""
     num_images: int = 1

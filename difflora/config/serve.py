@@ -28,11 +28,13 @@ class ServeConfig:
     """Base model, loaded once: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the
     embedded model."""
     clip_l: str | None = None
-    """With a transformer-only Flux.1 file as --model: its CLIP-L text encoder (ComfyUI's clip_l.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its CLIP-L text encoder (ComfyUI's clip_l.safetensors)."""
     t5: str | None = None
-    """With a transformer-only Flux.1 file as --model: its T5-XXL encoder (e.g. t5xxl_fp16.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its T5-XXL encoder (t5xxl_fp16.safetensors)."""
     vae: str | None = None
-    """With a transformer-only Flux.1 file as --model: its autoencoder (BFL's ae.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its autoencoder (BFL's ae.safetensors)."""
+    clip_g: str | None = None
+    """With a transformer-only SD3 / SD3.5 file as --model: its CLIP-G encoder (ComfyUI's clip_g.safetensors)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the base's UNet predicts (as for `difflora generate`). Default: the model's own."""
     adapter_dir: tuple[str, ...] = ()

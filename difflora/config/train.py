@@ -68,11 +68,13 @@ class TrainConfig:
     model: str | None = None
     """Base model: a diffusers folder, a .safetensors checkpoint or a hub id. Default: the embedded tiny model."""
     clip_l: str | None = None
-    """With a transformer-only Flux.1 file as --model: its CLIP-L text encoder (ComfyUI's clip_l.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its CLIP-L text encoder (ComfyUI's clip_l.safetensors)."""
     t5: str | None = None
-    """With a transformer-only Flux.1 file as --model: its T5-XXL encoder (e.g. t5xxl_fp16.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its T5-XXL encoder (t5xxl_fp16.safetensors)."""
     vae: str | None = None
-    """With a transformer-only Flux.1 file as --model: its autoencoder (BFL's ae.safetensors)."""
+    """With a transformer-only Flux.1 or SD3 file as --model: its autoencoder (BFL's ae.safetensors)."""
+    clip_g: str | None = None
+    """With a transformer-only SD3 / SD3.5 file as --model: its CLIP-G encoder (ComfyUI's clip_g.safetensors)."""
     prediction_type: PredictionChoice | None = None
     """What the base's UNet predicts: epsilon or v_prediction. Default: the model's own (its scheduler
     config, or for a single file the v_pred key / ModelSpec metadata, else v-prediction for SD 2.x).

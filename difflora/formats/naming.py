@@ -24,6 +24,7 @@ from torch import nn
 
 from difflora.formats.flux_names import BFL_ROOTS, bfl_layers
 from difflora.formats.fused import FusedLayer
+from difflora.formats.mmdit_names import MMDIT_ROOTS, mmdit_layers
 from difflora.formats.reference import (
     ModuleInfo,
     components_of,
@@ -44,8 +45,8 @@ READ_PREFIXES = (
 )
 # Original layouts a family's denoiser may be named in (`ModelFamily.kohya_denoiser_layout`): each builds
 # the fused/renamed layers from the denoiser's module tree.
-DENOISER_LAYOUTS = {"bfl": bfl_layers}
-LAYOUT_ROOTS = {"bfl": BFL_ROOTS}  # the first segments of each layout's module paths
+DENOISER_LAYOUTS = {"bfl": bfl_layers, "mmdit": mmdit_layers}
+LAYOUT_ROOTS = {"bfl": BFL_ROOTS, "mmdit": MMDIT_ROOTS}  # the first segments of each layout's module paths
 SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 # SGM names of a ResnetBlock2D's layers (ldm ResBlock: in_layers = [norm, act, conv], out_layers =
 # [norm, act, dropout, conv], emb_layers = [act, linear]).
@@ -178,11 +179,14 @@ def build_table(
                 table.sgm[key] = sgm[path]
                 table.from_kohya[f"{UNET_PREFIX}_{flat(sgm[path])}"] = key
             table.to_kohya[key] = f"{UNET_PREFIX}_{flat(sgm[path])}" if use_sgm else diffusers_form
-        else:
+        elif component in te:
             table.to_kohya[key] = f"{te[component]}_{flat(path)}"
             for prefix, target in READ_PREFIXES.items():
                 if target == component and prefix != UNET_PREFIX:
                     table.from_kohya.setdefault(f"{prefix}_{flat(path)}", key)
+        else:  # a text encoder the family writes no kohya names for (SD3's T5): read as ComfyUI names it
+            for prefix in known.consumer_encoder_prefixes.get(component, ()):
+                table.from_kohya.setdefault(f"{prefix}_{flat(path)}", key)
     return table
 
 

@@ -60,9 +60,7 @@ ENCODERS = {
     )
 }
 # Families difflora does not train, recognised by their block names (with or without the ldm prefix).
-_FOREIGN = {
-    "joint_blocks.": "Stable Diffusion 3 / 3.5 (an MMDiT transformer)",
-}
+_FOREIGN: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -141,13 +139,11 @@ def detect_architecture(
 
 
 def classify_transformer_file(shapes: Mapping[str, tuple[int, ...]], *, source: str) -> str | None:
-    """The family of a transformer single file (BFL's layout), None for any other file."""
+    """The family of a transformer single file (BFL's or SD3's MMDiT layout), None for any other file."""
     claimed = [f for f in transformer_file_families() if f.matches_transformer_file(shapes)]
     if not claimed:
         return None
-    from difflora.models.bfl_file import REQUIRED, strip_prefix
-
-    missing = [key for key in REQUIRED if key not in strip_prefix(shapes)]
+    missing = claimed[0].missing_transformer_keys(shapes)
     if missing:
         first = next(key for key in shapes if claimed[0].matches_transformer_file([key]))
         raise ModelError(

@@ -1,7 +1,7 @@
-"""Load a transformer model (Flux.1) from single files, as ComfyUI users have them, with no network: a BFL
+"""Load a transformer model (Flux.1, SD3) from single files, as ComfyUI users have them, with no network: a BFL
 transformer file (`difflora.models.bfl_file`) plus its text encoders and autoencoder, either inside the same
 all-in-one file (under the prefixes its family declares in `single_file_parts`) or as files of their own
-(`--clip-l`, `--t5`, `--vae`: Hugging Face layouts for the text encoders, the original autoencoder layout).
+(`--clip-l`, `--clip-g`, `--t5`, `--vae`: Hugging Face layouts for the text encoders, the original autoencoder layout).
 Component configurations come from the family's shipped folder, with the depth and channels each file has
 read from its weights (a reduced text encoder or an autoencoder of other latent channels loads as it is).
 """
@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from difflora.errors import ModelError
-from difflora.models.bfl_file import build_transformer
 from difflora.models.families import ModelFamily
 
 CLIP_HEAD_WIDTH = 64
@@ -25,11 +24,12 @@ CLIP_HEAD_WIDTH = 64
 
 @dataclass(frozen=True)
 class ComponentFiles:
-    """Component files given beside `--model` (by option name: clip_l, t5, vae); None: not given."""
+    """Component files given beside `--model` (by option name: clip_l, t5, vae, clip_g); None: not given."""
 
     clip_l: str | None = None
     t5: str | None = None
     vae: str | None = None
+    clip_g: str | None = None
 
     def given(self) -> dict[str, str]:
         return {name: path for name, path in vars(self).items() if path}
@@ -46,15 +46,27 @@ def load_transformer_file(
     folder = family.config_dir()
     assert folder is not None
     shipped = json.loads((folder / family.denoiser / "config.json").read_text())
+    encoders = {
+        component: _encoder(kind, parts[component], folder, component, dtype)
+        for component, kind in family.single_file_encoders.items()
+    }
     components = {
-        family.denoiser: build_transformer(state, shipped, dtype),
-        "text_encoder": _clip(parts["text_encoder"], folder, dtype),
-        "text_encoder_2": _t5(parts["text_encoder_2"], folder, dtype),
+        family.denoiser: family.build_transformer(state, shipped, dtype),
+        **encoders,
         "vae": _vae(parts["vae"], folder, dtype),
         "scheduler": _scheduler(folder),
         **tokenizers,
     }
     return getattr(diffusers, family.pipeline_class_name)(**components)
+
+
+def _encoder(
+    kind: str, state: dict[str, torch.Tensor], folder: Path, component: str, dtype: torch.dtype
+) -> Any:
+    """Text encoder `component` of kind `clip`, `clip-projection` or `t5` (`single_file_encoders`)."""
+    if kind == "t5":
+        return _t5(state, folder, component, dtype)
+    return _clip(state, folder, component, dtype, projection=kind == "clip-projection")
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
@@ -106,32 +118,41 @@ def _layers(state: Mapping[str, Any], marker: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _clip(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip(
+    state: dict[str, torch.Tensor], folder: Path, component: str, dtype: torch.dtype, *, projection: bool
+) -> Any:
+    """CLIPTextModel, or CLIPTextModelWithProjection holding the file's `text_projection` (SD3's pooled input)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
-    settings = _config(folder, "text_encoder")
+    kept = "text_projection.weight" if projection else None
+    state = {
+        k if k.startswith("text_model.") or k == kept else "text_model." + k: v for k, v in state.items()
+    }
+    settings = _config(folder, component)
     settings["num_hidden_layers"] = _layers(state, "encoder.layers.") or settings["num_hidden_layers"]
     settings["hidden_size"] = hidden = state["text_model.final_layer_norm.weight"].shape[0]
     settings["intermediate_size"] = state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
     # head count is in no tensor's shape: CLIP's heads are 64 wide (CLIP-L: 768 / 12)
     settings["num_attention_heads"] = max(1, hidden // CLIP_HEAD_WIDTH)
-    model = _empty(lambda: CLIPTextModel(CLIPTextConfig(**settings)))
+    if projection:
+        settings["projection_dim"] = state["text_projection.weight"].shape[0]
+    model_class = CLIPTextModelWithProjection if projection else CLIPTextModel
+    model = _empty(lambda: model_class(CLIPTextConfig(**settings)))
     if not any(key.startswith("text_model.") for key in model.state_dict()):  # transformers 5 is flat
         state = {key.removeprefix("text_model."): value for key, value in state.items()}
     unused = {
-        "text_projection.weight",
+        *(() if projection else ("text_projection.weight",)),
         "logit_scale",
         "text_model.embeddings.position_ids",
         "embeddings.position_ids",
     }
-    return _load(model, {k: v for k, v in state.items() if k not in unused}, "CLIP-L", dtype)
+    return _load(model, {k: v for k, v in state.items() if k not in unused}, f"CLIP ({component})", dtype)
 
 
-def _t5(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> Any:
+def _t5(state: dict[str, torch.Tensor], folder: Path, component: str, dtype: torch.dtype) -> Any:
     from transformers import T5Config, T5EncoderModel
 
-    settings = _config(folder, "text_encoder_2")
+    settings = _config(folder, component)
     settings["num_layers"] = _layers(state, "encoder.block.") or settings["num_layers"]
     settings["d_model"] = state["shared.weight"].shape[1]
     attention = "encoder.block.0.layer.0.SelfAttention."

@@ -61,7 +61,7 @@ def _compute_identity(pipe: Any) -> ModelIdentity:
     detected = _family(denoisers, pipe)
     # keyed by the denoiser's component name: an SD model's fingerprint is what it always was
     configs = {detected.denoiser: _stable_config(denoisers[detected.denoiser])}
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         encoder = getattr(pipe, name, None)
         if encoder is not None:
             configs[name] = _stable_config(encoder.config.to_dict())

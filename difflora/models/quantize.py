@@ -42,6 +42,7 @@ COMPONENT_LABELS = {
     "transformer": "transformer",
     "text_encoder": "text-encoder",
     "text_encoder_2": "text-encoder-2",
+    "text_encoder_3": "text-encoder-3",
 }
 # The attribute peft's LoRA dispatch reads from the model to choose its bitsandbytes layers.
 PEFT_FLAGS = {"int8": "is_loaded_in_8bit", "nf4": "is_loaded_in_4bit"}

@@ -37,7 +37,7 @@ def base_tokenizers(architecture: Architecture) -> dict[str, Any]:
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     tokenizers = {}
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         config_path = architecture.config_dir / name / "tokenizer_config.json"
         if not config_path.is_file():
             continue

@@ -14,8 +14,8 @@ from difflora.models.families.conditioning import TextConditioning
 from difflora.models.identity import model_identity
 
 TextEncode = Callable[[list[str]], dict[str, torch.Tensor]]
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline components that may hold one
-TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # the components that may hold one
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
 
 def pipeline_text_encoders(pipe: Any) -> tuple[list[Any], dict[str, torch.nn.Module]]:

@@ -120,6 +120,7 @@ def _base_key(config: TrainConfig) -> tuple[Any, ...]:
         config.clip_l,
         config.t5,
         config.vae,
+        config.clip_g,
     )
 
 
@@ -190,7 +191,7 @@ def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
         prediction_type=config.prediction_type,
         quantization=config.quantize_base,
         pipe=pipe,
-        files=ComponentFiles(config.clip_l, config.t5, config.vae),
+        files=ComponentFiles(config.clip_l, config.t5, config.vae, config.clip_g),
         blocks_to_swap=config.blocks_to_swap,
     )
 

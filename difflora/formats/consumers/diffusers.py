@@ -156,11 +156,15 @@ def diffusers_peft(keys: Sequence[str], table: NameTable) -> Verdict:
     dropped: dict[str, str] = {}
     for key in keys:
         component = key.split(".")[0]
-        if component not in model_family(table.family).components:
+        known = model_family(table.family)
+        if component not in known.components:
+            kohya = (
+                "kohya key in a file that is not all-kohya" if known.diffusers_converts_kohya else "kohya key"
+            )
             reason = (
-                "kohya key in a file that is not all-kohya: not converted"
+                f"{kohya}: not converted"
                 if key.startswith(("lora_",))
-                else f"no {'./'.join(model_family(table.family).components)}. prefix: not read"
+                else f"no {'./'.join(known.components)}. prefix: not read"
             )
             dropped[key] = reason
             continue

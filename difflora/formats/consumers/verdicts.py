@@ -31,7 +31,7 @@ from pathlib import Path
 from difflora.errors import ModelError, first_n
 from difflora.formats.consumers.a1111 import a1111
 from difflora.formats.consumers.comfyui import comfyui
-from difflora.formats.consumers.diffusers import diffusers
+from difflora.formats.consumers.diffusers import diffusers, diffusers_peft
 from difflora.formats.consumers.diffusers_layout import diffusers_layout
 from difflora.formats.consumers.rules import Verdict
 from difflora.formats.family import family_of
@@ -61,8 +61,15 @@ _CHECKS: dict[str, Callable[[Sequence[str], Mapping[str, str], NameTable], Verdi
     "comfyui": lambda keys, metadata, table: comfyui(keys, table),
     "forge": lambda keys, metadata, table: comfyui(keys, table, consumer="Forge"),
     "a1111": a1111,
-    "diffusers": lambda keys, metadata, table: (diffusers_layout if table.layers else diffusers)(keys, table),
+    "diffusers": lambda keys, metadata, table: _diffusers(keys, table),
 }
+
+
+def _diffusers(keys: Sequence[str], table: NameTable) -> Verdict:
+    """diffusers' loader for the family: its kohya converter (an original layout's or SD's), or PEFT keys only."""
+    if not model_family(table.family).diffusers_converts_kohya:
+        return diffusers_peft(keys, table)
+    return (diffusers_layout if table.layers else diffusers)(keys, table)
 
 
 def _checked_as(family: ModelFamily) -> str:

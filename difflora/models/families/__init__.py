@@ -13,11 +13,12 @@ from difflora.models.families.custom import Custom
 from difflora.models.families.flux import Flux, FluxSchnell
 from difflora.models.families.sd1 import SD1
 from difflora.models.families.sd2 import SD2
+from difflora.models.families.sd3 import SD3, SD35Medium
 from difflora.models.families.sdxl import SDXL
 from difflora.models.families.tiny import Tiny
 
 _REGISTRY: dict[str, ModelFamily] = {
-    f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), FluxSchnell(), Tiny(), Custom())
+    f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), FluxSchnell(), SD3(), SD35Medium(), Tiny(), Custom())
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -55,8 +56,8 @@ def shipped_families() -> tuple[ModelFamily, ...]:
 
 
 def transformer_file_families() -> tuple[ModelFamily, ...]:
-    """The families whose single files are BFL transformer files, in detection order."""
-    return tuple(f for f in shipped_families() if f.checkpoint_layout == "bfl")
+    """The families whose single files are transformer files (BFL's, SD3's MMDiT), in detection order."""
+    return tuple(f for f in shipped_families() if f.checkpoint_layout != "ldm")
 
 
 DENOISERS: tuple[str, ...] = tuple(dict.fromkeys(f.denoiser for f in _REGISTRY.values()))

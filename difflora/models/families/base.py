@@ -74,6 +74,9 @@ class ModelFamily:
     (the last N blocks of their concatenation are swapped); none: the family refuses the flag."""
     single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
     part_options: ClassVar[dict[str, str]] = {}
+    single_file_encoders: ClassVar[dict[str, str]] = {}
+    """How each text encoder of a transformer single file is built (`difflora.models.dit_files`): `clip`
+    (CLIPTextModel), `clip-projection` (CLIPTextModelWithProjection, its `text_projection` kept) or `t5`."""
     checkpoint_layout: ClassVar[str] = "ldm"
     """The single-file layout its checkpoints come in: `ldm` (SD's original layout, told apart by
     `matches_checkpoint`) or `bfl` (Black Forest Labs' transformer file, by `matches_transformer_keys`)."""
@@ -211,6 +214,16 @@ class ModelFamily:
         """Which variant of the transformer layout a file is (asked after `matches_transformer_file`)."""
         return False
 
+    def missing_transformer_keys(self, keys: Any) -> list[str]:
+        """What a transformer single file of this family's layout lacks to be complete (asked after
+        `matches_transformer_file`); none for a family without that layout."""
+        return []
+
+    def build_transformer(self, state: Mapping[str, Any], shipped: Mapping[str, Any], dtype: Any) -> Any:
+        """The diffusers transformer holding a transformer single file's weights (`state`, as read), its
+        config read from the weights over the `shipped` one, cast to `dtype`."""
+        raise ModelError(f"{self.label} models do not load from a transformer file; pass a diffusers folder.")
+
     def denoiser_of(self, pipe: Any) -> Any:
         """The pipeline's denoiser module (what LoRA layers train on)."""
         return getattr(pipe, self.denoiser)
@@ -299,6 +312,9 @@ class ModelFamily:
     """Text encoders whose every Linear ComfyUI maps (not only CLIP's attention and MLP), under these kohya
     prefixes: {component: prefixes}."""
     consumers: ClassVar[tuple[str, ...]] = ("comfyui", "a1111", "diffusers")
+    diffusers_converts_kohya: ClassVar[bool] = True
+    """Whether diffusers' `load_lora_weights` converts this family's kohya-named files (SD3's loader converts
+    none: only PEFT keys under its components' prefixes load)."""
     """The programs whose loading rules `inspect` and `export` check this family's files against."""
     ships_with_difflora: ClassVar[bool] = False
     """Whether the model is inside the package (loaded when `--model` is omitted; its configs sit beside its

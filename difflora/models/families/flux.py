@@ -100,6 +100,7 @@ class Flux(ModelFamily):
     file takes them from separate files."""
     part_options: ClassVar[dict[str, str]] = {"text_encoder": "clip_l", "text_encoder_2": "t5", "vae": "vae"}
     """The option (`--clip-l`, `--t5`, `--vae`) that gives each component as a file of its own."""
+    single_file_encoders: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5"}
 
     def matches_model(self, unet: Mapping[str, Any], *, embedded: bool) -> bool:
         """A FluxTransformer2DModel config (any width or depth) with or without the guidance input."""
@@ -114,6 +115,17 @@ class Flux(ModelFamily):
     def matches_transformer_file(self, keys: Collection[str]) -> bool:
         """Whether a single file holds a BFL transformer (its double blocks, with or without the prefix)."""
         return any(key.startswith((BFL_DOUBLE, BFL_PREFIX + BFL_DOUBLE)) for key in keys)
+
+    def missing_transformer_keys(self, keys: Collection[str]) -> list[str]:
+        from difflora.models.bfl_file import REQUIRED, strip_prefix
+
+        stripped = strip_prefix(dict.fromkeys(keys))
+        return [key for key in REQUIRED if key not in stripped]
+
+    def build_transformer(self, state: Mapping[str, Any], shipped: Mapping[str, Any], dtype: Any) -> Any:
+        from difflora.models.bfl_file import build_transformer
+
+        return build_transformer(state, shipped, dtype)
 
     def conditioning(
         self, unet: Mapping[str, Any], options: Mapping[str, Any] | None = None
