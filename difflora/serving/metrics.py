@@ -15,6 +15,21 @@ Labels = tuple[tuple[str, str], ...]
 
 # seconds; a render on the embedded model on CPU takes ~0.1-3 s, on a real model on GPU 1-10 s
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_BUCKETS = (
+    1,
+    2,
+    3,
+    4,
+    6,
+    8,
+    12,
+    16,
+    24,
+    32,
+    64,
+    128,
+    256,
+)  # images per render call (--max-batch <= 256)
 COMPOSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -126,6 +141,15 @@ class ServerMetrics:
             "difflora_render_duration_seconds", "Time to render a request's images.", LATENCY_BUCKETS
         )
         self.images = Counter("difflora_images_total", "Images rendered.")
+        self.batch = Histogram(
+            "difflora_batch_images", "Images rendered in one batch (one render call).", BATCH_BUCKETS
+        )
+        self.rejected = Counter(
+            "difflora_rejected_total",
+            "Generate requests the queue did not render, by reason (queue_full, timeout, disconnected, "
+            "draining).",
+        )
 
     def all(self) -> list[Counter | Histogram]:
-        return [self.requests, self.latency, self.queue, self.compose, self.render, self.images]
+        return [self.requests, self.latency, self.queue, self.compose, self.render, self.images, self.batch,
+                self.rejected]  # fmt: skip
