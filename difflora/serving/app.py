@@ -45,7 +45,7 @@ from difflora.errors import (
 )
 from difflora.serving.body import BodyLimit
 from difflora.serving.engine import Engine, Result
-from difflora.serving.metrics import CONTENT_TYPE, exposition
+from difflora.serving.metrics import CONTENT_TYPE
 from difflora.serving.scheduler import Job, QueueOptions, QueueTimeoutError, Scheduler, UnavailableError
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def _add_routes(app: FastAPI, engine: Engine, scheduler: Scheduler) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(_metrics_text(engine, scheduler), media_type=CONTENT_TYPE)
+        return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 async def _result(scheduler: Scheduler, job: Job, request: Request) -> Result | None:
@@ -313,18 +313,3 @@ def _json_result(engine: Engine, result: Result) -> dict[str, Any]:
         "mode": engine.mode,
         "timings": result.timings,
     }
-
-
-def _metrics_text(engine: Engine, scheduler: Scheduler) -> str:
-    stats = engine.cache.stats()
-    gauges = [
-        ("difflora_adapter_cache_hits_total", "counter", "Adapter cache hits.", stats.hits),
-        ("difflora_adapter_cache_misses_total", "counter", "Adapters read from disk.", stats.misses),
-        ("difflora_adapter_cache_evictions_total", "counter", "Adapters evicted (LRU).", stats.evictions),
-        ("difflora_adapter_cache_bytes", "gauge", "Bytes of adapters in the cache.", stats.nbytes),
-        ("difflora_adapter_cache_capacity_bytes", "gauge", "The cache's bound (--cache-mb).", stats.capacity),
-        ("difflora_adapter_cache_entries", "gauge", "Adapters in the cache.", stats.entries),
-        ("difflora_busy", "gauge", "1 while a request is on the model.", int(engine.busy)),
-        ("difflora_queue_depth", "gauge", "Generate requests waiting for the model.", scheduler.depth),
-    ]
-    return exposition(engine.metrics.all(), gauges)

@@ -104,6 +104,7 @@ class Engine:
         self.cache = AdapterCache(
             0 if reload_each_request else cache_bytes, lambda _, path: load_adapter(path)
         )
+        self.metrics.watch(self._readings)
         self.composer: Composer = compose(pipe, (), mode=mode, adapter_dirs=adapter_dir)
         self.identity = self.composer.identity
         self._composed: dict[str, tuple[Path, tuple[int, int]]] = {}  # name -> (file, stamp) composed
@@ -217,6 +218,24 @@ class Engine:
             )
         if problems:
             raise ConfigError("Request over the server's limits: " + "; ".join(problems) + ".")
+
+    def _readings(self) -> list[tuple[str, str, str, float]]:
+        """The cache's counters and the model's state, for GET /metrics (read at each scrape)."""
+        stats = self.cache.stats()
+        return [
+            ("difflora_adapter_cache_hits_total", "counter", "Adapter cache hits.", stats.hits),
+            ("difflora_adapter_cache_misses_total", "counter", "Adapters read from disk.", stats.misses),
+            ("difflora_adapter_cache_evictions_total", "counter", "Adapters evicted (LRU).", stats.evictions),
+            ("difflora_adapter_cache_bytes", "gauge", "Bytes of adapters in the cache.", stats.nbytes),
+            (
+                "difflora_adapter_cache_capacity_bytes",
+                "gauge",
+                "The cache's bound (--cache-mb).",
+                stats.capacity,
+            ),
+            ("difflora_adapter_cache_entries", "gauge", "Adapters in the cache.", stats.entries),
+            ("difflora_busy", "gauge", "1 while a request is on the model.", int(self.busy)),
+        ]
 
     # ------------------------------------------------------------------ adapters
 

@@ -107,6 +107,7 @@ class Scheduler:
                 )
             job = Job(ticket, self.engine.batch_key(ticket), ticket.arrived + self.options.request_timeout)
             self._waiting.append(job)
+            self.engine.metrics.depth.inc()
             self._cond.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="difflora-scheduler", daemon=True)
@@ -121,6 +122,7 @@ class Scheduler:
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
+                self.engine.metrics.depth.dec()
         self.engine.metrics.rejected.inc(reason=reason)
         return True
 
@@ -178,7 +180,7 @@ class Scheduler:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            jobs = self._take(first)
+            jobs = self._take(first) if first in self._waiting else []  # withdrawn during the window
             self._in_flight = len(jobs)
         return self._start(jobs)
 
@@ -187,17 +189,15 @@ class Scheduler:
 
     def _take(self, first: Job) -> list[Job]:
         """`first` and the waiting jobs with its key, in order, up to max_batch images (first always)."""
-        if not self.options.batch_window_ms:  # batching off: one request at a time, in arrival order
-            self._waiting.remove(first)
-            return [first]
-        jobs, images = [], 0
-        for job in list(self._waiting):
-            if job.key == first.key and (
-                job is first or images + job.ticket.images <= self.options.max_batch
-            ):
-                jobs.append(job)
-                images += job.ticket.images
-                self._waiting.remove(job)
+        jobs, images = [first], first.ticket.images
+        if self.options.batch_window_ms:  # else batching is off: one request at a time, in arrival order
+            for job in list(self._waiting)[1:]:
+                if job.key == first.key and images + job.ticket.images <= self.options.max_batch:
+                    jobs.append(job)
+                    images += job.ticket.images
+        for job in jobs:
+            self._waiting.remove(job)
+            self.engine.metrics.depth.dec()
         return jobs
 
     def _start(self, jobs: list[Job]) -> list[Job]:
