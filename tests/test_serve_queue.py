@@ -262,18 +262,15 @@ def test_each_image_of_a_batch_is_its_request_rendered_alone(embedded):
         {**base, "prompt": "a red house", "seed": 40, "num_images": 2},
     ]
     other = {**base, "prompt": "a striped cat", "seed": 3, "adapters": "style:0.7"}  # another set
-    with ThreadPoolExecutor(3) as pool:
-        with serve(embedded, batch_window_ms=60_000, max_batch=3) as client:
-            # the window closes when the batch is full: 3 images of one set
-            answers = [
-                f.result().json() for f in [pool.submit(client.post, "/generate", json=b) for b in bodies]
-            ]
-            assert counter(client, "difflora_batch_images_count") == 1
-            assert counter(client, "difflora_batch_images_sum") == 3
-            late = pool.submit(client.post, "/generate", json=other)
-            wait_until(lambda: client.app.state.scheduler.depth == 1)  # not in the batch: it waits alone
-            client.app.state.scheduler.drain(60.0)  # a drain renders it without waiting out its window
-            assert late.result().json()["adapters"] == ["style:0.7"]
+    with ThreadPoolExecutor(3) as pool, serve(embedded, batch_window_ms=60_000, max_batch=3) as client:
+        # the window closes when the batch is full: 3 images of one set
+        answers = [f.result().json() for f in [pool.submit(client.post, "/generate", json=b) for b in bodies]]
+        assert counter(client, "difflora_batch_images_count") == 1
+        assert counter(client, "difflora_batch_images_sum") == 3
+        late = pool.submit(client.post, "/generate", json=other)
+        wait_until(lambda: client.app.state.scheduler.depth == 1)  # not in the batch: it waits alone
+        client.app.state.scheduler.drain(60.0)  # a drain renders it without waiting out its window
+        assert late.result().json()["adapters"] == ["style:0.7"]
     largest = 0
     for body, answer in zip(bodies, answers, strict=True):
         fields = {k: v for k, v in body.items() if k not in ("format", "adapters")}

@@ -67,7 +67,7 @@ class ServeConfig:
     """Seconds a request may wait for its turn; one not started by then is answered 504 and leaves the queue."""
     # 15 ms: a lone request waits at most that long for company, a small part of any render (embedded model on
     # CPU 0.1 s and more, a real one on GPU 1 s and more); under load the queue fills while the model works,
-    # so a batch forms without waiting at all (scripts/bench_serve.py --queue measures both, BENCHMARKS.md)
+    # so a batch forms without waiting at all (scripts/bench_serve_queue.py measures both, BENCHMARKS.md)
     batch_window_ms: float = 15.0
     """Milliseconds a request waits for others with the same adapter set and settings, to render them in
     one batch. 0 renders one request at a time."""

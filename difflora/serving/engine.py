@@ -79,8 +79,8 @@ class Result:
 
 
 class Engine:
-    """One pipeline, its Composer and the adapter cache. `generate` is safe to call from many threads:
-    requests are served one at a time on the model. With `reload_each_request`, every request reads its
+    """One pipeline, its Composer and the adapter cache. `generate` and `render_group` are safe to call from
+    many threads: one batch at a time is on the model (the server calls them from its scheduler's thread). With `reload_each_request`, every request reads its
     adapters from disk and composes them from scratch (the naive server scripts/bench_serve.py compares
     against)."""
 
