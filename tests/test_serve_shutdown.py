@@ -1,5 +1,5 @@
-"""Graceful shutdown of the real `difflora serve` (uvicorn in a subprocess, the embedded model): SIGTERM
-during a render lets the render in flight and the queued request finish (200), refuses new requests (503)
+"""Graceful shutdown of the real `difflora serve` (uvicorn in a subprocess, the embedded model): SIGTERM (or
+SIGINT) during a render lets the render in flight and the queued request finish (200), refuses new requests (503)
 while /health says "draining" and /ready is 503, and the process exits 0 within --shutdown-timeout."""
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def stop(server: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_render_finishes_it_refuses_new_ones_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_render_finishes_it_refuses_new_ones_and_exits_0(tmp_path, sig):
     import httpx
 
     from tests.test_serve import free_port
@@ -75,7 +76,7 @@ def test_sigterm_during_a_render_finishes_it_refuses_new_ones_and_exits_0(tmp_pa
             queued = pool.submit(httpx.post, base + "/generate", json={**body, "steps": 1}, timeout=120)
             wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["queued"] == 1)
             signalled = time.monotonic()
-            server.send_signal(signal.SIGTERM)
+            server.send_signal(sig)
             wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["status"] == "draining")
             refused = httpx.post(base + "/generate", json=body, timeout=30)
             ready = httpx.get(base + "/ready", timeout=5)
