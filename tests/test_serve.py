@@ -34,7 +34,7 @@ from difflora.formats.read import load_adapter
 from difflora.serving.app import create_app
 from difflora.serving.cache import AdapterCache, adapter_bytes
 from difflora.serving.engine import Engine
-from difflora.serving.metrics import Counter, Histogram, exposition
+from difflora.serving.metrics import Counter, Histogram, ServerMetrics
 from tests.support.adapters import random_adapter
 from tests.support.models import tiny_pipeline
 from tests.support.paths import REPO_ROOT
@@ -300,15 +300,24 @@ def test_metrics_count_requests_by_status_and_expose_the_histograms(client):
 
 
 def test_histograms_are_cumulative_with_inf_sum_and_count():
-    histogram, counter = Histogram("h", "help", (1.0, 2.0)), Counter("c_total", "help")
+    metrics = ServerMetrics()  # a registry of its own: the same names again do not collide
+    histogram = Histogram("h", "help", metrics.registry, (1.0, 2.0), labels=("route",))
+    counter = Counter("c_total", "help", metrics.registry, labels=("route", "status"))
     for value in (0.5, 1.0, 1.5, 9.0):
         histogram.observe(value, route="/x")
     counter.inc(route="/x", status="200")
-    text = exposition([histogram, counter], [("g", "gauge", "help", 3)])
-    assert 'h_bucket{route="/x",le="1.0"} 2' in text and 'h_bucket{route="/x",le="2.0"} 3' in text
-    assert 'h_bucket{route="/x",le="+Inf"} 4' in text and 'h_count{route="/x"} 4' in text
-    assert 'h_sum{route="/x"} 12.0' in text and 'c_total{route="/x",status="200"} 1' in text
-    assert text.endswith("g 3\n")
+    metrics.watch(lambda: [("g", "gauge", "help", 3)])
+    text = metrics.exposition().decode()
+    assert 'h_bucket{le="1.0",route="/x"} 2.0' in text and 'h_bucket{le="2.0",route="/x"} 3.0' in text
+    assert 'h_bucket{le="+Inf",route="/x"} 4.0' in text and 'h_count{route="/x"} 4.0' in text
+    assert 'h_sum{route="/x"} 12.0' in text and 'c_total{route="/x",status="200"} 1.0' in text
+    assert "\ng 3.0\n" in text and "# TYPE g gauge" in text
+    assert (
+        histogram.count(route="/x"),
+        histogram.total(route="/x"),
+        counter.value(route="/x", status="200"),
+    ) == (4, 12.0, 1.0)
+    assert ServerMetrics().requests.value(route="/x", status="200") == 0  # nothing shared between registries
 
 
 # ------------------------------------------------------------------------------------------- access

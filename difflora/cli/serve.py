@@ -28,23 +28,20 @@ def serve_command(config_file: Path | None, **flags: Any) -> None:
         flags["token"] = os.environ.get(TOKEN_ENV) or None
     config = config_from_flags(ServeConfig, flags, config_file=config_file, section="serve")
 
-    import uvicorn
-
     from difflora.serving.app import create_app
     from difflora.serving.engine import Engine
+    from difflora.serving.scheduler import QueueOptions
+    from difflora.serving.server import run_server
 
     engine = Engine.from_config(config)
-    app = create_app(engine, token=config.token, max_body_bytes=config.max_body_kb * 1024)
+    queue = QueueOptions.from_config(config)
+    app = create_app(engine, token=config.token, max_body_bytes=config.max_body_kb * 1024, queue=queue)
     host = f"[{config.host}]" if ":" in config.host else config.host
     access = "bearer token required" if config.token else "no token: loopback only"
     click.echo(
         f"Serving {engine.identity.name} ({engine.mode} composition, {len(engine.available())} adapters "
-        f"available) on http://{host}:{config.port} ({access}). Ctrl+C stops.",
+        f"available) on http://{host}:{config.port} ({access}). Ctrl+C or SIGTERM drains the queue and stops.",
         err=True,
     )
-    # The line above says where it serves; uvicorn's own start-up, shut-down and per-request lines would
-    # repeat it on every start and request (GET /metrics counts requests by route and status). Its
-    # warnings and errors still show.
-    uvicorn.run(
-        app, host=config.host, port=config.port, log_config=None, log_level="warning", access_log=False
-    )
+    run_server(app, app.state.scheduler, host=config.host, port=config.port,
+               shutdown_timeout=config.shutdown_timeout)  # fmt: skip

@@ -63,6 +63,21 @@ class ServeConfig:
     # 64 KiB holds the largest valid request (2 prompts of MAX_PROMPT_CHARS, JSON-escaped) with room to spare
     max_body_kb: int = 64
     """Largest request body, in KiB: a longer one is refused (413) before it is read whole."""
+    max_queue: int = 64
+    """Most requests waiting for the model; one more is refused at once (503 with Retry-After)."""
+    request_timeout: float = 300.0
+    """Seconds a request may wait for its turn; one not started by then is answered 504 and leaves the queue."""
+    # 15 ms: a lone request waits at most that long for company, a small part of any render (embedded model on
+    # CPU 0.1 s and more, a real one on GPU 1 s and more); under load the queue fills while the model works,
+    # so a batch forms without waiting at all (scripts/bench_serve_queue.py measures both, BENCHMARKS.md)
+    batch_window_ms: float = 15.0
+    """Milliseconds a request waits for others with the same adapter set and settings, to render them in
+    one batch. 0 renders one request at a time."""
+    max_batch: int = 8
+    """Most images rendered in one batch (requests with the same adapter set and settings)."""
+    shutdown_timeout: float = 30.0
+    """Seconds SIGTERM or SIGINT gives the queued requests to render before those left are refused (503) and
+    the server exits."""
     device: str | None = None
     """torch device. Default: cuda when available, else cpu."""
 
@@ -73,6 +88,18 @@ class ServeConfig:
         p.check(self.cache_mb >= 0, "cache_mb", f"must be 0 or more, got {self.cache_mb}")
         for name, high in (("max_size", MAX_SIZE), ("max_steps", MAX_STEPS), ("max_images", MAX_IMAGES)):
             problem = out_of_range(getattr(self, name), 1, high)  # within what any request may ask
+            p.check(problem is None, name, str(problem))
+        p.check(
+            1 <= self.max_queue <= 100_000, "max_queue", f"must be between 1 and 100000, got {self.max_queue}"
+        )
+        p.check(1 <= self.max_batch <= 256, "max_batch", f"must be between 1 and 256, got {self.max_batch}")
+        seconds = (
+            ("request_timeout", 0.01, 86_400.0),
+            ("batch_window_ms", 0, 10_000.0),
+            ("shutdown_timeout", 0, 3_600.0),
+        )
+        for name, low, high in seconds:
+            problem = out_of_range(getattr(self, name), low, high)
             p.check(problem is None, name, str(problem))
         p.check(self.max_body_kb >= 1, "max_body_kb", f"must be at least 1, got {self.max_body_kb}")
         if self.max_size % 8:

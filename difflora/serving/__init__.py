@@ -5,8 +5,10 @@ grammar ("style:0.7,subject:0.3"); hands on PNG files carrying the same A1111 `p
 `difflora generate` writes, bit for bit the image `generate` renders for the same settings.
 
 `cache` keeps loaded adapters in a least-recently-used cache bounded in bytes; `engine` owns the pipeline,
-serialises requests on it with a lock (no request ever sees another's weights) and composes each request's
-set through the pipeline's Composer (difflora.composition); `metrics` counts what happened in the
-Prometheus text format; `app` is the FastAPI application (routes, bearer token, errors as JSON with one
-status per DiffloraError class). `difflora serve` (difflora.cli.serve) runs it under uvicorn.
+checks a request (`prepare`), says which requests may share a batch (`batch_key`) and renders a batch
+(`render_group`) under its lock with that batch's adapter set composed (no request ever sees another's
+weights); `scheduler` is the bounded queue and the one thread that batches and renders from it; `metrics`
+holds prometheus_client series in a registry per engine; `app` is the FastAPI application (routes, bearer
+token, errors as JSON with one status per DiffloraError class); `server` runs it under uvicorn with a
+shutdown that drains the queue. `difflora serve` (difflora.cli.serve) starts it.
 """

@@ -5,26 +5,32 @@
                     -> the PNG (with its A1111 `parameters` chunk), or JSON {images: [base64 PNG], parameters,
                        seeds, adapters, model, mode, timings}
     GET /adapters   adapters available on disk, which are cached, the cache's counters
-    GET /health     liveness (never needs the token, never waits for the model)
+    GET /health     liveness: "ok", or "draining" while shutting down (never needs the token, never waits)
+    GET /ready      readiness for a load balancer: 200 while taking requests, 503 while draining (open too)
     GET /metrics    Prometheus text exposition
 
 Every error is JSON {"error": "..."}; its status comes from one table, STATUSES, by DiffloraError class.
-Generate runs in FastAPI's thread pool (a sync route), so a long render never blocks /health or /metrics.
+Generate is checked on the event loop (4xx at once), queued (difflora.serving.scheduler: 503 past the
+queue's bound, 504 past the request's deadline) and awaited; the render runs on the scheduler's thread, so a
+long render never blocks /health or /metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from difflora.composition.find import UnknownAdapterError
@@ -39,7 +45,8 @@ from difflora.errors import (
 )
 from difflora.serving.body import BodyLimit
 from difflora.serving.engine import Engine, Result
-from difflora.serving.metrics import CONTENT_TYPE, exposition
+from difflora.serving.metrics import CONTENT_TYPE
+from difflora.serving.scheduler import Job, QueueOptions, QueueTimeoutError, Scheduler, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +56,14 @@ STATUSES: tuple[tuple[type[DiffloraError], int], ...] = (
     (AdapterCompatibilityError, 409),  # made for another base: the request conflicts with this server's model
     (AdapterSpecError, 422),
     (ConfigError, 422),
+    (UnavailableError, 503),  # queue full or shutting down: the error says when to retry (Retry-After)
+    (QueueTimeoutError, 504),
     (AdapterFormatError, 500),  # a broken file in the server's own adapter folder: not the client's doing
     (DiffloraError, 500),
 )
-ROUTES = ("/generate", "/adapters", "/health", "/metrics")
-OPEN_ROUTES = ("/health",)  # load balancers probe it without credentials
+ROUTES = ("/generate", "/adapters", "/health", "/ready", "/metrics")
+OPEN_ROUTES = ("/health", "/ready")  # load balancers probe them without credentials
+POLL_SECONDS = 0.05  # how often a waiting request looks at its deadline and its client
 
 
 def status_for(error: DiffloraError) -> int:
@@ -88,15 +98,29 @@ class GenerateBody(BaseModel):
 
 
 def create_app(
-    engine: Engine, *, token: str | None = None, max_body_bytes: int = ServeConfig.max_body_kb * 1024
+    engine: Engine,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = ServeConfig.max_body_kb * 1024,
+    queue: QueueOptions | None = None,
 ) -> FastAPI:
-    """The application serving `engine`. With `token`, every route but /health needs
-    `Authorization: Bearer <token>`; a body over `max_body_bytes` is refused (413) before it is read whole."""
-    app = FastAPI(title="difflora", docs_url=None, redoc_url=None)
+    """The application serving `engine`. With `token`, every route but /health and /ready needs
+    `Authorization: Bearer <token>`; a body over `max_body_bytes` is refused (413) before it is read whole.
+    `queue`: the queue's bound, deadlines and batching (default: QueueOptions(), no batch window). The app's
+    scheduler is `app.state.scheduler`; the app's shutdown drains it."""
+    scheduler = Scheduler(engine, queue)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(scheduler.close)
+
+    app = FastAPI(title="difflora", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.scheduler = scheduler
     app.add_middleware(BodyLimit, limit=max_body_bytes)  # added first, so it runs under the token check
     _add_middleware(app, engine, token)
     _add_error_handlers(app)
-    _add_routes(app, engine)
+    _add_routes(app, engine, scheduler)
     return app
 
 
@@ -138,7 +162,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         status = status_for(error)
         log = logger.error if status >= 500 else logger.info
         log("%s %s -> %d: %s", request.method, request.url.path, status, error)
-        return JSONResponse({"error": str(error)}, status_code=status)
+        retry = getattr(error, "retry_after", None)
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        return JSONResponse({"error": str(error)}, status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, error: Exception) -> JSONResponse:
@@ -148,7 +174,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def no_route(request: Request, error: HTTPException) -> JSONResponse:
-        routes = "POST /generate, GET /adapters, GET /health, GET /metrics"
+        routes = "POST /generate, GET /adapters, GET /health, GET /ready, GET /metrics"
         message = f"{error.detail}: {request.method} {request.url.path} (routes: {routes})."
         return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 
@@ -182,10 +208,14 @@ def describe_validation(errors: Any) -> str:
     return "Invalid request: " + "; ".join(problems) + "."
 
 
-def _add_routes(app: FastAPI, engine: Engine) -> None:
+def _add_routes(app: FastAPI, engine: Engine, scheduler: Scheduler) -> None:
     @app.post("/generate", response_model=None)
-    def generate(body: GenerateBody) -> Response:
-        result = engine.generate(body.to_config())
+    async def generate(body: GenerateBody, request: Request) -> Response:
+        # checked before it is queued (find() reads the adapter folders: off the event loop)
+        ticket = await run_in_threadpool(engine.prepare, body.to_config())
+        result = await _result(scheduler, scheduler.submit(ticket), request)
+        if result is None:
+            return Response(status_code=499)  # the client went away: nobody reads this answer
         if body.format == "png":
             image = result.images[0]
             headers = {"X-Difflora-Seed": str(image.seed)}
@@ -212,21 +242,65 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
             },
         }
 
-    # /health and /metrics are async: they run on the event loop, never queued behind renders in the pool
+    # /health, /ready and /metrics are async: they run on the event loop, never wait for the model
     @app.get("/health")
     async def health() -> dict[str, Any]:
         identity = engine.identity
         return {
-            "status": "ok",
+            "status": "draining" if scheduler.draining else "ok",
             "model": identity.name,
             "architecture": identity.architecture,
             "mode": engine.mode,
             "busy": engine.busy,
+            "queued": scheduler.depth,
         }
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        # the model is loaded before the port opens, so the only not-ready state a probe can see is draining
+        if scheduler.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(_metrics_text(engine), media_type=CONTENT_TYPE)
+        return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+async def _result(scheduler: Scheduler, job: Job, request: Request) -> Result | None:
+    """`job`'s Result once rendered; None if its client went away before its turn (it leaves the queue);
+    QueueTimeoutError if its deadline passed before its turn."""
+    waiting = asyncio.wrap_future(job.future)
+    # a blocking receive, not request.is_disconnected(): under BaseHTTPMiddleware that one's pre-cancelled
+    # receive never returns the disconnect (the middleware's task group swallows it)
+    gone = asyncio.ensure_future(_disconnected(request))
+    watched = {waiting, gone}
+    try:
+        while True:
+            done, _ = await asyncio.wait(watched, timeout=POLL_SECONDS)
+            if waiting in done:
+                return waiting.result()  # the render's own error, if it failed, is raised here
+            if job.future.running():
+                continue  # rendering: the answer comes with the batch
+            if time.perf_counter() >= job.deadline and scheduler.withdraw(job, "timeout"):
+                raise QueueTimeoutError(
+                    f"The request waited {scheduler.options.request_timeout:g} s (--request-timeout) without "
+                    "its turn: the server is busy; retry later."
+                )
+            if gone in done:
+                if scheduler.withdraw(job, "disconnected"):
+                    return None
+                watched.discard(gone)  # it started meanwhile: render it (its answer goes nowhere)
+    finally:
+        gone.cancel()
+        if not job.future.done():  # this task was cancelled (its connection closed): leave the queue
+            scheduler.withdraw(job, "disconnected")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (the body was read already: nothing else can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _json_result(engine: Engine, result: Result) -> dict[str, Any]:
@@ -239,17 +313,3 @@ def _json_result(engine: Engine, result: Result) -> dict[str, Any]:
         "mode": engine.mode,
         "timings": result.timings,
     }
-
-
-def _metrics_text(engine: Engine) -> str:
-    stats = engine.cache.stats()
-    gauges = [
-        ("difflora_adapter_cache_hits_total", "counter", "Adapter cache hits.", stats.hits),
-        ("difflora_adapter_cache_misses_total", "counter", "Adapters read from disk.", stats.misses),
-        ("difflora_adapter_cache_evictions_total", "counter", "Adapters evicted (LRU).", stats.evictions),
-        ("difflora_adapter_cache_bytes", "gauge", "Bytes of adapters in the cache.", stats.nbytes),
-        ("difflora_adapter_cache_capacity_bytes", "gauge", "The cache's bound (--cache-mb).", stats.capacity),
-        ("difflora_adapter_cache_entries", "gauge", "Adapters in the cache.", stats.entries),
-        ("difflora_busy", "gauge", "1 while a request is on the model.", int(engine.busy)),
-    ]
-    return exposition(engine.metrics.all(), gauges)

@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from difflora.config.spec import AdapterWeight
 from difflora.errors import ConfigError
 from difflora.formats.read import load_adapter
 from difflora.generation.generate import image_record, render_settings, trained_with_zero_terminal_snr
-from difflora.generation.pipeline import png_bytes, render
+from difflora.generation.pipeline import default_size, png_bytes, render
 from difflora.models.identity import model_identity
 from difflora.serving.cache import AdapterCache, CacheEntry
 from difflora.serving.metrics import ServerMetrics
@@ -56,6 +56,21 @@ class RenderedImage:
     seed: int
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """A request checked against this server and ready to render: its config, its seed (drawn now when the
+    request gave none), its adapter spec, and when it arrived (perf_counter), for its queue time."""
+
+    request: GenerateConfig
+    seed: int
+    adapters: tuple[AdapterWeight, ...]
+    arrived: float
+
+    @property
+    def images(self) -> int:
+        return self.request.num_images
+
+
 @dataclass
 class Result:
     images: list[RenderedImage]
@@ -64,8 +79,8 @@ class Result:
 
 
 class Engine:
-    """One pipeline, its Composer and the adapter cache. `generate` is safe to call from many threads:
-    requests are served one at a time on the model. With `reload_each_request`, every request reads its
+    """One pipeline, its Composer and the adapter cache. `generate` and `render_group` are safe to call from
+    many threads: one batch at a time is on the model (the server calls them from its scheduler's thread). With `reload_each_request`, every request reads its
     adapters from disk and composes them from scratch (the naive server scripts/bench_serve.py compares
     against)."""
 
@@ -89,6 +104,7 @@ class Engine:
         self.cache = AdapterCache(
             0 if reload_each_request else cache_bytes, lambda _, path: load_adapter(path)
         )
+        self.metrics.watch(self._readings)
         self.composer: Composer = compose(pipe, (), mode=mode, adapter_dirs=adapter_dir)
         self.identity = self.composer.identity
         self._composed: dict[str, tuple[Path, tuple[int, int]]] = {}  # name -> (file, stamp) composed
@@ -129,26 +145,56 @@ class Engine:
     def generate(self, request: GenerateConfig) -> Result:
         """Render `request` with its adapters (and only those). Raises DiffloraError subclasses for
         everything the client can fix, before the model is touched."""
+        return self.render_group([self.prepare(request)])[0]
+
+    def prepare(self, request: GenerateConfig) -> Ticket:
+        """`request` checked against this server's limits and adapter folders (422/404 now, so that a bad
+        request never joins a batch), with its seed drawn."""
         self.check_limits(request)
-        specs = list(request.adapter_weights)
+        specs = tuple(request.adapter_weights)
+        for spec in specs:
+            self.find(spec.name)
         seed = request.seed if request.seed is not None else random.randrange(2**31)
-        arrived = time.perf_counter()
+        return Ticket(request, seed, specs, time.perf_counter())
+
+    def batch_key(self, ticket: Ticket) -> Hashable:
+        """Tickets with equal keys may be rendered in one `render_group` call: the same adapter set (names,
+        weights and blocks, in order: fused mode has one composed weight set per forward) and the settings
+        one render() call shares (size, steps, sampler, guidance, negative prompt, the family's options).
+        The seam for per-sample adapter sets: a mode that batches different sets drops `adapters` here."""
+        settings = render_settings(ticket.request)
+        del settings["prompt"]  # each image has its own
+        return ticket.adapters, tuple(sorted(settings.items()))
+
+    def render_group(self, tickets: Sequence[Ticket]) -> list[Result]:
+        """Render `tickets` (equal `batch_key`s) in one render() call, each image with its own prompt and
+        seed; one Result per ticket, in order. A single ticket renders exactly as `difflora generate` does
+        (one image per pipeline call); several render in one batched call, whose CPU kernels may differ from
+        the single call's in the last bit (tests/test_serve_queue.py states and asserts the bound)."""
+        specs = list(tickets[0].adapters)
         with self._lock:
             self.busy = True
             try:
                 started = time.perf_counter()
                 self._compose(specs)
                 composed = time.perf_counter()
-                images = self._render(request, seed)
+                images = self._render(tickets)
                 done = time.perf_counter()
             finally:
                 self.busy = False
-        timings = {"queue": started - arrived, "compose": composed - started, "render": done - composed}
-        self.metrics.queue.observe(timings["queue"])
-        self.metrics.compose.observe(timings["compose"])
-        self.metrics.render.observe(timings["render"])
-        self.metrics.images.inc(len(images))
-        return Result(images, specs, timings)
+        results = []
+        for ticket, rendered in zip(tickets, images, strict=True):
+            timings = {
+                "queue": started - ticket.arrived,
+                "compose": composed - started,
+                "render": done - composed,
+            }
+            self.metrics.queue.observe(timings["queue"])
+            results.append(Result(rendered, specs, timings))
+        self.metrics.compose.observe(composed - started)
+        self.metrics.render.observe(done - composed)
+        self.metrics.images.inc(sum(len(r) for r in images))
+        return results
 
     def check_limits(self, request: GenerateConfig) -> None:
         """This server's limits (each message names the limit and its flag), on top of GenerateConfig's
@@ -172,6 +218,24 @@ class Engine:
             )
         if problems:
             raise ConfigError("Request over the server's limits: " + "; ".join(problems) + ".")
+
+    def _readings(self) -> list[tuple[str, str, str, float]]:
+        """The cache's counters and the model's state, for GET /metrics (read at each scrape)."""
+        stats = self.cache.stats()
+        return [
+            ("difflora_adapter_cache_hits_total", "counter", "Adapter cache hits.", stats.hits),
+            ("difflora_adapter_cache_misses_total", "counter", "Adapters read from disk.", stats.misses),
+            ("difflora_adapter_cache_evictions_total", "counter", "Adapters evicted (LRU).", stats.evictions),
+            ("difflora_adapter_cache_bytes", "gauge", "Bytes of adapters in the cache.", stats.nbytes),
+            (
+                "difflora_adapter_cache_capacity_bytes",
+                "gauge",
+                "The cache's bound (--cache-mb).",
+                stats.capacity,
+            ),
+            ("difflora_adapter_cache_entries", "gauge", "Adapters in the cache.", stats.entries),
+            ("difflora_busy", "gauge", "1 while a request is on the model.", int(self.busy)),
+        ]
 
     # ------------------------------------------------------------------ adapters
 
@@ -208,14 +272,26 @@ class Engine:
 
     # ------------------------------------------------------------------ rendering
 
-    def _render(self, request: GenerateConfig, seed: int) -> list[RenderedImage]:
-        settings = render_settings(request)  # what difflora generate renders with and records
-        prompt = settings.pop("prompt")
-        seeds = [seed + i for i in range(request.num_images)]
+    def _render(self, tickets: Sequence[Ticket]) -> list[list[RenderedImage]]:
+        """Each ticket's images, from one render() call over all their (prompt, seed) pairs."""
+        settings = render_settings(tickets[0].request)  # what difflora generate renders with and records
+        del settings["prompt"]
+        prompts, seeds = [], []
+        for ticket in tickets:
+            seeds += [ticket.seed + i for i in range(ticket.images)]
+            prompts += [ticket.request.prompt] * ticket.images
+        width, height = default_size(self.pipe)
+        pixels = (settings["width"] or width) * (settings["height"] or height)
+        batch_pixels = pixels * len(prompts) if len(tickets) > 1 else 0  # alone: one image per call
         zero_snr = trained_with_zero_terminal_snr(self.composer)
-        images = render(self.pipe, [prompt] * len(seeds), seeds=seeds, zero_terminal_snr=zero_snr, **settings)
-        result = []
-        for image, image_seed in zip(images, seeds, strict=True):
-            _, parameters = image_record(request, self.composer, image, image_seed)
-            result.append(RenderedImage(png_bytes(image, parameters=parameters), parameters, image_seed))
-        return result
+        images = iter(render(self.pipe, prompts, seeds=seeds, zero_terminal_snr=zero_snr,
+                             batch_pixels=batch_pixels, **settings))  # fmt: skip
+        results = []
+        for ticket in tickets:
+            rendered = []
+            for i in range(ticket.images):
+                image, seed = next(images), ticket.seed + i
+                _, parameters = image_record(ticket.request, self.composer, image, seed)
+                rendered.append(RenderedImage(png_bytes(image, parameters=parameters), parameters, seed))
+            results.append(rendered)
+        return results
