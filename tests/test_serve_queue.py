@@ -282,7 +282,9 @@ def test_each_image_of_a_batch_is_its_request_rendered_alone(embedded):
     assert largest <= BATCH_PIXEL_BOUND
 
 
-def test_the_batch_key_holds_the_adapter_set_and_the_shared_settings(engine):
+def test_the_batch_key_holds_the_adapter_set_and_the_shared_settings(pipe, adapter_dir):
+    engine = Engine(pipe, adapter_dir=[str(adapter_dir)], mix_sets=False)  # one composed set per batch
+
     def key(**fields) -> object:
         adapters = fields.pop("adapters", "style:0.5")
         return engine.batch_key(engine.prepare(GenerateConfig(prompt="x", adapters=(adapters,), **fields)))
@@ -293,3 +295,39 @@ def test_the_batch_key_holds_the_adapter_set_and_the_shared_settings(engine):
                   {"width": 32}, {"scheduler": "ddim"}, {"negative_prompt": "blur"}):  # fmt: skip
         assert key(**other) != key(), other
     assert key(adapters="style:0.5,detail:0.2") != key(adapters="detail:0.2,style:0.5")  # order matters
+
+
+def test_a_mixing_engine_batches_different_sets(engine):
+    def key(adapters: str, **fields) -> object:
+        return engine.batch_key(engine.prepare(GenerateConfig(prompt="x", adapters=(adapters,), **fields)))
+
+    assert engine.mix_sets and key("style:0.5") == key("detail:0.2,style:0.1") != key("style:0.5", steps=3)
+
+
+# measured: a mixed batch against each request composed and rendered alone (W0·x plus the gathered updates
+# against the fused weight, and a batch against batches of one): largest difference 1 of 255, embedded model
+MIXED_PIXEL_BOUND = 2
+
+
+def test_requests_with_different_sets_share_one_mixed_forward(embedded):
+    base = {"steps": 2, "format": "json"}
+    bodies = [
+        {**base, "prompt": "a striped cat", "seed": 3, "adapters": "style:0.7"},
+        {**base, "prompt": "a red house", "seed": 40, "adapters": "subject:0.5"},
+        {**base, "prompt": "a red house", "seed": 7, "adapters": "style:0.3,subject:0.6", "num_images": 2},
+        {**base, "prompt": "a blue cat", "seed": 9},  # the base: no adapters
+    ]
+    with ThreadPoolExecutor(4) as pool, serve(embedded, batch_window_ms=60_000, max_batch=5) as client:
+        before = counter(client, "difflora_batch_images_sum")  # the engine is the module's
+        answers = [f.result().json() for f in [pool.submit(client.post, "/generate", json=b) for b in bodies]]
+        assert counter(client, 'difflora_batches_total{mode="mixed"}') == 1  # four sets, one forward
+        assert counter(client, "difflora_batch_images_sum") - before == 5
+    largest = 0
+    for body, answer in zip(bodies, answers, strict=True):
+        fields = {k: v for k, v in body.items() if k not in ("format", "adapters")}
+        adapters = (body["adapters"],) if "adapters" in body else ()
+        alone = embedded.generate(GenerateConfig(**fields, adapters=adapters))
+        assert answer["parameters"] == [image.parameters for image in alone.images]  # its own set, named
+        for png, image in zip(answer["images"], alone.images, strict=True):
+            largest = max(largest, int(np.abs(pixels(base64.b64decode(png)) - pixels(image.png)).max()))
+    assert largest <= MIXED_PIXEL_BOUND

@@ -196,11 +196,17 @@ def render_settings(config: GenerateConfig) -> dict[str, Any]:
 
 
 def image_record(
-    config: GenerateConfig, composer: Composer, image: Image.Image, seed: int
+    config: GenerateConfig,
+    composer: Composer,
+    image: Image.Image,
+    seed: int,
+    *,
+    adapters: Sequence[AdapterWeight] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """What a PNG says of how it was made: the settings it was rendered with (its seed and actual size
-    included), and the A1111 `parameters` text naming the model and the composed adapters. Built here
-    alone, for `difflora generate` and the server, so that the two write the same text."""
+    included), and the A1111 `parameters` text naming the model and the composed adapters (or `adapters`,
+    the image's own set in a mixed batch). Built here alone, for `difflora generate` and the server, so
+    that the two write the same text."""
     given = render_settings(config)
     options = generation_options(
         composer.pipe, true_cfg=config.true_cfg, max_sequence_length=config.max_sequence_length
@@ -212,10 +218,11 @@ def image_record(
         "width": config.width or image.width,
         "height": config.height or image.height,
     }
-    adapters = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in composer.adapters]
+    specs = composer.adapters if adapters is None else adapters
+    named = [(spec.name, spec.weight, spec.text_encoder_weight) for spec in specs]
     identity = composer.identity
     parameters = a1111_parameters(
-        **settings, model=identity.name, model_hash=identity.base_hash, adapters=adapters
+        **settings, model=identity.name, model_hash=identity.base_hash, adapters=named
     )
     return settings, parameters
 

@@ -104,6 +104,9 @@ class ServerMetrics:
         self.images = Counter("difflora_images_total", "Images rendered.", r)
         self.batch = Histogram("difflora_batch_images", "Images rendered in one batch (one render call).", r,
                                BATCH_BUCKETS)  # fmt: skip
+        self.batches = Counter("difflora_batches_total", "Render calls, by how their adapters were applied "
+                               "(fused: one composed set; mixed: each image its own set).", r,
+                               labels=("mode",))  # fmt: skip
         self.rejected = Counter(
             "difflora_rejected_total",
             "Generate requests the queue did not render, by reason (queue_full, timeout, disconnected, "
