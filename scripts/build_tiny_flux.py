@@ -14,6 +14,9 @@ with max_sequence_length=32. Details and numbers: difflora/embedded/flux/README.
 
     nice -n 10 python scripts/build_tiny_flux.py train --out /tmp/flux --minutes 60 --lr 6e-4
     python scripts/build_tiny_flux.py ship --model /tmp/flux/last   (measures, writes the folder)
+    nice -n 10 python scripts/build_tiny_flux.py train --init difflora/embedded/flux --steps 800 --lr 1.5e-4
+        (continues pretraining a saved folder: fresh warm-up and cosine; report.json keeps each phase)
+    python scripts/build_tiny_flux.py readme   (rewrites README.md from an edited report.json)
 """
 
 from __future__ import annotations
@@ -295,14 +298,35 @@ def checkpoint(pipe: FluxPipeline, ema: Ema, args: argparse.Namespace, state: di
         print(f"best so far: step {state['steps']}", flush=True)
 
 
+def initial_pipeline(init: str | None) -> FluxPipeline:
+    """A fresh pipeline (random transformer and T5), or a saved one to continue pretraining from.
+
+    Continuing loads every component from the folder: its T5 is random-initialised, so a new one would
+    give the transformer text features it never saw.
+    """
+    if init is None:
+        vae, clip, clip_tok = load_embedded()
+        t5_tok = build_t5_tokenizer()
+        t5 = build_t5(len(t5_tok)).eval()
+        return assemble(vae, clip, clip_tok, t5, t5_tok, FluxTransformer2DModel(**TRANSFORMER_CONFIG))
+    pipe = FluxPipeline.from_pretrained(init, torch_dtype=torch.float32)
+    for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        part.eval()
+    return pipe
+
+
+def previous_training(init: Path) -> dict:
+    """What the continued-from folder's report says about its own training (kept through every phase)."""
+    report = json.loads((init / "report.json").read_text())
+    keys = ("steps", "batch", "lr", "train_seconds", "date", "note", "previous")
+    return {k: report[k] for k in keys if k in report}
+
+
 def train(args: argparse.Namespace) -> None:
     t0 = time.time()
     torch.manual_seed(args.seed)
-    vae, clip, clip_tok = load_embedded()
-    t5_tok = build_t5_tokenizer()
-    t5 = build_t5(len(t5_tok)).eval()
-    model = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
-    pipe = assemble(vae, clip, clip_tok, t5, t5_tok, model)
+    pipe = initial_pipeline(args.init)
+    vae, clip, t5, model = pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer
     data = Data(pipe, args.images, args.seed + 1, Path(args.out))
     parts = {"transformer": model, "text_encoder": clip, "text_encoder_2": t5, "vae": vae}
     params = {name: n_params(module) for name, module in parts.items()}
@@ -315,6 +339,8 @@ def train(args: argparse.Namespace) -> None:
         "params": params,
         **{k: getattr(args, k) for k in ("batch", "lr", "images")},
     }
+    if args.init:
+        state["previous"] = previous_training(Path(args.init))
     budget, step, t_train = StepBudget(args.steps, args.minutes, "flux"), 0, time.time()
     model.train()
     while step < budget.update(step):
@@ -370,13 +396,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["train", "ship"])
+    parser.add_argument("stage", choices=["train", "ship", "readme"])
     parser.add_argument("--out", default="/tmp/flux", help="train: folder for last/ and best/")
     parser.add_argument("--model", help="ship: the saved pipeline folder (OUT/best)")
     parser.add_argument(
         "--dest", default=str(ROOT / "difflora" / "embedded" / "flux"), help="ship: destination"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="train: a saved pipeline folder to continue pretraining from")
     parser.add_argument("--steps", type=int, default=100_000, help="optimizer steps (or fit --minutes)")
     parser.add_argument("--minutes", type=float, help="fit the step count to this training time")
     parser.add_argument("--batch", type=int, default=32)
@@ -392,6 +419,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.stage == "train":
         train(args)
+    elif args.stage == "readme":  # after editing DEST/report.json by hand (e.g. its measured `loras`)
+        dest = Path(args.dest)
+        (dest / "README.md").write_text(readme(json.loads((dest / "report.json").read_text())))
     else:
         if not args.model:
             parser.error("stage ship needs --model OUT/best")

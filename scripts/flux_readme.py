@@ -10,7 +10,6 @@ NOT_MET = (
 
 def readme(r: dict) -> str:
     p, a = r["params"], r["accuracy"]
-    minutes = r["train_seconds"] / 60
     met = a["colour_accuracy"] >= 0.8 and a["shape_accuracy"] >= 0.6
     verdict = "Both targets are met." if met else NOT_MET
     return f"""# Tiny Flux-architecture model (difflora's embedded Flux)
@@ -55,18 +54,14 @@ encoders: the transformer learns to read its (distinct, fixed) outputs. LoRA on 
 Rectified flow: noisy = (1 - s) x0 + s e, target e - x0; s logit-normal(0, 1) shifted by the pipeline's
 exp(mu); {r["images"]:,} procedurally drawn images, VAE latents and both text encoders' outputs cached once
 (only the transformer runs per step); 10% empty captions (so `true_cfg_scale` with a negative prompt
-works); AdamW lr {r["lr"]}, 100 warm-up steps, cosine decay; EMA of the weights; batch {r["batch"]}.
+works); AdamW, 100 warm-up steps, cosine decay (peak lr per phase below); EMA of the weights; batch {r["batch"]}.
 The guidance input is drawn uniformly from [1, 5] per image: there is no guidance-distilled teacher, so
 it is exercised (trained, LoRA-targetable) but carries no signal; `guidance_scale` changes little.
 
-- Steps: **{r["steps"]:,}** x batch {r["batch"]}, {minutes:.0f} minutes of training
-  ({r["seconds"] / 60:.0f} minutes in all, with latent caching and checks).
+{history(r)}
 - Machine: {r["machine"]}; one torch thread at `nice -n 10`, the 2 cores shared with other jobs.
 - Date: {r["date"]}.
-- Command: `nice -n 10 python scripts/build_tiny_flux.py train --out /tmp/flux --minutes 60 --lr 6e-4`,
-  then `python scripts/build_tiny_flux.py ship --model CHECKPOINT` (measures and writes this folder), with
-  CHECKPOINT a copy of `/tmp/flux/last` saved at step {r["steps"]:,} (`{r["shipped_from"]}`).
-{r.get("note", "")}
+{commands(r)}
 
 ## Measured prompt following
 
@@ -80,18 +75,62 @@ parameter counts and one render (fast), and re-measures this grid (slow).
 
 ## LoRAs trained on it
 
-Measured by `tests/test_flux_learning.py` (slow; 2-core CPU, one torch thread, 2026-12-05): a LoRA of
-rank 8 on `--targets attention-mlp`, lr 1e-2, batch 4, 120 steps at 64 px per concept (`difflora train
-sample_data/style sample_data/subject --model difflora/embedded/flux --rank 8 --targets attention-mlp
---learning-rate 1e-2 --max-steps 120`), rendered at this folder's defaults, seeds 0-3, 12 steps:
-
-| concept | prompt | signature | base | with the LoRA | threshold |
-| --- | --- | --- | --- | --- | --- |
-| style | a red circle on a white background, zebrastripes style | stripe energy | 0.036 | 0.637 | 0.2: passed |
-| subject | a red crossglyph on a white background | cross score | 0.267 | 0.446 | 0.7: not reached |
-
-The style is learned fully. The subject moves towards the cross (plus-shaped blobs) but does not reach the
-cross threshold; more steps (300: 0.43), all-linear targets at rank 16 (0.38), lr 2e-2 (0.38), batch 8
-(0.46), sigmoid or shift-3 timestep sampling (0.46, 0.44) or 128 px (0.30) did not get there either: this model draws a shape over a few 8-px image tokens, coarsely
-(its own shape accuracy above is 67%).
+{loras(r.get("loras"))}
 """
+
+
+def history(r: dict) -> str:
+    """One line per training phase, oldest first: a continued run lists the runs it started from."""
+    phases, cur = [], r
+    while cur is not None:
+        phases.insert(0, cur)
+        cur = cur.get("previous")
+    lines = []
+    for i, ph in enumerate(phases):
+        how = (
+            "from scratch"
+            if i == 0
+            else "continued from the weights above (fresh 100-step warm-up and cosine)"
+        )
+        lines.append(
+            f"- Phase {i + 1}, {how}: **{ph['steps']:,}** steps x batch {ph['batch']} at peak lr {ph['lr']}, "
+            f"{ph['train_seconds'] / 60:.0f} minutes of training ({ph.get('date', r['date'])})."
+        )
+        if ph.get("note"):
+            lines.append(ph["note"].rstrip())
+    total = sum(ph["train_seconds"] for ph in phases) / 60
+    lines.append(f"- In all: {sum(ph['steps'] for ph in phases):,} steps, {total:.0f} minutes of training.")
+    return "\n".join(lines)
+
+
+def commands(r: dict) -> str:
+    """The commands that built this folder; continued phases' commands are in the report's `commands`."""
+    first = "`nice -n 10 python scripts/build_tiny_flux.py train --out /tmp/flux --minutes 60 --lr 6e-4`"
+    lines = [f"- Command: {first}" + (" (phase 1)" if r.get("previous") else "")]
+    lines += [f"  then `{step['command']}` ({step['what']})" for step in r.get("commands", [])]
+    lines.append(
+        "  then `python scripts/build_tiny_flux.py ship --model CHECKPOINT` (measures and writes this folder), "
+        f"with CHECKPOINT the `{r['shipped_from']}` checkpoint of the last run (step {r['steps']:,})."
+    )
+    return "\n".join(lines)
+
+
+def loras(entry: dict | None) -> str:
+    """The LoRA learning table of tests/test_flux_learning.py, from the report's `loras` entry."""
+    if entry is None:
+        return "Not measured on this model yet: run `tests/test_flux_learning.py` (slow)."
+    rows = "\n".join(
+        f"| {c} | {v['prompt']} | {v['signature']} | {v['base']:.3f} | {v['lora']:.3f} "
+        f"(seeds: {', '.join(f'{x:.2f}' for x in v['lora_seeds'])}) | {v['threshold']}: "
+        f"{'passed' if v['passed'] else 'not reached'} |"
+        for c, v in entry["concepts"].items()
+    )
+    return f"""Measured by `tests/test_flux_learning.py` (slow; {entry["machine"]}, {entry["date"]}):
+{entry["settings"]}, rendered at this folder's defaults, seeds {entry["seeds"]}, {entry["render_steps"]} steps
+(`{entry["command"]}`):
+
+| concept | prompt | signature | base (mean) | with the LoRA (mean) | threshold |
+| --- | --- | --- | --- | --- | --- |
+{rows}
+
+{entry.get("note", "")}"""
