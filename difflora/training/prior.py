@@ -111,12 +111,12 @@ def drift(run: Run) -> float:
     model = run.accelerator.unwrap_model(run.unet)
     total = 0.0
     with torch.no_grad():
+        shape = latents_of(rows, run, torch.Generator()).shape  # once: uncached latents are VAE-encoded
+        timesteps = levels.to(run.accelerator.device)
         for index, prompt in enumerate(prior.drift_prompts):
             generator = torch.Generator().manual_seed(micro_seed(run.loop.seed, index, 0, "drift"))
-            shape = latents_of(rows, run, generator).shape
             noise = torch.randn(shape, generator=generator).to(run.accelerator.device)
             plain = _with_text(run, rows, [prompt] * len(levels))
-            timesteps = levels.to(noise.device)
             adapted = predict(run, plain, noise, timesteps, model=model)
             with adapters_off(run.trained_modules):
                 base = predict(run, plain, noise, timesteps, model=model)
