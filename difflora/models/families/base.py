@@ -94,6 +94,7 @@ class ModelFamily:
 
     # ---------------------------------------------------------------- training defaults
     default_unet_targets: ClassVar[tuple[str, ...]] = UNET_ATTENTION
+    mlp_targets: ClassVar[tuple[str, ...]] = UNET_MLP  # what --targets attention-mlp adds to the attention
     default_text_encoder_targets: ClassVar[tuple[str, ...]] = CLIP_ATTENTION
     default_learning_rate: ClassVar[float] = FULL_MODEL_LR
 
@@ -262,7 +263,7 @@ class ModelFamily:
     def target_presets(self) -> dict[str, tuple[str, ...]]:
         return {
             "attention": self.default_unet_targets,
-            "attention-mlp": (*self.default_unet_targets, *UNET_MLP),
+            "attention-mlp": (*self.default_unet_targets, *self.mlp_targets),
             "all-linear": ALL_LINEAR,
         }
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from difflora.errors import ConfigError
-from difflora.models.families.base import ALL_LINEAR, ARCHITECTURES_DIR, ModelFamily
+from difflora.models.families.base import ARCHITECTURES_DIR, ModelFamily
 from difflora.models.families.conditioning import TextConditioning, padded_tokens
 from difflora.models.families.flow import FlowSchedule, TimestepSampling
 
@@ -67,6 +67,7 @@ class Flux(ModelFamily):
     default_prediction_type = "flow_matching"
     native_resolution = 1024
     default_unet_targets = FLUX_ATTENTION
+    mlp_targets = FLUX_MLP
     # --train-text-encoder: CLIP-L only; T5-XXL stays frozen (and cached), as kohya's and diffusers' defaults.
     trainable_text_encoders = ("text_encoder",)
     guidance_embeds: ClassVar[bool] = True
@@ -189,13 +190,6 @@ class Flux(ModelFamily):
 
     def default_sampling(self) -> TimestepSampling:
         return TimestepSampling(self.default_timestep_sampling)
-
-    def target_presets(self) -> dict[str, tuple[str, ...]]:
-        return {
-            "attention": FLUX_ATTENTION,
-            "attention-mlp": (*FLUX_ATTENTION, *FLUX_MLP),
-            "all-linear": ALL_LINEAR,
-        }
 
     # ---- file layouts
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from difflora.errors import ConfigError
 from difflora.models.families import mmdit
-from difflora.models.families.base import ALL_LINEAR, ARCHITECTURES_DIR, ModelFamily
+from difflora.models.families.base import ARCHITECTURES_DIR, ModelFamily
 from difflora.models.families.conditioning import TextConditioning, padded_tokens
 from difflora.models.families.flow import FlowSchedule, TimestepSampling
 
@@ -65,6 +65,7 @@ class SD3(ModelFamily):
     default_prediction_type = "flow_matching"
     native_resolution = 1024
     default_unet_targets = SD3_ATTENTION
+    mlp_targets = SD3_MLP
     # --train-text-encoder: both CLIPs (the reference script's); T5-XXL stays frozen and cached.
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
     dual_attention: ClassVar[bool] = False
@@ -174,13 +175,6 @@ class SD3(ModelFamily):
         """Logit-normal σ moved by the scheduler's shift unless `--timestep-sampling` says otherwise."""
         chosen = sampling or TimestepSampling("shift", shift=float(scheduler_config.get("shift", 3.0)))
         return FlowSchedule.from_scheduler(scheduler_config, chosen)
-
-    def target_presets(self) -> dict[str, tuple[str, ...]]:
-        return {
-            "attention": SD3_ATTENTION,
-            "attention-mlp": (*SD3_ATTENTION, *SD3_MLP),
-            "all-linear": ALL_LINEAR,
-        }
 
     # ---- file layouts
     # kohya's `lora_te1_` (CLIP-L) and `lora_te2_` (CLIP-G), read as SDXL's two CLIPs are. Its T5 (kohya's
