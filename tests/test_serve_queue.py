@@ -89,7 +89,11 @@ def test_past_max_queue_a_request_gets_503_with_retry_after_and_health_stays_fas
     with serve(engine, max_queue=2) as client, ThreadPoolExecutor(4) as pool:
         scheduler = client.app.state.scheduler
         with engine._lock:  # the model is busy: the first request is in flight, the next two wait
-            answers = [pool.submit(client.post, "/generate", json={**GOOD, "seed": s}) for s in range(3)]
+            # the first one in flight before the others arrive: sent together, all three could be waiting
+            # before the scheduler takes one (a loaded machine did), and the third would find the queue full
+            answers = [pool.submit(client.post, "/generate", json={**GOOD, "seed": 0})]
+            wait_until(lambda: scheduler._in_flight == 1)
+            answers += [pool.submit(client.post, "/generate", json={**GOOD, "seed": s}) for s in (1, 2)]
             wait_until(lambda: scheduler.depth == 2 and scheduler._in_flight == 1)
             refused = client.post("/generate", json=GOOD)
             start = time.perf_counter()

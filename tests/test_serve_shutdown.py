@@ -70,7 +70,8 @@ def test_a_signal_during_a_render_finishes_it_refuses_new_ones_and_exits_0(tmp_p
     try:
         wait_healthy(server, log, base)
         with ThreadPoolExecutor(2) as pool:
-            body = {"prompt": "a striped cat", "seed": 1, "steps": 12, "width": 32, "height": 32}
+            # long enough to outlast the checks below on a loaded machine (12 steps at 32 px did not once)
+            body = {"prompt": "a striped cat", "seed": 1, "steps": 50, "width": 64, "height": 64}
             in_flight = pool.submit(httpx.post, base + "/generate", json=body, timeout=120)
             wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["busy"])
             queued = pool.submit(httpx.post, base + "/generate", json={**body, "steps": 1}, timeout=120)
