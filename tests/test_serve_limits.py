@@ -158,6 +158,12 @@ def test_serve_limits_stay_within_what_any_request_may_ask():
     assert ServeConfig(max_size=8192, max_images=1000).max_size == 8192
 
 
+def test_the_data_root_must_be_an_existing_folder(tmp_path):
+    with pytest.raises(ConfigError, match="--data-root: .*missing is not a folder"):
+        ServeConfig(data_root=str(tmp_path / "missing"))
+    assert ServeConfig(data_root=str(tmp_path)).data_root == str(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------- texts and bodies
 
 

@@ -35,7 +35,10 @@ def serve_command(config_file: Path | None, **flags: Any) -> None:
 
     engine = Engine.from_config(config)
     queue = QueueOptions.from_config(config)
-    app = create_app(engine, token=config.token, max_body_bytes=config.max_body_kb * 1024, queue=queue)
+    data_root = Path(config.data_root) if config.data_root else None
+    app = create_app(
+        engine, token=config.token, max_body_bytes=config.max_body_kb * 1024, queue=queue, data_root=data_root
+    )
     host = f"[{config.host}]" if ":" in config.host else config.host
     access = "bearer token required" if config.token else "no token: loopback only"
     click.echo(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from difflora.config import Problems, coerce_to_tuples
@@ -80,6 +81,9 @@ class ServeConfig:
     the server exits."""
     device: str | None = None
     """torch device. Default: cuda when available, else cpu."""
+    data_root: str | None = None
+    """Folder under which the web UI may read and create training datasets and start training runs (never
+    outside it). Without it the UI browses and generates but does not train."""
 
     def __post_init__(self) -> None:
         coerce_to_tuples(self, "adapter_dir")
@@ -102,6 +106,8 @@ class ServeConfig:
             problem = out_of_range(getattr(self, name), low, high)
             p.check(problem is None, name, str(problem))
         p.check(self.max_body_kb >= 1, "max_body_kb", f"must be at least 1, got {self.max_body_kb}")
+        if self.data_root is not None and not Path(self.data_root).is_dir():
+            p.add("data_root", f"{self.data_root} is not a folder; create it or pass an existing one")
         if self.max_size % 8:
             p.add("max_size", f"must be a multiple of 8 (image sizes are), got {self.max_size}")
         if self.token is not None and not self.token.strip():

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
@@ -103,11 +104,13 @@ def create_app(
     token: str | None = None,
     max_body_bytes: int = ServeConfig.max_body_kb * 1024,
     queue: QueueOptions | None = None,
+    data_root: Path | None = None,
 ) -> FastAPI:
     """The application serving `engine`. With `token`, every route but /health and /ready needs
     `Authorization: Bearer <token>`; a body over `max_body_bytes` is refused (413) before it is read whole.
     `queue`: the queue's bound, deadlines and batching (default: QueueOptions(), no batch window). The app's
-    scheduler is `app.state.scheduler`; the app's shutdown drains it."""
+    scheduler is `app.state.scheduler`; the app's shutdown drains it. `data_root`: the one folder the web UI
+    may read datasets from and train on (`app.state.data_root`; None: no training from the UI)."""
     scheduler = Scheduler(engine, queue)
 
     @asynccontextmanager
@@ -117,6 +120,7 @@ def create_app(
 
     app = FastAPI(title="difflora", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.scheduler = scheduler
+    app.state.data_root = data_root.resolve() if data_root is not None else None
     app.add_middleware(BodyLimit, limit=max_body_bytes)  # added first, so it runs under the token check
     _add_middleware(app, engine, token)
     _add_error_handlers(app)
