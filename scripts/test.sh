@@ -11,6 +11,7 @@ if [ "$#" -gt 0 ]; then
   "$DIFFLORA_PYTHON" -m pytest -n 0 -m "slow or not slow" "$@"  # a -n among the arguments replaces this one
 else
   # Fast and slow tests on one pytest-xdist worker per core; a full-size test (the SDXL checkpoint alone
-  # takes ~20 GB) has the machine to itself while it runs (tests/support/scheduling.py).
-  "$DIFFLORA_PYTHON" -m pytest -m "slow or not slow"
+  # takes ~20 GB) has the machine to itself while it runs (tests/support/scheduling.py). The 25 costliest
+  # tests are listed at the end: where the suite's time goes, for whoever makes it faster.
+  "$DIFFLORA_PYTHON" -m pytest -m "slow or not slow" --durations=25
 fi
