@@ -178,5 +178,7 @@ def _loss_rows(path: Path) -> list[dict[str, float]]:
 
 
 def _all_grids(run: Path, roots: dict[str, Path]) -> Sequence[dict[str, Any]]:
-    grids = sorted((run / "samples").glob("step-*.png"))
+    grids = sorted(
+        (run / "samples").glob("step-*.png"), key=lambda p: p.stem
+    )  # a step's own grid, then its -ema
     return [{"name": p.stem, "url": file_url(roots, p)} for p in grids]

@@ -67,10 +67,11 @@ def add_playground_routes(app: FastAPI, engine: Engine) -> None:
     async def sweep(body: SweepBody, request: Request) -> Response:
         cells, labels, cols = sweep_requests(body)
         scheduler: Scheduler = request.app.state.scheduler
-        tickets = [await run_in_threadpool(engine.prepare, cell) for cell in cells]
-        jobs = [scheduler.submit(ticket) for ticket in tickets]
-        results = await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
-        images = [Image.open(io.BytesIO(result.images[0].png)) for result in results]
+        tickets = [await run_in_threadpool(engine.prepare, cell) for cell in cells]  # all checked first
+        images = []
+        for ticket in tickets:  # one at a time, as the CLI renders them: each cell is POST /generate's image
+            result = await asyncio.wrap_future(scheduler.submit(ticket).future)
+            images.append(Image.open(io.BytesIO(result.images[0].png)))
         grid = await run_in_threadpool(_grid_png, images, labels, cols)
         return Response(grid, media_type="image/png", headers={"X-Difflora-Seed": str(tickets[0].seed)})
 
