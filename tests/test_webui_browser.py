@@ -100,6 +100,14 @@ def test_playground_shows_the_apis_png_for_the_same_request(live_server, ui_page
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#history .history-item').length === 2")
     ui_page.shot("playground")
+    page.select_option("#sweep-a", "style")
+    page.fill("#sweep-a-weights", "0,1")
+    page.click("#sweep-button")
+    grid = page.wait_for_selector("#sweep-image")
+    sweep = server.post("/ui/api/sweep", json={**body, "seed": 6, "sweep": ["style:0,1"]})
+    assert sweep.status_code == 200, sweep.text
+    assert ui_page.fetch_bytes(grid.get_attribute("src")) == sweep.content
+    ui_page.shot("playground-sweep")
     ui_page.assert_clean()
 
 

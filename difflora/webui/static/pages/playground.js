@@ -138,7 +138,7 @@ export async function render(root, api) {
     const grid = await api.postBlob("/ui/api/sweep", { ...requestFrom(theForm, rows), sweep: sweepEntries(sweep) });
     const url = URL.createObjectURL(grid);
     output.replaceChildren(el("img", { id: "sweep-image", src: url, alt: "sweep grid" }),
-      el("a", { href: url, download: "difflora-sweep.png" }, "Download grid"));
+      el("p", {}, el("a", { href: url, download: "difflora-sweep.png" }, "Download grid")));
   }));
   root.append(el("h1", {}, "Playground"), theForm, el("p", {}, add), rows,
     el("p", {}, generate), sweep, status, output, el("h2", {}, "This session"), strip);
