@@ -152,6 +152,13 @@ def test_the_file_route_serves_files_under_the_adapter_folders_and_data_root(
     assert client.get("/ui/api/files/adapters0/trained.run/timing.json").json() == TIMING
     (library_dir / "inside.txt").symlink_to(library_dir / "trained.run" / "plan.txt")  # a link within: fine
     assert client.get("/ui/api/files/adapters0/inside.txt").text == "20 steps of 4 images\n"
+    (data_root / "set" / "page.html").write_text("<script>alert(sessionStorage)</script>")
+    html = client.get("/ui/api/files/data/set/page.html")  # never a page in the UI's origin
+    assert html.headers["content-type"] == "application/octet-stream"
+    assert html.headers["content-disposition"].startswith("attachment")
+    assert html.headers["content-security-policy"].startswith("sandbox")
+    png = client.get("/ui/api/files/adapters0/trained.run/loss.png")
+    assert png.headers["content-type"] == "image/png" and png.headers["x-content-type-options"] == "nosniff"
 
 
 # ------------------------------------------------------------------------------------------------ token

@@ -5,6 +5,7 @@ on the thread pool, never on the event loop."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -39,4 +40,26 @@ def add_library_routes(app: FastAPI, engine: Engine) -> None:
             path = confined_file(roots(request), root, relative)
         except OutsideRootsError as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
-        return FileResponse(path)
+        return _safe_file(path)
+
+
+# what the UI shows inline; anything else (an .html or .svg someone put under --data-root, say) is a
+# download, sandboxed: a file must never run script in the UI's origin, where the token is kept
+INLINE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".txt": "text/plain; charset=utf-8",
+    ".csv": "text/csv; charset=utf-8",
+    ".json": "application/json",
+    ".toml": "text/plain; charset=utf-8",
+}
+
+
+def _safe_file(path: Path) -> FileResponse:
+    media_type = INLINE_TYPES.get(path.suffix.lower())
+    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'"}
+    if media_type is None:
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name, headers=headers)
+    return FileResponse(path, media_type=media_type, headers=headers)
