@@ -43,7 +43,8 @@ def serve_command(config_file: Path | None, **flags: Any) -> None:
     access = "bearer token required" if config.token else "no token: loopback only"
     click.echo(
         f"Serving {engine.identity.name} ({engine.mode} composition, {len(engine.available())} adapters "
-        f"available) on http://{host}:{config.port} ({access}). Ctrl+C or SIGTERM drains the queue and stops.",
+        f"available) on http://{host}:{config.port} ({access}); the web UI is at http://{host}:{config.port}/. "
+        "Ctrl+C or SIGTERM drains the queue and stops.",
         err=True,
     )
     run_server(app, app.state.scheduler, host=config.host, port=config.port,
