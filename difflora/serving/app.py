@@ -48,6 +48,7 @@ from difflora.serving.body import BodyLimit
 from difflora.serving.engine import Engine, Result
 from difflora.serving.metrics import CONTENT_TYPE
 from difflora.serving.scheduler import Job, QueueOptions, QueueTimeoutError, Scheduler, UnavailableError
+from difflora.webui.training import install_training
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def create_app(
     _add_middleware(app, engine, token)
     _add_error_handlers(app)
     _add_routes(app, engine, scheduler)
+    install_training(app, engine, app.state.data_root)
     return app
 
 
