@@ -116,4 +116,3 @@ def config_from_flags(cls: type[C], flags: Mapping[str, Any], *, config_file: Pa
     """`cls` from its defaults, then `config_file`, then the flags that were given (None or () is not)."""
     overrides = {key: (None if value == () else value) for key, value in flags.items()}
     return load_config(cls, toml_path=config_file, overrides=overrides, section=section)
-
