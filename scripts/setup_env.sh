@@ -9,6 +9,8 @@
 #   version pinned in constraints.txt: the versions the test suite passes with, so an upstream release cannot
 #   break a fresh install. DIFFLORA_CONSTRAINTS names another constraints file, or none when set empty
 #   (scripts/refresh_pins.sh resolves the newest versions that way).
+# - With the "dev" extra (the test suite's set-up), Debian's chromium for the web UI's browser tests
+#   (scripts/install_chromium.sh: apt-get when missing, nothing when present).
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 extras="${1:-}"
@@ -33,5 +35,8 @@ target="$repo_root"
 [ -n "$extras" ] && target="$repo_root[$extras]"
 constraints="${DIFFLORA_CONSTRAINTS-$repo_root/constraints.txt}"
 "$python" -m pip install --quiet ${constraints:+--constraint "$constraints"} -e "$target"
+case ",$extras," in
+  *,dev,*) bash "$repo_root/scripts/install_chromium.sh" ;;
+esac
 export PATH="$venv/bin:$PATH"
 export DIFFLORA_PYTHON="$python"

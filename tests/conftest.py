@@ -143,3 +143,44 @@ def _remove_checkpoints_of_ended_sessions() -> None:
         pid = folder.name.removeprefix(CHECKPOINT_PREFIX).split("-")[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator:
+    """One headless Debian Chromium per test process, driven by Playwright (tests/support/browser.py)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.support.browser import launch_chromium
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def ui_page(chromium) -> Iterator:
+    """A fresh browser context (its own sessionStorage) and page, recording console and page errors."""
+    from tests.support.browser import UiPage
+
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(60_000)
+    yield UiPage(context.new_page()).watch()
+    context.close()
+
+
+@pytest.fixture
+def live_server() -> Iterator:
+    """A factory: live_server(engine, token=None, data_root=None) serves `engine` on a free loopback port
+    (tests/support/browser.py's LiveServer); every server started is stopped after the test."""
+    from tests.support.browser import start_server
+
+    started = []
+
+    def start(engine, **options):
+        started.append(start_server(engine, **options))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

@@ -47,7 +47,7 @@ def client(tmp_path, monkeypatch):
 def events(client: TestClient, job_id: str) -> list[tuple[str, dict]]:
     """The job's event stream, read to its end."""
     found, kind = [], None
-    with client.stream("GET", f"/train/jobs/{job_id}/events") as stream:
+    with client.stream("GET", f"/ui/api/train/jobs/{job_id}/events") as stream:
         for line in stream.iter_lines():
             if line.startswith("event: "):
                 kind = line.removeprefix("event: ")
@@ -59,7 +59,7 @@ def events(client: TestClient, job_id: str) -> list[tuple[str, dict]]:
 def wait_for(client: TestClient, job_id: str, condition, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/train/jobs/{job_id}").json()
+        job = client.get(f"/ui/api/train/jobs/{job_id}").json()
         if condition(job):
             return job
         time.sleep(0.1)
@@ -68,7 +68,7 @@ def wait_for(client: TestClient, job_id: str, condition, timeout: float = 240) -
 
 def test_a_job_streams_its_progress_and_its_adapter_joins_the_library(client, tmp_path):
     body = {"dataset": "stripes", "values": {**VALUES, "max_steps": 6}}
-    job = client.post("/train/jobs", json=body).json()
+    job = client.post("/ui/api/train/jobs", json=body).json()
     assert job["state"] in ("queued", "running") and job["name"] == "stripes"
     seen = events(client, job["id"])
     kinds = [kind for kind, _ in seen]
@@ -81,30 +81,32 @@ def test_a_job_streams_its_progress_and_its_adapter_joins_the_library(client, tm
     assert last["step"] == 6 and last["total_steps"] == 6 and last["eta_s"] == 0 and last["it_per_s"] > 0
     assert [data["step"] for kind, data in seen if kind == "sample"] == [3, 6]
     assert [data["state"] for kind, data in seen if kind == "state"][-1] == "finished"
-    available = {entry["name"] for entry in client.get("/adapters").json()["available"]}
+    available = {card["name"] for card in client.get("/ui/api/adapters").json()["adapters"]}
     assert "stripes" in available
-    assert client.get("/runs/stripes").json()["adapter"] is True
+    assert client.get("/ui/api/runs/stripes").json()["adapter"] is True
 
 
 def test_a_cancelled_job_leaves_a_checkpoint_that_resuming_finishes(client, tmp_path):
     body = {"dataset": "stripes", "values": {**VALUES, "max_steps": 20, "name": "long"}}
-    job = client.post("/train/jobs", json=body).json()
+    job = client.post("/ui/api/train/jobs", json=body).json()
     second = client.post(
-        "/train/jobs", json={"dataset": "stripes", "values": {**VALUES, "max_steps": 2}}
+        "/ui/api/train/jobs", json={"dataset": "stripes", "values": {**VALUES, "max_steps": 2}}
     ).json()
-    assert client.get(f"/train/jobs/{second['id']}").json()["state"] == "queued"  # one run at a time
-    cancelled = client.post(f"/train/jobs/{second['id']}/cancel").json()  # leaves the queue, never runs
+    assert client.get(f"/ui/api/train/jobs/{second['id']}").json()["state"] == "queued"  # one run at a time
+    cancelled = client.post(
+        f"/ui/api/train/jobs/{second['id']}/cancel"
+    ).json()  # leaves the queue, never runs
     assert cancelled["state"] == "cancelled" and cancelled["started"] is None
     wait_for(client, job["id"], lambda j: (j["checkpoint_step"] or 0) >= 2)
-    assert client.post(f"/train/jobs/{job['id']}/cancel").json()["state"] == "cancelling"
+    assert client.post(f"/ui/api/train/jobs/{job['id']}/cancel").json()["state"] == "cancelling"
     stopped = wait_for(client, job["id"], lambda j: j["state"] != "cancelling")
     assert stopped["state"] == "cancelled" and stopped["resumable"], stopped
     step = stopped["checkpoint_step"]
     assert 2 <= step < 20 and f"(step {step})" in stopped["message"] and "--resume" in stopped["message"]
     run = tmp_path / "adapters" / "long.run"
     assert not (tmp_path / "adapters" / "long.safetensors").exists() and (run / "checkpoints").is_dir()
-    assert client.post(f"/train/jobs/{job['id']}/cancel").status_code == 409
-    resumed = client.post(f"/train/jobs/{job['id']}/resume").json()
+    assert client.post(f"/ui/api/train/jobs/{job['id']}/cancel").status_code == 409
+    resumed = client.post(f"/ui/api/train/jobs/{job['id']}/resume").json()
     assert resumed["resume"] is True
     done = wait_for(client, resumed["id"], lambda j: j["state"] not in ("queued", "running"))
     assert done["state"] == "finished", done

@@ -25,13 +25,13 @@ from difflora.training.log import TrainLog
 from tests.support.training import make_workspace
 
 ROUTES = [
-    ("GET", "/train/form", None),
-    ("GET", "/train/datasets", None),
-    ("POST", "/train/datasets", {"name": "x", "files": []}),
-    ("POST", "/train/preflight", {"dataset": "stripes"}),
-    ("GET", "/train/jobs", None),
-    ("POST", "/train/jobs", {"dataset": "stripes"}),
-    ("GET", "/train/jobs/1", None),
+    ("GET", "/ui/api/train/form", None),
+    ("GET", "/ui/api/train/datasets", None),
+    ("POST", "/ui/api/train/datasets", {"name": "x", "files": []}),
+    ("POST", "/ui/api/train/preflight", {"dataset": "stripes"}),
+    ("GET", "/ui/api/train/jobs", None),
+    ("POST", "/ui/api/train/jobs", {"dataset": "stripes"}),
+    ("GET", "/ui/api/train/jobs/1", None),
 ]
 
 
@@ -80,23 +80,23 @@ def test_paths_outside_the_data_root_are_refused(client, root, tmp_path):
     (root / "inside").symlink_to(root / "stripes")
     try:
         for name in ("..", "../root", "stripes/../..", str(outside), "/etc", "escape", "escape/x"):
-            answer = client.post("/train/preflight", json={"dataset": name})
+            answer = client.post("/ui/api/train/preflight", json={"dataset": name})
             assert answer.status_code == 403, (name, answer.text)
         model = {"dataset": "stripes", "values": {"model": "../model"}}
-        assert client.post("/train/preflight", json=model).status_code == 403
-        assert client.post("/train/preflight", json={"dataset": "missing"}).status_code == 404
-        assert "escape" not in client.get("/train/datasets").json()["datasets"]
-        assert "inside" in client.get("/train/datasets").json()["datasets"]  # a link that stays inside
+        assert client.post("/ui/api/train/preflight", json=model).status_code == 403
+        assert client.post("/ui/api/train/preflight", json={"dataset": "missing"}).status_code == 404
+        assert "escape" not in client.get("/ui/api/train/datasets").json()["datasets"]
+        assert "inside" in client.get("/ui/api/train/datasets").json()["datasets"]  # a link that stays inside
         for field in ("output_dir", "data_dir", "cache_dir"):
             body = {"dataset": "stripes", "values": {field: str(tmp_path)}}
-            assert client.post("/train/jobs", json=body).status_code == 400
+            assert client.post("/ui/api/train/jobs", json=body).status_code == 400
     finally:
         (root / "escape").unlink()
         (root / "inside").unlink()
 
 
 def test_the_form_is_trainconfigs_fields_as_the_cli_offers_them(client):
-    fields = client.get("/train/form").json()["fields"]
+    fields = client.get("/ui/api/train/form").json()["fields"]
     helps = field_help(TrainConfig)
     expected = [
         f
@@ -131,7 +131,7 @@ def test_the_form_is_trainconfigs_fields_as_the_cli_offers_them(client):
 
 def test_preflight_is_difflora_checks_report(client, root):
     values = {"model": "model", "resolution": 16, "batch_size": 2, "max_steps": 7}
-    answer = client.post("/train/preflight", json={"dataset": "stripes", "values": values}).json()
+    answer = client.post("/ui/api/train/preflight", json={"dataset": "stripes", "values": values}).json()
     args = ["check", str(root / "stripes"), "--model", str(root / "model"), "--resolution", "16"]
     printed = CliRunner().invoke(cli, [*args, "--batch-size", "2", "--max-steps", "7"])
     assert printed.exit_code == 0, printed.output
@@ -141,10 +141,10 @@ def test_preflight_is_difflora_checks_report(client, root):
 
 def test_a_bad_form_value_is_one_config_error_naming_the_flag(client):
     body = {"dataset": "stripes", "values": {"rank": "eight", "nme": "x"}}
-    answer = client.post("/train/preflight", json=body)
+    answer = client.post("/ui/api/train/preflight", json=body)
     assert answer.status_code == 422 and "unknown key 'nme'" in answer.json()["error"]
     body = {"dataset": "stripes", "values": {"name": "../evil"}}
-    assert client.post("/train/jobs", json=body).status_code == 400
+    assert client.post("/ui/api/train/jobs", json=body).status_code == 400
 
 
 def test_upload_creates_the_dataset_whole_or_not_at_all(client, root):
@@ -153,20 +153,20 @@ def test_upload_creates_the_dataset_whole_or_not_at_all(client, root):
         {"name": "../../a b.png", "data": base64.b64encode(red).decode(), "caption": "a red square"},
         {"name": "C:\\x\\two.png", "data": base64.b64encode(blue).decode(), "caption": ""},
     ]
-    answer = client.post("/train/datasets", json={"name": "squares", "files": files})
+    answer = client.post("/ui/api/train/datasets", json={"name": "squares", "files": files})
     assert answer.status_code == 201, answer.text
     folder = root / "squares"
     assert sorted(os.listdir(folder)) == ["a_b.png", "a_b.txt", "two.png"]
     assert (folder / "a_b.png").read_bytes() == red and (folder / "two.png").read_bytes() == blue
     assert (folder / "a_b.txt").read_text() == "a red square\n"
-    assert client.post("/train/datasets", json={"name": "squares", "files": files}).status_code == 409
+    assert client.post("/ui/api/train/datasets", json={"name": "squares", "files": files}).status_code == 409
     broken = [*files, {"name": "c.png", "data": base64.b64encode(b"not an image").decode()}]
-    answer = client.post("/train/datasets", json={"name": "broken", "files": broken})
+    answer = client.post("/ui/api/train/datasets", json={"name": "broken", "files": broken})
     assert answer.status_code == 400 and answer.json()["error"].startswith("c.png: not a readable image")
     for name in ("../up", "/abs", ".hidden"):
-        assert client.post("/train/datasets", json={"name": name, "files": files}).status_code == 400
+        assert client.post("/ui/api/train/datasets", json={"name": name, "files": files}).status_code == 400
     assert not (root / "broken").exists() and not list(root.glob(".*.tmp"))
-    assert "squares" in client.get("/train/datasets").json()["datasets"]
+    assert "squares" in client.get("/ui/api/train/datasets").json()["datasets"]
 
 
 def test_past_runs_are_read_from_their_folders(client, engine):
@@ -188,16 +188,16 @@ def test_past_runs_are_read_from_their_folders(client, engine):
     (folder / "plan.txt").write_text("plan\n  length      3 steps, 1 epoch(s) of 3 steps (given)\n")
     (folder / "samples").mkdir()
     (folder / "samples" / "step-000003.png").write_bytes(_png("green"))
-    listed = client.get("/runs").json()["runs"]
+    listed = client.get("/ui/api/runs").json()["runs"]
     assert [run["name"] for run in listed] == ["old"] and listed[0]["steps"] == 3
-    detail = client.get("/runs/old").json()
+    detail = client.get("/ui/api/runs/old").json()
     assert [row["loss"] for row in detail["rows"]] == losses
     assert [row["validation_loss"] for row in detail["rows"]] == [None, 0.3, None]
     assert detail["samples"] == ["step-000003.png"] and detail["status"]["total_steps"] == 3
     assert detail["status"]["it_per_s"] == pytest.approx(2.0) and detail["status"]["eta_s"] == 0
-    grid = client.get("/runs/old/files/samples/step-000003.png")
+    grid = client.get("/ui/api/runs/old/files/samples/step-000003.png")
     assert grid.status_code == 200 and grid.content == _png("green")
-    assert client.get("/runs/old/files/loss.png").content == (folder / "loss.png").read_bytes()
+    assert client.get("/ui/api/runs/old/files/loss.png").content == (folder / "loss.png").read_bytes()
     for name in ("config.toml", "../old.run/loss.png", "samples/../loss.csv"):
-        assert client.get(f"/runs/old/files/{name}").status_code == 404
-    assert client.get("/runs/..%2Fx").status_code in (400, 404)
+        assert client.get(f"/ui/api/runs/old/files/{name}").status_code == 404
+    assert client.get("/ui/api/runs/..%2Fx").status_code in (400, 404)

@@ -227,6 +227,17 @@ def image_record(
     return settings, parameters
 
 
+def sweep_cells(sweeps: Sequence[tuple[str, Sequence[float]]]) -> list[tuple[dict[str, float], str]]:
+    """The sweep grid's cells in order, row by row (columns: the first sweep's weights, rows: the second's):
+    each cell's adapter weights and its label. `difflora generate --sweep` and the web UI's sweep share it."""
+    names = [name for name, _ in reversed(sweeps)]
+    cells = []
+    for combo in itertools.product(*[values for _, values in reversed(sweeps)]):
+        cell = dict(zip(names, combo, strict=True))
+        cells.append((cell, " ".join(f"{name}={cell[name]:g}" for name, _ in sweeps)))
+    return cells
+
+
 def _sweep(job: _Job, seed: int) -> list[Path]:
     """One image per combination of sweep weights, same seed everywhere; columns = first sweep, rows =
     second. Returns the cells' PNGs, then the labelled grid."""
@@ -234,19 +245,18 @@ def _sweep(job: _Job, seed: int) -> list[Path]:
     base = {spec.name: spec for spec in job.composer.adapters}
     images, labels, paths = [], [], []
     first = _next_index(job.out)
-    combos = list(itertools.product(*[values for _, values in reversed(sweeps)]))
-    for index, combo in enumerate(combos):
-        cell = dict(zip([name for name, _ in reversed(sweeps)], combo, strict=True))
+    cells = sweep_cells(sweeps)
+    for index, (cell, label) in enumerate(cells):
         job.composer.set_weights([AdapterWeight(name, w) for name, w in cell.items()])
         image = _render(job, [seed])[0]
         images.append(image)
-        labels.append(" ".join(f"{name}={cell[name]:g}" for name, _ in sweeps))
+        labels.append(label)
         paths.append(_save_image(job, image, seed, first + index))
     job.composer.set_weights(list(base.values()))
     cols = len(sweeps[0][1])
-    grid = image_grid(images, rows=len(combos) // cols, cols=cols, labels=labels)
+    grid = image_grid(images, rows=len(cells) // cols, cols=cols, labels=labels)
     sweep_record = {name: values for name, values in sweeps}
-    paths.append(_save(job, grid, seed, first + len(combos), name="sweep", extra={"sweep": sweep_record}))
+    paths.append(_save(job, grid, seed, first + len(cells), name="sweep", extra={"sweep": sweep_record}))
     return paths
 
 

@@ -8,6 +8,7 @@
     GET /health     liveness: "ok", or "draining" while shutting down (never needs the token, never waits)
     GET /ready      readiness for a load balancer: 200 while taking requests, 503 while draining (open too)
     GET /metrics    Prometheus text exposition
+    GET /ui/        the web UI (difflora.webui; its page and scripts need no token, its /ui/api routes do)
 
 Every error is JSON {"error": "..."}; its status comes from one table, STATUSES, by DiffloraError class.
 Generate is checked on the event loop (4xx at once), queued (difflora.serving.scheduler: 503 past the
@@ -25,17 +26,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from difflora.composition.find import UnknownAdapterError
-from difflora.config.generate import GenerateConfig
 from difflora.config.serve import ServeConfig
 from difflora.errors import (
     AdapterCompatibilityError,
@@ -47,7 +46,9 @@ from difflora.errors import (
 from difflora.serving.body import BodyLimit
 from difflora.serving.engine import Engine, Result
 from difflora.serving.metrics import CONTENT_TYPE
+from difflora.serving.request import GenerateBody
 from difflora.serving.scheduler import Job, QueueOptions, QueueTimeoutError, Scheduler, UnavailableError
+from difflora.webui import install_ui, public_path
 from difflora.webui.training import install_training
 
 logger = logging.getLogger(__name__)
@@ -70,33 +71,6 @@ POLL_SECONDS = 0.05  # how often a waiting request looks at its deadline and its
 
 def status_for(error: DiffloraError) -> int:
     return next(status for cls, status in STATUSES if isinstance(error, cls))
-
-
-class GenerateBody(BaseModel):
-    """The JSON body of POST /generate; defaults are `difflora generate`'s."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, never silently ignored
-
-    prompt: str
-    negative_prompt: str = GenerateConfig.negative_prompt
-    adapters: str = ""
-    seed: int | None = None  # this and every range: GenerateConfig's (config.limits), the CLI's too
-    steps: int = GenerateConfig.steps
-    width: int | None = None
-    height: int | None = None
-    guidance: float = GenerateConfig.guidance
-    scheduler: str = GenerateConfig.scheduler
-    num_images: int = GenerateConfig.num_images
-    format: Literal["png", "json"] = "png"
-
-    def to_config(self) -> GenerateConfig:
-        """The request as the GenerateConfig `difflora generate` would build (its validation included)."""
-        if self.format == "png" and self.num_images > 1:
-            raise ConfigError(
-                f'format "png" answers with one image; ask for format "json" to get {self.num_images}.'
-            )
-        values = self.model_dump(exclude={"format", "adapters"})
-        return GenerateConfig(**values, adapters=(self.adapters,) if self.adapters.strip() else ())
 
 
 def create_app(
@@ -126,6 +100,7 @@ def create_app(
     _add_middleware(app, engine, token)
     _add_error_handlers(app)
     _add_routes(app, engine, scheduler)
+    install_ui(app, engine)  # the web UI: /ui (difflora.webui)
     install_training(app, engine, app.state.data_root)
     return app
 
@@ -135,7 +110,9 @@ def _add_middleware(app: FastAPI, engine: Engine, token: str | None) -> None:
 
     @app.middleware("http")
     async def authorise(request: Request, call_next: Next) -> Response:
-        if token and request.url.path not in OPEN_ROUTES and not _authorised(request, token):
+        # the UI's page and scripts are open too: they hold no data, and the page asks for the token
+        path = request.url.path
+        if token and path not in OPEN_ROUTES and not public_path(path) and not _authorised(request, token):
             return JSONResponse(
                 {"error": "This server needs a bearer token: send 'Authorization: Bearer <token>'."},
                 status_code=401,

@@ -1,4 +1,4 @@
-"""The web UI's training routes, on the `difflora serve` app (same process, same token):
+"""The web UI's training routes, under /ui/api on the `difflora serve` app (same process, same token):
 
     GET  /train/form                  the form: TrainConfig's fields (difflora.webui.forms)
     GET  /train/datasets              the dataset folders under --data-root
@@ -9,9 +9,9 @@
     POST /train/jobs/{id}/cancel      stop at the next step, leaving a checkpoint
     POST /train/jobs/{id}/resume      queue the run again with --resume
     GET  /train/jobs/{id}/events      server-sent events: progress, sample, state, end
-    GET  /runs, /runs/{name}, /runs/{name}/files/{file}   past runs in the adapter folders
+    GET  /runs, /runs/{name}, /runs/{name}/files/{file}  past runs in the adapter folders
 
-Without --data-root every /train route answers 409 with one line saying how to turn training on.
+Without --data-root every /ui/api/train route answers 409 with one line saying how to turn training on.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
@@ -33,6 +33,7 @@ from difflora.webui.forms import form_schema, train_config
 from difflora.webui.jobs import ACTIVE, POLICY, Job, JobQueue
 from difflora.webui.paths import WebUIError, datasets, existing, require_root
 from difflora.webui.progress import snapshot
+from difflora.webui.routes import API_PREFIX
 from difflora.webui.runs import run_detail, run_file, run_folder, run_list
 from difflora.webui.uploads import UploadBody, create_dataset
 
@@ -83,13 +84,15 @@ def install_training(app: FastAPI, engine: Engine, data_root: Path | None) -> Tr
     async def refused(request: Request, error: WebUIError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=error.status)
 
-    _add_train_routes(app, training)
-    _add_job_routes(app, training)
-    _add_run_routes(app, training)
+    router = APIRouter(prefix=API_PREFIX)
+    _add_train_routes(router, training)
+    _add_job_routes(router, training)
+    _add_run_routes(router, training)
+    app.include_router(router)
     return training
 
 
-def _add_train_routes(app: FastAPI, training: Training) -> None:
+def _add_train_routes(app: APIRouter, training: Training) -> None:
     @app.get("/train/form")
     def form() -> dict[str, Any]:
         require_root(training.root)
@@ -119,7 +122,7 @@ def _add_train_routes(app: FastAPI, training: Training) -> None:
         }
 
 
-def _add_job_routes(app: FastAPI, training: Training) -> None:
+def _add_job_routes(app: APIRouter, training: Training) -> None:
     @app.get("/train/jobs")
     def jobs() -> dict[str, Any]:
         return {"policy": POLICY, "jobs": [job.summary() for job in training.queue.jobs]}
@@ -152,7 +155,7 @@ def _add_job_routes(app: FastAPI, training: Training) -> None:
         return StreamingResponse(_events(found), media_type="text/event-stream", headers=headers)
 
 
-def _add_run_routes(app: FastAPI, training: Training) -> None:
+def _add_run_routes(app: APIRouter, training: Training) -> None:
     @app.get("/runs")
     def runs() -> dict[str, Any]:
         return {"runs": run_list(training.directories)}
