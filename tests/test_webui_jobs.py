@@ -113,5 +113,5 @@ def test_a_cancelled_job_leaves_a_checkpoint_that_resuming_finishes(client, tmp_
     steps = [int(row["step"]) for row in read_loss_csv(run / "loss.csv")]
     assert steps == list(range(1, 21))  # every step once: the resumed run continued the checkpoint
     assert (tmp_path / "adapters" / "long.safetensors").is_file()
-    log = (tmp_path / "root" / ".difflora-jobs" / "job-3" / "output.log").read_text()
+    log = client.get(f"/ui/api/train/jobs/{resumed['id']}/output").text
     assert f"(step {step} of 20)" in log and "resuming from" in log  # not a fresh start

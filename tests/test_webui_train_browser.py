@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from PIL import Image
 
 from difflora.serving.engine import Engine
 from difflora.training.log import read_loss_csv
@@ -95,4 +96,27 @@ def test_a_run_cancelled_from_the_page_resumes_to_the_end(setup, ui_page) -> Non
     page.wait_for_selector('#live-title[data-state="finished"]', timeout=300_000)
     steps = [int(row["step"]) for row in read_loss_csv(adapters / "cut.run" / "loss.csv")]
     assert steps == list(range(1, 21)) and (adapters / "cut.safetensors").is_file()
+    ui_page.assert_clean()
+
+
+def test_a_dataset_uploaded_from_the_page_is_created_and_picked(setup, ui_page, tmp_path) -> None:
+    server, _ = setup
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    Image.new("RGB", (8, 8), "red").save(chosen / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(chosen / "b.png")
+    (chosen / "a.txt").write_text("a red square")
+    page = ui_page.page
+    ui_page.open(server, "#/train")
+    page.wait_for_selector('#train-dataset option[value="style"]', state="attached")
+    page.click("details.upload > summary")
+    page.fill("#upload-name", "squares")
+    page.set_input_files("#upload-files", [str(chosen / name) for name in ("a.png", "a.txt", "b.png")])
+    page.click("#upload")
+    page.wait_for_selector('#train-dataset option[value="squares"]', state="attached")
+    assert page.eval_on_selector("#train-dataset", "select => select.value") == "squares"
+    made = server.app.state.data_root / "squares"
+    assert sorted(path.name for path in made.iterdir()) == ["a.png", "a.txt", "b.png"]
+    assert (made / "a.png").read_bytes() == (chosen / "a.png").read_bytes()
+    assert (made / "a.txt").read_text() == "a red square\n"
     ui_page.assert_clean()

@@ -41,7 +41,10 @@ CHILD = (
     "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
     "from difflora.cli import main; main()"
 )
-INTERRUPTED = 130  # the exit status of a run stopped by SIGINT (difflora.errors.Interrupted)
+INTERRUPTED = 130
+OUTPUT_BYTES = (
+    64 * 1024
+)  # the end of a job's console output that GET .../output returns  # the exit status of a run stopped by SIGINT (difflora.errors.Interrupted)
 
 
 @dataclass
@@ -110,8 +113,8 @@ class JobQueue:
                 raise ConflictError(
                     f"A run of {target.stem!r} is already queued or running: wait or cancel it."
                 )
-            number = next(self._ids)
-            job = Job(f"{int(time.time())}-{number}", config, self.folder / f"job-{number}", dataset, resume)
+            job_id = f"{int(time.time())}-{next(self._ids)}"  # unique across the server's restarts too
+            job = Job(job_id, config, self.folder / job_id, dataset, resume)
             job.folder.mkdir(parents=True, exist_ok=True)
             write_atomic(job.folder / "config.toml", to_toml(config, section="train").encode())
             self.jobs.append(job)
@@ -140,6 +143,15 @@ class JobQueue:
                 )
             self._changed.notify_all()
         return job
+
+    def output(self, job_id: str) -> str:
+        """The end of the job's console output (its child's stdout and stderr): what a failed run said."""
+        path = self.get(job_id).folder / "output.log"
+        if not path.is_file():
+            return ""
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - OUTPUT_BYTES))
+            return handle.read().decode(errors="replace")
 
     def wait(self, job: Job, timeout: float) -> bool:
         """Until `job` has ended (True) or `timeout` seconds passed (False)."""

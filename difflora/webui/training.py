@@ -5,7 +5,7 @@
     POST /train/datasets              a new dataset from uploaded images and captions (webui.uploads)
     POST /train/preflight             `difflora check`'s report on {dataset, values}
     GET  /train/jobs                  the queue and its policy; POST: queue a run of {dataset, values}
-    GET  /train/jobs/{id}             one job with its progress
+    GET  /train/jobs/{id}             one job with its progress; .../output: the end of its console output
     POST /train/jobs/{id}/cancel      stop at the next step, leaving a checkpoint
     POST /train/jobs/{id}/resume      queue the run again with --resume
     GET  /train/jobs/{id}/events      server-sent events: progress, sample, state, end
@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -55,12 +56,14 @@ class Training:
         self.root = data_root
         self.directories = [directory.expanduser().resolve() for directory in engine.directories]
         self._queue: JobQueue | None = None
+        self._starting = threading.Lock()
 
     @property
     def queue(self) -> JobQueue:
         root = require_root(self.root)
-        if self._queue is None:  # the worker thread starts with the first use
-            self._queue = JobQueue(root / JOBS_FOLDER)
+        with self._starting:  # routes run on a thread pool: two first requests must share one queue
+            if self._queue is None:  # the worker thread starts with the first use
+                self._queue = JobQueue(root / JOBS_FOLDER)
         return self._queue
 
     def config(self, body: RunBody, *, resume: bool = False):
@@ -135,6 +138,10 @@ def _add_job_routes(app: APIRouter, training: Training) -> None:
     def job(job_id: str) -> dict[str, Any]:
         found = training.queue.get(job_id)
         return {**found.summary(), "progress": snapshot(found.run_dir).status()}
+
+    @app.get("/train/jobs/{job_id}/output")
+    def output(job_id: str) -> PlainTextResponse:
+        return PlainTextResponse(training.queue.output(job_id))
 
     @app.post("/train/jobs/{job_id}/cancel")
     def cancel(job_id: str) -> dict[str, Any]:

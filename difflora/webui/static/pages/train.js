@@ -160,9 +160,15 @@ function jobItem(api, job, actions) {
     buttons.push(el("button", { class: "resume", type: "button", onclick: () => actions.resume(job) }, `Resume from step ${job.checkpoint_step}`));
   }
   buttons.push(el("button", { class: "watch", type: "button", onclick: () => actions.watch(job) }, "Show"));
+  const output = el("pre", { class: "output", hidden: true });
+  buttons.push(el("button", { class: "show-output", type: "button", onclick: async () => {
+    const response = await api.request(`${API}/jobs/${encodeURIComponent(job.id)}/output`);
+    output.textContent = response.ok ? await response.text() : `${response.status} ${response.statusText}`;
+    output.hidden = false;
+  } }, "Output"));
   return el("li", { class: "job", dataset: { id: job.id, state: job.state, name: job.name } },
     el("b", {}, job.name), ` on ${job.dataset} — `, el("span", { class: "state" }, job.state),
-    job.message ? el("div", { class: "muted small" }, job.message) : null, ...buttons);
+    job.message ? el("div", { class: "muted small" }, job.message) : null, ...buttons, output);
 }
 
 function preflightView(report) {
@@ -225,9 +231,14 @@ function wire(api, view, fields, settings) {
   settings.addEventListener("input", invalidate);
   view.dataset.addEventListener("change", invalidate);
   const live = watcher(api, view, () => refresh());
+  let shown = "";
   const refresh = async () => {
     const { jobs } = await api.get(`${API}/jobs`);
-    view.jobs.replaceChildren(...jobs.slice().reverse().map((job) => jobItem(api, job, actions)));
+    const text = JSON.stringify(jobs);
+    if (text !== shown) {  // redrawn only on a change: an opened output stays open
+      shown = text;
+      view.jobs.replaceChildren(...jobs.slice().reverse().map((job) => jobItem(api, job, actions)));
+    }
     return jobs;
   };
   const act = (fn) => async (job) => {
