@@ -96,7 +96,9 @@ def test_paths_outside_the_data_root_are_refused(client, root, tmp_path):
 
 
 def test_the_form_is_trainconfigs_fields_as_the_cli_offers_them(client):
-    fields = client.get("/ui/api/train/form").json()["fields"]
+    form = client.get("/ui/api/train/form").json()
+    fields = form["fields"]
+    assert form["server_model"] == client.get("/health").json()["model"]
     helps = field_help(TrainConfig)
     expected = [
         f

@@ -55,6 +55,7 @@ class Training:
     def __init__(self, engine: Engine, data_root: Path | None) -> None:
         self.root = data_root
         self.directories = [directory.expanduser().resolve() for directory in engine.directories]
+        self.model = engine.identity.name  # the base the server composes adapters on, named on the page
         self._queue: JobQueue | None = None
         self._starting = threading.Lock()
 
@@ -99,7 +100,12 @@ def _add_train_routes(app: APIRouter, training: Training) -> None:
     @app.get("/train/form")
     def form() -> dict[str, Any]:
         require_root(training.root)
-        return {"fields": form_schema(), "output_dir": str(training.directories[0]), "policy": POLICY}
+        return {
+            "fields": form_schema(),
+            "output_dir": str(training.directories[0]),
+            "policy": POLICY,
+            "server_model": training.model,
+        }
 
     @app.get("/train/datasets")
     def dataset_list() -> dict[str, Any]:

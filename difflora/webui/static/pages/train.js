@@ -198,7 +198,10 @@ function layout(form) {
     el("h1", {}, "Training"),
     el("p", { class: "muted", id: "policy" }, form.policy),
     el("h2", {}, "Dataset"), el("label", { class: "field" }, el("span", {}, "Folder under the data root"), view.dataset),
-    el("h2", {}, "Settings"), el("p", { class: "muted small" }, `Adapters are written to ${form.output_dir}; hover a field for its help.`),
+    el("h2", {}, "Settings"),
+    el("p", { class: "muted small", id: "train-note" }, `Adapters are written to ${form.output_dir}. This server ` +
+      `composes adapters on ${form.server_model}: train on the same base (the model field, a name under the ` +
+      "data root; empty: the embedded tiny model) for the adapter to be usable here."),
     el("div", { class: "toolbar" }, view.check, view.start), view.report,
     el("h2", {}, "Queue"), view.jobs,
     el("h2", {}, "Progress"), view.title, view.status, view.curve, view.samples,
