@@ -16,7 +16,7 @@ from tests.support.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = {"max_steps": "20", "save_every": "2", "sample_every": "10", "batch_size": "2"}
+SETTINGS = {"max_steps": "20", "save_every": "2", "sample_every": "10", "batch_size": "2", "resolution": "32"}
 MORE = {"sample_steps": "2", "sample_seeds": "1", "num_threads": "1"}
 
 
