@@ -9,7 +9,6 @@ defaults < `--config FILE.toml` < flags. Types map as: `X | None` -> X, bool -> 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from difflora.config import field_help, load_config
+from difflora.config.fields import base_type, field_default
 
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C")
@@ -71,7 +71,7 @@ def field_option(
     """The click option of one config field (see `config_options`)."""
     flag = "--" + field.name.replace("_", "-")
     declared = list(flags or [flag])
-    base = _base_type(hint)
+    base = base_type(hint)
     settings: dict[str, Any] = {"default": None}
     if base is bool:
         if flags is None and not field.name.startswith("no_"):  # no --no-no-upscale
@@ -93,8 +93,7 @@ def field_option(
 def shown_default(field: dataclasses.Field) -> str:
     """The help's `[default: X]` suffix, read from the dataclass; nothing for an empty default (None, False,
     (), ""), whose meaning the field's help states."""
-    factory = field.default_factory
-    default = factory() if factory is not dataclasses.MISSING else field.default
+    default = field_default(field)
     if default is None or default is False or default in ((), ""):
         return ""
     text = " ".join(str(item) for item in default) if isinstance(default, tuple) else str(default)
@@ -117,11 +116,3 @@ def config_from_flags(cls: type[C], flags: Mapping[str, Any], *, config_file: Pa
     """`cls` from its defaults, then `config_file`, then the flags that were given (None or () is not)."""
     overrides = {key: (None if value == () else value) for key, value in flags.items()}
     return load_config(cls, toml_path=config_file, overrides=overrides, section=section)
-
-
-def _base_type(hint: Any) -> Any:
-    """`int | None` -> int; other hints unchanged."""
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return args[0] if len(args) == 1 else hint
-    return hint

@@ -49,6 +49,7 @@ from difflora.serving.metrics import CONTENT_TYPE
 from difflora.serving.request import GenerateBody
 from difflora.serving.scheduler import Job, QueueOptions, QueueTimeoutError, Scheduler, UnavailableError
 from difflora.webui import install_ui, public_path
+from difflora.webui.training import install_training
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def create_app(
     _add_error_handlers(app)
     _add_routes(app, engine, scheduler)
     install_ui(app, engine)  # the web UI: /ui (difflora.webui)
+    install_training(app, engine, app.state.data_root)
     return app
 
 

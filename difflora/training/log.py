@@ -1,5 +1,6 @@
 """What a training run tells its user while it runs and leaves behind: a progress bar (step, smoothed loss,
-it/s, ETA), `loss.csv`, `loss.png` (drawn with PIL: matplotlib is not a dependency) and, when tensorboard is
+it/s, ETA), `loss.csv`, `loss.png` (drawn with matplotlib's Agg
+backend, off-screen) and, when tensorboard is
 installed, TensorBoard event files. Only the main process creates a TrainLog.
 """
 
@@ -12,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from difflora.safe_io import disk_full_error, is_disk_full, write_atomic
 
@@ -133,9 +134,7 @@ class TrainLog:
     def write_curve(self) -> Path | None:
         if not self.points:
             return None
-        buffer = io.BytesIO()
-        draw_loss_curve(self.points, self.validation).save(buffer, format="PNG")
-        return write_atomic(self.png_path, buffer.getvalue())
+        return write_atomic(self.png_path, loss_curve_png(self.points, self.validation))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Extra scalars for TensorBoard (when installed)."""
@@ -187,60 +186,55 @@ def _tensorboard_writer(directory: Path):
 # ------------------------------------------------------------------------------------------ the PNG
 
 
+def loss_curve_png(
+    points: list[LossPoint],
+    validation: list[tuple[int, float]] | None = None,
+    size: tuple[int, int] = (640, 360),
+) -> bytes:
+    """The loss curve as a PNG of `size` pixels: raw loss (light) and its moving average (dark) against the
+    step, on a linear axis whose top is the 98th percentile of the raw loss, so one spike does not flatten
+    the whole curve; the validation loss (orange, a dot per measurement) where it was measured. Drawn on a
+    matplotlib Figure of its own (no pyplot: no global state, safe beside other threads)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    validation = validation or []
+    dpi = 100
+    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    steps = [p.step for p in points]
+    axes.plot(steps, [p.loss for p in points], color="#aabee6", linewidth=1, label="per step")
+    axes.plot(steps, [p.smoothed for p in points], color="#14328c", linewidth=2, label="moving average")
+    if validation:
+        at, values = zip(*validation, strict=True)
+        axes.plot(at, values, color="#e67814", linewidth=2, marker="o", markersize=4, label="validation")
+    axes.set_ylim(*_loss_range(points, validation))
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(f"loss, {len(points)} steps", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="upper right")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _loss_range(points: list[LossPoint], validation: list[tuple[int, float]]) -> tuple[float, float]:
+    """From the lowest value drawn to the raw loss's 98th percentile (or a higher average or validation
+    value); never empty."""
+    losses = sorted(p.loss for p in points)
+    low = min(losses[0], min(p.smoothed for p in points), *(v for _, v in validation))
+    high = losses[min(len(losses) - 1, int(0.98 * len(losses)))]
+    high = max(high, max(p.smoothed for p in points), *(v for _, v in validation))
+    margin = 0.03 * (high - low) if high > low else 1e-6
+    return low - margin, high + margin
+
+
 def draw_loss_curve(
     points: list[LossPoint],
     validation: list[tuple[int, float]] | None = None,
     size: tuple[int, int] = (640, 360),
 ) -> Image.Image:
-    """Raw loss (light) and its moving average (dark) against the step, on a log-free linear axis whose
-    top is the 98th percentile of the raw loss, so one spike does not flatten the whole curve; the
-    validation loss (orange, a dot per measurement) where it was measured."""
-    validation = validation or []
-    width, height = size
-    left, right, top, bottom = 64, 16, 28, 36
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    steps = [p.step for p in points]
-    losses = sorted(p.loss for p in points)
-    low = min(min(losses), min(p.smoothed for p in points), *(v for _, v in validation))
-    high = losses[min(len(losses) - 1, int(0.98 * len(losses)))]
-    high = max(high, max(p.smoothed for p in points), *(v for _, v in validation))
-    if high <= low:
-        high = low + 1e-6
-    first, last = min(steps), max(max(steps), min(steps) + 1)
-
-    def xy(step: float, value: float) -> tuple[float, float]:
-        x = left + (step - first) / (last - first) * (width - left - right)
-        clipped = min(max(value, low), high)
-        y = top + (1 - (clipped - low) / (high - low)) * (height - top - bottom)
-        return x, y
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for fraction in (0.0, 0.5, 1.0):
-        value = low + fraction * (high - low)
-        _, y = xy(first, value)
-        draw.text((4, y - 6), f"{value:.4g}", fill="black", font=font)
-        step = first + fraction * (last - first)
-        x, _ = xy(step, low)
-        draw.text((x - 12, height - bottom + 6), f"{int(step)}", fill="black", font=font)
-    draw.text(
-        (left, 8),
-        f"loss (light: per step, dark: moving average{', orange: validation' if validation else ''}), "
-        f"{len(points)} steps",
-        fill="black",
-        font=font,
-    )
-    if len(points) > 1:
-        draw.line([xy(p.step, p.loss) for p in points], fill=(170, 190, 230), width=1)
-        draw.line([xy(p.step, p.smoothed) for p in points], fill=(20, 50, 140), width=2)
-    _draw_validation(draw, [xy(step, value) for step, value in validation])
-    return image
-
-
-def _draw_validation(draw: ImageDraw.ImageDraw, places: list[tuple[float, float]]) -> None:
-    orange = (230, 120, 20)
-    if len(places) > 1:
-        draw.line(places, fill=orange, width=2)
-    for x, y in places:
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=orange)
+    """The loss curve (`loss_curve_png`) as an image."""
+    return Image.open(io.BytesIO(loss_curve_png(points, validation, size)))
