@@ -28,6 +28,11 @@ KNOWN_CHATTER: dict[str, tuple[str, ...]] = {
         "`CLIPImageProcessor` requires torchvision",
         "`SiglipImageProcessor` requires torchvision",
     ),
+    # The first loss plot on a machine (training/log.py draws loss.png with matplotlib) makes matplotlib
+    # scan the system fonts once and cache the list in its config folder; it says so, and says the scan
+    # may take a moment when it does. Both are about matplotlib's own cache, which the user never asked
+    # for and need not act on: the plot is drawn the same either way.
+    "matplotlib.font_manager": ("generated new fontManager", "Matplotlib is building the font cache"),
 }
 
 

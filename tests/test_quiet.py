@@ -72,9 +72,12 @@ cli.main(args=json.loads(sys.argv[1]), prog_name="difflora")
 OWN_UNLABELLED = re.compile(r"^(training:?\s|Generating\b)")
 
 
-def _env() -> dict[str, str]:
+def _env(cwd: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFLORA_FAULT")}
     env["HF_HUB_OFFLINE"] = "1"
+    # matplotlib's config folder as on a fresh machine: its first plot (training's loss.png) scans the
+    # fonts and says so, a line that must not reach the user (difflora/chatter.py)
+    env["MPLCONFIGDIR"] = str(cwd / "matplotlib-config")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -94,7 +97,9 @@ def foreign_lines(stderr: str) -> list[str]:
 
 
 def run_quiet(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(args), env=_env(), cwd=cwd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        _command(args), env=_env(cwd), cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, f"difflora {' '.join(args)} failed:\n{result.stderr[-3000:]}"
     foreign = foreign_lines(result.stderr)
     assert not foreign, f"difflora {' '.join(args)} let through stderr lines it did not write: {foreign}"
@@ -150,7 +155,7 @@ def test_serve_is_quiet(tmp_path):
     port = 18000 + os.getpid() % 1000
     process = subprocess.Popen(
         _command(["serve", "--port", str(port), "--adapter-dir", str(tmp_path)]),
-        env=_env(),
+        env=_env(tmp_path),
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
