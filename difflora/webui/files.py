@@ -8,25 +8,13 @@ that resolves (through a symlink) outside its root is refused, as is anything bu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import quote
 
-from difflora.errors import ConfigError
+from difflora.webui.paths import NotFoundError, OutsideError, confined
 
 DATA_ROOT_ID = "data"
 ADAPTER_ROOT_PREFIX = "adapters"
-
-
-class OutsideRootsError(ConfigError):
-    """A UI file reference that names something outside the folders the UI may read (HTTP 403)."""
-
-    status = 403
-
-
-class MissingFileError(OutsideRootsError):
-    """A well-formed reference to no regular file (HTTP 404)."""
-
-    status = 404
 
 
 def ui_roots(adapter_dirs: Sequence[Path], data_root: Path | None) -> dict[str, Path]:
@@ -38,22 +26,18 @@ def ui_roots(adapter_dirs: Sequence[Path], data_root: Path | None) -> dict[str, 
 
 
 def confined_file(roots: dict[str, Path], root_id: str, relative: str) -> Path:
-    """The regular file `relative` names under root `root_id`; OutsideRootsError for anything else."""
+    """The regular file `relative` names under root `root_id` (the training side's `confined` rule, plus:
+    a URL names files with '/' only, so a backslash or a drive's colon is refused, not translated)."""
     root = roots.get(root_id)
     if root is None:
-        raise OutsideRootsError(
-            f"Unknown folder {root_id!r}: the UI reads only {', '.join(roots) or 'none'}."
-        )
-    parts = PurePosixPath(relative).parts
-    if not relative or "\\" in relative or relative.startswith("/") or ".." in parts or ":" in relative:
-        raise OutsideRootsError(
+        raise OutsideError(f"Unknown folder {root_id!r}: the UI reads only {', '.join(roots) or 'none'}.")
+    if "\\" in relative or ":" in relative:
+        raise OutsideError(
             f"{relative!r} is not a plain relative path: the UI names files under its folders only."
         )
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):  # a symlink pointing out
-        raise OutsideRootsError(f"{relative!r} leads outside its folder: the UI reads nothing outside it.")
+    path = confined(root, relative, what="file")
     if not path.is_file():
-        raise MissingFileError(f"{relative!r} is not a file under {root_id}.")
+        raise NotFoundError(f"{relative!r} is not a file under {root_id}.")
     return path
 
 

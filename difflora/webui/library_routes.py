@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from difflora.webui.files import OutsideRootsError, confined_file, ui_roots
+from difflora.webui.files import confined_file, ui_roots
 from difflora.webui.library import adapter_detail, library
+from difflora.webui.paths import WebUIError
 
 if TYPE_CHECKING:
     from difflora.serving.engine import Engine
@@ -38,7 +39,7 @@ def add_library_routes(app: FastAPI, engine: Engine) -> None:
     def file(root: str, relative: str, request: Request) -> Response:
         try:
             path = confined_file(roots(request), root, relative)
-        except OutsideRootsError as error:
+        except WebUIError as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
         return _safe_file(path)
 
