@@ -248,3 +248,35 @@ def test_consumer_verdicts_follow_comfyuis_rules_for_both_layouts():
     assert len(approximator) == 2 and set(comfyui.dropped) == set(approximator)
     diffusers = next(v for v in verdicts(list(peft), {}, "chroma") if v.consumer == "diffusers")
     assert diffusers.loaded == len(peft)
+
+
+@pytest.mark.parametrize(
+    ("approximator", "metadata", "expected"),
+    [(False, True, "chroma"), (True, False, "chroma"), (False, False, "flux")],
+    ids=["metadata", "approximator-keys", "neither"],
+)
+def test_a_kohya_file_is_chromas_by_its_metadata_or_its_approximator_keys(approximator, metadata, expected):
+    """Chroma's blocks have Flux's names and shapes: a file says it is Chroma's by its metadata or by a key
+    only Chroma has; an attention-only file with neither is read as Flux.1 (the first family it fits)."""
+    from difflora.adapter.types import AdapterMeta, LoraWeights
+    from difflora.formats.reference import reference_modules
+
+    modules = reference_modules("chroma", "transformer")
+    roots = ("transformer_blocks.0.attn.to_", *((APPROXIMATOR + "in_proj",) if approximator else ()))
+    g = torch.Generator().manual_seed(1)
+    adapter = Adapter(
+        {
+            f"transformer.{p}": LoraWeights(
+                torch.randn(2, modules[p].in_features, generator=g),
+                torch.randn(modules[p].out_features, 2, generator=g),
+                2.0,
+            )
+            for p in modules
+            if p.startswith(roots)
+        },
+        AdapterMeta(name="x", base_family="chroma"),
+    )
+    tensors, written = to_kohya(adapter)
+    read = parse_state_dict(tensors, written if metadata else {}, source="k.safetensors")
+    assert read.meta.base_family == expected
+    assert set(read.modules) == set(adapter.modules)
