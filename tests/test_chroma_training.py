@@ -212,3 +212,11 @@ def test_a_single_file_model_trains_with_its_t5_and_vae_files(data, tmp_path):
     deltas = read_file_deltas(trained)
     assert set(deltas) == double | single
     assert all(float(delta.abs().max()) > 0 for delta in deltas.values())
+
+
+def test_train_text_encoder_is_refused_in_one_line(chroma_dir, data, tmp_path):
+    """Chroma's only text encoder, T5-XXL, stays frozen and cached: the flag would do nothing."""
+    from difflora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--train-text-encoder: Chroma models have no text encoder"):
+        _train(chroma_dir, tmp_path, data / "style", 1, train_text_encoder=True)
