@@ -18,12 +18,19 @@ layout and `difflora.formats.flux_names`). What differs from Flux, and where it 
   and attends unmasked. The text cache keeps the mask beside the hidden states.
 - Real classifier-free guidance: Chroma is not guidance-distilled; the pipeline runs the negative prompt
   at `guidance_scale` (5 by default, difflora's `--guidance` default too), no `true_cfg`.
-- Scheduler: lodestones/Chroma1-HD's FlowMatchEulerDiscreteScheduler (shift 3.0 with dynamic shifting
-  between 0.5 and 1.15, FLUX.1-dev's settings, unlike schnell's unshifted one); training draws σ
-  shifted by the same resolution-dependent μ (`flux-shift`) so that it trains where it samples.
+- Scheduler: the shipped one (`architectures/chroma1-hd/`) has FLUX.1-dev's settings, shift 3.0 with
+  dynamic shifting between 0.5 and 1.15 (as typed in for Chroma1-HD; its README says what is unchecked),
+  unlike schnell's unshifted one; `ChromaPipeline` computes the shift μ from the image's token count, so
+  training draws σ shifted by the same μ (`flux-shift`) and trains where it samples.
 - Default resolution 1024 px (`ChromaPipeline.default_sample_size` 128 latent pixels x 8).
 - Targets: Flux's attention and MLP presets; the pruned modulation Linears do not exist, and the
   approximator is trained only with `all-linear`.
+- Files: kohya/ComfyUI names are Flux's original layout with Flux's exact fused-q/k/v conversion, the
+  approximator by its original names (`lora_unet_distilled_guidance_layer_layers_0_in_layer`); ComfyUI's
+  Chroma model class subclasses its Flux one, so its Flux key map applies, which gives no diffusers name to
+  the approximator. diffusers' `ChromaPipeline` loads `transformer.*` PEFT keys (FluxLoraLoaderMixin).
+  The metadata written (`ss_base_model_version` "chroma", ModelSpec "chroma/lora") is difflora's choice;
+  an attention-only file without it has Flux.1's names and shapes and is read as Flux.1's.
 """
 
 from __future__ import annotations
