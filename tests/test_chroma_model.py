@@ -5,6 +5,7 @@ T5 and autoencoder files loading every weight bit for bit; `--clip-l` refused in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,6 @@ def test_diffusers_folders_are_told_apart_by_their_transformer(tmp_path):
 def test_the_shipped_configs_build_chroma_at_full_size_on_the_meta_device():
     """The shipped transformer config is Chroma1-HD's: 19 double and 38 single blocks 3072 wide, no guidance
     or CLIP input, no per-block modulation Linear, the 64 -> 5120 -> 3072 approximator of 5 layers."""
-    import json
-
     from accelerate import init_empty_weights
     from diffusers import ChromaTransformer2DModel
 
@@ -127,3 +126,33 @@ def test_a_bf16_file_loads_upcast_to_the_dtype_asked_for(tmp_path):
     for key, value in loaded.transformer.state_dict().items():
         assert value.dtype == torch.float32, key
         assert torch.equal(value, want[key].to(torch.bfloat16).float()), key
+
+
+@pytest.mark.slow
+def test_at_full_width_the_file_loads_as_diffusers_own_converter_converts_it():
+    """Chroma's real 3072 width (24 heads of 128, the single blocks' 12288-wide MLP: diffusers' converter
+    splits `linear1` at a fixed 3072), one block of each kind, a 32-wide approximator of 5 layers, bf16:
+    difflora's loader and `convert_chroma_transformer_checkpoint_to_diffusers` place every tensor alike."""
+    from diffusers import ChromaTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
+
+    from tests.support.chroma import bfl_chroma_state
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = ChromaTransformer2DModel(
+            num_layers=1, num_single_layers=1, joint_attention_dim=32, approximator_hidden_dim=32
+        )
+    finally:
+        torch.set_default_dtype(default)
+    state = {"model.diffusion_model." + k: v for k, v in bfl_chroma_state(model).items()}
+    theirs = convert_chroma_transformer_checkpoint_to_diffusers(dict(state))
+    shipped = json.loads((family("chroma").config_dir() / "transformer" / "config.json").read_text())
+    ours = family("chroma").build_transformer(state, shipped, torch.bfloat16)
+    assert ours.config.num_attention_heads == 24 and ours.config.approximator_hidden_dim == 32
+    mine = ours.state_dict()
+    assert set(mine) == set(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
