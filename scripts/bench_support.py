@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 SEEDS = (0, 1, 2, 3)
-BASES = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux"}  # script name -> family of the shipped configs
+BASES = {
+    "sd15": "sd1",
+    "sdxl": "sdxl",
+    "flux": "flux",
+    "chroma": "chroma",
+}  # script name -> family of the shipped configs
 _WEIGHTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -75,3 +80,38 @@ def _random_model(library: str, class_name: str, config_dir: Path) -> Any:
         return model_class.from_config(model_class.load_config(config_dir))
     model_class = getattr(transformers, class_name)
     return model_class(model_class.config_class.from_pretrained(config_dir))
+
+
+def tiny_chroma(models_dir: Path) -> Path:
+    """A tiny random Chroma folder for dry runs: the embedded tiny Flux's T5 (its tokenizer), autoencoder and
+    widths (2 + 2 blocks of two 32-wide heads), with Chroma's transformer (the approximator at a 32 width,
+    its real 64 input channels and 5 layers) and Chroma's shipped scheduler; written once, then reused."""
+    import diffusers
+    import torch
+    import transformers
+
+    from difflora.embedded import EMBEDDED_MODEL_DIR
+    from difflora.models.architecture import make_architecture
+    from difflora.models.single_file import base_scheduler
+
+    folder = models_dir / "chroma-tiny"
+    if (folder / "model_index.json").is_file():
+        return folder
+    flux = EMBEDDED_MODEL_DIR.parent / "flux"
+    flux_transformer = json.loads((flux / "transformer" / "config.json").read_text())
+    widths = ("attention_head_dim", "axes_dims_rope", "in_channels", "joint_attention_dim")
+    config = {key: flux_transformer[key] for key in (*widths, "num_attention_heads", "num_layers")}
+    config |= {"num_single_layers": flux_transformer["num_single_layers"], "approximator_hidden_dim": 32}
+    torch.manual_seed(0)
+    pipe = diffusers.ChromaPipeline(
+        scheduler=base_scheduler(make_architecture("chroma")),
+        vae=diffusers.AutoencoderKL.from_pretrained(flux / "vae"),
+        text_encoder=transformers.T5EncoderModel.from_pretrained(flux / "text_encoder_2"),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(flux / "tokenizer_2"),
+        transformer=diffusers.ChromaTransformer2DModel(**config),
+    )
+    partial = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(partial)
+    (partial / "difflora_defaults.json").write_text(json.dumps({"max_sequence_length": 32, "resolution": 64}))
+    partial.rename(folder)
+    return folder

@@ -1,6 +1,6 @@
 """difflora at full size on a CUDA GPU: SD 1.5 at 512 px and SDXL at 1024 px, each trained with the README's
-low-memory settings and with fast settings, and Flux.1 dev at 1024 px in bf16, with an fp8 base and
-gradient checkpointing, and with blocks swapped (`--blocks-to-swap`), then generating with two adapters
+low-memory settings and with fast settings, and Flux.1 dev and Chroma at 1024 px in bf16, with an fp8 base
+and gradient checkpointing, and with blocks swapped (`--blocks-to-swap`), then generating with two adapters
 composed.
 
 The bases are random weights built from the shipped configs (difflora/models/architectures/), written once
@@ -18,6 +18,7 @@ with 1 when any configuration failed, after reporting the others.
     python scripts/gpu_check.py --dry-run   # the same code on the CPU, the tiny embedded model, 2 steps
     python scripts/gpu_check.py --dry-run --bases flux   # the Flux rows on the tiny Flux (no CUDA: the
                                                           # swap row reports the flag's refusal and fails)
+    python scripts/gpu_check.py --dry-run --bases chroma  # the same rows on a tiny Chroma built from it
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_support import random_base
+from bench_support import random_base, tiny_chroma
 from gpu_check_support import (
     GenerateRow,
     Report,
@@ -52,7 +53,12 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # Flux's attention preset (difflora.models.families.flux): both streams' projections in the double blocks
 FLUX_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 RANK = 16
-BASES = {"sd15": 512, "sdxl": 1024, "flux": 1024}  # base -> the resolution it is trained and sampled at
+BASES = {
+    "sd15": 512,
+    "sdxl": 1024,
+    "flux": 1024,
+    "chroma": 1024,
+}  # base -> the resolution it is trained and sampled at
 SWAP = 18  # Flux.1's blocks in CPU memory in the swap row: kohya's low-memory Flux settings swap 18 for 12 GB
 PROMPT = "a red circle on a white background"
 
@@ -213,15 +219,21 @@ def bases_of(args: argparse.Namespace, work: Path) -> list[Base]:
         from difflora.embedded import EMBEDDED_MODEL_DIR
 
         tiny = {"flux": Base("tiny-flux", EMBEDDED_MODEL_DIR.parent / "flux", 64, transformer=True)}
+        if "chroma" in args.bases:  # no tiny Chroma is embedded: one built from the tiny Flux's parts
+            tiny["chroma"] = Base("tiny-chroma", tiny_chroma(work), 64, transformer=True)
         return list({tiny.get(name, Base("embedded", None, 64)): None for name in args.bases})
     import torch
 
     models = Path(args.models_dir or work / "models")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"flux": torch.bfloat16}  # Flux's published weights are bf16 (fp16 overflows in its blocks)
+    # Flux's and Chroma's published weights are bf16 (fp16 overflows in their blocks)
+    dtype = {"flux": torch.bfloat16, "chroma": torch.bfloat16}
     kinds = {name: dtype.get(name, torch.float16) for name in args.bases}
     folders = {name: random_base(name, models, dtype=kind, device=device) for name, kind in kinds.items()}
-    return [Base(name, folder, BASES[name], transformer=name == "flux") for name, folder in folders.items()]
+    transformers = ("flux", "chroma")
+    return [
+        Base(name, folder, BASES[name], transformer=name in transformers) for name, folder in folders.items()
+    ]
 
 
 def run(args: argparse.Namespace, work: Path) -> Report:
@@ -246,7 +258,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, the embedded model, 2 steps")
     parser.add_argument(
-        "--bases", nargs="+", choices=list(BASES), default=None, help="default: sd15 sdxl flux"
+        "--bases", nargs="+", choices=list(BASES), default=None, help="default: sd15 sdxl flux chroma"
     )
     parser.add_argument("--compile", action="store_true", help="the fast settings also use --compile")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 12; dry run 2)")
@@ -260,7 +272,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     dry = args.dry_run
     args.bases = args.bases or (["sd15"] if dry else list(BASES))  # the dry run's default: the tiny SD alone
-    args.swap_limit = 3 if dry else SWAP  # the tiny Flux has 4 blocks
+    args.swap_limit = 3 if dry else SWAP  # the tiny Flux (and the tiny Chroma) have 4 blocks
     args.steps = args.steps or (2 if dry else 12 + 4 * args.compile)  # compiling makes the first steps slow
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 4 + 4 * args.compile)
     args.gen_steps = args.gen_steps or (2 if dry else 20)

@@ -171,28 +171,32 @@ def unet_flops(
 def transformer_flops(
     model_dir: Path, resolution: int, *, rank: int, targets: Sequence[str], backward: bool = True
 ) -> int:
-    """`unet_flops` for a Flux transformer: one batch-1 pass over the packed latents (2x2 latent pixels per
-    token) and T5's full padded length, with dev's guidance input, counted on the meta device."""
+    """`unet_flops` for a Flux-style transformer (Flux.1, Chroma): one batch-1 pass over the packed latents
+    (2x2 latent pixels per token) and T5's full padded length, with the pooled CLIP input and dev's guidance
+    input where the model takes them (Chroma takes neither), counted on the meta device."""
+    import diffusers
     import torch
-    from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = FluxTransformer2DModel.load_config(model_dir / "transformer")
-    t5 = json.loads((model_dir / "tokenizer_2" / "tokenizer_config.json").read_text())["model_max_length"]
+    config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    model_class = getattr(diffusers, config["_class_name"])
+    t5_folder = "tokenizer_2" if (model_dir / "tokenizer_2").is_dir() else "tokenizer"  # Chroma: T5 alone
+    t5 = json.loads((model_dir / t5_folder / "tokenizer_config.json").read_text())["model_max_length"]
     tokens = (resolution // _vae_step(model_dir) // 2) ** 2
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config).requires_grad_(False)
+        model = model_class.from_config(config).requires_grad_(False)
         model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
         inputs = {
             "hidden_states": torch.randn(1, tokens, config["in_channels"]),
             "encoder_hidden_states": torch.randn(1, t5, config["joint_attention_dim"]),
-            "pooled_projections": torch.randn(1, config["pooled_projection_dim"]),
             "timestep": torch.tensor([0.5]),
-            "guidance": torch.tensor([1.0]) if config.get("guidance_embeds") else None,
             "img_ids": torch.zeros(tokens, 3),
             "txt_ids": torch.zeros(t5, 3),
         }
+        if "pooled_projection_dim" in config:
+            inputs["pooled_projections"] = torch.randn(1, config["pooled_projection_dim"])
+            inputs["guidance"] = torch.tensor([1.0]) if config.get("guidance_embeds") else None
         with FlopCounterMode(display=False) as counter:
             output = model(**inputs, return_dict=False)[0]
             if backward:

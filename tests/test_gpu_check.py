@@ -159,3 +159,22 @@ def test_the_flux_dry_run_trains_the_tiny_flux_and_refuses_the_swap_off_cuda(gpu
             and row["step_flops"] > row["forward_flops"] > 0
         )
     assert figures["generate"][0]["status"] == "ok" and figures["generate"][0]["fused_seconds"] > 0
+
+
+def test_the_chroma_dry_run_trains_a_tiny_chroma_with_the_flux_rows(gpu_check, tmp_path) -> None:
+    """Chroma's rows are Flux's (the same transformer settings), on a tiny Chroma built from the tiny Flux's
+    parts: bf16 (float32 on the CPU) and fp8 + checkpointing train, the swap row is refused off CUDA, and
+    generation composes the first two adapters."""
+    code = gpu_check.main(["--dry-run", "--bases", "chroma", "--json", str(tmp_path / "figures.json")])
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    rows = [(r["model"], r["px"], r["settings"], r["status"]) for r in figures["train"]]
+    refusal = "failed: ConfigError: --blocks-to-swap needs a CUDA GPU (it moves blocks into GPU memory); leave it out here."
+    assert rows == [
+        ("tiny-chroma", 64, "fp32", "ok"),
+        ("tiny-chroma", 64, "fp8, checkpointing", "ok"),
+        ("tiny-chroma", 64, "fp8, checkpointing, swap 3", refusal),
+    ]
+    assert code == 1
+    for row in figures["train"][:2]:
+        assert row["step_seconds"] > 0 and row["step_flops"] > row["forward_flops"] > 0
+    assert figures["generate"][0]["status"] == "ok" and figures["generate"][0]["fused_seconds"] > 0

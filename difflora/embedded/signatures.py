@@ -25,7 +25,7 @@ from PIL import Image
 
 from difflora.embedded.shapes import COLOUR_HUES, STYLE_PERIOD
 
-CHROMA_MIN = 70.0  # of 255; foreground colours are drawn with chroma >= ~160
+COLOURFULNESS_MIN = 70.0  # of 255; foreground colours are drawn with chroma >= ~160
 STRIPE_THRESHOLD = 0.2
 CROSS_THRESHOLD = 0.7
 SQUARE_MIN_FILL = 0.89  # midpoint of square 1.0 and circle 0.785
@@ -62,8 +62,8 @@ def _close_vertical(mask: np.ndarray, radius: int = STYLE_PERIOD // 4) -> np.nda
 def foreground_mask(img: Image.Image | np.ndarray) -> np.ndarray:
     """Boolean [H, W]: saturated (coloured) pixels, gaps from dark stripe rows closed."""
     arr = as_array(img)
-    chroma = arr.max(axis=-1) - arr.min(axis=-1)
-    return _close_vertical(chroma > CHROMA_MIN)
+    colourfulness = arr.max(axis=-1) - arr.min(axis=-1)
+    return _close_vertical(colourfulness > COLOURFULNESS_MIN)
 
 
 def largest_blob(mask: np.ndarray) -> np.ndarray:
@@ -93,7 +93,7 @@ def largest_blob(mask: np.ndarray) -> np.ndarray:
 def dominant_colour(img: Image.Image | np.ndarray) -> str | None:
     """Name of the colour (nearest hue centre) most foreground pixels have; None without foreground."""
     arr = as_array(img)
-    mask = (arr.max(axis=-1) - arr.min(axis=-1)) > CHROMA_MIN
+    mask = (arr.max(axis=-1) - arr.min(axis=-1)) > COLOURFULNESS_MIN
     if mask.sum() < MIN_BLOB_PIXELS:
         return None
     px = arr[mask] / 255.0

@@ -52,6 +52,14 @@ TOP_LEVEL: tuple[tuple[str, str, bool], ...] = (
     ("final_layer.linear", "proj_out", False),
     ("final_layer.adaLN_modulation.1", "norm_out.linear", True),
 )
+# A Flux derivative's distilled modulation (Chroma's approximator, `distilled_guidance_layer`), in place of
+# the per-block modulation: (original path below the root, diffusers path below it), N: its layer index.
+APPROXIMATOR_ROOT = "distilled_guidance_layer"
+APPROXIMATOR_LAYER: tuple[tuple[str, str], ...] = (("in_layer", "linear_1"), ("out_layer", "linear_2"))
+APPROXIMATOR_TOP: tuple[str, ...] = ("in_proj", "out_proj")
+BFL_NAMES_ONLY: tuple[str, ...] = (APPROXIMATOR_ROOT + ".",)
+"""Layers ComfyUI maps by their original names only: its `flux_to_diffusers` (which gives the
+`transformer.<diffusers path>` names of Flux and its derivatives) knows no approximator."""
 BFL_ROOTS = (
     "double_blocks",
     "single_blocks",
@@ -61,6 +69,7 @@ BFL_ROOTS = (
     "vector_in",
     "guidance_in",
     "final_layer",
+    APPROXIMATOR_ROOT,
 )
 _BLOCKS = (
     ("double_blocks", "transformer_blocks", DOUBLE_BLOCK),
@@ -87,7 +96,17 @@ def bfl_layers(component: str, modules: Mapping[str, ModuleInfo]) -> list[FusedL
             swap=swap,
         )
         layers += [layer] if layer else []
-    return layers
+    return layers + _approximator_layers(component, modules)
+
+
+def _approximator_layers(component: str, modules: Mapping[str, ModuleInfo]) -> list[FusedLayer]:
+    """The approximator's Linears where the tree has them (renamed one to one, nothing fused)."""
+    root = APPROXIMATOR_ROOT
+    pairs = [(f"{root}.{name}", f"{root}.{name}") for name in APPROXIMATOR_TOP]
+    for index in _block_indices(f"{root}.layers", modules):
+        pairs += [(f"{root}.layers.{index}.{o}", f"{root}.layers.{index}.{d}") for o, d in APPROXIMATOR_LAYER]
+    found = [_layer(component, original, (path,), modules, swap=False) for original, path in pairs]
+    return [layer for layer in found if layer]
 
 
 def _block_indices(root: str, modules: Mapping[str, ModuleInfo]) -> list[int]:

@@ -105,10 +105,10 @@ def to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     hidden = source["img_in.weight"].shape[0]
     _rename(source, out, "", "", _TOP)
-    shift, scale = source.pop("final_layer.adaLN_modulation.1.weight").chunk(2)
-    out["norm_out.linear.weight"] = torch.cat([scale, shift])
-    shift, scale = source.pop("final_layer.adaLN_modulation.1.bias").chunk(2)
-    out["norm_out.linear.bias"] = torch.cat([scale, shift])
+    for suffix in ("weight", "bias"):  # absent where the modulation is pruned (a distilled approximator)
+        if f"final_layer.adaLN_modulation.1.{suffix}" in source:
+            shift, scale = source.pop(f"final_layer.adaLN_modulation.1.{suffix}").chunk(2)
+            out[f"norm_out.linear.{suffix}"] = torch.cat([scale, shift])
     for i in range(block_count(state, "double_blocks")):
         old, new = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         _rename(source, out, old, new, _DOUBLE)

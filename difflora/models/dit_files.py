@@ -85,6 +85,11 @@ def _parts(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Each component's tensors (prefix removed): from its own file when given, else from the main file."""
     given = files.given()
+    unused = [option for option in given if option not in family.part_options.values()]
+    if unused:
+        raise ModelError(
+            f"--{unused[0].replace('_', '-')}: {family.label} models have no such component; leave it out."
+        )
     found = {}
     for component, prefixes in family.single_file_parts.items():
         option = family.part_options[component]

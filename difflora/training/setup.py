@@ -112,6 +112,11 @@ def load_models(
     # After the identity (the adapter's base hash is the unquantized weights'), before LoRA wraps the layers.
     # Trained text encoders too: their LoRA layers sit on the quantized Linear layers as the UNet's do.
     family = identity.model_family
+    if train_text_encoder and not family.trainable_text_encoders:  # else the flag would do nothing
+        raise ConfigError(
+            f"--train-text-encoder: {family.label} models have no text encoder difflora trains "
+            f"({', '.join(family.text_encoders)} stays frozen, its output cached); leave it out."
+        )
     denoiser = family.denoiser_of(pipe)
     frozen = {family.denoiser: denoiser, **{name: getattr(pipe, name) for name in encoders}}
     quantized = (

@@ -9,6 +9,7 @@ from functools import cache
 import torch
 
 from difflora.formats.consumers.rules import CLIP_SUFFIXES, Verdict, te_layer_names
+from difflora.formats.flux_names import BFL_NAMES_ONLY
 from difflora.formats.naming import NameTable, flat, reference_table
 from difflora.models.families import family as model_family
 
@@ -48,6 +49,8 @@ def _layout_names(table: NameTable) -> set[str]:
         names.update({kohya_name, f"diffusion_model.{layer.name}"})
         if layer.name.endswith(".linear1"):
             names.add(f"{layer.name}_qkv")
+        if layer.name.startswith(BFL_NAMES_ONLY):
+            continue
         for part in layer.parts:
             component, _, path = part.key.partition(".")
             names.update({part.key, f"lycoris_{flat(path)}", f"lora_{component}_{flat(path)}"})

@@ -49,6 +49,7 @@ FLUX_MLP: tuple[str, ...] = (
 # What BFL's single files hold, with or without ComfyUI's `model.diffusion_model.` prefix.
 BFL_PREFIX = "model.diffusion_model."
 BFL_DOUBLE, BFL_SINGLE, BFL_GUIDANCE = "double_blocks.", "single_blocks.", "guidance_in."
+BFL_DISTILLED = ("distilled_guidance_layer.", BFL_PREFIX + "distilled_guidance_layer.")
 T5_MAX_TOKENS = 512  # FluxPipeline's default and upper bound of max_sequence_length
 
 
@@ -104,8 +105,9 @@ class Flux(ModelFamily):
     single_file_encoders: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5"}
 
     def matches_model(self, unet: Mapping[str, Any], *, embedded: bool) -> bool:
-        """A FluxTransformer2DModel config (any width or depth) with or without the guidance input."""
-        is_flux = "joint_attention_dim" in unet and "num_single_layers" in unet
+        """A FluxTransformer2DModel config (any width or depth) with or without the guidance input; CLIP's
+        pooled projection tells it from a Flux derivative that dropped it (Chroma)."""
+        is_flux = {"joint_attention_dim", "num_single_layers", "pooled_projection_dim"} <= set(unet)
         return is_flux and bool(unet.get("guidance_embeds")) == self.guidance_embeds
 
     def matches_transformer_keys(self, keys: Collection[str]) -> bool:
@@ -114,8 +116,10 @@ class Flux(ModelFamily):
         return guided == self.guidance_embeds
 
     def matches_transformer_file(self, keys: Collection[str]) -> bool:
-        """Whether a single file holds a BFL transformer (its double blocks, with or without the prefix)."""
-        return any(key.startswith((BFL_DOUBLE, BFL_PREFIX + BFL_DOUBLE)) for key in keys)
+        """Whether a single file holds a BFL transformer (its double blocks, with or without the prefix) with
+        Flux's per-block modulation: a file with a distilled approximator instead is a Flux derivative's."""
+        blocks = any(key.startswith((BFL_DOUBLE, BFL_PREFIX + BFL_DOUBLE)) for key in keys)
+        return blocks and not any(key.startswith(BFL_DISTILLED) for key in keys)
 
     def missing_transformer_keys(self, keys: Collection[str]) -> list[str]:
         from difflora.models.bfl_file import REQUIRED, strip_prefix
