@@ -11,6 +11,7 @@ from difflora.errors import ModelError
 from difflora.models.families.base import ModelFamily
 from difflora.models.families.custom import Custom
 from difflora.models.families.flux import Flux, FluxSchnell
+from difflora.models.families.qwen_image import QwenImage
 from difflora.models.families.sd1 import SD1
 from difflora.models.families.sd2 import SD2
 from difflora.models.families.sd3 import SD3, SD35Medium
@@ -18,7 +19,8 @@ from difflora.models.families.sdxl import SDXL
 from difflora.models.families.tiny import Tiny
 
 _REGISTRY: dict[str, ModelFamily] = {
-    f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), FluxSchnell(), SD3(), SD35Medium(), Tiny(), Custom())
+    f.name: f
+    for f in (SD1(), SD2(), SDXL(), Flux(), FluxSchnell(), SD3(), SD35Medium(), QwenImage(), Tiny(), Custom())
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)

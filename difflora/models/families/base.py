@@ -77,6 +77,9 @@ class ModelFamily:
     single_file_encoders: ClassVar[dict[str, str]] = {}
     """How each text encoder of a transformer single file is built (`difflora.models.dit_files`): `clip`
     (CLIPTextModel), `clip-projection` (CLIPTextModelWithProjection, its `text_projection` kept) or `t5`."""
+    single_file_vae: ClassVar[str] = "ldm"
+    """The layout of its autoencoder's single file: `ldm` (the original AutoencoderKL layout) or `wan` (Wan
+    2.1's causal video autoencoder, Qwen-Image's: `difflora.models.qwen_files`)."""
     checkpoint_layout: ClassVar[str] = "ldm"
     """The single-file layout its checkpoints come in: `ldm` (SD's original layout, told apart by
     `matches_checkpoint`) or `bfl` (Black Forest Labs' transformer file, by `matches_transformer_keys`)."""
@@ -204,6 +207,11 @@ class ModelFamily:
 
     def tokenizer_file(self, name: str) -> Path | None:
         """A `tokenizer.json` that builds tokenizer `name` (None: a CLIP tokenizer from the shared vocabulary)."""
+        return None
+
+    def own_tokenizer(self, name: str) -> Any | None:
+        """Tokenizer `name` built from the family's shipped files where neither CLIP's shared vocabulary nor
+        a T5 `tokenizer_file` builds it (Qwen2's BPE); None: those do."""
         return None
 
     def matches_transformer_file(self, keys: Any) -> bool:
