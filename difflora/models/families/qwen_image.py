@@ -149,6 +149,9 @@ class QwenImage(ModelFamily):
             found |= {"negative_prompt_embeds": negative, "negative_prompt_embeds_mask": negative_mask}
         return found
 
+    def latent_encoder(self, vae: Any) -> Any:
+        return FrameLatents(vae)
+
     def own_tokenizer(self, name: str) -> Any | None:
         """Qwen2.5-VL's byte-level BPE, shipped in tokenizer/ (`scripts/build_qwen_tokenizer.py`)."""
         if name != "tokenizer":
@@ -165,6 +168,10 @@ class QwenImage(ModelFamily):
     def native_pixels(self, pipe: Any) -> int:
         """QwenImagePipeline's own default: 128 latent pixels of the 8x autoencoder."""
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def vae_factor(self, vae_config: Mapping[str, Any]) -> int:
+        """The pipeline's: 2 per temporal-downsampling level of the causal autoencoder (8)."""
+        return int(2 ** len(vae_config["temperal_downsample"]))
 
     def denoiser_downsamplings(self, denoiser_config: Mapping[str, Any]) -> int:
         """Once: 2x2 latent pixels are packed into one token."""
@@ -186,6 +193,39 @@ class QwenImage(ModelFamily):
     modelspec_implementation = "https://github.com/QwenLM/Qwen-Image"
     consumers = ("comfyui", "diffusers")
     diffusers_converts_kohya = False  # QwenImageLoraLoaderMixin converts some trainers' names; see FORMATS
+
+
+class FrameLatents:
+    """Qwen-Image's video autoencoder as training encodes images with it: each image one frame ([B, 3, 1, H,
+    W] in), the latents of that frame normalised per channel, (x - mean_c) / std_c, which is exactly what
+    `QwenImagePipeline` undoes before decoding (x / (1 / std_c) + mean_c); hence scaling 1 and no shift. The
+    posterior stays Gaussian under that affine map: mean' = (mean - mean_c) / std_c, std' = std / std_c."""
+
+    def __init__(self, vae: Any) -> None:
+        from diffusers.configuration_utils import FrozenDict
+
+        self.vae = vae
+        self.config = FrozenDict(scaling_factor=1.0, shift_factor=0.0)
+
+    @property
+    def dtype(self) -> Any:
+        return self.vae.dtype
+
+    def parameters(self) -> Any:
+        return self.vae.parameters()
+
+    def encode(self, pixels: torch.Tensor) -> Any:
+        import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        posterior = self.vae.encode(pixels[:, :, None]).latent_dist
+        shape = (1, int(self.vae.config.z_dim), 1, 1)
+        mean_c = torch.tensor(self.vae.config.latents_mean).view(shape).to(posterior.mean)
+        std_c = torch.tensor(self.vae.config.latents_std).view(shape).to(posterior.mean)
+        mean = (posterior.mean[:, :, 0] - mean_c) / std_c
+        logvar = posterior.logvar[:, :, 0] - 2 * torch.log(std_c)
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)))
 
 
 class QwenConditioning(TextConditioning):
