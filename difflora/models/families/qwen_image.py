@@ -131,7 +131,10 @@ class QwenImage(ModelFamily):
             raise ConfigError(
                 f"--max-sequence-length {tokens}: Qwen-Image reads 1 to {TOKENIZER_MAX} tokens."
             )
-        return {"true_cfg_scale": scale, "max_sequence_length": tokens}
+        arguments: dict[str, Any] = {"true_cfg_scale": scale, "max_sequence_length": tokens}
+        if scale > 1 and not negative_prompt:  # the pipeline runs true CFG only with a negative prompt
+            arguments["negative_prompt"] = " " if images == 1 else [" "] * images  # Qwen-Image's examples' " "
+        return arguments
 
     def prompt_embeddings(
         self, pipe: Any, prompt: str, negative_prompt: str, options: Mapping[str, Any]
@@ -192,7 +195,9 @@ class QwenImage(ModelFamily):
     modelspec_prefixes = ("qwen-image",)
     modelspec_implementation = "https://github.com/QwenLM/Qwen-Image"
     consumers = ("comfyui", "diffusers")
-    diffusers_converts_kohya = False  # QwenImageLoraLoaderMixin converts some trainers' names; see FORMATS
+    # QwenImageLoraLoaderMixin converts `lora_unet_` / `diffusion_model.` names back to diffusers paths
+    # (`_convert_non_diffusers_qwen_lora_to_diffusers`), every Linear of the transformer.
+    diffusers_converts_kohya = True
 
 
 class FrameLatents:
