@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_support import random_base
+from bench_support import random_base, tiny_qwen_image
 from gpu_check_support import (
     GenerateRow,
     Report,
@@ -52,7 +52,8 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # Flux's attention preset (difflora.models.families.flux): both streams' projections in the double blocks
 FLUX_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 RANK = 16
-BASES = {"sd15": 512, "sdxl": 1024, "flux": 1024}  # base -> the resolution it is trained and sampled at
+BASES = {"sd15": 512, "sdxl": 1024, "flux": 1024, "qwen-image": 1024}  # base -> its training/sampling px
+TRANSFORMERS = ("flux", "qwen-image")  # the bases whose denoiser is a transformer (bf16, fp8, block swap)
 SWAP = 18  # Flux.1's blocks in CPU memory in the swap row: kohya's low-memory Flux settings swap 18 for 12 GB
 PROMPT = "a red circle on a white background"
 
@@ -212,16 +213,21 @@ def bases_of(args: argparse.Namespace, work: Path) -> list[Base]:
     if args.dry_run:
         from difflora.embedded import EMBEDDED_MODEL_DIR
 
-        tiny = {"flux": Base("tiny-flux", EMBEDDED_MODEL_DIR.parent / "flux", 64, transformer=True)}
-        return list({tiny.get(name, Base("embedded", None, 64)): None for name in args.bases})
+        tiny = {"flux": lambda: Base("tiny-flux", EMBEDDED_MODEL_DIR.parent / "flux", 64, transformer=True)}
+        tiny["qwen-image"] = lambda: Base("tiny-qwen-image", tiny_qwen_image(work / "models"), 64, True)
+        embedded = Base("embedded", None, 64)
+        return list({tiny[name]() if name in tiny else embedded: None for name in args.bases})
     import torch
 
     models = Path(args.models_dir or work / "models")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"flux": torch.bfloat16}  # Flux's published weights are bf16 (fp16 overflows in its blocks)
+    # Flux's and Qwen-Image's published weights are bf16 (fp16 overflows in their blocks)
+    dtype = {"flux": torch.bfloat16, "qwen-image": torch.bfloat16}
     kinds = {name: dtype.get(name, torch.float16) for name in args.bases}
     folders = {name: random_base(name, models, dtype=kind, device=device) for name, kind in kinds.items()}
-    return [Base(name, folder, BASES[name], transformer=name == "flux") for name, folder in folders.items()]
+    return [
+        Base(name, folder, BASES[name], transformer=name in TRANSFORMERS) for name, folder in folders.items()
+    ]
 
 
 def run(args: argparse.Namespace, work: Path) -> Report:

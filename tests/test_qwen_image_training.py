@@ -13,18 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from difflora.adapter.names import adaptable_modules
 from difflora.composition.composer import Composer
+from difflora.config.generate import GenerateConfig
 from difflora.config.spec import parse_adapter_weights
 from difflora.config.train import TrainConfig
+from difflora.generation.generate import generate
 from difflora.generation.pipeline import render
 from difflora.models.families import family
 from difflora.models.loading import load_pipeline
 from difflora.training.trainer import train
 from tests.support.adapters import read_file_deltas
 from tests.support.paths import SAMPLE_DATA
-from tests.support.qwen_image import tiny_qwen_pipeline
+from tests.support.qwen_image import tiny_qwen_pipeline, write_qwen_files
 
 pytestmark = pytest.mark.slow  # end-to-end: a training run and pipeline renders
 
@@ -138,3 +141,60 @@ def test_the_trained_adapter_composes_exactly_and_returns_to_base(workspace, ada
     for name, module in adaptable_modules(transformer).items():
         assert torch.equal(module.weight, base[name]), name
     assert np.array_equal(np.asarray(render(pipe, [PROMPT], seeds=[1], steps=2)[0]), image)
+
+
+def test_without_a_negative_prompt_true_cfg_runs_on_qwens_blank_one(workspace):
+    """The default true CFG (4.0) runs, as Qwen-Image's own examples run it, on the negative prompt " "."""
+    from diffusers import QwenImagePipeline
+
+    pipe = load_pipeline(workspace / "model")
+    (image,) = render(pipe, [PROMPT], seeds=[2], steps=2)
+    reference = QwenImagePipeline.from_pretrained(workspace / "model")
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        PROMPT,
+        negative_prompt=" ",
+        num_inference_steps=2,
+        true_cfg_scale=4.0,
+        height=64,
+        width=64,
+        max_sequence_length=TOKENS,
+        generator=torch.Generator("cpu").manual_seed(2),
+    ).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_comfyui_single_files_train_and_generate(workspace, tmp_path):
+    """ComfyUI's transformer file with its Qwen2.5-VL and VAE files (`--text-encoder`, `--vae`) through the
+    same config fields the CLI fills: 1 step, then a render with the adapter at weight 1 that differs from
+    the base's."""
+    paths = write_qwen_files(load_pipeline(workspace / "model"), tmp_path / "files")
+    files = {"text_encoder": str(paths["text_encoder"]), "vae": str(paths["vae"])}
+    config = TrainConfig(
+        data_dir=str(workspace / "style"),
+        model=str(paths["transformer"]),
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        batch_size=1,
+        resolution=32,
+        sample_every=0,
+        grad_log_every=0,
+        rank=4,
+        learning_rate=5e-2,
+        seed=3,
+        num_threads=2,
+        **files,
+    )
+    trained = train(config, progress=False)
+    expected = {f"transformer.transformer_blocks.{b}.attn.{n}" for b in (0, 1) for n in ATTENTION}
+    assert set(read_file_deltas(trained)) == expected
+    # 2 steps: with one, the scheduler's stretch to shift_terminal divides 0 by 0 (diffusers' own NaN)
+    common = {"prompt": PROMPT, "model": str(paths["transformer"]), "steps": 2, "width": 32, "height": 32}
+    common |= {"seed": 1, **files}
+    (base,) = generate(GenerateConfig(**common, out=str(tmp_path / "base")))
+    (adapted,) = generate(
+        GenerateConfig(
+            **common, adapters=("style",), adapter_dir=(str(trained.parent),), out=str(tmp_path / "lora")
+        )
+    )
+    assert not np.array_equal(np.asarray(Image.open(base)), np.asarray(Image.open(adapted)))

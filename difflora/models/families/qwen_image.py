@@ -133,7 +133,9 @@ class QwenImage(ModelFamily):
             )
         arguments: dict[str, Any] = {"true_cfg_scale": scale, "max_sequence_length": tokens}
         if scale > 1 and not negative_prompt:  # the pipeline runs true CFG only with a negative prompt
-            arguments["negative_prompt"] = " " if images == 1 else [" "] * images  # Qwen-Image's examples' " "
+            arguments["negative_prompt"] = (
+                " " if images == 1 else [" "] * images
+            )  # Qwen-Image's examples' " "
         return arguments
 
     def prompt_embeddings(
