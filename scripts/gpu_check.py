@@ -1,7 +1,7 @@
 """difflora at full size on a CUDA GPU: SD 1.5 at 512 px and SDXL at 1024 px, each trained with the README's
 low-memory settings and with fast settings, and Flux.1 dev at 1024 px in bf16, with an fp8 base and
 gradient checkpointing, and with blocks swapped (`--blocks-to-swap`), then generating with two adapters
-composed.
+composed; Qwen-Image at 1024 px with Flux's three settings (`--bases qwen-image`).
 
 The bases are random weights built from the shipped configs (difflora/models/architectures/), written once
 as diffusers folders under --models-dir; batch 1, LoRA rank 16 on the attention projections. Per training
@@ -18,6 +18,7 @@ with 1 when any configuration failed, after reporting the others.
     python scripts/gpu_check.py --dry-run   # the same code on the CPU, the tiny embedded model, 2 steps
     python scripts/gpu_check.py --dry-run --bases flux   # the Flux rows on the tiny Flux (no CUDA: the
                                                           # swap row reports the flag's refusal and fails)
+    python scripts/gpu_check.py --bases qwen-image   # Qwen-Image at 1024 px (its own run: ~57 GB of weights)
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ FLUX_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_
 RANK = 16
 BASES = {"sd15": 512, "sdxl": 1024, "flux": 1024, "qwen-image": 1024}  # base -> its training/sampling px
 TRANSFORMERS = ("flux", "qwen-image")  # the bases whose denoiser is a transformer (bf16, fp8, block swap)
+# Run by default; Qwen-Image (20.4 B + 8.3 B random bf16 weights, ~57 GB on disk) runs alone: --bases qwen-image
+DEFAULT_BASES = ("sd15", "sdxl", "flux")
 SWAP = 18  # Flux.1's blocks in CPU memory in the swap row: kohya's low-memory Flux settings swap 18 for 12 GB
 PROMPT = "a red circle on a white background"
 
@@ -252,7 +255,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, the embedded model, 2 steps")
     parser.add_argument(
-        "--bases", nargs="+", choices=list(BASES), default=None, help="default: sd15 sdxl flux"
+        "--bases",
+        nargs="+",
+        choices=list(BASES),
+        default=None,
+        help="default: sd15 sdxl flux (qwen-image alone)",
     )
     parser.add_argument("--compile", action="store_true", help="the fast settings also use --compile")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 12; dry run 2)")
@@ -265,7 +272,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the raw figures here")
     args = parser.parse_args(argv)
     dry = args.dry_run
-    args.bases = args.bases or (["sd15"] if dry else list(BASES))  # the dry run's default: the tiny SD alone
+    args.bases = args.bases or (
+        ["sd15"] if dry else list(DEFAULT_BASES)
+    )  # the dry run's default: the tiny SD alone
     args.swap_limit = 3 if dry else SWAP  # the tiny Flux has 4 blocks
     args.steps = args.steps or (2 if dry else 12 + 4 * args.compile)  # compiling makes the first steps slow
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 4 + 4 * args.compile)

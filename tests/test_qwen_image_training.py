@@ -198,3 +198,18 @@ def test_comfyui_single_files_train_and_generate(workspace, tmp_path):
         )
     )
     assert not np.array_equal(np.asarray(Image.open(base)), np.asarray(Image.open(adapted)))
+
+
+def test_training_the_text_encoder_is_refused_in_one_line(workspace, tmp_path):
+    from difflora.errors import ConfigError
+
+    config = TrainConfig(
+        data_dir=str(workspace / "style"),
+        model=str(workspace / "model"),
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        resolution=32,
+        train_text_encoder=True,
+    )
+    with pytest.raises(ConfigError, match="^--train-text-encoder: Qwen-Image models train no text encoder"):
+        train(config, progress=False)

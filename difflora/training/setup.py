@@ -112,6 +112,8 @@ def load_models(
     # After the identity (the adapter's base hash is the unquantized weights'), before LoRA wraps the layers.
     # Trained text encoders too: their LoRA layers sit on the quantized Linear layers as the UNet's do.
     family = identity.model_family
+    if train_text_encoder and not family.trainable_text_encoders:  # Qwen-Image's 7 B encoder: none
+        raise ConfigError(f"--train-text-encoder: {family.label} models train no text encoder; leave it out.")
     denoiser = family.denoiser_of(pipe)
     frozen = {family.denoiser: denoiser, **{name: getattr(pipe, name) for name in encoders}}
     quantized = (
