@@ -185,3 +185,33 @@ def test_the_kohya_metadata_states_the_family_and_reads_back(pipe, model):
     metadata = json.loads(data[8 : 8 + length])["__metadata__"]
     assert metadata["modelspec.architecture"] == "qwen-image/lora"
     assert family_from_metadata(metadata) == FAMILY
+
+
+def test_a_full_size_attention_export_is_placed_by_comfyuis_and_diffusers_rules():
+    """At full size (the shipped configs, meta device): a rank-1 LoRA on every attention projection of the 60
+    blocks exports under names ComfyUI's QwenImage key map holds (restated from the model's own weights),
+    and both consumers' rules load every key."""
+    from difflora.formats.reference import reference_model, reference_modules
+
+    modules = reference_modules(FAMILY, "transformer")
+    attention = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    chosen = [path for path in modules if path.startswith("transformer_blocks.") and path.endswith(attention)]
+    assert len(chosen) == 60 * 8
+    adapter = Adapter(
+        modules={
+            f"transformer.{path}": LoraWeights(
+                down=torch.ones(1, modules[path].in_features),
+                up=torch.ones(modules[path].out_features, 1),
+                alpha=1.0,
+            )
+            for path in chosen
+        },
+        meta=AdapterMeta(name="qwen-full", base_family=FAMILY),
+    )
+    tensors = load_safetensors_bytes(export_bytes(adapter, "comfyui", torch.float16))
+    weights = [k.removesuffix(".weight") for k in reference_model(FAMILY, "transformer").state_dict()]
+    comfy = {f"lora_unet_{k.replace('.', '_')}" for k in weights if k}
+    assert {key.split(".")[0] for key in tensors} == {f"lora_unet_{p.replace('.', '_')}" for p in chosen}
+    assert {key.split(".")[0] for key in tensors} <= comfy
+    for verdict in verdicts(list(tensors), {}, FAMILY):
+        assert verdict.complete and verdict.loaded == len(tensors) == 3 * 480, verdict.summary()
