@@ -171,6 +171,21 @@ def test_single_file_without_text_encoder_says_which_flag(pipe, tmp_path: Path) 
         load_pipeline(paths["transformer"], files=ComponentFiles(vae=str(paths["vae"])))
 
 
+def test_a_text_encoder_file_without_its_vision_tower_is_refused_in_one_line(pipe, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from tests.support.qwen_image import comfy_text_encoder_state
+
+    paths = write_qwen_files(pipe, tmp_path)
+    text_only = {
+        k: v for k, v in comfy_text_encoder_state(pipe.text_encoder).items() if k.startswith("model.")
+    }
+    save_file(text_only, str(tmp_path / "text_only.safetensors"))
+    files = ComponentFiles(text_encoder=str(tmp_path / "text_only.safetensors"), vae=str(paths["vae"]))
+    with pytest.raises(ModelError, match="^the text encoder file has no vision tower"):
+        load_pipeline(paths["transformer"], files=files)
+
+
 def test_loads_a_diffusers_folder(pipe, tmp_path: Path) -> None:
     pipe.save_pretrained(tmp_path / "model")
     loaded = load_pipeline(tmp_path / "model")

@@ -108,6 +108,11 @@ def _encoder_config(state: Mapping[str, torch.Tensor], shipped: Mapping[str, Any
         "num_key_value_heads": keys[layer + "self_attn.k_proj.weight"].shape[0] // TEXT_HEAD_WIDTH,
     }
     text["max_window_layers"] = text["num_hidden_layers"]
+    if "model.visual.patch_embed.proj.weight" not in keys:
+        raise ModelError(
+            "the text encoder file has no vision tower (visual.*): pass the whole Qwen2.5-VL file "
+            "(ComfyUI's qwen_2.5_vl_7b.safetensors)."
+        )
     depth = _count(keys, "model.visual.blocks.")
     width = keys["model.visual.patch_embed.proj.weight"].shape[0]
     vision = dict(shipped["vision_config"]) | {
