@@ -111,6 +111,7 @@ def test_kohya_export_names_every_module_as_comfyui_maps_it(pipe, model):
     assert diffusers.consumer == "diffusers" and diffusers.complete, diffusers.summary()
 
 
+@pytest.mark.slow  # diffusers' own loader and fuse: 12-35 s on a shared CPU
 def test_diffusers_itself_loads_the_kohya_export_as_w0_plus_the_update(pipe, model, tmp_path):
     """QwenImageLoraLoaderMixin converts musubi-tuner / kohya names: every module lands with its ΔW."""
     path = tmp_path / "kohya.safetensors"
@@ -154,6 +155,7 @@ def _diffusers_updates(pipe, path) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow  # diffusers' own loader and fuse: 12-35 s on a shared CPU
 def test_the_diffusers_layout_export_loads_in_diffusers_as_w0_plus_the_update(pipe, model, tmp_path):
     path = tmp_path / "exported.safetensors"
     path.write_bytes(export_bytes(_adapter(model), "diffusers", torch.float32))
@@ -161,6 +163,7 @@ def test_the_diffusers_layout_export_loads_in_diffusers_as_w0_plus_the_update(pi
         assert torch.allclose(delta, _peft_deltas(model)[key], rtol=1e-4, atol=1e-5), key
 
 
+@pytest.mark.slow  # diffusers' own loader and fuse: 12-35 s on a shared CPU
 def test_a_diffusers_saved_lora_reads_as_diffusers_loads_it(pipe, model, tmp_path):
     """What diffusers' `save_lora_weights` writes for Qwen-Image (the reference script saves through it)."""
     from diffusers import QwenImagePipeline
