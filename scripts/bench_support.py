@@ -13,7 +13,8 @@ BASES = {
     "sdxl": "sdxl",
     "flux": "flux",
     "chroma": "chroma",
-}  # script name -> family of the shipped configs
+    "qwen-image": "qwen-image",
+}  # name -> shipped configs
 _WEIGHTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -113,5 +114,62 @@ def tiny_chroma(models_dir: Path) -> Path:
     partial = folder.with_name(folder.name + ".partial")
     pipe.save_pretrained(partial)
     (partial / "difflora_defaults.json").write_text(json.dumps({"max_sequence_length": 32, "resolution": 64}))
+    partial.rename(folder)
+    return folder
+
+
+# The reduced Qwen-Image of the GPU check's dry run: its shipped configurations at reduced width and depth
+# (128-wide heads, the real vocabulary, rotary axes and autoencoder levels kept), as tests/support/qwen_image.py.
+_TINY_QWEN = {
+    "transformer": {"num_layers": 2, "num_attention_heads": 2, "joint_attention_dim": 256},
+    "text_config": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2},
+    "text_heads": {"num_attention_heads": 2, "num_key_value_heads": 1, "max_window_layers": 2},
+    "vision_config": {"depth": 1, "hidden_size": 160, "num_heads": 2, "intermediate_size": 64},
+    "vae": {"base_dim": 8},
+}
+
+
+def tiny_qwen_image(models_dir: Path) -> Path:
+    """A reduced random Qwen-Image as a diffusers folder (built once, then reused): what the GPU check's dry
+    run trains on the CPU in seconds."""
+    import diffusers
+    import torch
+    import transformers
+
+    from difflora.models.architecture import make_architecture
+    from difflora.models.single_file import base_scheduler, base_tokenizers
+
+    folder = models_dir / "qwen-image-tiny"
+    if (folder / "model_index.json").is_file():
+        return folder
+    architecture = make_architecture("qwen-image")
+    configs = architecture.config_dir
+    torch.manual_seed(0)
+    shipped = {
+        c: json.loads((configs / c / "config.json").read_text())
+        for c in ("transformer", "vae", "text_encoder")
+    }
+    transformer = diffusers.QwenImageTransformer2DModel.from_config(
+        shipped["transformer"] | _TINY_QWEN["transformer"]
+    )
+    vae = diffusers.AutoencoderKLQwenImage.from_config(shipped["vae"] | _TINY_QWEN["vae"])
+    encoder = shipped["text_encoder"]
+    text = encoder["text_config"] | _TINY_QWEN["text_config"] | _TINY_QWEN["text_heads"]
+    vision = (
+        encoder["vision_config"]
+        | _TINY_QWEN["vision_config"]
+        | {"out_hidden_size": 256, "fullatt_block_indexes": []}
+    )
+    settings = {k: v for k, v in encoder.items() if k not in ("architectures", "model_type")}
+    config = transformers.Qwen2_5_VLConfig(**settings | {"text_config": text, "vision_config": vision})
+    pipe = diffusers.QwenImagePipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=transformers.Qwen2_5_VLForConditionalGeneration(config),
+        scheduler=base_scheduler(architecture),
+        **base_tokenizers(architecture),
+    )
+    partial = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(partial)
     partial.rename(folder)
     return folder

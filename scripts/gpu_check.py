@@ -1,7 +1,7 @@
 """difflora at full size on a CUDA GPU: SD 1.5 at 512 px and SDXL at 1024 px, each trained with the README's
 low-memory settings and with fast settings, and Flux.1 dev and Chroma at 1024 px in bf16, with an fp8 base
 and gradient checkpointing, and with blocks swapped (`--blocks-to-swap`), then generating with two adapters
-composed.
+composed; Qwen-Image at 1024 px with Flux's three settings (`--bases qwen-image`).
 
 The bases are random weights built from the shipped configs (difflora/models/architectures/), written once
 as diffusers folders under --models-dir; batch 1, LoRA rank 16 on the attention projections. Per training
@@ -19,6 +19,7 @@ with 1 when any configuration failed, after reporting the others.
     python scripts/gpu_check.py --dry-run --bases flux   # the Flux rows on the tiny Flux (no CUDA: the
                                                           # swap row reports the flag's refusal and fails)
     python scripts/gpu_check.py --dry-run --bases chroma  # the same rows on a tiny Chroma built from it
+    python scripts/gpu_check.py --bases qwen-image   # Qwen-Image at 1024 px (its own run: ~57 GB of weights)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_support import random_base, tiny_chroma
+from bench_support import random_base, tiny_chroma, tiny_qwen_image
 from gpu_check_support import (
     GenerateRow,
     Report,
@@ -58,7 +59,15 @@ BASES = {
     "sdxl": 1024,
     "flux": 1024,
     "chroma": 1024,
-}  # base -> the resolution it is trained and sampled at
+    "qwen-image": 1024,
+}  # base -> training/sampling px
+TRANSFORMERS = (
+    "flux",
+    "chroma",
+    "qwen-image",
+)  # the bases whose denoiser is a transformer (bf16, fp8, block swap)
+# Run by default; Qwen-Image (20.4 B + 8.3 B random bf16 weights, ~57 GB on disk) runs alone: --bases qwen-image
+DEFAULT_BASES = ("sd15", "sdxl", "flux", "chroma")
 SWAP = 18  # Flux.1's blocks in CPU memory in the swap row: kohya's low-memory Flux settings swap 18 for 12 GB
 PROMPT = "a red circle on a white background"
 
@@ -218,21 +227,21 @@ def bases_of(args: argparse.Namespace, work: Path) -> list[Base]:
     if args.dry_run:
         from difflora.embedded import EMBEDDED_MODEL_DIR
 
-        tiny = {"flux": Base("tiny-flux", EMBEDDED_MODEL_DIR.parent / "flux", 64, transformer=True)}
-        if "chroma" in args.bases:  # no tiny Chroma is embedded: one built from the tiny Flux's parts
-            tiny["chroma"] = Base("tiny-chroma", tiny_chroma(work), 64, transformer=True)
-        return list({tiny.get(name, Base("embedded", None, 64)): None for name in args.bases})
+        tiny = {"flux": lambda: Base("tiny-flux", EMBEDDED_MODEL_DIR.parent / "flux", 64, transformer=True)}
+        # no tiny Chroma or Qwen-Image is embedded: each is built once (Chroma from the tiny Flux's parts)
+        tiny["chroma"] = lambda: Base("tiny-chroma", tiny_chroma(work), 64, transformer=True)
+        tiny["qwen-image"] = lambda: Base("tiny-qwen-image", tiny_qwen_image(work / "models"), 64, True)
+        embedded = Base("embedded", None, 64)
+        return list({tiny[name]() if name in tiny else embedded: None for name in args.bases})
     import torch
 
     models = Path(args.models_dir or work / "models")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Flux's and Chroma's published weights are bf16 (fp16 overflows in their blocks)
-    dtype = {"flux": torch.bfloat16, "chroma": torch.bfloat16}
-    kinds = {name: dtype.get(name, torch.float16) for name in args.bases}
+    # Flux's, Chroma's and Qwen-Image's published weights are bf16 (fp16 overflows in their blocks)
+    kinds = {name: torch.bfloat16 if name in TRANSFORMERS else torch.float16 for name in args.bases}
     folders = {name: random_base(name, models, dtype=kind, device=device) for name, kind in kinds.items()}
-    transformers = ("flux", "chroma")
     return [
-        Base(name, folder, BASES[name], transformer=name in transformers) for name, folder in folders.items()
+        Base(name, folder, BASES[name], transformer=name in TRANSFORMERS) for name, folder in folders.items()
     ]
 
 
@@ -258,7 +267,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, the embedded model, 2 steps")
     parser.add_argument(
-        "--bases", nargs="+", choices=list(BASES), default=None, help="default: sd15 sdxl flux chroma"
+        "--bases",
+        nargs="+",
+        choices=list(BASES),
+        default=None,
+        help="default: sd15 sdxl flux chroma (qwen-image alone)",
     )
     parser.add_argument("--compile", action="store_true", help="the fast settings also use --compile")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 12; dry run 2)")
@@ -271,7 +284,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the raw figures here")
     args = parser.parse_args(argv)
     dry = args.dry_run
-    args.bases = args.bases or (["sd15"] if dry else list(BASES))  # the dry run's default: the tiny SD alone
+    args.bases = args.bases or (
+        ["sd15"] if dry else list(DEFAULT_BASES)
+    )  # the dry run's default: the tiny SD alone
     args.swap_limit = 3 if dry else SWAP  # the tiny Flux (and the tiny Chroma) have 4 blocks
     args.steps = args.steps or (2 if dry else 12 + 4 * args.compile)  # compiling makes the first steps slow
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 4 + 4 * args.compile)

@@ -180,6 +180,8 @@ def transformer_flops(
     from torch.utils.flop_counter import FlopCounterMode
 
     config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    if config["_class_name"] == "QwenImageTransformer2DModel":
+        return qwen_flops(model_dir, resolution, rank=rank, targets=targets, backward=backward)
     model_class = getattr(diffusers, config["_class_name"])
     t5_folder = "tokenizer_2" if (model_dir / "tokenizer_2").is_dir() else "tokenizer"  # Chroma: T5 alone
     t5 = json.loads((model_dir / t5_folder / "tokenizer_config.json").read_text())["model_max_length"]
@@ -197,6 +199,38 @@ def transformer_flops(
         if "pooled_projection_dim" in config:
             inputs["pooled_projections"] = torch.randn(1, config["pooled_projection_dim"])
             inputs["guidance"] = torch.tensor([1.0]) if config.get("guidance_embeds") else None
+        with FlopCounterMode(display=False) as counter:
+            output = model(**inputs, return_dict=False)[0]
+            if backward:
+                output.float().pow(2).mean().backward()
+    return int(counter.get_total_flops())
+
+
+def qwen_flops(
+    model_dir: Path, resolution: int, *, rank: int, targets: Sequence[str], backward: bool = True
+) -> int:
+    """`transformer_flops` for Qwen-Image: the packed latents (2x2 latent pixels per token of its 8x
+    autoencoder) and the 512 text tokens difflora's cached embeddings are padded to (masked), σ as timestep."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from difflora.models.families.qwen_image import TEXT_TOKENS
+
+    config = QwenImageTransformer2DModel.load_config(model_dir / "transformer")
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    side = resolution // 2 ** len(vae["temperal_downsample"]) // 2
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel.from_config(config).requires_grad_(False)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+        inputs = {
+            "hidden_states": torch.randn(1, side * side, config["in_channels"]),
+            "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, config["joint_attention_dim"]),
+            "encoder_hidden_states_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long),
+            "timestep": torch.tensor([0.5]),
+            "img_shapes": [[(1, side, side)]],
+        }
         with FlopCounterMode(display=False) as counter:
             output = model(**inputs, return_dict=False)[0]
             if backward:

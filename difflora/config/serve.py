@@ -36,6 +36,9 @@ class ServeConfig:
     """With a transformer-only Flux.1 or SD3 file as --model: its autoencoder (BFL's ae.safetensors)."""
     clip_g: str | None = None
     """With a transformer-only SD3 / SD3.5 file as --model: its CLIP-G encoder (ComfyUI's clip_g.safetensors)."""
+    text_encoder: str | None = None
+    """With a Qwen-Image transformer file as --model: its Qwen2.5-VL text encoder (ComfyUI's
+    qwen_2.5_vl_7b.safetensors)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the base's UNet predicts (as for `difflora generate`). Default: the model's own."""
     adapter_dir: tuple[str, ...] = ()

@@ -75,6 +75,9 @@ class TrainConfig:
     """With a transformer-only Flux.1 or SD3 file as --model: its autoencoder (BFL's ae.safetensors)."""
     clip_g: str | None = None
     """With a transformer-only SD3 / SD3.5 file as --model: its CLIP-G encoder (ComfyUI's clip_g.safetensors)."""
+    text_encoder: str | None = None
+    """With a Qwen-Image transformer file as --model: its Qwen2.5-VL text encoder (ComfyUI's
+    qwen_2.5_vl_7b.safetensors)."""
     prediction_type: PredictionChoice | None = None
     """What the base's UNet predicts: epsilon or v_prediction. Default: the model's own (its scheduler
     config, or for a single file the v_pred key / ModelSpec metadata, else v-prediction for SD 2.x).

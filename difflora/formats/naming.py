@@ -172,7 +172,7 @@ def build_table(
         component, _, path = key.partition(".")
         if component == known.denoiser and known.kohya_denoiser_layout:
             continue  # named by _add_layout
-        if component == "unet":
+        if component in ("unet", known.denoiser):  # a denoiser in diffusers' own names (UNets, Qwen-Image)
             diffusers_form = f"{UNET_PREFIX}_{flat(path)}"
             table.from_kohya[diffusers_form] = key
             if path in sgm:
@@ -187,6 +187,10 @@ def build_table(
         else:  # a text encoder the family writes no kohya names for (SD3's T5): read as ComfyUI names it
             for prefix in known.consumer_encoder_prefixes.get(component, ()):
                 table.from_kohya.setdefault(f"{prefix}_{flat(path)}", key)
+    if not known.kohya_denoiser_layout:  # aliases of diffusers-named denoisers (OneTrainer's), read only
+        for alias in known.kohya_denoiser_aliases:
+            paths = modules.get(known.denoiser, {})
+            table.from_kohya.update({f"{alias}_{flat(p)}": f"{known.denoiser}.{p}" for p in paths})
     return table
 
 

@@ -135,7 +135,7 @@ def _load(config: GenerateConfig) -> Any:
     from difflora.models.loading import load_pipeline
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    files = ComponentFiles(config.clip_l, config.t5, config.vae, config.clip_g)
+    files = ComponentFiles(config.clip_l, config.t5, config.vae, config.clip_g, config.text_encoder)
     return load_pipeline(config.model, device=device, prediction_type=config.prediction_type, files=files)
 
 

@@ -30,6 +30,7 @@ class ComponentFiles:
     t5: str | None = None
     vae: str | None = None
     clip_g: str | None = None
+    text_encoder: str | None = None  # Qwen-Image's Qwen2.5-VL file (`--text-encoder`)
 
     def given(self) -> dict[str, str]:
         return {name: path for name, path in vars(self).items() if path}
@@ -53,7 +54,7 @@ def load_transformer_file(
     components = {
         family.denoiser: family.build_transformer(state, shipped, dtype),
         **encoders,
-        "vae": _vae(parts["vae"], folder, dtype),
+        "vae": _vae(parts["vae"], folder, dtype, family.single_file_vae),
         "scheduler": _scheduler(folder),
         **tokenizers,
     }
@@ -63,7 +64,11 @@ def load_transformer_file(
 def _encoder(
     kind: str, state: dict[str, torch.Tensor], folder: Path, component: str, dtype: torch.dtype
 ) -> Any:
-    """Text encoder `component` of kind `clip`, `clip-projection` or `t5` (`single_file_encoders`)."""
+    """Text encoder `component` of kind `clip`, `clip-projection`, `t5` or `qwen2.5-vl` (`single_file_encoders`)."""
+    if kind == "qwen2.5-vl":
+        from difflora.models.qwen_files import text_encoder
+
+        return text_encoder(state, _config(folder, component), dtype)
     if kind == "t5":
         return _t5(state, folder, component, dtype)
     return _clip(state, folder, component, dtype, projection=kind == "clip-projection")
@@ -170,7 +175,11 @@ def _t5(state: dict[str, torch.Tensor], folder: Path, component: str, dtype: tor
     return _load(model, state, "T5-XXL", dtype)
 
 
-def _vae(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> Any:
+def _vae(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype, layout: str = "ldm") -> Any:
+    if layout == "wan":
+        from difflora.models.qwen_files import vae
+
+        return vae(state, _config(folder, "vae"), dtype)
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 

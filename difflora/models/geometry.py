@@ -73,7 +73,7 @@ def _family_geometry(folder: Path, family: ModelFamily, resolution: int, tokeniz
     """The geometry of a config folder as its family reads it (its denoiser's downsamplings)."""
     denoiser = json.loads((folder / family.denoiser / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
-    step = bucket_step(2 ** (len(vae["block_out_channels"]) - 1), family.denoiser_downsamplings(denoiser))
+    step = bucket_step(family.vae_factor(vae), family.denoiser_downsamplings(denoiser))
     return ModelGeometry(
         resolution, step, clip_token_counter(tokenizer), tokenizer.model_max_length - 2, None
     )
@@ -86,8 +86,7 @@ def pipeline_geometry(pipe: Any) -> ModelGeometry:
 
     family = model_identity(pipe).model_family
     denoiser = dict(family.denoiser_of(pipe).config)
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    step = bucket_step(vae_factor, family.denoiser_downsamplings(denoiser))
+    step = bucket_step(family.vae_factor(dict(pipe.vae.config)), family.denoiser_downsamplings(denoiser))
     tokenizer = pipe.tokenizer
     tokens = clip_token_counter(tokenizer)
     return ModelGeometry(family.default_pixels(pipe), step, tokens, tokenizer.model_max_length - 2, None)

@@ -41,6 +41,10 @@ def base_tokenizers(architecture: Architecture) -> dict[str, Any]:
         config_path = architecture.config_dir / name / "tokenizer_config.json"
         if not config_path.is_file():
             continue
+        built = architecture.family.own_tokenizer(name)
+        if built is not None:
+            tokenizers[name] = built
+            continue
         settings = json.loads(config_path.read_text())
         own = architecture.family.tokenizer_file(name)
         if own is not None:  # a SentencePiece tokenizer (T5) shipped as its tokenizer.json

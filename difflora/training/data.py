@@ -36,6 +36,7 @@ from difflora.data.captions import CaptionAugmentation
 from difflora.data.examples import ScanResult
 from difflora.errors import DatasetError
 from difflora.hashing import weights_fingerprint
+from difflora.models.identity import model_identity
 from difflora.training.plan import (
     DatasetPlan,
     DataSettings,
@@ -147,11 +148,12 @@ def _latent_cache(examples, plans, pipe: Any, flip: bool, cache_dir: Path, masks
     cache = LatentCache(cache_dir)
     vae = pipe.vae
     identity = weights_fingerprint({"vae": vae})
+    encoder = model_identity(pipe).model_family.latent_encoder(vae)  # Qwen-Image's: one video frame
     built = cache.build(
         requests,
-        vae_encoder(vae),
+        vae_encoder(encoder),
         model_identity=identity,
-        scaling_factor=float(vae.config.scaling_factor),
+        scaling_factor=float(encoder.config.scaling_factor),
         batch_size=4,  # small batches keep the one-time encoding from setting the run's peak memory
     )
     logger.debug("latents: %d cached before, %d computed", built.hits, built.computed)

@@ -47,7 +47,7 @@ def latents_of(batch: dict[str, Any], run: Run, generator: torch.Generator) -> t
     if "latent_mean" in batch:  # cached posterior: sample it like latent_dist.sample() would
         mean, std = batch["latent_mean"], batch["latent_std"]
         return (mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)).to(device)
-    vae = run.models.pipe.vae
+    vae = run.models.identity.model_family.latent_encoder(run.models.pipe.vae)
     with torch.no_grad():
         pixels = batch["pixels"].to(device, vae.dtype)
         return vae.encode(pixels).latent_dist.sample(generator=generator).float()

@@ -31,6 +31,7 @@ def objective_for(config: TrainConfig, models: Models) -> Objective:
         zero_terminal_snr=config.zero_terminal_snr,
         flow=family.flow_schedule(dict(models.pipe.scheduler.config), sampling),
         guidance=config.guidance,
+        latent_config=family.latent_encoder(models.pipe.vae).config,
     )
     objective = dataclasses.replace(objective, unmasked_weight=config.unmasked_weight)
     if objective.flow is not None:

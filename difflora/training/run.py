@@ -101,6 +101,7 @@ class Objective:
         zero_terminal_snr: bool = False,
         flow: Any = None,
         guidance: float = 1.0,
+        latent_config: Any = None,
     ) -> Objective:
         from diffusers import DDPMScheduler
 
@@ -108,13 +109,14 @@ class Objective:
         # pipeline ships with (Euler's add_noise works in sigma space); diffusers rescales them for
         # zero terminal SNR exactly as its samplers do with rescale_betas_zero_snr.
         ddpm = DDPMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=zero_terminal_snr)
+        latents = latent_config if latent_config is not None else pipe.vae.config  # the family's latent view
         return cls(
             alphas_cumprod=ddpm.alphas_cumprod.clone().float(),
             prediction_type=str(ddpm.config.prediction_type),
-            scaling_factor=float(pipe.vae.config.scaling_factor),
+            scaling_factor=float(latents.scaling_factor),
             noise_offset=noise_offset,
             min_snr_gamma=min_snr_gamma,
-            shift_factor=float(pipe.vae.config.get("shift_factor") or 0.0),
+            shift_factor=float(latents.get("shift_factor") or 0.0),
             flow=flow,
             guidance=guidance,
         )

@@ -121,6 +121,7 @@ def _base_key(config: TrainConfig) -> tuple[Any, ...]:
         config.t5,
         config.vae,
         config.clip_g,
+        config.text_encoder,
     )
 
 
@@ -191,7 +192,7 @@ def _load(config: TrainConfig, accelerator: Accelerator, pipe: Any) -> Models:
         prediction_type=config.prediction_type,
         quantization=config.quantize_base,
         pipe=pipe,
-        files=ComponentFiles(config.clip_l, config.t5, config.vae, config.clip_g),
+        files=ComponentFiles(config.clip_l, config.t5, config.vae, config.clip_g, config.text_encoder),
         blocks_to_swap=config.blocks_to_swap,
     )
 

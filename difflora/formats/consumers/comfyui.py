@@ -19,7 +19,7 @@ from difflora.models.families import family as model_family
 @cache
 def comfyui_names(family: str) -> frozenset[str]:
     table = reference_table(family)
-    names: set[str] = set(_layout_names(table))
+    names: set[str] = set(_layout_names(table)) | _diffusers_denoiser_names(table)
     for key, sgm in table.sgm.items():
         path = key.removeprefix("unet.")
         names.update({f"lora_unet_{flat(sgm)}", f"lora_unet_{flat(path)}", f"lycoris_{flat(path)}"})
@@ -55,6 +55,21 @@ def _layout_names(table: NameTable) -> set[str]:
             component, _, path = part.key.partition(".")
             names.update({part.key, f"lycoris_{flat(path)}", f"lora_{component}_{flat(path)}"})
     return names
+
+
+def _diffusers_denoiser_names(table: NameTable) -> set[str]:
+    """A transformer that ComfyUI holds under diffusers' own module names (Qwen-Image; no original layout):
+    `model_lora_keys_unet` maps each weight as `lora_unet_<flat path>`, `diffusion_model.<path>`, `<path>`,
+    `transformer.<path>` and `lycoris_<flat path>`."""
+    known = model_family(table.family)
+    if known.kohya_denoiser_layout or known.denoiser == "unet":
+        return set()
+    paths = [k.partition(".")[2] for k in table.modules if k.startswith(known.denoiser + ".")]
+    forms = ("lora_unet_{}", "lycoris_{}")
+    names = {form.format(flat(path)) for form in forms for path in paths}
+    return names | {
+        f"{prefix}{path}" for prefix in ("", "diffusion_model.", "transformer.") for path in paths
+    }
 
 
 def _whole_encoder_names(table: NameTable, component: str) -> set[str]:

@@ -59,6 +59,9 @@ def diffusers(keys: Sequence[str], table: NameTable) -> Verdict:
     keys = list(keys)
     if not keys or not all(key.startswith(_KOHYA_PREFIXES) for key in keys):
         return diffusers_peft(keys, table)
+    known = model_family(table.family)
+    if known.denoiser != "unet" and not known.kohya_denoiser_layout and known.diffusers_converts_kohya:
+        return _diffusers_named_transformer(keys, table)
     groups: dict[str, set[str]] = {}
     for key in keys:
         name, _, part = key.partition(".")
@@ -89,6 +92,20 @@ def diffusers(keys: Sequence[str], table: NameTable) -> Verdict:
     # lora_pipeline.lora_state_dict: "a DoRA checkpoint that is not compatible in Diffusers at the moment",
     # every dora_scale key is filtered out and the module is loaded as a plain LoRA.
     dropped |= {key: _DORA_DROPPED for key in keys if key.endswith(".dora_scale") and key not in dropped}
+    return Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)
+
+
+def _diffusers_named_transformer(keys: list[str], table: NameTable) -> Verdict:
+    """A transformer named by its diffusers paths, flattened (Qwen-Image's kohya / musubi-tuner files):
+    diffusers' converter for the family (`_convert_non_diffusers_qwen_lora_to_diffusers`) rebuilds each of
+    its Linear layers' paths, keeping the module names' own underscores; a name that is no layer of the
+    model, or a text-encoder key, is dropped (tests/test_qwen_image_formats.py loads files in diffusers)."""
+    denoiser = model_family(table.family).denoiser
+    dropped = {}
+    for key in keys:
+        target = table.from_kohya.get(key.split(".")[0], "")
+        if not target.startswith(denoiser + ".") or target not in table.modules:
+            dropped[key] = "diffusers' converted name is no module of the model (PEFT drops it)"
     return Verdict("diffusers", len(keys), len(keys) - len(dropped), dropped)
 
 

@@ -12,6 +12,7 @@ from difflora.models.families.base import ModelFamily
 from difflora.models.families.chroma import Chroma
 from difflora.models.families.custom import Custom
 from difflora.models.families.flux import Flux, FluxSchnell
+from difflora.models.families.qwen_image import QwenImage
 from difflora.models.families.sd1 import SD1
 from difflora.models.families.sd2 import SD2
 from difflora.models.families.sd3 import SD3, SD35Medium
@@ -20,7 +21,19 @@ from difflora.models.families.tiny import Tiny
 
 _REGISTRY: dict[str, ModelFamily] = {
     f.name: f
-    for f in (SD1(), SD2(), SDXL(), Flux(), FluxSchnell(), Chroma(), SD3(), SD35Medium(), Tiny(), Custom())
+    for f in (
+        SD1(),
+        SD2(),
+        SDXL(),
+        Flux(),
+        FluxSchnell(),
+        Chroma(),
+        SD3(),
+        SD35Medium(),
+        QwenImage(),
+        Tiny(),
+        Custom(),
+    )
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -77,6 +77,9 @@ class ModelFamily:
     single_file_encoders: ClassVar[dict[str, str]] = {}
     """How each text encoder of a transformer single file is built (`difflora.models.dit_files`): `clip`
     (CLIPTextModel), `clip-projection` (CLIPTextModelWithProjection, its `text_projection` kept) or `t5`."""
+    single_file_vae: ClassVar[str] = "ldm"
+    """The layout of its autoencoder's single file: `ldm` (the original AutoencoderKL layout) or `wan` (Wan
+    2.1's causal video autoencoder, Qwen-Image's: `difflora.models.qwen_files`)."""
     checkpoint_layout: ClassVar[str] = "ldm"
     """The single-file layout its checkpoints come in: `ldm` (SD's original layout, told apart by
     `matches_checkpoint`) or `bfl` (Black Forest Labs' transformer file, by `matches_transformer_keys`)."""
@@ -206,6 +209,17 @@ class ModelFamily:
         """A `tokenizer.json` that builds tokenizer `name` (None: a CLIP tokenizer from the shared vocabulary)."""
         return None
 
+    def latent_encoder(self, vae: Any) -> Any:
+        """The autoencoder as training encodes images with it: `encode(pixels [B, 3, H, W]).latent_dist`
+        (`mean`, `std`, `sample`) giving latents [B, C, h, w] that `config.scaling_factor` and `shift_factor`
+        normalise; `parameters()` and `dtype` as a module's. SD's and Flux's autoencoders are that already."""
+        return vae
+
+    def own_tokenizer(self, name: str) -> Any | None:
+        """Tokenizer `name` built from the family's shipped files where neither CLIP's shared vocabulary nor
+        a T5 `tokenizer_file` builds it (Qwen2's BPE); None: those do."""
+        return None
+
     def matches_transformer_file(self, keys: Any) -> bool:
         """Whether a single file's tensor names are this family's transformer layout (`checkpoint_layout`
         `bfl`); ldm files are told apart by `matches_checkpoint`."""
@@ -242,6 +256,10 @@ class ModelFamily:
     def native_pixels(self, pipe: Any) -> int:
         """The UNet's sample size times the VAE's factor."""
         return int(self.denoiser_of(pipe).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+    def vae_factor(self, vae_config: Mapping[str, Any]) -> int:
+        """How many image pixels one latent pixel spans per side: 2 per autoencoder level but the first."""
+        return int(2 ** (len(vae_config["block_out_channels"]) - 1))
 
     def denoiser_downsamplings(self, denoiser_config: Mapping[str, Any]) -> int:
         """How many times the denoiser halves the latents (bucket sides must survive each): a UNet's levels."""
