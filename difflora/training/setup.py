@@ -95,9 +95,9 @@ def load_models(
     blocks_to_swap: int = 0,
 ) -> Models:
     """The base with trainable LoRA layers, as `lora(family)` says for the loaded model's family (whose
-        defaults it may use). `pipe`: a base already loaded (with this dtype, prediction type and quantization)
-        by an earlier run of the same process, freed of its LoRA layers by `unload_lora`. `quantization` (int8,
-        nf4) holds the UNet's and text encoders' Linear layers quantized. `blocks_to_swap` (CUDA): the denoiser's
+    defaults it may use). `pipe`: a base already loaded (with this dtype, prediction type and quantization)
+    by an earlier run of the same process, freed of its LoRA layers by `unload_lora`. `quantization` (int8,
+    nf4) holds the UNet's and text encoders' Linear layers quantized. `blocks_to_swap` (CUDA): the denoiser's
     last N blocks keep their frozen weights in CPU memory (`difflora.training.block_swap`)."""
     weight_dtype = DTYPES[mixed_precision]
     if quantization in BITSANDBYTES:
@@ -112,11 +112,8 @@ def load_models(
     # After the identity (the adapter's base hash is the unquantized weights'), before LoRA wraps the layers.
     # Trained text encoders too: their LoRA layers sit on the quantized Linear layers as the UNet's do.
     family = identity.model_family
-    if train_text_encoder and not family.trainable_text_encoders:  # else the flag would do nothing
-        raise ConfigError(
-            f"--train-text-encoder: {family.label} models have no text encoder difflora trains "
-            f"({', '.join(family.text_encoders)} stays frozen, its output cached); leave it out."
-        )
+    if train_text_encoder:
+        _check_text_encoders_train(family)
     denoiser = family.denoiser_of(pipe)
     frozen = {family.denoiser: denoiser, **{name: getattr(pipe, name) for name in encoders}}
     quantized = (
@@ -141,6 +138,16 @@ def load_models(
         quantized = fp8_base({family.denoiser: denoiser})
     swap = BlockSwap(swapped, device) if swapped else None  # after fp8: the float8 bits are what moves
     return Models(pipe, identity, unet_modules, text_modules, weight_dtype, tuners, quantized, swap)
+
+
+def _check_text_encoders_train(family: ModelFamily) -> None:
+    """--train-text-encoder on a family whose text encoders all stay frozen (T5 alone, Qwen2.5-VL) would
+    silently train nothing and give up the text cache: refused."""
+    if not family.trainable_text_encoders:
+        raise ConfigError(
+            f"--train-text-encoder: {family.label} models have no text encoder difflora trains "
+            f"({', '.join(family.text_encoders)} stays frozen, its output cached); leave it out."
+        )
 
 
 def _training_modes(
