@@ -29,6 +29,8 @@ CHECKED_FIELDS = (
     "gradient_accumulation",
     "max_steps",
     "epochs",
+    "reg_dir",
+    "prior_weight",
 )
 _UNCHECKED = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in CHECKED_FIELDS)
 

@@ -23,6 +23,7 @@ from difflora.config.train_checks import (
     check_masks,
     check_prior,
     check_rates,
+    check_regularisation,
     check_validation,
 )
 
@@ -185,7 +186,8 @@ class TrainConfig:
     preserve_prompts: str | None = None
     """A text file of trigger-free prompts, one per line, for --preserve-base instead of the captions."""
     prior_weight: float = 1.0
-    """Weight of the --preserve-base loss beside the training loss (0: only measure the drift)."""
+    """Weight of the prior loss beside the training loss: --preserve-base's, or that of --reg-dir's class
+    images (0: only measure the drift)."""
     cache_latents: bool = True
     """Encode every image with the VAE once and reuse the latents (on disk, reused across runs)."""
     cache_dir: str | None = None
@@ -299,6 +301,11 @@ class TrainConfig:
     ema_on_cpu: bool = False
     """Keep the --ema average in CPU memory (float32) instead of beside the model."""
 
+    # ---------------------------------------------------------------- regularisation images
+    reg_dir: str | None = None
+    """A folder of class images with their captions (DreamBooth's regularisation images), drawn as often as
+    the training images and weighted by --prior-weight, so the class keeps what the base knows of it."""
+
     def __post_init__(self) -> None:
         coerce_to_tuples(self, "unet_targets", "text_encoder_targets", "sample_prompts", "blocks")
         object.__setattr__(self, "sample_seeds", tuple(int(s) for s in self.sample_seeds))
@@ -311,6 +318,7 @@ class TrainConfig:
         check_ema(self, problems)
         check_masks(self, problems)
         check_prior(self, problems)
+        check_regularisation(self, problems)
         problems.raise_if_any("train")
 
     # Derived values: the plan prints these next to the rule that produced them.

@@ -171,3 +171,23 @@ def check_prior(config: TrainConfig, p: Problems) -> None:
             "preserve_prompts",
             f"{config.preserve_prompts}: no such file; give a text file, one prompt per line",
         )
+
+
+def check_regularisation(config: TrainConfig, p: Problems) -> None:
+    """--reg-dir: a folder of its own, outside the training folder, and not with --preserve-base (both are
+    the prior loss that --prior-weight weighs: one would silently take the other's weight)."""
+    folder = config.reg_dir
+    if not folder:
+        return
+    if config.preserve_base:
+        p.add("reg_dir", "--reg-dir and --preserve-base both given: choose one way to preserve the base")
+    if not Path(folder).is_dir():
+        p.add("reg_dir", f"{folder}: no such folder; give the folder of class images and their captions")
+    elif config.data_dir:
+        data, reg = Path(config.data_dir).resolve(), Path(folder).resolve()
+        if reg == data or data in reg.parents or reg in data.parents:
+            p.add(
+                "reg_dir",
+                f"{folder} and the training folder {config.data_dir} overlap, so class images would train "
+                "as the subject: give --reg-dir a folder outside the training folder",
+            )

@@ -163,11 +163,13 @@ class TrainingDataset(Dataset):
         latents: tuple[LatentCache, Mapping[tuple[int, bool], str]] | None = None,
         texts: tuple[TextEmbeddingCache, Mapping[str, str]] | None = None,
         masks: Sequence[MaskSource | None] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         self.examples, self.plans = list(examples), list(plans)
         self.augmentation, self.random_crop = augmentation, random_crop
         self.latents, self.texts = latents, texts
         self.masks = masks  # None: no loss masks; else one per example (None: learns everywhere)
+        self.weights = weights  # None: every example's loss counts 1; else one per example (--reg-dir)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -176,6 +178,8 @@ class TrainingDataset(Dataset):
         example, plan = self.examples[draw.index], self.plans[draw.index]
         caption = self.augmentation.apply(example.caption, derived_rng("caption", draw.seed))
         item: dict[str, Any] = {"index": draw.index, "caption": caption, "flip": draw.flip}
+        if self.weights is not None:
+            item["loss_weight"] = torch.tensor(float(self.weights[draw.index]))
         if self.latents is not None:
             cache, keys = self.latents
             moments = cache.load(keys[(draw.index, draw.flip)])
@@ -215,7 +219,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for name in ("original_size", "crop_top_left", "target_size"):
         batch[name] = torch.tensor([item[name] for item in items])
-    for name in ("pixels", "latent_mean", "latent_std", "loss_mask"):
+    for name in ("pixels", "latent_mean", "latent_std", "loss_mask", "loss_weight"):
         if name in items[0]:
             batch[name] = torch.stack([item[name] for item in items])
     if "text" in items[0]:

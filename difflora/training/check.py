@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from difflora.config.train import TrainConfig
 from difflora.data.buckets import Bucket
 from difflora.data.examples import Example, ScanResult
 from difflora.data.masks import MaskScan
+from difflora.data.regularisation import Regularisation
 from difflora.data.validation import describe_held_out
 from difflora.errors import first_n
 from difflora.models.geometry import FALLBACK_RESOLUTION, model_geometry
@@ -40,10 +41,12 @@ class CheckReport:
     validation: str = ""  # the held-out images, described, when the settings hold some out
     masks: MaskScan | None = None  # the loss masks, when the settings use them
     masks_origin: str = ""
+    regularisation: Regularisation | None = None  # --reg-dir's class images, when usable
+    regularisation_problems: list[str] = field(default_factory=list)  # why --reg-dir cannot be used
 
     @property
     def errors(self) -> list[str]:
-        return self.scan.errors
+        return self.scan.errors + self.regularisation_problems
 
     @property
     def ok(self) -> bool:
@@ -51,7 +54,8 @@ class CheckReport:
 
     def render(self) -> str:
         sections = [self._summary(), self._folders(), self._skipped(), self._captions(), self._images()]
-        sections += [self._buckets(), self._masks(), self._duplicates(), self._tags(), self._plan()]
+        sections += [self._buckets(), self._masks(), self._regularisation(), self._duplicates(), self._tags()]
+        sections.append(self._plan())
         sections.append(self._verdict())
         return "\n\n".join(section for section in sections if section)
 
@@ -175,6 +179,23 @@ class CheckReport:
             lines.append(f"  coverage per mask: {100 * low:.0f}% to {100 * high:.0f}%")
         return "\n".join(lines)
 
+    def _regularisation(self) -> str:
+        """--reg-dir: the folder, its class images and their balance, and what it skipped."""
+        found = self.regularisation
+        if found is None:
+            return ""
+        scan = found.scan
+        lines = [
+            f"Regularisation images: {scan.root}",
+            f"  {found.describe()}",
+            f"  {len(scan.skipped)} skipped, {len(scan.ignored)} non-image file(s) ignored",
+        ]
+        problems = [f"{i.path.name}: {i.message}" for i in scan.caption_issues]
+        items = [f"{s.path.name}: {s.reason}" for s in scan.skipped] + problems
+        if items:
+            lines.append(_listing(items, "    "))
+        return "\n".join(lines)
+
     def _plan(self) -> str:
         if not self.plan:
             return ""
@@ -225,6 +246,8 @@ def check_dataset(settings: DataSettings, tokens: Tokens) -> CheckReport:
         validation=held_out_source(settings.validation_split, settings.validation_dir, planned.validation),
         masks=planned.masks,
         masks_origin=masks_origin(settings),
+        regularisation=planned.regularisation,
+        regularisation_problems=planned.regularisation_problems,
     )
 
 

@@ -34,6 +34,8 @@ from difflora.data.buckets import Bucket
 from difflora.data.cache import LatentCache, TextEmbeddingCache, random_crop_with_cache_message, vae_encoder
 from difflora.data.captions import CaptionAugmentation
 from difflora.data.examples import ScanResult
+from difflora.data.masks import MaskSource
+from difflora.data.regularisation import Regularisation, combined
 from difflora.errors import DatasetError
 from difflora.hashing import weights_fingerprint
 from difflora.models.identity import model_identity
@@ -63,6 +65,7 @@ class TrainingData:
     notes: list[str] = field(default_factory=list)
     validation: TrainingDataset | None = None  # the held-out images, cached as the training ones
     masks: str = ""  # the loss masks, described for the plan ('' without masks)
+    regularisation: Regularisation | None = None  # --reg-dir's class images, examples after the training ones
 
     def stream(self, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(epoch, collated batch) for micro-batches start, start+1, ... of this process, forever."""
@@ -93,9 +96,11 @@ def prepare_data(
     `main_first` makes the main process build the caches before the others read them (Accelerate's
     `main_process_first()`)."""
     planned = plan_dataset(settings, tokens, strict=True)
-    examples, crops = planned.scan.examples, planned.crops
+    regularisation = planned.regularisation
+    examples = combined(planned.scan.examples, regularisation)  # the class images after the training ones
+    crops = planned.crops + planned.regularisation_crops
     with main_first or nullcontext():
-        masks = planned.masks.sources if planned.masks is not None else None
+        masks = _masks(planned)
         latents = (
             _latent_cache(examples, crops, pipe, settings.flip, cache_dir, masks) if cache_latents else None
         )
@@ -110,6 +115,7 @@ def prepare_data(
         latents=latents,
         texts=texts,
         masks=masks,
+        weights=regularisation.loss_weights(len(planned.crops)) if regularisation is not None else None,
     )
     described = planned.masks.describe(masks_origin(settings)) if planned.masks is not None else ""
     if planned.plan is None:  # strict planning already refuses such a folder; never train on nothing
@@ -126,7 +132,15 @@ def prepare_data(
         notes=notes,
         validation=validation,
         masks=described,
+        regularisation=regularisation,
     )
+
+
+def _masks(planned: DatasetPlan) -> list[MaskSource | None] | None:
+    """The loss mask of each example drawn: the training images' (the class images learn everywhere)."""
+    if planned.masks is None:
+        return None
+    return [*planned.masks.sources, *[None] * len(planned.regularisation_crops)]
 
 
 def _held_out_dataset(

@@ -54,7 +54,10 @@ def step_loss(batch: dict[str, Any], run: Run, generator: torch.Generator) -> to
         )
     prediction = predict(run, batch, noised.noisy, noised.timesteps)
     mask = loss_mask(batch, latents, objective.unmasked_weight)
-    loss = diffusion_loss(prediction, noised.target, noised.weights, mask)
+    weights = noised.weights
+    if "loss_weight" in batch:  # --reg-dir: a class image's loss weighs --prior-weight, kohya's way
+        weights = weights * batch["loss_weight"].to(weights)
+    loss = diffusion_loss(prediction, noised.target, weights, mask)
     if run.prior is not None and run.prior.weight:
         loss = loss + run.prior.weight * prior_loss(run, batch, noised.noisy, noised.timesteps)
     return loss

@@ -30,9 +30,10 @@ from difflora.data.buckets import Bucket, CropPlan, bucket_histogram, make_bucke
 from difflora.data.captions import TokenCounter, rough_token_count
 from difflora.data.examples import Example, ScanResult
 from difflora.data.masks import MaskScan, scan_masks
+from difflora.data.regularisation import Regularisation, combined, problems
 from difflora.data.scan import scan_folder
 from difflora.data.validation import hold_out
-from difflora.errors import ConfigError
+from difflora.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
     from difflora.config.train import TrainConfig
@@ -147,6 +148,8 @@ class DataSettings:
     validation_dir: Path | None = None  # or a folder of held-out images
     masks: Path | None = None  # the folder of loss masks
     alpha_mask: bool = False  # or each image's alpha channel
+    reg_dir: Path | None = None  # the folder of class images (--reg-dir)
+    prior_weight: float = 1.0  # their loss's weight
 
     @classmethod
     def from_config(
@@ -171,6 +174,8 @@ class DataSettings:
             validation_dir=Path(config.validation_dir) if config.validation_dir else None,
             masks=Path(config.masks) if config.masks else None,
             alpha_mask=config.alpha_mask,
+            reg_dir=Path(config.reg_dir) if config.reg_dir else None,
+            prior_weight=config.prior_weight,
         )
 
 
@@ -197,6 +202,9 @@ class DatasetPlan:
     validation_crops: list[CropPlan] = field(default_factory=list)  # their buckets, centre-cropped
     masks: MaskScan | None = None  # the training images' loss masks, when masks are on
     validation_masks: MaskScan | None = None  # the held-out images'
+    regularisation: Regularisation | None = None  # --reg-dir's class images, drawn after the training ones
+    regularisation_crops: list[CropPlan] = field(default_factory=list)
+    regularisation_problems: list[str] = field(default_factory=list)  # why --reg-dir cannot be used
 
     @property
     def histogram(self) -> dict[Bucket, int]:
@@ -228,9 +236,19 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
         crop=crop,
         seed=settings.seed,
     )
+    regularisation, reg_problems = _regularisation(settings, tokens, examples, strict=strict)
+    drawn = combined(examples, regularisation)
+    reg_crops = plan_examples(
+        drawn[len(examples) :],
+        buckets,
+        no_upscale=settings.no_upscale,
+        step=settings.bucket_step,
+        crop=crop,
+        seed=settings.seed,
+    )
     sampler = BucketBatchSampler(
-        [c.bucket for c in crops],
-        [e.repeats for e in examples],
+        [c.bucket for c in crops + reg_crops],
+        [e.repeats for e in drawn],
         settings.batch_size,
         seed=settings.seed,
         flip=settings.flip,
@@ -240,7 +258,7 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
     if examples:
         plan = make_plan(
             images=len(examples),
-            examples_per_epoch=sum(e.repeats for e in examples),
+            examples_per_epoch=sum(e.repeats for e in drawn),
             batches_per_epoch=per_process,
             batch_size=settings.batch_size * settings.world_size,
             gradient_accumulation=settings.gradient_accumulation,
@@ -262,7 +280,41 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
         validation_masks = scan_masks(
             held, held_root, settings.masks, alpha=settings.alpha_mask, required=False
         )
-    return DatasetPlan(scan, crops, sampler, per_process, plan, held, held_crops, masks, validation_masks)
+    return DatasetPlan(
+        scan,
+        crops,
+        sampler,
+        per_process,
+        plan,
+        held,
+        held_crops,
+        masks,
+        validation_masks,
+        regularisation,
+        reg_crops,
+        reg_problems,
+    )
+
+
+def _regularisation(
+    settings: DataSettings, tokens: Tokens, examples: list[Example], *, strict: bool
+) -> tuple[Regularisation | None, list[str]]:
+    """--reg-dir's class images (captions as written: never the trigger), balanced against `examples`;
+    and why the folder cannot be used, which `strict` planning raises."""
+    folder = settings.reg_dir
+    if folder is None:
+        return None, []
+    scan = None
+    if folder.is_dir():
+        class_settings = replace(settings, trigger=None)
+        scan = _scan(folder, class_settings, tokens, strict=False)
+    found = problems(folder, scan)
+    if strict and found:
+        raise DatasetError("\n".join(found))
+    if scan is None or not scan.examples:
+        return None, found
+    draws = sum(example.repeats for example in examples)
+    return Regularisation.balanced(scan, draws, settings.prior_weight), found
 
 
 def _scan(root: Path, settings: DataSettings, tokens: Tokens, *, strict: bool) -> ScanResult:

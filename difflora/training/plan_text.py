@@ -82,7 +82,9 @@ def _add_optional_lines(lines: list[str], config: TrainConfig, run: Run) -> None
         lines.insert(2, f"  loss        {run.data.masks}, unmasked pixels weigh {config.unmasked_weight:g}")
     if run.validation is not None:
         lines.insert(-2, f"  validation  {_validation(config, run)}")
-    if run.prior is not None:
+    if run.data.regularisation is not None and run.prior is not None:
+        lines.insert(-2, f"  prior       {_regularisation(config, run)}")
+    elif run.prior is not None:
         lines.insert(-2, f"  preserve    {_preserve(config, run)}")
     if run.ema is not None:
         where = "in CPU memory" if config.ema_on_cpu else f"on {run.ema.device}"
@@ -103,6 +105,14 @@ def _schedule(config: TrainConfig) -> str:
     if owns_schedule(config.optimizer):
         return "no schedule (schedule-free; its own warm-up)"
     return f"{config.lr_scheduler} schedule"
+
+
+def _regularisation(config: TrainConfig, run: Run) -> str:
+    """--reg-dir: the class images, their balance against the training set, and where drift is measured."""
+    regularisation, prior = run.data.regularisation, run.prior
+    assert regularisation is not None and prior is not None
+    drift = f"drift measured on {len(prior.drift_prompts)} class captions at each checkpoint"
+    return f"regularisation: {regularisation.describe()} (--reg-dir {config.reg_dir}); {drift}"
 
 
 def _preserve(config: TrainConfig, run: Run) -> str:

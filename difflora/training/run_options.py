@@ -35,6 +35,8 @@ def weight_average_for(
 
 
 def prior_for(config: TrainConfig, data: TrainingData, pipe: Any, cache_dir: Path) -> Prior | None:
+    if data.regularisation is not None:
+        return _class_drift(data, pipe, cache_dir)
     if not config.preserve_base:
         return None
     prompts = _prompts(config.preserve_prompts) if config.preserve_prompts else ()
@@ -55,3 +57,15 @@ def prior_for(config: TrainConfig, data: TrainingData, pipe: Any, cache_dir: Pat
 def _prompts(path: str) -> tuple[str, ...]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return tuple(line.strip() for line in lines if line.strip())
+
+
+def _class_drift(data: TrainingData, pipe: Any, cache_dir: Path) -> Prior:
+    """--reg-dir: no loss of its own here (the class images weigh in the batch), but the drift, measured on
+    class captions: how far the adapter moves what the base draws for the class."""
+    regularisation = data.regularisation
+    assert regularisation is not None
+    captions = sorted({example.caption for example in regularisation.examples})
+    prior = Prior(weight=0.0, trigger=None, prompts=(), drift_prompts=tuple(captions[:DRIFT_PROMPTS]))
+    if data.dataset.texts is not None:
+        prior.texts = caption_cache(set(prior.drift_prompts), pipe, cache_dir)
+    return prior
