@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from difflora.data.batches import BucketBatchSampler, plan_examples
-from difflora.data.buckets import Bucket, CropPlan, bucket_histogram, make_buckets
+from difflora.data.buckets import Bucket, Crop, CropPlan, bucket_histogram, make_buckets
 from difflora.data.captions import TokenCounter, rough_token_count
 from difflora.data.examples import Example, ScanResult
 from difflora.data.masks import MaskScan, scan_masks
@@ -227,25 +227,11 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
     scan = _scan(settings.root, settings, tokens, strict=strict)
     scan, held = _held_out(scan, settings, tokens, strict=strict)
     examples = scan.examples
-    crop = "random" if settings.random_crop else "center"
-    crops = plan_examples(
-        examples,
-        buckets,
-        no_upscale=settings.no_upscale,
-        step=settings.bucket_step,
-        crop=crop,
-        seed=settings.seed,
-    )
+    crop: Crop = "random" if settings.random_crop else "center"
+    crops = _crops(examples, buckets, settings, crop)
     regularisation, reg_problems = _regularisation(settings, tokens, examples, strict=strict)
     drawn = combined(examples, regularisation)
-    reg_crops = plan_examples(
-        drawn[len(examples) :],
-        buckets,
-        no_upscale=settings.no_upscale,
-        step=settings.bucket_step,
-        crop=crop,
-        seed=settings.seed,
-    )
+    reg_crops = _crops(drawn[len(examples) :], buckets, settings, crop)
     sampler = BucketBatchSampler(
         [c.bucket for c in crops + reg_crops],
         [e.repeats for e in drawn],
@@ -265,21 +251,8 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
             max_steps=settings.max_steps,
             epochs=settings.epochs,
         )
-    held_crops = plan_examples(
-        held,
-        buckets,
-        no_upscale=settings.no_upscale,
-        step=settings.bucket_step,
-        crop="center",
-        seed=settings.seed,
-    )
-    masks = validation_masks = None
-    if settings.masks is not None or settings.alpha_mask:
-        masks = scan_masks(examples, settings.root, settings.masks, alpha=settings.alpha_mask)
-        held_root = settings.validation_dir or settings.root
-        validation_masks = scan_masks(
-            held, held_root, settings.masks, alpha=settings.alpha_mask, required=False
-        )
+    held_crops = _crops(held, buckets, settings, "center")
+    masks, validation_masks = _masks(settings, examples, held)
     return DatasetPlan(
         scan,
         crops,
@@ -294,6 +267,30 @@ def plan_dataset(settings: DataSettings, tokens: Tokens, *, strict: bool) -> Dat
         reg_crops,
         reg_problems,
     )
+
+
+def _crops(
+    examples: list[Example], buckets: list[Bucket], settings: DataSettings, crop: str
+) -> list[CropPlan]:
+    return plan_examples(
+        examples,
+        buckets,
+        no_upscale=settings.no_upscale,
+        step=settings.bucket_step,
+        crop=crop,
+        seed=settings.seed,
+    )
+
+
+def _masks(
+    settings: DataSettings, examples: list[Example], held: list[Example]
+) -> tuple[MaskScan | None, MaskScan | None]:
+    """The training images' masks and the held-out images' (None, None without --masks or --alpha-mask)."""
+    if settings.masks is None and not settings.alpha_mask:
+        return None, None
+    masks = scan_masks(examples, settings.root, settings.masks, alpha=settings.alpha_mask)
+    held_root = settings.validation_dir or settings.root
+    return masks, scan_masks(held, held_root, settings.masks, alpha=settings.alpha_mask, required=False)
 
 
 def _regularisation(
