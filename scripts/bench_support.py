@@ -14,8 +14,10 @@ BASES = {
     "flux": "flux",
     "chroma": "chroma",
     "qwen-image": "qwen-image",
+    "sd35-large": "sd3",
+    "sd35-medium": "sd35-medium",
 }  # name -> shipped configs
-_WEIGHTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
+_WEIGHTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def adapter_signature(pipe, adapter: str | Path | None, prompt: str, measure: str) -> float:
@@ -173,3 +175,63 @@ def tiny_qwen_image(models_dir: Path) -> Path:
     pipe.save_pretrained(partial)
     partial.rename(folder)
     return folder
+
+
+# The reduced SD3.5 of the GPU check's dry run: its shipped configurations at reduced width and depth (4 joint
+# blocks of two 64-wide heads, the real head width; 1-layer CLIPs and T5 with the real vocabularies; the
+# autoencoder's 4 levels at 32 channels, so still 8 px per latent), the sizes tests/support/sd3.py works with.
+_TINY_SD3 = {
+    "transformer": {"num_layers": 4, "num_attention_heads": 2, "joint_attention_dim": 64,
+                    "caption_projection_dim": 128, "pooled_projection_dim": 64, "pos_embed_max_size": 16},
+    "clip": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
+             "projection_dim": 32},
+    "t5": {"d_model": 64, "d_kv": 16, "d_ff": 64, "num_layers": 1, "num_heads": 4},
+    "vae": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 32},
+}  # fmt: skip
+_TINY_T5_TOKENS = 32  # the tokenizer's length, which the family reads T5 at: the CPU step stays short
+
+
+def tiny_sd35(models_dir: Path, name: str = "sd35-medium") -> Path:
+    """A reduced random SD3.5 (`name` a key of BASES: medium keeps MMDiT-X's second attention in its first
+    block) as a diffusers folder, built once, then reused: what the GPU check's dry run trains on the CPU."""
+    import diffusers
+    import torch
+    import transformers
+
+    from difflora.models.architecture import make_architecture
+    from difflora.models.single_file import base_scheduler, base_tokenizers
+
+    folder = models_dir / f"{name}-tiny"
+    if (folder / "model_index.json").is_file():
+        return folder
+    architecture = make_architecture(BASES[name])  # type: ignore[arg-type]
+    configs = architecture.config_dir
+    shipped = {c: json.loads((configs / c / "config.json").read_text()) for c in _WEIGHTS if c != "unet"}
+    transformer = shipped["transformer"] | _TINY_SD3["transformer"]
+    transformer["dual_attention_layers"] = [0] if transformer["dual_attention_layers"] else []
+    tokenizers = base_tokenizers(architecture)
+    tokenizers["tokenizer_3"].model_max_length = _TINY_T5_TOKENS
+    torch.manual_seed(0)
+    components = {
+        "transformer": diffusers.SD3Transformer2DModel.from_config(transformer),
+        "vae": diffusers.AutoencoderKL.from_config(shipped["vae"] | _TINY_SD3["vae"]),
+        "text_encoder_3": transformers.T5EncoderModel(_config(shipped["text_encoder_3"], _TINY_SD3["t5"])),
+    }
+    for encoder in ("text_encoder", "text_encoder_2"):
+        config = _config(shipped[encoder], _TINY_SD3["clip"])
+        components[encoder] = transformers.CLIPTextModelWithProjection(config)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        **components, **tokenizers, scheduler=base_scheduler(architecture)
+    )
+    partial = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def _config(shipped: dict, reduced: dict) -> Any:
+    """A transformers configuration: the shipped one with `reduced` sizes."""
+    import transformers
+
+    settings = {k: v for k, v in shipped.items() if k not in ("architectures", "model_type")}
+    return transformers.AutoConfig.for_model(shipped["model_type"], **settings | reduced)

@@ -1,7 +1,9 @@
 """difflora at full size on a CUDA GPU: SD 1.5 at 512 px and SDXL at 1024 px, each trained with the README's
 low-memory settings and with fast settings, and Flux.1 dev and Chroma at 1024 px in bf16, with an fp8 base
 and gradient checkpointing, and with blocks swapped (`--blocks-to-swap`), then generating with two adapters
-composed; Qwen-Image at 1024 px with Flux's three settings (`--bases qwen-image`).
+composed; Qwen-Image at 1024 px with Flux's three settings (`--bases qwen-image`), and SD3.5 large and medium
+at 1024 px with them too (`--bases sd35-large sd35-medium`: not in the default run, whose Flux and Chroma
+already write ~60 GB of weights; SD3.5 large writes ~27 GB, medium ~16 GB).
 
 The bases are random weights built from the shipped configs (difflora/models/architectures/), written once
 as diffusers folders under --models-dir; batch 1, LoRA rank 16 on the attention projections. Per training
@@ -20,6 +22,8 @@ with 1 when any configuration failed, after reporting the others.
                                                           # swap row reports the flag's refusal and fails)
     python scripts/gpu_check.py --dry-run --bases chroma  # the same rows on a tiny Chroma built from it
     python scripts/gpu_check.py --bases qwen-image   # Qwen-Image at 1024 px (its own run: ~57 GB of weights)
+    python scripts/gpu_check.py --bases sd35-large sd35-medium  # SD3.5 at 1024 px (its own run: ~43 GB)
+    python scripts/gpu_check.py --dry-run --bases sd35-medium  # on a reduced SD3.5 built from its configs
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_support import random_base, tiny_chroma, tiny_qwen_image
+from bench_support import random_base, tiny_chroma, tiny_qwen_image, tiny_sd35
 from gpu_check_support import (
     GenerateRow,
     Report,
@@ -51,7 +55,8 @@ from gpu_check_support import (
 )
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-# Flux's attention preset (difflora.models.families.flux): both streams' projections in the double blocks
+# Flux's attention preset (difflora.models.families.flux): both streams' projections in the double blocks;
+# SD3's (difflora.models.families.sd3) is the same, in its joint blocks
 FLUX_ATTENTION = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 RANK = 16
 BASES = {
@@ -60,13 +65,18 @@ BASES = {
     "flux": 1024,
     "chroma": 1024,
     "qwen-image": 1024,
+    "sd35-large": 1024,
+    "sd35-medium": 1024,
 }  # base -> training/sampling px
 TRANSFORMERS = (
     "flux",
     "chroma",
     "qwen-image",
+    "sd35-large",
+    "sd35-medium",
 )  # the bases whose denoiser is a transformer (bf16, fp8, block swap)
-# Run by default; Qwen-Image (20.4 B + 8.3 B random bf16 weights, ~57 GB on disk) runs alone: --bases qwen-image
+# Run by default; Qwen-Image (20.4 B + 8.3 B random bf16 weights, ~57 GB on disk) runs alone: --bases qwen-image;
+# SD3.5 (large 8.1 B + medium 2.5 B, each with 5.5 B of text encoders: ~43 GB) too: --bases sd35-large sd35-medium
 DEFAULT_BASES = ("sd15", "sdxl", "flux", "chroma")
 SWAP = 18  # Flux.1's blocks in CPU memory in the swap row: kohya's low-memory Flux settings swap 18 for 12 GB
 PROMPT = "a red circle on a white background"
@@ -77,7 +87,7 @@ class Base:
     label: str
     folder: Path | None  # None: difflora's embedded model
     resolution: int
-    transformer: bool = False  # a Flux transformer (else a UNet)
+    transformer: bool = False  # a DiT (Flux, Chroma, Qwen-Image, SD3.5; else a UNet)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -231,13 +241,15 @@ def bases_of(args: argparse.Namespace, work: Path) -> list[Base]:
         # no tiny Chroma or Qwen-Image is embedded: each is built once (Chroma from the tiny Flux's parts)
         tiny["chroma"] = lambda: Base("tiny-chroma", tiny_chroma(work), 64, transformer=True)
         tiny["qwen-image"] = lambda: Base("tiny-qwen-image", tiny_qwen_image(work / "models"), 64, True)
+        for name in ("sd35-large", "sd35-medium"):  # a reduced SD3.5 (medium: with MMDiT-X's attn2)
+            tiny[name] = lambda name=name: Base(f"tiny-{name}", tiny_sd35(work / "models", name), 64, True)
         embedded = Base("embedded", None, 64)
         return list({tiny[name]() if name in tiny else embedded: None for name in args.bases})
     import torch
 
     models = Path(args.models_dir or work / "models")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Flux's, Chroma's and Qwen-Image's published weights are bf16 (fp16 overflows in their blocks)
+    # Flux's, Chroma's, Qwen-Image's and SD3.5's published weights are bf16 (fp16 overflows in their blocks)
     kinds = {name: torch.bfloat16 if name in TRANSFORMERS else torch.float16 for name in args.bases}
     folders = {name: random_base(name, models, dtype=kind, device=device) for name, kind in kinds.items()}
     return [
@@ -271,7 +283,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=list(BASES),
         default=None,
-        help="default: sd15 sdxl flux chroma (qwen-image alone)",
+        help="default: sd15 sdxl flux chroma (qwen-image alone; sd35-large sd35-medium alone)",
     )
     parser.add_argument("--compile", action="store_true", help="the fast settings also use --compile")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 12; dry run 2)")
@@ -287,7 +299,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.bases = args.bases or (
         ["sd15"] if dry else list(DEFAULT_BASES)
     )  # the dry run's default: the tiny SD alone
-    args.swap_limit = 3 if dry else SWAP  # the tiny Flux (and the tiny Chroma) have 4 blocks
+    args.swap_limit = 3 if dry else SWAP  # the tiny Flux, Chroma and SD3.5 have 4 blocks
     args.steps = args.steps or (2 if dry else 12 + 4 * args.compile)  # compiling makes the first steps slow
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 4 + 4 * args.compile)
     args.gen_steps = args.gen_steps or (2 if dry else 20)

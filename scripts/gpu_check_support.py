@@ -182,6 +182,8 @@ def transformer_flops(
     config = json.loads((model_dir / "transformer" / "config.json").read_text())
     if config["_class_name"] == "QwenImageTransformer2DModel":
         return qwen_flops(model_dir, resolution, rank=rank, targets=targets, backward=backward)
+    if config["_class_name"] == "SD3Transformer2DModel":
+        return sd3_flops(model_dir, resolution, rank=rank, targets=targets, backward=backward)
     model_class = getattr(diffusers, config["_class_name"])
     t5_folder = "tokenizer_2" if (model_dir / "tokenizer_2").is_dir() else "tokenizer"  # Chroma: T5 alone
     t5 = json.loads((model_dir / t5_folder / "tokenizer_config.json").read_text())["model_max_length"]
@@ -230,6 +232,37 @@ def qwen_flops(
             "encoder_hidden_states_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long),
             "timestep": torch.tensor([0.5]),
             "img_shapes": [[(1, side, side)]],
+        }
+        with FlopCounterMode(display=False) as counter:
+            output = model(**inputs, return_dict=False)[0]
+            if backward:
+                output.float().pow(2).mean().backward()
+    return int(counter.get_total_flops())
+
+
+def sd3_flops(
+    model_dir: Path, resolution: int, *, rank: int, targets: Sequence[str], backward: bool = True
+) -> int:
+    """`transformer_flops` for SD3 / SD3.5: the latent image (patched inside the model) and the sequence the
+    family caches: 77 CLIP tokens then T5's (the pipeline's 256, or the tokenizer's length where shorter)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from difflora.models.families.sd3 import T5_TOKENS
+
+    config = SD3Transformer2DModel.load_config(model_dir / "transformer")
+    t5 = json.loads((model_dir / "tokenizer_3" / "tokenizer_config.json").read_text())["model_max_length"]
+    side = resolution // _vae_step(model_dir)
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(config).requires_grad_(False)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+        inputs = {
+            "hidden_states": torch.randn(1, config["in_channels"], side, side),
+            "encoder_hidden_states": torch.randn(1, 77 + min(T5_TOKENS, t5), config["joint_attention_dim"]),
+            "pooled_projections": torch.randn(1, config["pooled_projection_dim"]),
+            "timestep": torch.tensor([500.0]),
         }
         with FlopCounterMode(display=False) as counter:
             output = model(**inputs, return_dict=False)[0]
