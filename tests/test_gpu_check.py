@@ -138,6 +138,7 @@ def test_the_peak_is_looked_up_by_gpu_name(gpu_check):
     assert gpu_check.peak_tflops("Some Future GPU") is None  # then --peak-tflops gives it
 
 
+@pytest.mark.slow  # ~50 s: a tiny DiT trained three ways and sampled
 def test_the_flux_dry_run_trains_the_tiny_flux_and_refuses_the_swap_off_cuda(gpu_check, tmp_path) -> None:
     """The Flux rows on the tiny Flux: bf16 (float32 on the CPU) and fp8 + checkpointing train; the block-swap
     row goes through the same code to the trainer, which refuses --blocks-to-swap without CUDA in one line, so
@@ -161,6 +162,7 @@ def test_the_flux_dry_run_trains_the_tiny_flux_and_refuses_the_swap_off_cuda(gpu
     assert figures["generate"][0]["status"] == "ok" and figures["generate"][0]["fused_seconds"] > 0
 
 
+@pytest.mark.slow  # ~50 s: a tiny DiT trained three ways and sampled
 def test_the_chroma_dry_run_trains_a_tiny_chroma_with_the_flux_rows(gpu_check, tmp_path) -> None:
     """Chroma's rows are Flux's (the same transformer settings), on a tiny Chroma built from the tiny Flux's
     parts: bf16 (float32 on the CPU) and fp8 + checkpointing train, the swap row is refused off CUDA, and
