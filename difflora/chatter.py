@@ -9,6 +9,8 @@ Installed when `difflora` is imported: it touches `logging` only, so `import dif
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 
 # logger name -> message prefixes it drops
 KNOWN_CHATTER: dict[str, tuple[str, ...]] = {
@@ -36,6 +38,16 @@ KNOWN_CHATTER: dict[str, tuple[str, ...]] = {
 }
 
 
+# (warning category, start of the message) of warnings dropped the same way
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # diffusers' own ChromaTransformer2DModel builds its rotary embedding from a class diffusers has since
+    # deprecated (`FluxPosEmbed` imported from `diffusers.models.embeddings`), so building one (loading a
+    # Chroma model, or the meta-device reference tree that `export` and `inspect` read key rules from) says
+    # so: a note to diffusers' authors about their own module, nothing the user calls or can change.
+    (FutureWarning, "`FluxPosEmbed` is deprecated"),
+)
+
+
 class _DropMessages(logging.Filter):
     def __init__(self, prefixes: tuple[str, ...]) -> None:
         super().__init__()
@@ -46,8 +58,11 @@ class _DropMessages(logging.Filter):
 
 
 def silence_known_chatter() -> None:
-    """Attach the filters (once per logger, however often this is called)."""
+    """Attach the filters (once per logger, however often this is called) and the warning filters (which
+    `warnings` keeps once however often they are added)."""
     for name, prefixes in KNOWN_CHATTER.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(prefixes))
+    for category, start in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
