@@ -13,5 +13,12 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 echo "Installing Debian's chromium and chromium-driver (the web UI's browser tests)"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq >/dev/null
-apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+# apt's own notes (debconf's "delaying package configuration, since apt-utils is not installed") tell the
+# user nothing: its output is kept in a log and shown only when the install fails
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; } >"$log" 2>&1; then
+  tail -n 20 "$log" >&2
+  echo "Installing chromium failed (above); install it by hand: apt-get install -y chromium chromium-driver" >&2
+  exit 1
+fi
