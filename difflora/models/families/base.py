@@ -26,6 +26,8 @@ from difflora.models.families.conditioning import (
 )
 
 ARCHITECTURES_DIR = Path(__file__).resolve().parent.parent / "architectures"
+# T5 v1.1's tokenizer, shipped once (with Flux.1 dev's configs) for every family that reads T5
+T5_TOKENIZER_FILE = ARCHITECTURES_DIR / "flux1-dev" / "tokenizer_2" / "tokenizer.json"
 
 # LoRA targets: the attention projections of a diffusers UNet and of a CLIP text encoder.
 UNET_ATTENTION: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")

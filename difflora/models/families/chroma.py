@@ -39,9 +39,13 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from difflora.errors import ConfigError
-from difflora.models.families.base import ARCHITECTURES_DIR
-from difflora.models.families.conditioning import TextConditioning, padded_tokens
+from difflora.models.families.base import T5_TOKENIZER_FILE
+from difflora.models.families.conditioning import (
+    TextConditioning,
+    checked_text_length,
+    default_text_length,
+    padded_tokens,
+)
 from difflora.models.families.flux import BFL_DISTILLED, T5_MAX_TOKENS, FluxSchnell
 
 if TYPE_CHECKING:
@@ -107,18 +111,12 @@ class Chroma(FluxSchnell):
 
     def generation_defaults(self, pipe: Any) -> dict[str, Any]:
         """T5 read at ChromaPipeline's 512 tokens, or the tokenizer's own length where it was saved shorter."""
-        tokens = min(T5_MAX_TOKENS, int(getattr(pipe.tokenizer, "model_max_length", T5_MAX_TOKENS)))
-        return {"max_sequence_length": tokens}
+        return {"max_sequence_length": default_text_length(pipe.tokenizer, T5_MAX_TOKENS)}
 
     def pipeline_arguments(
         self, options: Mapping[str, Any], *, negative_prompt: str, images: int
     ) -> dict[str, Any]:
-        tokens = int(options["max_sequence_length"])
-        if not 1 <= tokens <= T5_MAX_TOKENS:
-            raise ConfigError(
-                f"--max-sequence-length {tokens}: Chroma's T5 reads 1 to {T5_MAX_TOKENS} tokens."
-            )
-        return {"max_sequence_length": tokens}
+        return {"max_sequence_length": checked_text_length(options, T5_MAX_TOKENS, "Chroma's T5")}
 
     def prompt_embeddings(
         self, pipe: Any, prompt: str, negative_prompt: str, options: Mapping[str, Any]
@@ -139,11 +137,7 @@ class Chroma(FluxSchnell):
 
     def tokenizer_file(self, name: str) -> Path | None:
         """T5's tokenizer.json: the one shipped for Flux.1 (the same T5 v1.1 tokenizer)."""
-        return (
-            ARCHITECTURES_DIR / "flux1-dev" / "tokenizer_2" / "tokenizer.json"
-            if name == "tokenizer"
-            else None
-        )
+        return T5_TOKENIZER_FILE if name == "tokenizer" else None
 
     # ---- file layouts
     # Only the transformer trains: no text-encoder prefixes are written (T5 is never trained here).

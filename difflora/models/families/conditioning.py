@@ -152,3 +152,19 @@ def padded_tokens(tokenizer: Any, captions: list[str], max_length: int | None = 
         truncation=True,
         return_tensors="pt",
     )
+
+
+def default_text_length(tokenizer: Any, pipeline_default: int) -> int:
+    """The pipeline's default `max_sequence_length`, or the tokenizer's own length where it was saved
+    shorter (a small model trained at that length): what generation reads unless told otherwise."""
+    return min(pipeline_default, int(getattr(tokenizer, "model_max_length", pipeline_default)))
+
+
+def checked_text_length(options: Mapping[str, Any], upper: int, model: str) -> int:
+    """`options["max_sequence_length"]`, refused in one line outside what the model's encoder reads."""
+    from difflora.errors import ConfigError
+
+    tokens = int(options["max_sequence_length"])
+    if not 1 <= tokens <= upper:
+        raise ConfigError(f"--max-sequence-length {tokens}: {model} reads 1 to {upper} tokens.")
+    return tokens

@@ -19,9 +19,13 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from difflora.errors import ConfigError
-from difflora.models.families.base import ARCHITECTURES_DIR, ModelFamily
-from difflora.models.families.conditioning import TextConditioning, padded_tokens
+from difflora.models.families.base import T5_TOKENIZER_FILE, ModelFamily
+from difflora.models.families.conditioning import (
+    TextConditioning,
+    checked_text_length,
+    default_text_length,
+    padded_tokens,
+)
 from difflora.models.families.flow import FlowSchedule, TimestepSampling
 
 if TYPE_CHECKING:
@@ -141,19 +145,15 @@ class Flux(ModelFamily):
         """True CFG off (dev is guidance-distilled: `--guidance` is its embedded input), and T5 read at
         FluxPipeline's 512 tokens, or the tokenizer's own length where it was saved with less (a small
         model trained at that length)."""
-        tokens = min(T5_MAX_TOKENS, int(getattr(pipe.tokenizer_2, "model_max_length", T5_MAX_TOKENS)))
-        return {"true_cfg": 1.0, "max_sequence_length": tokens}
+        return {"true_cfg": 1.0, "max_sequence_length": default_text_length(pipe.tokenizer_2, T5_MAX_TOKENS)}
 
     def pipeline_arguments(
         self, options: Mapping[str, Any], *, negative_prompt: str, images: int
     ) -> dict[str, Any]:
         """FluxPipeline's `true_cfg_scale` and `max_sequence_length`. True CFG runs only with a negative
         prompt, so above 1 an empty one is passed where none was given."""
-        tokens, scale = int(options["max_sequence_length"]), float(options["true_cfg"])
-        if not 1 <= tokens <= T5_MAX_TOKENS:
-            raise ConfigError(
-                f"--max-sequence-length {tokens}: Flux.1's T5 reads 1 to {T5_MAX_TOKENS} tokens."
-            )
+        tokens = checked_text_length(options, T5_MAX_TOKENS, "Flux.1's T5")
+        scale = float(options["true_cfg"])
         arguments: dict[str, Any] = {"true_cfg_scale": scale, "max_sequence_length": tokens}
         if scale > 1 and not negative_prompt:
             arguments["negative_prompt"] = "" if images == 1 else [""] * images
@@ -176,7 +176,7 @@ class Flux(ModelFamily):
 
     def tokenizer_file(self, name: str) -> Path | None:
         """T5's tokenizer.json, shipped once (in flux1-dev/) for both variants."""
-        return ARCHITECTURES_DIR / "flux1-dev" / name / "tokenizer.json" if name == "tokenizer_2" else None
+        return T5_TOKENIZER_FILE if name == "tokenizer_2" else None
 
     def prediction_type_of(self, scheduler_config: Mapping[str, Any]) -> str:
         return self.default_prediction_type

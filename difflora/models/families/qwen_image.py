@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from difflora.errors import ConfigError
 from difflora.models.families.base import ModelFamily
-from difflora.models.families.conditioning import TextConditioning
+from difflora.models.families.conditioning import TextConditioning, checked_text_length
 from difflora.models.families.flow import FlowSchedule, TimestepSampling
 
 if TYPE_CHECKING:
@@ -126,11 +125,8 @@ class QwenImage(ModelFamily):
     def pipeline_arguments(
         self, options: Mapping[str, Any], *, negative_prompt: str, images: int
     ) -> dict[str, Any]:
-        tokens, scale = int(options["max_sequence_length"]), float(options["true_cfg"])
-        if not 1 <= tokens <= TOKENIZER_MAX:
-            raise ConfigError(
-                f"--max-sequence-length {tokens}: Qwen-Image reads 1 to {TOKENIZER_MAX} tokens."
-            )
+        tokens = checked_text_length(options, TOKENIZER_MAX, "Qwen-Image")
+        scale = float(options["true_cfg"])
         arguments: dict[str, Any] = {"true_cfg_scale": scale, "max_sequence_length": tokens}
         if scale > 1 and not negative_prompt:  # the pipeline runs true CFG only with a negative prompt
             arguments["negative_prompt"] = (

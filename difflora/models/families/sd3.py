@@ -22,10 +22,14 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from difflora.errors import ConfigError
 from difflora.models.families import mmdit
-from difflora.models.families.base import ARCHITECTURES_DIR, ModelFamily
-from difflora.models.families.conditioning import TextConditioning, padded_tokens
+from difflora.models.families.base import T5_TOKENIZER_FILE, ModelFamily
+from difflora.models.families.conditioning import (
+    TextConditioning,
+    checked_text_length,
+    default_text_length,
+    padded_tokens,
+)
 from difflora.models.families.flow import FlowSchedule, TimestepSampling
 
 if TYPE_CHECKING:
@@ -122,16 +126,12 @@ class SD3(ModelFamily):
 
     def generation_defaults(self, pipe: Any) -> dict[str, Any]:
         """T5 read at the pipeline's 256 tokens, or the tokenizer's own length where it was saved with less."""
-        tokens = min(T5_TOKENS, int(getattr(pipe.tokenizer_3, "model_max_length", T5_TOKENS)))
-        return {"max_sequence_length": tokens}
+        return {"max_sequence_length": default_text_length(pipe.tokenizer_3, T5_TOKENS)}
 
     def pipeline_arguments(
         self, options: Mapping[str, Any], *, negative_prompt: str, images: int
     ) -> dict[str, Any]:
-        tokens = int(options["max_sequence_length"])
-        if not 1 <= tokens <= T5_MAX_TOKENS:
-            raise ConfigError(f"--max-sequence-length {tokens}: SD3's T5 reads 1 to {T5_MAX_TOKENS} tokens.")
-        return {"max_sequence_length": tokens}
+        return {"max_sequence_length": checked_text_length(options, T5_MAX_TOKENS, "SD3's T5")}
 
     def prompt_embeddings(
         self, pipe: Any, prompt: str, negative_prompt: str, options: Mapping[str, Any]
@@ -154,11 +154,7 @@ class SD3(ModelFamily):
 
     def tokenizer_file(self, name: str) -> Path | None:
         """T5's tokenizer.json: the one shipped for Flux.1 (the same T5 v1.1 tokenizer)."""
-        return (
-            ARCHITECTURES_DIR / "flux1-dev" / "tokenizer_2" / "tokenizer.json"
-            if name == "tokenizer_3"
-            else None
-        )
+        return T5_TOKENIZER_FILE if name == "tokenizer_3" else None
 
     def prediction_type_of(self, scheduler_config: Mapping[str, Any]) -> str:
         return self.default_prediction_type
