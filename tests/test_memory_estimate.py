@@ -133,3 +133,35 @@ def test_estimate_follows_the_measured_peak_rss_of_cpu_runs(tmp_path: Path) -> N
     measured, estimated = large_rss - small_rss, large_estimate - small_estimate
     assert estimated > 40  # MiB: the large run's activations dominate what the libraries vary by
     assert 1.0 <= measured / estimated <= 3.0, (measured, estimated)
+
+
+def test_a_count_is_reused_only_for_the_same_structure_and_inputs():
+    """The plan's activation count is remembered per model structure and probe inputs: planning the same
+    model again reuses it (one probe run), while another rank, a frozen layer, a dtype or other inputs count
+    anew; and what is reused is what counting again gives."""
+    from difflora.training.memory import counted_activations, saved_activations
+
+    probed: list[int] = []
+
+    def probe(model: nn.Module):
+        probed.append(1)
+        inputs = torch.randn(3, 8)
+        return lambda: model(inputs)
+
+    def model(width: int = 16, dtype: torch.dtype = torch.float32) -> nn.Module:
+        return nn.Sequential(nn.Linear(8, width), nn.GELU(), nn.Linear(width, 4)).to(dtype)
+
+    first = counted_activations(model(), (), probe, ("batch", 3))
+    assert counted_activations(model(), (), probe, ("batch", 3)) == first and len(probed) == 1
+    assert first == saved_activations(model(), (), probe) and first.total > 0
+    frozen = model()
+    frozen[0].weight.requires_grad_(False)
+    for other, key in [
+        (model(width=32), ("batch", 3)),
+        (frozen, ("batch", 3)),
+        (model(dtype=torch.float64), ("batch", 3)),
+        (model(), ("batch", 4)),
+    ]:
+        before = len(probed)
+        counted_activations(other, (), probe, key)
+        assert len(probed) == before + 1, key

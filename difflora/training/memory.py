@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
@@ -97,9 +97,11 @@ def estimate_memory(
     checkpointing: bool,
     optimizer: str,
     device: torch.device,
+    probe_key: Hashable = None,
 ) -> MemoryEstimate:
     """The estimate for a set-up run. `probe(model)` returns one forward of `model` at the run's batch and
-    size (the family's conditioning knows the inputs)."""
+    size (the family's conditioning knows the inputs); `probe_key`, when given, names those inputs (batch,
+    size, conditioning) so that a process planning another run of the same model reuses the count."""
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
     trainable += [
         p for name in ("text_encoder", "text_encoder_2", "text_encoder_3") for p in _params(pipe, name)
@@ -110,7 +112,7 @@ def estimate_memory(
         weights=resident_weight_bytes(pipe) - swapped,
         swapped=swapped,
         lora=lora,
-        activations=saved_activations(denoiser, block_lists, probe),
+        activations=counted_activations(denoiser, block_lists, probe, probe_key),
         checkpointing=checkpointing,
         device=device.type,
     )
@@ -142,6 +144,47 @@ def swap_saving(swap: BlockSwap) -> int:
     sizes = [tensor_bytes(home for _, home in state.homes) for state in swap.blocks]
     resident = max((a + b for a, b in itertools.pairwise(sizes)), default=sum(sizes))
     return sum(sizes) - resident
+
+
+# Counted activations per (model structure, block lists, probe inputs), for this process. Counting costs a
+# deep copy and a meta-device forward (about a second on the embedded model, more on a full-size one);
+# `difflora train a b c` plans several runs on one base, and the test suite plans hundreds.
+_COUNTED: dict[Hashable, Activations] = {}
+
+
+def counted_activations(
+    denoiser: nn.Module,
+    block_lists: Sequence[str],
+    probe: Callable[[nn.Module], Callable[[], Any]],
+    probe_key: Hashable,
+) -> Activations:
+    if probe_key is None:
+        return saved_activations(denoiser, block_lists, probe)
+    key = (structure_key(denoiser), tuple(block_lists), probe_key)
+    if key not in _COUNTED:
+        _COUNTED[key] = saved_activations(denoiser, block_lists, probe)
+    return _COUNTED[key]
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """What decides the bytes autograd saves, apart from the inputs: every module's path and class (LoRA,
+    DoRA, dropout, float8 and checkpointing wrappers are classes of their own), its attention processor's
+    class, and each of its own tensors' shape, dtype and whether it trains."""
+    return tuple(
+        (
+            name,
+            type(module).__qualname__,
+            type(getattr(module, "processor", None)).__qualname__,
+            tuple(
+                (tensor_name, tuple(tensor.shape), tensor.dtype, tensor.requires_grad)
+                for tensor_name, tensor in [
+                    *module.named_parameters(recurse=False),
+                    *module.named_buffers(recurse=False),
+                ]
+            ),
+        )
+        for name, module in model.named_modules()
+    )
 
 
 def saved_activations(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from difflora.adapter.inject import format_parameter_report, parameter_report
 from difflora.config.train import OPTIMIZER_LEARNING_RATES, TrainConfig
 from difflora.models.architecture import pipeline_architecture
@@ -214,8 +216,25 @@ def plan_memory(config: TrainConfig, run: Run) -> MemoryEstimate:
         family.denoiser_of(models.pipe),
         family.swappable_blocks,
         lambda model: conditioning.probe(models.pipe, model, batch, resolution),
+        probe_key=_probe_key(models.pipe, conditioning, batch, resolution),
         swap=models.block_swap,
         checkpointing=config.gradient_checkpointing,
         optimizer=run.record.facts["optimizer"],
         device=run.accelerator.device,
+    )
+
+
+def _probe_key(pipe: Any, conditioning: Any, batch: int, resolution: int) -> tuple:
+    """What the conditioning's probe reads besides the denoiser: its kind and text length (`cache_tag`),
+    the batch and size, the autoencoder's scale and channels, the first tokenizer's length."""
+    vae = getattr(pipe, "vae", None)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    return (
+        type(conditioning).__qualname__,
+        conditioning.cache_tag,
+        batch,
+        resolution,
+        getattr(pipe, "vae_scale_factor", None),
+        getattr(getattr(vae, "config", None), "latent_channels", None),
+        getattr(tokenizer, "model_max_length", None),
     )
