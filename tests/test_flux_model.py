@@ -233,6 +233,7 @@ def test_training_adapts_the_preset_and_the_blocks_asked_for(adapters):
     assert "flow matching, timesteps flux-shift" in plan and "min-SNR" not in plan
 
 
+@pytest.mark.slow  # two `python -m difflora` processes end to end (~30 s)
 def test_the_cli_trains_and_generates_with_two_composed_adapters(flux_dir, data, adapters, tmp_path):
     common = [
         "--model",

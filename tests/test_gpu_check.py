@@ -52,6 +52,7 @@ def _tables(markdown: str) -> list[list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow  # the module's dry run: the embedded model trained two ways and sampled (~15 s)
 def test_the_dry_run_reports_both_settings_and_the_composed_generation(dry_run):
     code, markdown, _ = dry_run
     assert code == 0, markdown
@@ -70,6 +71,7 @@ def test_the_dry_run_reports_both_settings_and_the_composed_generation(dry_run):
     assert float(generated["base s/image"]) > 0 and float(generated["fused s/image (2 adapters)"]) > 0
 
 
+@pytest.mark.slow  # the module's dry run: the embedded model trained two ways and sampled (~15 s)
 def test_the_flop_count_matches_one_made_independently(dry_run):
     _, _, figures = dry_run
     forward, step = figures["train"][0]["forward_flops"], figures["train"][0]["step_flops"]

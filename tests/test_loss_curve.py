@@ -38,3 +38,25 @@ def test_the_curve_is_a_matplotlib_png_with_each_series_in_its_colour():
 def test_a_one_point_curve_is_drawn_at_the_requested_size():
     image = Image.open(io.BytesIO(loss_curve_png([LossPoint(1, 0.5, 0.5)], size=(320, 200))))
     assert image.size == (320, 200)
+
+
+def test_checkpoints_redraw_the_curve_at_most_every_interval_and_the_end_draws_every_step(
+    tmp_path, monkeypatch
+):
+    from difflora.training import log as log_module
+    from difflora.training.log import TrainLog
+
+    clock = [1000.0]
+    monkeypatch.setattr(log_module.time, "monotonic", lambda: clock[0])
+    run = TrainLog(tmp_path, total_steps=4, start_step=0, progress=False)
+    png = tmp_path / "loss.png"
+    for step in (1, 2):
+        run.step(step, 0, 1.0 / step, 1e-3, skipped=False, seconds=0.1)
+    assert run.checkpoint_curve() is None and not png.exists()  # a checkpoint right after the start
+    clock[0] += log_module.CURVE_EVERY_S
+    assert run.checkpoint_curve() == png and png.read_bytes() == loss_curve_png(run.points[:2])
+    run.step(3, 0, 0.3, 1e-3, skipped=False, seconds=0.1)
+    assert run.checkpoint_curve() is None  # drawn less than the interval ago
+    assert run.finish_curve() == png and png.read_bytes() == loss_curve_png(run.points)
+    assert run.finish_curve() is None  # nothing new since
+    run.close()

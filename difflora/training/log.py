@@ -10,6 +10,7 @@ import csv
 import io
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 OPTIONAL_FIELDS = ("validation_loss", "ema_validation_loss", "drift")
 CSV_FIELDS = ("step", "epoch", "loss", "smoothed_loss", "lr", "skipped", "seconds", *OPTIONAL_FIELDS)
 SMOOTHING = 0.9  # exponential moving average factor of the displayed loss
+CURVE_EVERY_S = 30.0  # least time between two drawings of loss.png at checkpoints
 
 
 @dataclass
@@ -69,6 +71,10 @@ class TrainLog:
         self.smoothed: float | None = self.points[-1].smoothed if self.points else None
         self.bar = _progress_bar(total_steps, start_step) if progress else None
         self.tensorboard = _tensorboard_writer(run_dir / "tensorboard")
+        self._curve_drawn_at, self._curve_points = (
+            time.monotonic(),
+            0,
+        )  # loss.png last drawn: when, how many steps
 
     def _rewrite_csv(self, rows: list[dict[str, str]]) -> None:
         buffer = io.StringIO()
@@ -132,9 +138,23 @@ class TrainLog:
             self.bar.update(1)
 
     def write_curve(self) -> Path | None:
+        """loss.png drawn from every step so far (nothing before the first step)."""
         if not self.points:
             return None
+        self._curve_drawn_at, self._curve_points = time.monotonic(), len(self.points)
         return write_atomic(self.png_path, loss_curve_png(self.points, self.validation))
+
+    def checkpoint_curve(self) -> Path | None:
+        """loss.png redrawn at a checkpoint once CURVE_EVERY_S have passed since it was last drawn: a short
+        run's frequent checkpoints would otherwise spend more time drawing than training. The run's end
+        draws it whatever the time (`write_curve`)."""
+        if time.monotonic() - self._curve_drawn_at < CURVE_EVERY_S:
+            return None
+        return self.write_curve()
+
+    def finish_curve(self) -> Path | None:
+        """loss.png drawn at the end of the run, unless the last drawing already had every step."""
+        return self.write_curve() if len(self.points) != self._curve_points else None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Extra scalars for TensorBoard (when installed)."""

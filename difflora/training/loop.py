@@ -182,7 +182,7 @@ def _update(run: Run, bad: bool, step: int) -> bool:
 
 def _diverged(run: Run, step: int, streak: int) -> None:
     if run.log is not None:
-        run.log.write_curve()
+        run.log.finish_curve()
     last = run.last_checkpoint()
     kept = (
         f"The last good checkpoint, {last.path} (step {last.step}), is intact: continue from it with --resume "

@@ -158,7 +158,7 @@ def _write_checkpoint(
     if run.gradients is not None:
         run.gradients.write()
     if run.log is not None:
-        run.log.write_curve()
+        run.log.checkpoint_curve()
         run.log.write(f"checkpoint: {checkpoint.path}")
     return checkpoint
 
@@ -182,6 +182,7 @@ def finish_run(run: Run) -> Path:
     if run.accelerator.is_main_process:
         if run.log is not None:
             run.log.end_progress()
+            run.log.finish_curve()
         _report_gradients(run)
         _write_average(run, step)
         with run.times.phase("final_save"), evaluation_weights(run.optimizer):
