@@ -14,6 +14,17 @@ The trainings are shared through a session fixture (each trained once, when a te
 the trainer's own measure from loss.csv, on the same 4 prompts at the same fixed noise in every run.
 The masked-out gradient being exactly 0 is tests/test_masks.py's (a unit test of the loss, and a run whose
 all-black masks leave every B at zero).
+
+Not reached: issue 21 asks for the cross signature past CROSS_THRESHOLD (0.7) in the preserve and masked
+runs; the plain run passes it (0.77), these do not. Settings tried (2026-12-06, this 2-core CPU, one thread,
+120 steps at batch 4 and lr 4e-3 unless said; cross as `_cross` measures it, the base's 0.29):
+- --preserve-base: prior weight 1 0.48 (drift 0.30-0.45 x the plain run's); 0.5 0.54 (0.30-0.46 x); 0.2
+  0.08; weight 1 at batch 2 for 240 steps 0.20; weight 1 with the text encoder's LoRA trained too 0.32.
+- --masks: as here 0.50 (background change well under half the unmasked run's 68.6); masks dilated by 2 px
+  0.56 (background 0.52 x), by 4 px 0.65 (0.61 x); 240 steps 0.41; lr 8e-3 diverges (0.21); 48 images 0.39.
+  Without masks on the same images: 0.54.
+A single run's signature moves non-monotonically with the weight and the steps: the margins below are what
+holds for every run measured, not the threshold.
 """
 
 from __future__ import annotations
