@@ -71,10 +71,8 @@ class TrainLog:
         self.smoothed: float | None = self.points[-1].smoothed if self.points else None
         self.bar = _progress_bar(total_steps, start_step) if progress else None
         self.tensorboard = _tensorboard_writer(run_dir / "tensorboard")
-        self._curve_drawn_at, self._curve_points = (
-            time.monotonic(),
-            0,
-        )  # loss.png last drawn: when, how many steps
+        self._curve_drawn_at = time.monotonic()  # when loss.png was last drawn
+        self._curve_points = 0  # with how many steps
 
     def _rewrite_csv(self, rows: list[dict[str, str]]) -> None:
         buffer = io.StringIO()
