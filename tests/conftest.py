@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _share_memory_between_workers(request, tmp_path_factory) -> Iterator[None]:
-    """Under pytest-xdist, a full-size test has the machine to itself (tests/support/scheduling.py)."""
+    """Under pytest-xdist, a test on the SDXL checkpoint has the machine to itself (tests/support/scheduling.py)."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
