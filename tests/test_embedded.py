@@ -54,6 +54,7 @@ def _sample(folder: str) -> list[tuple[np.ndarray, str]]:
     ]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: ~10 s
 def test_loads_offline_as_plain_sd1_pipeline_within_size_budget():
     code = (
         "import json; from diffusers import StableDiffusionPipeline as P; from difflora.embedded import "

@@ -59,6 +59,7 @@ def _stored_params(component: str) -> int:
         return sum(int(np.prod(f.get_slice(k).get_shape())) for k in names)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: ~10 s
 def test_loads_offline_as_plain_flux_pipeline():
     code = (
         "import json, sys; from diffusers import FluxPipeline as P; p = P.from_pretrained(sys.argv[1]); "

@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import json, sys
 import difflora.training.trainer, difflora.generation.generate, difflora.composition.composer
@@ -21,6 +23,7 @@ print(json.dumps(loaded))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: ~10 s
 def test_commands_import_peft_without_bitsandbytes_and_quantizing_still_finds_it():
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     loaded = json.loads(result.stdout.strip().splitlines()[-1])

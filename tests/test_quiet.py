@@ -114,6 +114,7 @@ def test_the_driver_sees_chatter():
     assert foreign_lines("<difflora> Error: x\n<log:difflora.training> plan\ntraining: 50%|#\r") == []
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: ~10 s
 def test_the_python_api_is_quiet_about_torchvision():
     """Loading SDXL or Flux through the Python API makes diffusers look up transformers' image processors,
     which without torchvision (left out of the install on purpose) warn once each."""
