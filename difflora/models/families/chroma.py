@@ -46,7 +46,7 @@ from difflora.models.families.conditioning import (
     default_text_length,
     padded_tokens,
 )
-from difflora.models.families.flux import BFL_DISTILLED, T5_MAX_TOKENS, FluxSchnell
+from difflora.models.families.flux import BFL_DISTILLED, T5_MAX_TOKENS, FluxSchnell, packed_prediction
 
 if TYPE_CHECKING:
     import torch
@@ -194,22 +194,18 @@ class ChromaConditioning(TextConditioning):
     ) -> torch.Tensor:
         """The velocity for latents [B, C, H, W]; `guidance` is unused (Chroma takes no guidance input)."""
         import torch
-        from diffusers import FluxPipeline
 
-        size, channels, height, width = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy.to(device, dtype), size, channels, height, width)
-        hidden = text["hidden"].to(device, dtype)
-        image = torch.ones(size, packed.shape[1], device=device, dtype=dtype)
-        output = model(
-            hidden_states=packed,
-            timestep=timesteps.to(device, dtype),
-            encoder_hidden_states=hidden,
-            txt_ids=torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype),
-            img_ids=FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, device, dtype),
+        size, _, height, width = noisy.shape
+        image = torch.ones(size, (height // 2) * (width // 2), device=device, dtype=dtype)  # its 2x2 patches
+        return packed_prediction(
+            model,
+            noisy,
+            timesteps,
+            text["hidden"],
+            device=device,
+            dtype=dtype,
             attention_mask=torch.cat([text["mask"].to(device, dtype), image], dim=1),
-            return_dict=False,
-        )[0]
-        return FluxPipeline._unpack_latents(output, height, width, 1)  # latent pixels: a factor of 1
+        )
 
     def probe(self, pipe: Any, model: torch.nn.Module, batch: int, resolution: int) -> Callable[[], Any]:
         import torch

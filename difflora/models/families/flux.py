@@ -270,23 +270,19 @@ class FluxConditioning(TextConditioning):
         guidance: float,
     ) -> torch.Tensor:
         import torch
-        from diffusers import FluxPipeline
 
-        size, channels, height, width = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy.to(device, dtype), size, channels, height, width)
-        hidden = text["hidden"].to(device, dtype)
         config = getattr(model, "module", model).config  # DDP wraps the transformer
-        output = model(
-            hidden_states=packed,
-            timestep=timesteps.to(device, dtype),
+        size = noisy.shape[0]
+        return packed_prediction(
+            model,
+            noisy,
+            timesteps,
+            text["hidden"],
+            device=device,
+            dtype=dtype,
             guidance=torch.full((size,), guidance, device=device) if config.guidance_embeds else None,
             pooled_projections=text["pooled"].to(device, dtype),
-            encoder_hidden_states=hidden,
-            txt_ids=torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype),
-            img_ids=FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, device, dtype),
-            return_dict=False,
-        )[0]
-        return FluxPipeline._unpack_latents(output, height, width, 1)  # latent pixels: a factor of 1
+        )
 
     def probe(self, pipe: Any, model: torch.nn.Module, batch: int, resolution: int) -> Callable[[], Any]:
         import torch
@@ -304,3 +300,34 @@ class FluxConditioning(TextConditioning):
         return lambda: self.predict(
             model, latents, sigmas, text, {}, device=device, dtype=dtype, guidance=1.0
         )
+
+
+def packed_prediction(
+    model: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    hidden: torch.Tensor,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    **inputs: Any,
+) -> torch.Tensor:
+    """A Flux-layout transformer's output for latents [B, C, H, W], shaped like them: the latents packed into
+    2x2 patches with their position ids, the text's ids zero, as FluxPipeline (and ChromaPipeline) call it;
+    `inputs` are the family's own (guidance, pooled projections, attention mask)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    size, channels, height, width = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy.to(device, dtype), size, channels, height, width)
+    hidden = hidden.to(device, dtype)
+    output = model(
+        hidden_states=packed,
+        timestep=timesteps.to(device, dtype),
+        encoder_hidden_states=hidden,
+        txt_ids=torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype),
+        img_ids=FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, device, dtype),
+        return_dict=False,
+        **inputs,
+    )[0]
+    return FluxPipeline._unpack_latents(output, height, width, 1)  # latent pixels: a factor of 1
