@@ -25,8 +25,8 @@ from difflora.training.text import pipeline_conditioning
 from difflora.training.trainer import train
 from tests.support.adapters import read_file_deltas
 from tests.support.chroma import tiny_chroma_pipeline, write_chroma_files
+from tests.support.paths import copy_samples
 
-DATA = Path(__file__).resolve().parent.parent / "sample_data"
 PROMPT = "a red stripe on a white background"
 TOKENS = 32
 pytestmark = pytest.mark.slow  # end-to-end: training runs and pipeline renders
@@ -44,11 +44,7 @@ def chroma_dir(tmp_path_factory) -> Path:
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     for concept in ("style", "subject"):
-        (root / concept).mkdir()
-        for index in range(2):
-            for suffix in (".png", ".txt"):
-                name = f"{concept}_{index:03d}{suffix}"
-                (root / concept / name).write_bytes((DATA / concept / name).read_bytes())
+        copy_samples(concept, root / concept, range(2))
     return root
 
 

@@ -3,8 +3,6 @@ rendered with the LoRA unfused; trained on the tiny random Flux."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
@@ -15,8 +13,7 @@ from difflora.models.fp8 import Float8Linear, to_fp8
 from difflora.training.trainer import train
 from tests.support.adapters import read_file_deltas
 from tests.support.flux import tiny_flux_pipeline
-
-DATA = Path(__file__).resolve().parent.parent / "sample_data"
+from tests.support.paths import copy_samples
 
 
 def test_a_float8_linear_computes_with_the_weight_rounded_to_float8():
@@ -53,10 +50,7 @@ def test_lora_on_a_float8_base_stays_float32_and_is_never_fused():
 def test_training_a_tiny_flux_on_an_fp8_base(tmp_path):
     folder = tmp_path / "flux"
     tiny_flux_pipeline(max_tokens=32).save_pretrained(folder)
-    data = tmp_path / "style"
-    data.mkdir()
-    for suffix in (".png", ".txt"):
-        (data / f"style_000{suffix}").write_bytes((DATA / "style" / f"style_000{suffix}").read_bytes())
+    data = copy_samples("style", tmp_path / "style", [0])
     config = TrainConfig(
         data_dir=str(data),
         model=str(folder),

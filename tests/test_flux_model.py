@@ -31,8 +31,7 @@ from difflora.training.trainer import train
 from tests.support.adapters import read_file_deltas
 from tests.support.cli import run_cli
 from tests.support.flux import tiny_flux_pipeline, write_flux_files
-
-DATA = Path(__file__).resolve().parent.parent / "sample_data"
+from tests.support.paths import copy_samples
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,7 @@ def data(tmp_path_factory) -> Path:
     """Two images of each sample concept: enough for 2 steps, a tenth of the caching of the full folders."""
     root = tmp_path_factory.mktemp("data")
     for concept in ("style", "subject"):
-        (root / concept).mkdir()
-        for index in range(2):
-            for suffix in (".png", ".txt"):
-                name = f"{concept}_{index:03d}{suffix}"
-                (root / concept / name).write_bytes((DATA / concept / name).read_bytes())
+        copy_samples(concept, root / concept, range(2))
     return root
 
 

@@ -24,7 +24,7 @@ from difflora.config.train import TrainConfig
 from difflora.models.loading import load_pipeline
 from difflora.training.outputs import finish_run
 from tests.support.flux import tiny_flux_pipeline
-from tests.support.paths import SAMPLE_DATA
+from tests.support.paths import copy_samples
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,7 @@ def workspace(tmp_path_factory) -> Path:
     """A saved tiny Flux and 4 images of the style concept."""
     root = tmp_path_factory.mktemp("flux-train")
     tiny_flux_pipeline(max_tokens=32).save_pretrained(root / "model")
-    (root / "style").mkdir()
-    for index in range(4):
-        for suffix in (".png", ".txt"):
-            name = f"style_{index:03d}{suffix}"
-            (root / "style" / name).write_bytes((SAMPLE_DATA / "style" / name).read_bytes())
+    copy_samples("style", root / "style", range(4))
     return root
 
 

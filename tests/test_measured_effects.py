@@ -40,7 +40,7 @@ from PIL import Image
 
 import difflora.training.trainer as trainer
 from difflora.config.train import TrainConfig
-from tests.support.paths import SAMPLE_DATA
+from tests.support.paths import SAMPLE_DATA, copy_samples
 
 pytestmark = pytest.mark.slow
 
@@ -186,13 +186,8 @@ def test_a_small_set_trained_long_has_a_validation_minimum_the_run_names_and_kee
     1.1 x the lowest; --keep-best writes exactly the lowest checkpoint's adapter, tensor by tensor."""
     from safetensors.torch import load_file
 
-    folders = {"train": range(0, 2), "held": range(10, 14)}
-    for name, numbers in folders.items():
-        (tmp_path / name).mkdir()
-        for number in numbers:
-            for suffix in (".png", ".txt"):
-                source = SAMPLE_DATA / "subject" / f"subject_{number:03d}{suffix}"
-                (tmp_path / name / source.name).write_bytes(source.read_bytes())
+    copy_samples("subject", tmp_path / "train", range(0, 2))
+    copy_samples("subject", tmp_path / "held", range(10, 14))
     config = TrainConfig(
         data_dir=str(tmp_path / "train"),
         validation_dir=str(tmp_path / "held"),

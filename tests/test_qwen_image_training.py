@@ -26,7 +26,7 @@ from difflora.models.families import family
 from difflora.models.loading import load_pipeline
 from difflora.training.trainer import train
 from tests.support.adapters import read_file_deltas
-from tests.support.paths import SAMPLE_DATA
+from tests.support.paths import copy_samples
 from tests.support.qwen_image import tiny_qwen_pipeline, write_qwen_files
 
 pytestmark = pytest.mark.slow  # end-to-end: a training run and pipeline renders
@@ -43,11 +43,7 @@ def workspace(tmp_path_factory) -> Path:
     tiny_qwen_pipeline(seed=5).save_pretrained(root / "model")
     defaults = {"resolution": 64, "max_sequence_length": TOKENS}
     (root / "model" / "difflora_defaults.json").write_text(json.dumps(defaults))
-    (root / "style").mkdir()
-    for index in range(2):
-        for suffix in (".png", ".txt"):
-            name = f"style_{index:03d}{suffix}"
-            (root / "style" / name).write_bytes((SAMPLE_DATA / "style" / name).read_bytes())
+    copy_samples("style", root / "style", range(2))
     return root
 
 

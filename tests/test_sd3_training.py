@@ -24,7 +24,7 @@ from difflora.generation.pipeline import render
 from difflora.models.loading import load_pipeline
 from difflora.training.trainer import train
 from tests.support.adapters import read_file_deltas
-from tests.support.paths import SAMPLE_DATA
+from tests.support.paths import copy_samples
 from tests.support.sd3 import tiny_sd3_pipeline, write_sd3_files
 
 pytestmark = pytest.mark.slow  # end-to-end: a training run and pipeline renders
@@ -39,11 +39,7 @@ def workspace(tmp_path_factory) -> Path:
     """A saved reduced SD3.5 medium and 2 images of the style concept."""
     root = tmp_path_factory.mktemp("sd3-train")
     tiny_sd3_pipeline(medium=True, seed=5).save_pretrained(root / "model")
-    (root / "style").mkdir()
-    for index in range(2):
-        for suffix in (".png", ".txt"):
-            name = f"style_{index:03d}{suffix}"
-            (root / "style" / name).write_bytes((SAMPLE_DATA / "style" / name).read_bytes())
+    copy_samples("style", root / "style", range(2))
     return root
 
 
