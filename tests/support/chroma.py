@@ -12,13 +12,12 @@ inverting difflora's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from difflora.models.architecture import config_folder
+from tests.support.dit_parts import shipped_scheduler, t5_tokenizer, tiny_autoencoder, tiny_t5
 from tests.support.flux import SCALE, SHIFT, WIDTH, ldm_vae_state
 
 APPROXIMATOR_WIDTH = 32  # reduced from Chroma's 5120
@@ -44,49 +43,13 @@ def tiny_chroma_transformer(*, latent_channels: int = 4, seed: int = 0):
 
 
 def tiny_chroma_pipeline(*, latent_channels: int = 4, seed: int = 0, max_tokens: int = 512):
-    from diffusers import AutoencoderKL, ChromaPipeline, FlowMatchEulerDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from diffusers import ChromaPipeline
 
     transformer = tiny_chroma_transformer(latent_channels=latent_channels, seed=seed)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=32128,
-            d_model=WIDTH,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=32,
-        sample_size=32,
-        shift_factor=SHIFT,
-        scaling_factor=SCALE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    folder = config_folder("chroma")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    )
-    tokenizer = T5TokenizerFast(
-        tokenizer_file=str(config_folder("flux") / "tokenizer_2" / "tokenizer.json"),
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_ids=100,
-        model_max_length=max_tokens,
-    )
+    t5 = tiny_t5(WIDTH)
+    vae = tiny_autoencoder(latent_channels, SHIFT, SCALE)
+    scheduler = shipped_scheduler("chroma")
+    tokenizer = t5_tokenizer(max_tokens)
     pipe = ChromaPipeline(scheduler, vae, t5, tokenizer, transformer)
     pipe.default_sample_size = 16  # 32-px images with the 2x autoencoder
     pipe.set_progress_bar_config(disable=True)

@@ -6,14 +6,13 @@ CLIP-L and T5 files (Hugging Face names) and the autoencoder in its original lay
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from difflora.models.architecture import config_folder
+from tests.support.dit_parts import shipped_scheduler, t5_tokenizer, tiny_autoencoder, tiny_t5
 
 WIDTH = 32  # the text encoders'
 SHIFT, SCALE = 0.1159, 0.3611  # Flux's autoencoder factors
@@ -22,14 +21,11 @@ SHIFT, SCALE = 0.1159, 0.3611  # Flux's autoencoder factors
 def tiny_flux_pipeline(
     *, guidance: bool = True, latent_channels: int = 4, seed: int = 0, max_tokens: int = 512
 ):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-        T5TokenizerFast,
     )
 
     from difflora.models.single_file import VOCAB_DIR
@@ -57,51 +53,16 @@ def tiny_flux_pipeline(
             projection_dim=WIDTH,
         )
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=32128,
-            d_model=WIDTH,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=32,  # Flux's: a file's group count is in no tensor's shape
-        sample_size=32,
-        shift_factor=SHIFT,
-        scaling_factor=SCALE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    folder = config_folder("flux")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    )
+    t5 = tiny_t5(WIDTH)
+    vae = tiny_autoencoder(latent_channels, SHIFT, SCALE)
+    scheduler = shipped_scheduler("flux")
     tokenizer = CLIPTokenizer(
         str(VOCAB_DIR / "vocab.json"),
         str(VOCAB_DIR / "merges.txt"),
         pad_token="<|endoftext|>",
         model_max_length=77,
     )
-    tokenizer_2 = T5TokenizerFast(
-        tokenizer_file=str(folder / "tokenizer_2" / "tokenizer.json"),
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_ids=100,
-        model_max_length=max_tokens,
-    )
+    tokenizer_2 = t5_tokenizer(max_tokens)
     pipe = FluxPipeline(scheduler, vae, clip, tokenizer, t5, tokenizer_2, transformer)
     pipe.default_sample_size = 16  # 32-px images with the 2x autoencoder
     pipe.set_progress_bar_config(disable=True)

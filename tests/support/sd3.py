@@ -8,13 +8,12 @@ CLIP-G, T5 and autoencoder files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from difflora.models.architecture import config_folder
+from tests.support.dit_parts import shipped_scheduler, t5_tokenizer, tiny_autoencoder, tiny_t5
 from tests.support.flux import ldm_vae_state
 
 CLIP_WIDTH, T5_WIDTH = 32, 64
@@ -24,8 +23,6 @@ SHIFT, SCALE = 0.0609, 1.5305  # SD3's autoencoder factors
 def tiny_sd3_pipeline(*, medium: bool = True, seed: int = 0, max_tokens: int = 32):
     """`medium`: MMDiT-X (SD3.5 medium) with attn2 in block 0; else the plain MMDiT (SD3.5 large)."""
     from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
@@ -33,9 +30,6 @@ def tiny_sd3_pipeline(*, medium: bool = True, seed: int = 0, max_tokens: int = 3
         CLIPTextConfig,
         CLIPTextModelWithProjection,
         CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-        T5TokenizerFast,
     )
 
     from difflora.models.single_file import VOCAB_DIR
@@ -72,48 +66,13 @@ def tiny_sd3_pipeline(*, medium: bool = True, seed: int = 0, max_tokens: int = 3
         )
 
     clip_l, clip_g = clip("quick_gelu"), clip("gelu")
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=32128,
-            d_model=T5_WIDTH,
-            d_kv=16,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=32,
-        shift_factor=SHIFT,
-        scaling_factor=SCALE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    folder = config_folder("sd35-medium")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    )
+    t5 = tiny_t5(T5_WIDTH, head_width=16)
+    vae = tiny_autoencoder(16, SHIFT, SCALE)
+    scheduler = shipped_scheduler("sd35-medium")
     vocab = (str(VOCAB_DIR / "vocab.json"), str(VOCAB_DIR / "merges.txt"))
     tokenizer = CLIPTokenizer(*vocab, pad_token="<|endoftext|>", model_max_length=77)
     tokenizer_2 = CLIPTokenizer(*vocab, pad_token="!", model_max_length=77)
-    tokenizer_3 = T5TokenizerFast(
-        tokenizer_file=str(config_folder("flux") / "tokenizer_2" / "tokenizer.json"),
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_ids=100,
-        model_max_length=max_tokens,
-    )
+    tokenizer_3 = t5_tokenizer(max_tokens)
     pipe = StableDiffusion3Pipeline(
         transformer, scheduler, vae, clip_l, tokenizer, clip_g, tokenizer_2, t5, tokenizer_3
     )
