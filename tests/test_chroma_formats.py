@@ -28,8 +28,9 @@ from difflora.formats.read import parse_state_dict
 from difflora.formats.reference import adaptable
 from tests.support import comfyui_flux as comfy
 from tests.support import flux_files
+from tests.support.adapters import peft_adapter, peft_deltas, randomise_lora
 from tests.support.chroma import tiny_chroma_transformer
-from tests.support.flux_model import base_weights, peft_adapter, peft_deltas
+from tests.support.flux_model import base_weights
 
 # Every Linear of a Chroma transformer, as peft target suffixes (the approximator's in_proj, out_proj and
 # its layers' linear_1 / linear_2 included; Chroma has no modulation Linears).
@@ -61,11 +62,7 @@ APPROXIMATOR = "distilled_guidance_layer."
 def _lora_model(seed: int = 1) -> nn.Module:
     model = tiny_chroma_transformer()
     inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6.0, target_modules=list(ALL_LINEAR)), model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomise_lora(model, seed)
     return model
 
 

@@ -29,7 +29,8 @@ from difflora.formats.naming import build_table
 from difflora.formats.reference import adaptable, load_config, reference_modules
 from tests.support import comfyui_flux as comfy
 from tests.support import flux_files
-from tests.support.flux_model import base_weights, lora_model, peft_adapter, peft_deltas, small_flux
+from tests.support.adapters import peft_adapter, peft_deltas
+from tests.support.flux_model import base_weights, lora_model, small_flux
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def relative_errors(got: dict, expected: dict) -> dict[str, float]:
 
 
 def test_kohya_export_names_each_bfl_layer_of_the_model(model):
-    adapter = peft_adapter(model)
+    adapter = peft_adapter(model, family="flux")
     tensors, _ = to_kohya(
         adapter, dtype=torch.float32, modules={"transformer": adaptable("transformer", model)}
     )
@@ -77,7 +78,7 @@ def test_kohya_export_names_each_bfl_layer_of_the_model(model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_comfyui_loads_every_exported_key_and_makes_difflora_weights(model, dtype):
-    adapter = peft_adapter(model)
+    adapter = peft_adapter(model, family="flux")
     live = {"transformer": adaptable("transformer", model)}
     tensors, _ = to_kohya(adapter, dtype=dtype, modules=live)
     patched, expected, not_loaded = comfyui_result(model, tensors)
@@ -92,7 +93,9 @@ def test_comfyui_loads_every_exported_key_and_makes_difflora_weights(model, dtyp
 def test_a_partly_trained_fused_layer_gets_zero_rows_and_still_matches():
     model = lora_model(("to_q", "to_v", "add_k_proj", "proj_mlp", "norm_out.linear"))
     tensors, _ = to_kohya(
-        peft_adapter(model), dtype=torch.float32, modules={"transformer": adaptable("transformer", model)}
+        peft_adapter(model, family="flux"),
+        dtype=torch.float32,
+        modules={"transformer": adaptable("transformer", model)},
     )
     hidden = model.config.num_attention_heads * model.config.attention_head_dim
     up = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
@@ -104,7 +107,7 @@ def test_a_partly_trained_fused_layer_gets_zero_rows_and_still_matches():
 
 def test_diffusers_layout_loads_into_diffusers_with_the_same_updates(model, tmp_path):
     path = tmp_path / "flux.diffusers.safetensors"
-    path.write_bytes(export_bytes(peft_adapter(model), "diffusers", torch.float32))
+    path.write_bytes(export_bytes(peft_adapter(model, family="flux"), "diffusers", torch.float32))
     state_dict, metadata = FluxLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
     assert all(key.startswith("transformer.") for key in state_dict)
     fresh = small_flux()
@@ -190,7 +193,7 @@ def test_full_size_exports_place_every_key_in_comfyuis_map():
 
 
 def test_metadata_states_flux_as_kohya_and_modelspec_do(model, tmp_path):
-    adapter = peft_adapter(model)
+    adapter = peft_adapter(model, family="flux")
     live = {"transformer": adaptable("transformer", model)}
     for family, architecture in (("flux", "flux-1-dev/lora"), ("flux-schnell", "flux-1-schnell/lora")):
         adapter.meta.base_family = family
@@ -225,7 +228,7 @@ def test_diffusers_verdict_on_onetrainer_files_is_what_diffusers_does(targets, l
     """diffusers converts OneTrainer's `lora_transformer_` names by block number and attention suffix: a
     block's other layers become the whole block, which PEFT refuses, failing the file."""
     model = lora_model(targets)
-    tensors = flux_files.onetrainer_file(peft_adapter(model))
+    tensors = flux_files.onetrainer_file(peft_adapter(model, family="flux"))
     table = build_table("flux", {"transformer": adaptable("transformer", model)})
     verdict = diffusers_layout(list(tensors), table)
     fresh = small_flux()
@@ -292,7 +295,7 @@ def test_export_command_writes_a_flux_adapter_in_both_layouts(tmp_path):
 
 def test_dora_exports_where_a_layer_is_one_module_and_is_refused_where_it_is_fused(model):
     live = {"transformer": adaptable("transformer", model)}
-    adapter = peft_adapter(model)
+    adapter = peft_adapter(model, family="flux")
     renamed, fused = (
         "transformer.transformer_blocks.0.attn.to_out.0",
         "transformer.transformer_blocks.0.attn.to_q",
@@ -317,7 +320,7 @@ def test_export_of_a_reduced_flux_takes_layer_sizes_from_the_model_folder(model,
     from difflora.formats.native import save_adapter
 
     model.save_config(tmp_path / "base" / "transformer")
-    native = save_adapter(peft_adapter(model), tmp_path / "small.safetensors")
+    native = save_adapter(peft_adapter(model, family="flux"), tmp_path / "small.safetensors")
     path = export_adapter(ExportConfig(adapter=str(native), model=str(tmp_path / "base"), dtype="fp32"))
     patched, expected, not_loaded = comfyui_result(model, load_file(path))
     assert not not_loaded and max(relative_errors(patched, expected).values()) < 1e-5

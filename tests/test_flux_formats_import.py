@@ -18,7 +18,8 @@ from difflora.formats.naming import build_table
 from difflora.formats.read import parse_state_dict
 from difflora.formats.reference import adaptable
 from tests.support import comfyui_flux, flux_files
-from tests.support.flux_model import lora_model, peft_adapter, peft_deltas, small_flux
+from tests.support.adapters import peft_adapter, peft_deltas
+from tests.support.flux_model import lora_model, small_flux
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,14 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_each_trainers_layout_imports_with_the_same_updates(model, layout):
-    tensors, metadata = LAYOUTS[layout](peft_adapter(model), model)
+    tensors, metadata = LAYOUTS[layout](peft_adapter(model, family="flux"), model)
     adapter = parse_state_dict(tensors, metadata, source=f"{layout}.safetensors", tables=tables(model))
     assert_same_updates(adapter, peft_deltas(model))
 
 
 @pytest.mark.parametrize("layout", ["kohya", "onetrainer"])
 def test_an_imported_adapter_composes_on_the_model_like_difflora_own(model, layout):
-    tensors, metadata = LAYOUTS[layout](peft_adapter(model), model)
+    tensors, metadata = LAYOUTS[layout](peft_adapter(model, family="flux"), model)
     adapter = parse_state_dict(tensors, metadata, source="f.safetensors", tables=tables(model))
     fresh = small_flux()
     inject_weights(
@@ -74,10 +75,10 @@ def test_an_imported_adapter_composes_on_the_model_like_difflora_own(model, layo
 
 def test_difflora_kohya_export_round_trips_exactly(model):
     live = {"transformer": adaptable("transformer", model)}
-    tensors, metadata = to_kohya(peft_adapter(model), dtype=torch.float32, modules=live)
+    tensors, metadata = to_kohya(peft_adapter(model, family="flux"), dtype=torch.float32, modules=live)
     adapter = parse_state_dict(tensors, metadata, source="own.safetensors", tables=tables(model))
     assert adapter.meta.base_family == "flux" and adapter.meta.source_format == "kohya"
-    original = peft_adapter(model)
+    original = peft_adapter(model, family="flux")
     for key, weights in adapter.modules.items():
         assert torch.equal(weights.down, original.modules[key].down)
         assert torch.equal(weights.up, original.modules[key].up)
@@ -123,7 +124,7 @@ def test_a_fused_kohya_layer_with_a_dense_up_imports_exactly(model):
     ids=["not-a-linear", "block-beyond-the-model"],
 )
 def test_a_file_with_keys_difflora_cannot_place_is_refused_naming_them(model, stray, shape):
-    tensors = flux_files.kohya_file(peft_adapter(model), model)
+    tensors = flux_files.kohya_file(peft_adapter(model, family="flux"), model)
     name = stray.split(".")[0]
     tensors |= {stray: torch.ones(shape), f"{name}.lora_up.weight": torch.ones(shape[1], shape[0])}
     with pytest.raises(AdapterFormatError, match="Nothing was loaded") as error:
@@ -132,7 +133,7 @@ def test_a_file_with_keys_difflora_cannot_place_is_refused_naming_them(model, st
 
 
 def test_a_non_lora_tensor_in_a_comfyui_layout_file_is_refused_by_name(model):
-    tensors = flux_files.comfyui_file(peft_adapter(model), model)
+    tensors = flux_files.comfyui_file(peft_adapter(model, family="flux"), model)
     tensors["diffusion_model.double_blocks.0.img_attn.qkv.diff_b"] = torch.ones(96)
     with pytest.raises(AdapterFormatError, match="diff_b") as error:
         parse_state_dict(tensors, {}, source="comfy.safetensors", tables=tables(model))
@@ -177,7 +178,7 @@ def test_text_encoder_modules_are_lora_te1_for_clip_and_lora_te3_for_t5(model):
         "text_encoder": adaptable("text_encoder", clip),
         "text_encoder_2": adaptable("text_encoder_2", t5),
     }
-    adapter = peft_adapter(model)
+    adapter = peft_adapter(model, family="flux")
     g = torch.Generator().manual_seed(9)
     for component in ("text_encoder", "text_encoder_2"):
         for path, info in live[component].items():
@@ -239,7 +240,7 @@ def test_comfyui_layout_with_text_encoders_imports(model):
         "text_encoder": adaptable("text_encoder", clip),
         "text_encoder_2": adaptable("text_encoder_2", t5),
     }
-    tensors = flux_files.comfyui_file(peft_adapter(model), model)
+    tensors = flux_files.comfyui_file(peft_adapter(model, family="flux"), model)
     g = torch.Generator().manual_seed(2)
     expected = dict(peft_deltas(model))
     for component, name, path in (

@@ -26,6 +26,7 @@ from difflora.formats.naming import build_table
 from difflora.formats.read import load_adapter, parse_state_dict
 from difflora.formats.reference import adaptable
 from difflora.safe_io import read_safetensors
+from tests.support.adapters import peft_adapter, peft_deltas, randomise_lora
 from tests.support.qwen_image import tiny_qwen_pipeline
 
 FAMILY = "qwen-image"
@@ -42,31 +43,12 @@ def model(pipe):
     transformer = copy.deepcopy(pipe.transformer)
     linear = sorted({n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and n})
     inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6.0, target_modules=linear), transformer)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if ".lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomise_lora(transformer, 1)
     return transformer
 
 
 def _adapter(model) -> Adapter:
-    modules = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            down = module.lora_A["default"].weight.detach().clone()
-            up = module.lora_B["default"].weight.detach().clone()
-            alpha = float(module.scaling["default"]) * down.shape[0]
-            modules[f"transformer.{name}"] = LoraWeights(down=down, up=up, alpha=alpha)
-    return Adapter(modules=modules, meta=AdapterMeta(name="qwen-test", base_family=FAMILY))
-
-
-def _peft_deltas(model) -> dict[str, torch.Tensor]:
-    return {
-        f"transformer.{name}": module.get_delta_weight("default").detach().float()
-        for name, module in model.named_modules()
-        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})
-    }
+    return peft_adapter(model, family=FAMILY, name="qwen-test")
 
 
 def _tree(pipe) -> dict:
@@ -99,7 +81,7 @@ def test_kohya_export_names_every_module_as_comfyui_maps_it(pipe, model):
     tensors = load_safetensors_bytes(
         export_bytes(_adapter(model), "comfyui", torch.float32, modules=_tree(pipe))
     )
-    deltas = _peft_deltas(model)
+    deltas = peft_deltas(model)
     got = _kohya_deltas(tensors)
     assert set(got) == {f"lora_unet_{k.removeprefix('transformer.').replace('.', '_')}" for k in deltas}
     assert {key.split(".")[0] for key in tensors} <= _comfyui_key_map(pipe)
@@ -117,19 +99,19 @@ def test_diffusers_itself_loads_the_kohya_export_as_w0_plus_the_update(pipe, mod
     path = tmp_path / "kohya.safetensors"
     path.write_bytes(export_bytes(_adapter(model), "comfyui", torch.float32, modules=_tree(pipe)))
     for key, delta in _diffusers_updates(pipe, path).items():
-        assert torch.allclose(delta, _peft_deltas(model)[key], rtol=1e-4, atol=1e-5), key
+        assert torch.allclose(delta, peft_deltas(model)[key], rtol=1e-4, atol=1e-5), key
 
 
 def test_diffusers_export_is_in_comfyuis_key_map_too(pipe, model):
     tensors = load_safetensors_bytes(export_bytes(_adapter(model), "diffusers", torch.float32))
     modules = {key.split(".lora_")[0] for key in tensors}
     assert modules <= _comfyui_key_map(pipe)
-    assert modules == set(_peft_deltas(model))
+    assert modules == set(peft_deltas(model))
 
 
 @pytest.mark.parametrize("fmt", ["comfyui", "diffusers"])
 def test_reimport_gives_every_module_its_update(pipe, model, fmt, tmp_path):
-    deltas = _peft_deltas(model)
+    deltas = peft_deltas(model)
     path = tmp_path / f"{fmt}.safetensors"
     path.write_bytes(export_bytes(_adapter(model), fmt, torch.float32, modules=_tree(pipe)))
     tensors, metadata = read_safetensors(path)
@@ -160,7 +142,7 @@ def test_the_diffusers_layout_export_loads_in_diffusers_as_w0_plus_the_update(pi
     path = tmp_path / "exported.safetensors"
     path.write_bytes(export_bytes(_adapter(model), "diffusers", torch.float32))
     for key, delta in _diffusers_updates(pipe, path).items():
-        assert torch.allclose(delta, _peft_deltas(model)[key], rtol=1e-4, atol=1e-5), key
+        assert torch.allclose(delta, peft_deltas(model)[key], rtol=1e-4, atol=1e-5), key
 
 
 @pytest.mark.slow  # diffusers' own loader and fuse: 12-35 s on a shared CPU
@@ -178,7 +160,7 @@ def test_a_diffusers_saved_lora_reads_as_diffusers_loads_it(pipe, model, tmp_pat
     read = load_adapter(path)
     reference = _diffusers_updates(pipe, path)
     assert set(read.modules) == set(reference)
-    for key, delta in _peft_deltas(model).items():
+    for key, delta in peft_deltas(model).items():
         assert torch.allclose(read.modules[key].delta().float(), delta, rtol=1e-5, atol=1e-6), key
 
 

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load as load_safetensors_bytes
 
-from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
+from difflora.adapter.types import Adapter
 from difflora.formats.consumers.verdicts import verdicts
 from difflora.formats.export import export_bytes
 from difflora.formats.family import family_from_metadata
@@ -27,6 +27,7 @@ from difflora.formats.naming import build_table, flat
 from difflora.formats.read import load_adapter, parse_state_dict
 from difflora.formats.reference import adaptable
 from difflora.safe_io import read_safetensors
+from tests.support.adapters import peft_adapter, peft_deltas, randomise_lora
 from tests.support.sd3 import mmdit_state, tiny_sd3_pipeline
 
 FAMILY = "sd35-medium"
@@ -45,31 +46,12 @@ def model(pipe):
         {name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and name}
     )
     inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6.0, target_modules=linear), transformer)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if ".lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomise_lora(transformer, 1)
     return transformer
 
 
 def _adapter(model) -> Adapter:
-    modules = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            down = module.lora_A["default"].weight.detach().clone()
-            up = module.lora_B["default"].weight.detach().clone()
-            alpha = float(module.scaling["default"]) * down.shape[0]
-            modules[f"transformer.{name}"] = LoraWeights(down=down, up=up, alpha=alpha)
-    return Adapter(modules=modules, meta=AdapterMeta(name="sd3-test", base_family=FAMILY))
-
-
-def _peft_deltas(model) -> dict[str, torch.Tensor]:
-    return {
-        f"transformer.{name}": module.get_delta_weight("default").detach().float()
-        for name, module in model.named_modules()
-        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})
-    }
+    return peft_adapter(model, family=FAMILY, name="sd3-test")
 
 
 def _tree(pipe) -> dict:
@@ -104,7 +86,7 @@ def test_kohya_export_is_the_mmdit_layout_with_each_fused_update_exact(pipe, mod
     tensors = load_safetensors_bytes(
         export_bytes(_adapter(model), "comfyui", torch.float32, modules=_tree(pipe))
     )
-    expected = _expected_fused(pipe, _peft_deltas(model))
+    expected = _expected_fused(pipe, peft_deltas(model))
     got = _kohya_deltas(tensors)
     assert set(got) == {f"lora_unet_{flat(name)}" for name in expected}
     assert "lora_unet_joint_blocks_0_x_block_attn2_qkv" in got  # MMDiT-X's second attention
@@ -140,7 +122,7 @@ def test_diffusers_itself_loads_nothing_of_a_kohya_sd3_file(pipe, model, tmp_pat
 
 @pytest.mark.parametrize("fmt", ["comfyui", "diffusers"])
 def test_reimport_gives_every_module_its_update(pipe, model, fmt, tmp_path):
-    deltas = _peft_deltas(model)
+    deltas = peft_deltas(model)
     path = tmp_path / f"{fmt}.safetensors"
     path.write_bytes(export_bytes(_adapter(model), fmt, torch.float32, modules=_tree(pipe)))
     tensors, metadata = read_safetensors(path)
@@ -182,7 +164,7 @@ def test_a_diffusers_or_simpletuner_saved_lora_reads_as_diffusers_loads_it(pipe,
     for key, delta in reference.items():
         assert torch.allclose(read.modules[key].delta().float(), delta, rtol=1e-4, atol=1e-5), key
     if metadata:  # and then they are peft's own updates
-        for key, delta in _peft_deltas(model).items():
+        for key, delta in peft_deltas(model).items():
             assert torch.allclose(read.modules[key].delta().float(), delta, rtol=1e-5, atol=1e-6), key
 
 
@@ -190,11 +172,11 @@ def test_the_diffusers_layout_export_loads_in_diffusers_as_w0_plus_the_update(pi
     path = tmp_path / "exported.safetensors"
     path.write_bytes(export_bytes(_adapter(model), "diffusers", torch.float32))
     for key, delta in _diffusers_updates(pipe, path).items():
-        assert torch.allclose(delta, _peft_deltas(model)[key], rtol=1e-4, atol=1e-5), key
+        assert torch.allclose(delta, peft_deltas(model)[key], rtol=1e-4, atol=1e-5), key
 
 
 def test_onetrainer_names_read_as_the_diffusers_modules(pipe, model):
-    adapter, deltas = _adapter(model), _peft_deltas(model)
+    adapter, deltas = _adapter(model), peft_deltas(model)
     tensors = {}
     for key, weights in adapter.modules.items():
         name = "lora_transformer_" + flat(key.removeprefix("transformer."))
@@ -259,7 +241,7 @@ def test_the_full_size_reference_names_every_linear_of_the_original_layout(name)
 
 def test_a_kohya_file_with_t5_modules_reads_them_as_the_third_text_encoder(pipe, model):
     """kohya's SD3 trainer names T5 `lora_te3_` (ComfyUI reads it so): its modules are T5's, not CLIP-G's."""
-    adapter, deltas = _adapter(model), _peft_deltas(model)
+    adapter, deltas = _adapter(model), peft_deltas(model)
     tensors = load_safetensors_bytes(export_bytes(adapter, "comfyui", torch.float32, modules=_tree(pipe)))
     t5 = {
         name: module

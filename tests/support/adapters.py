@@ -125,7 +125,9 @@ def effective_forward_error(module, weight: torch.Tensor) -> float:
         return float((module(x).double() - expected).abs().max())
 
 
-def _randomise_lora(model, seed: int) -> None:
+def randomise_lora(model, seed: int) -> None:
+    """Every LoRA tensor of `model` drawn at random (x 0.2): peft starts B at zero, which would hide a
+    wrong up/down order or scale in a test."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -136,8 +138,8 @@ def _randomise_lora(model, seed: int) -> None:
 def trained_adapter(pipe, *, rank=4, alpha=2.0, te_rank=2, te_alpha=6.0) -> Adapter:
     add_lora(pipe.unet, "unet", LoraSpec(rank=rank, alpha=alpha))
     add_lora(pipe.text_encoder, "text_encoder", LoraSpec(rank=te_rank, alpha=te_alpha))
-    _randomise_lora(pipe.unet, 1)
-    _randomise_lora(pipe.text_encoder, 2)
+    randomise_lora(pipe.unet, 1)
+    randomise_lora(pipe.text_encoder, 2)
     modules = {f"unet.{k}": v for k, v in extract_weights(pipe.unet, component="unet").items()}
     modules |= {
         f"text_encoder.{k}": v
@@ -155,3 +157,25 @@ def trained_adapter(pipe, *, rank=4, alpha=2.0, te_rank=2, te_alpha=6.0) -> Adap
         extra={"difflora.train.steps": "12"},
     )
     return Adapter(modules=modules, meta=meta)
+
+
+def peft_adapter(model, *, family: str, name: str = "") -> Adapter:
+    """The peft LoRA ("default") on a `transformer` as difflora's in-memory Adapter, read directly from
+    peft's layers (its own scaling gives the alpha)."""
+    modules = {}
+    for path, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            down = module.lora_A["default"].weight.detach().clone()
+            up = module.lora_B["default"].weight.detach().clone()
+            alpha = float(module.scaling["default"]) * down.shape[0]
+            modules[f"transformer.{path}"] = LoraWeights(down=down, up=up, alpha=alpha)
+    return Adapter(modules=modules, meta=AdapterMeta(name=name or f"{family}-test", base_family=family))
+
+
+def peft_deltas(model) -> dict[str, torch.Tensor]:
+    """Each adapted module of a `transformer`'s ΔW (float32) as peft computes it: `get_delta_weight`."""
+    return {
+        f"transformer.{path}": module.get_delta_weight("default").detach().float()
+        for path, module in model.named_modules()
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})
+    }

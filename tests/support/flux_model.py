@@ -11,7 +11,7 @@ from diffusers import FluxTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from difflora.adapter.types import Adapter, AdapterMeta, LoraWeights
+from tests.support.adapters import randomise_lora
 
 # Every Linear a LoRA may adapt in a Flux transformer, as peft target suffixes.
 ALL_LINEAR = (
@@ -64,33 +64,8 @@ def lora_model(
     model = small_flux()
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
     inject_adapter_in_model(config, model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomise_lora(model, seed)
     return model
-
-
-def peft_adapter(model: nn.Module, *, family: str = "flux") -> Adapter:
-    """The LoRA of `lora_model` as difflora's in-memory Adapter, read directly from peft's layers."""
-    modules = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            down = module.lora_A["default"].weight.detach().clone()
-            up = module.lora_B["default"].weight.detach().clone()
-            alpha = float(module.scaling["default"]) * down.shape[0]
-            modules[f"transformer.{name}"] = LoraWeights(down=down, up=up, alpha=alpha)
-    return Adapter(modules=modules, meta=AdapterMeta(name="flux-test", base_family=family))
-
-
-def peft_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each adapted module's ΔW (float32) as peft computes it: `get_delta_weight`."""
-    deltas = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
-            deltas[f"transformer.{name}"] = module.get_delta_weight("default").detach().float()
-    return deltas
 
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
