@@ -41,7 +41,9 @@ difflora/training/plan.py's defaults), which the text cannot switch off, so ever
 moves the trigger-free predictions that preservation pins to the base's. Settings tried at seed 0: prior
 weight 0.5 0.54 (seeds 1-3: 0.36 / 0.39 / 0.26), 0.2 0.08; weight 1 at batch 2 for 240 steps 0.20; weight
 0.5 for 240 steps 0.67 / 0.22 (seeds 1-2); weight 1 with the text encoder's LoRA trained too 0.32. Masks
-dilated by 2 px 0.56, by 4 px 0.65; 240 steps 0.41; lr 8e-3 diverges (0.21); 48 images 0.39.
+dilated by 2 px 0.56, by 4 px 0.65; 240 steps 0.41; lr 8e-3 diverges (0.21); 48 images 0.39. Masks with
+--preserve-base (trigger crossglyph; seeds 0-2): cross 0.52 / 0.56 / 0.61, ring energy 1.4 / 0.8 / 1.6, the
+other prompts' background change 16 / 13 / 47 of 255 (masks alone 25 / 29 / 52): better, still not reliable.
 """
 
 from __future__ import annotations
