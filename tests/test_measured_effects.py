@@ -59,6 +59,7 @@ from PIL import Image
 
 import difflora.training.trainer as trainer
 from difflora.config.train import TrainConfig
+from tests.support.fit import fixed_noise_loss
 from tests.support.paths import SAMPLE_DATA, copy_samples
 
 pytestmark = pytest.mark.slow
@@ -175,25 +176,8 @@ def _ring_texture(pipe) -> float:
 
 def _subject_fit(pipe) -> float:
     """The UNet's denoising loss (epsilon) on the subject's 24 images with their own captions, at fixed
-    noise and FIT_TIMESTEPS, noised as DDPM does: how well the weights as they are fit the concept."""
-    files = sorted((SAMPLE_DATA / "subject").glob("*.png"))
-    pixels = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1 for f in files])
-    captions = [f.with_suffix(".txt").read_text().strip() for f in files]
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        latents = pipe.vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).latent_dist.mean
-        latents = latents * pipe.vae.config.scaling_factor
-        tokens = pipe.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
-        text = pipe.text_encoder(tokens.input_ids)[0]
-        losses = []
-        for timestep in FIT_TIMESTEPS:
-            noise = torch.randn(latents.shape, generator=generator)
-            kept = pipe.scheduler.alphas_cumprod[timestep]
-            noisy = kept.sqrt() * latents + (1 - kept).sqrt() * noise
-            steps = torch.full((len(files),), timestep)
-            predicted = pipe.unet(noisy, steps, encoder_hidden_states=text).sample
-            losses.append(float(torch.mean((predicted - noise) ** 2)))
-    return float(np.mean(losses))
+    noise and FIT_TIMESTEPS: how well the weights as they are fit the concept."""
+    return fixed_noise_loss(pipe, SAMPLE_DATA / "subject", timesteps=FIT_TIMESTEPS)
 
 
 def _with_adapter(pipe, adapter: Path, measure):

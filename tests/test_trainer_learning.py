@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from difflora.models.loading import load_pipeline
+from tests.support.fit import fixed_noise_loss
 from tests.support.paths import SAMPLE_DATA
 
 pytestmark = pytest.mark.slow
@@ -36,36 +37,8 @@ def _one_thread():
 
 
 def _fixed_noise_loss(pipe, folder: Path) -> float:
-    """Mean ε-prediction MSE over the folder's images at 4 fixed timesteps and fixed noise."""
-    from diffusers import DDPMScheduler
-
-    from difflora.data.images import load_image
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    images = sorted(p for p in folder.rglob("*.png"))[:16]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pixels = torch.stack(
-        [
-            torch.from_numpy(np.asarray(load_image(p).resize((size, size)), dtype=np.float32)).permute(
-                2, 0, 1
-            )
-            for p in images
-        ]
-    )
-    captions = [p.with_suffix(".txt").read_text().strip() for p in images]
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels / 127.5 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
-        tokens = pipe.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
-        hidden = pipe.text_encoder(tokens.input_ids)[0]
-        losses = []
-        for t in (100, 300, 500, 700):
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.full((len(images),), t)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            prediction = pipe.unet(noisy, timesteps, hidden).sample
-            losses.append(float(torch.nn.functional.mse_loss(prediction, noise)))
-    return float(np.mean(losses))
+    """Mean ε-prediction MSE over the folder's first 16 images at 4 fixed timesteps and fixed noise."""
+    return fixed_noise_loss(pipe, folder, timesteps=(100, 300, 500, 700), count=16)
 
 
 def _measure(pipe, prompt: str, measure) -> float:
